@@ -1,0 +1,111 @@
+"""Loading a user's model.py.
+
+model.py defines `build_model()` and `example_inputs()`; optionally `example_kwargs()`,
+`train_data()`, `eval_data()`, `loss(outputs, batch)` and `metric(outputs, batch)`.
+Every problem is reported as a ModelFileError naming the file and the function.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from sparsec.errors import ModelFileError
+
+REQUIRED = ("build_model", "example_inputs")
+OPTIONAL = ("example_kwargs", "train_data", "eval_data", "loss", "metric")
+
+
+@dataclass
+class ModelFile:
+    """What model.py provides, already called where it is cheap (model, example inputs)."""
+
+    path: Path
+    module: ModuleType
+    model: torch.nn.Module
+    example_inputs: tuple
+    example_kwargs: dict
+
+    def has(self, name: str) -> bool:
+        return callable(getattr(self.module, name, None))
+
+    def function(self, name: str) -> Callable[..., Any] | None:
+        fn = getattr(self.module, name, None)
+        return fn if callable(fn) else None
+
+    def call(self, name: str, *args: Any) -> Any:
+        """Call an optional function of model.py, reporting its exceptions as user errors."""
+        fn = self.function(name)
+        if fn is None:
+            raise ModelFileError(f"{self.path}: {name}() is not defined")
+        try:
+            return fn(*args)
+        except Exception as exc:  # the user's code: show their message, not our traceback
+            raise ModelFileError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}") from exc
+
+
+def import_file(path: str | os.PathLike) -> ModuleType:
+    """Import model.py as a fresh module; its own folder is importable while it loads."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if path.is_dir() or path.suffix != ".py":
+        raise ModelFileError(f"{path}: expected a Python file (model.py)")
+    name = f"sparsec_user_model_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
+    except Exception as exc:
+        raise ModelFileError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    return module
+
+
+def as_tuple(value: Any) -> tuple:
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    return (value,)
+
+
+def load(path: str | os.PathLike) -> ModelFile:
+    """Import model.py, check its functions, build the model and the example inputs."""
+    module = import_file(path)
+    path = Path(path)
+    missing = [name for name in REQUIRED if not callable(getattr(module, name, None))]
+    if missing:
+        raise ModelFileError(f"{path}: missing function{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(m + '()' for m in missing)} (model.py must define "
+                             f"build_model() and example_inputs())")
+    partial = ModelFile(path, module, torch.nn.Module(), (), {})
+    model = partial.call("build_model")
+    if not isinstance(model, torch.nn.Module):
+        raise ModelFileError(f"{path}: build_model() must return a torch.nn.Module, "
+                             f"got {type(model).__name__}")
+    inputs = as_tuple(partial.call("example_inputs"))
+    if not any(isinstance(x, torch.Tensor) for x in inputs) and not partial.has("example_kwargs"):
+        raise ModelFileError(f"{path}: example_inputs() must return a tensor or a tuple of "
+                             f"example arguments, got {type(inputs[0]).__name__ if inputs else 'nothing'}")
+    kwargs: dict = {}
+    if partial.has("example_kwargs"):
+        kwargs = partial.call("example_kwargs")
+        if not isinstance(kwargs, dict):
+            raise ModelFileError(f"{path}: example_kwargs() must return a dict, got {type(kwargs).__name__}")
+    return ModelFile(path, module, model, inputs, kwargs)
