@@ -30,5 +30,7 @@ def compile(model: torch.nn.Module, spec: Any, example_inputs: Any,
                  method=spec.capture.method, dynamic=spec.capture.dynamic)
     gm = run_pipeline(gm, build_pipeline(spec), instruments)
     prog = Program(gm)
+    prog.example_inputs = as_tuple(example_inputs)
+    prog.example_kwargs = dict(example_kwargs or {})
     prog.train(model.training)
     return prog

@@ -72,7 +72,9 @@ def source_line(node: fx.Node) -> str:
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
     if not lines:
         return ""
-    last = lines[-1]  # File "x.py", line 12, in forward
+    # innermost frame outside torch: the model's line, not torch.nn.Linear.forward's
+    user = [ln for ln in lines if "/torch/" not in ln]
+    last = (user or lines)[-1]  # File "x.py", line 12, in forward
     try:
         filename = last.split('"')[1]
         lineno = last.split("line ")[1].split(",")[0]

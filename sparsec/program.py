@@ -39,6 +39,8 @@ class Program(torch.nn.Module):
         self._methods: dict[int, methods.Method] = info.attached["methods"]
         self._schedule = info.attached["schedule"]
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+        self.example_inputs: tuple = ()   # set by sparsec.compile; used by export_onnx
+        self.example_kwargs: dict = {}
         self.update_masks()
 
     # ----------------------------------------------------------------- forward and state views
@@ -123,12 +125,13 @@ class Program(torch.nn.Module):
                 st.mask.fill_(1)
             return
         importances = [method.importance(st) for st in states]
-        sizes = [blocks.block_sizes(st.site.shape, st.site.block) for st in states]
+        even = all(st.site.padding == (0, 0) and st.site.block == states[0].site.block for st in states)
+        sizes = None if even else [blocks.block_sizes(st.site.shape, st.site.block) for st in states]
         if plan.scope == "global":
             keeps = top_v(importances, sizes, density)
         else:
-            keeps = [top_v([imp], [size], density, min_blocks=1)[0]
-                     for imp, size in zip(importances, sizes)]
+            keeps = [top_v([imp], None if sizes is None else [sizes[i]], density, min_blocks=1)[0]
+                     for i, imp in enumerate(importances)]
         for st, keep in zip(states, keeps):
             st.mask.copy_(blocks.expand(keep, st.site.shape, st.site.block))
 
@@ -143,5 +146,14 @@ class Program(torch.nn.Module):
         module.train(self.training)
         return module
 
-    def export_onnx(self, path: str, **options: Any) -> None:
-        raise NotImplementedError("ONNX lowering is not part of this build yet (see issue: lowering)")
+    def export_onnx(self, path: str, example_inputs: Any = None, example_kwargs: Any = None,
+                    **options: Any):
+        """Export the finalized model to ONNX, verified against PyTorch on the example inputs
+        (those given to `sparsec.compile` unless others are passed). Options: `dynamic`
+        (dynamic batch/sequence, default True), `verify` (default True), `tolerance`."""
+        from sparsec.export import export_onnx
+        from sparsec.modelfile import as_tuple
+
+        args = as_tuple(example_inputs) if example_inputs is not None else self.example_inputs
+        kwargs = dict(example_kwargs) if example_kwargs is not None else self.example_kwargs
+        return export_onnx(self.finalize(), path, args, kwargs, **options)

@@ -1,10 +1,15 @@
 """Top_v: keep the fraction v of weights with the highest importance (movement pruning Eq 1).
 
 Selection is exact: for `density` d over N weights, exactly round(d * N) weights are kept when
-every block has the same size; with partial edge blocks (a dimension not divisible by the block)
+every block has the same size. With partial edge blocks (a dimension not divisible by the block)
 the number of kept blocks is the one whose weight count is nearest to round(d * N), so the density
-is exact to within one block. Ties are broken by position, deterministically.
+is exact to within one block. Ties are broken by (tensor order, position), deterministically.
 `local` scope selects per tensor (at least one block each); `global` selects across a group.
+
+The k-th largest value over many tensors is found without concatenating them: a strided sample
+brackets it, what lies above the bracket is counted, and the exact value is selected inside the
+bracket. That is a few linear passes instead of a selection over every element, which keeps
+mask recomputation at every step cheap on large models.
 """
 from __future__ import annotations
 
@@ -12,84 +17,97 @@ from typing import Sequence
 
 import torch
 
-# Above this many candidates, find the threshold by bracketing a sample instead of a full
-# kthvalue: a few linear passes instead of a selection over every element (10x faster at 10M).
-_BRACKET_MIN = 1 << 20
+_BRACKET_MIN = 1 << 20   # below this many values a plain kthvalue is fast enough
 _SAMPLE = 1 << 16
 
 
-def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of the 1-D tensor x (ties broken by position)."""
-    n = x.numel()
+def top_v(importances: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor] | None, density: float,
+          min_blocks: int = 0) -> list[torch.Tensor]:
+    """Boolean keep-masks over block grids, selected jointly over all tensors given.
+
+    importances: block-grid scores (higher is kept). sizes: matching grids of element counts
+    per block, or None when every block has the same number of elements. Call once per tensor
+    for local scope.
+    """
+    imps = [imp.detach().float() for imp in importances]
+    n_blocks = sum(imp.numel() for imp in imps)
+    if sizes is None or _uniform(sizes):
+        k = round(density * n_blocks)
+        return topk_masks(imps, min(n_blocks, max(k, min_blocks)))
+    return _nearest_prefix(imps, sizes, density, min_blocks)
+
+
+def _uniform(sizes: Sequence[torch.Tensor]) -> bool:
+    first = sizes[0].reshape(-1)[0]
+    return all(bool((s == first).all()) for s in sizes)
+
+
+def topk_masks(values: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Masks of the k largest entries across `values` (ties broken by tensor order, then position)."""
+    n = sum(v.numel() for v in values)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=x.device)
+        return [torch.ones_like(v, dtype=torch.bool) for v in values]
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=x.device)
-    x = x.float()
-    threshold = _kth_largest(x, k)
-    mask = x > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        tied = torch.nonzero(x == threshold).flatten()[:missing]
-        mask[tied] = True
-    return mask
+        return [torch.zeros_like(v, dtype=torch.bool) for v in values]
+    threshold = kth_largest(values, k)
+    keeps = [v > threshold for v in values]
+    missing = k - sum(int(torch.count_nonzero(keep)) for keep in keeps)
+    for v, keep in zip(values, keeps):
+        if missing <= 0:
+            break
+        tied = torch.nonzero(v.reshape(-1) == threshold).flatten()[:missing]
+        keep.view(-1)[tied] = True
+        missing -= tied.numel()
+    return keeps
 
 
-def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    n = x.numel()
+def kth_largest(values: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th largest entry across `values` (1 <= k <= total size)."""
+    n = sum(v.numel() for v in values)
     if n >= _BRACKET_MIN:
-        found = _bracketed_kth_largest(x, k)
+        found = _bracketed(values, k, n)
         if found is not None:
             return found
-    return torch.kthvalue(x, n - k + 1).values
+    flat = torch.cat([v.reshape(-1) for v in values])
+    return torch.kthvalue(flat, n - k + 1).values
 
 
-def _bracketed_kth_largest(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Exact k-th largest via a strided sample: bracket it between two sample quantiles, count
-    what lies above the bracket, and select inside the (small) bracket. None if the bracket missed."""
-    n = x.numel()
-    sample = x[:: max(1, n // _SAMPLE)]
+def _bracketed(values: Sequence[torch.Tensor], k: int, n: int) -> torch.Tensor | None:
+    """Exact k-th largest, or None when the sample's bracket missed it (then the caller selects
+    over everything)."""
+    stride = max(1, n // _SAMPLE)
+    sample = torch.cat([v.reshape(-1)[::stride] for v in values]).sort().values
+    m = sample.numel()
     q = 1.0 - k / n
-    margin = 4.0 / (sample.numel() ** 0.5)
-    lo = torch.quantile(sample, max(0.0, q - margin))
-    hi = torch.quantile(sample, min(1.0, q + margin))
-    above = int(torch.count_nonzero(x > hi))
-    inside = x[(x >= lo) & (x <= hi)]
+    margin = 4.0 / m ** 0.5
+    lo = sample[max(0, int((q - margin) * (m - 1)))]
+    hi = sample[min(m - 1, int((q + margin) * (m - 1)) + 1)]
+    above = sum(int(torch.count_nonzero(v > hi)) for v in values)
     need = k - above
-    if need < 1 or need > inside.numel():
+    if need < 1:
+        return None
+    if bool(lo == hi):  # a tie spans the bracket (common early in training): hi is the answer
+        return hi if sum(int(torch.count_nonzero(v == hi)) for v in values) >= need else None
+    inside = torch.cat([v[(v >= lo) & (v <= hi)] for v in values])
+    if need > inside.numel():
         return None
     return torch.kthvalue(inside, inside.numel() - need + 1).values
 
 
-def top_v(importances: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor], density: float,
-          min_blocks: int = 0) -> list[torch.Tensor]:
-    """Keep-masks over block grids, jointly over all tensors given (call once per tensor for local).
-
-    importances: block-grid scores; sizes: matching grids of element counts per block.
-    """
-    flat = torch.cat([imp.detach().reshape(-1).float() for imp in importances])
-    size = torch.cat([s.reshape(-1) for s in sizes]).to(flat.device)
-    total = int(size.sum())
-    target = round(density * total)
-    if bool((size == size[0]).all()):
-        count = round(target / int(size[0]))
-        keep = topk_mask(flat, max(count, min_blocks))
-    else:
-        keep = _nearest_prefix(flat, size, target, min_blocks)
-    out, start = [], 0
-    for imp in importances:
-        out.append(keep[start:start + imp.numel()].reshape(imp.shape))
-        start += imp.numel()
-    return out
-
-
-def _nearest_prefix(flat: torch.Tensor, size: torch.Tensor, target: int, min_blocks: int) -> torch.Tensor:
+def _nearest_prefix(imps: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor], density: float,
+                    min_blocks: int) -> list[torch.Tensor]:
     """Blocks of unequal size: the best-first prefix whose weight count is nearest the target."""
+    flat = torch.cat([imp.reshape(-1) for imp in imps])
+    size = torch.cat([s.reshape(-1) for s in sizes]).to(flat.device)
+    target = round(density * int(size.sum()))
     order = torch.sort(flat, descending=True, stable=True).indices
-    counts = torch.cat([torch.zeros(1, dtype=torch.int64, device=flat.device),
-                        torch.cumsum(size[order], 0)])
+    counts = torch.cat([size.new_zeros(1), torch.cumsum(size[order], 0)])
     best = int(torch.argmin((counts - target).abs()))
     best = max(best, min(min_blocks, flat.numel()))
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[order[:best]] = True
-    return keep
+    out, start = [], 0
+    for imp in imps:
+        out.append(keep[start:start + imp.numel()].reshape(imp.shape))
+        start += imp.numel()
+    return out

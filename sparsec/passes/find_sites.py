@@ -60,12 +60,18 @@ def _is_parameter(arg: object, gm: fx.GraphModule) -> bool:
 
 
 def merge_get_attrs(gm: fx.GraphModule) -> bool:
-    """One get_attr node per target, placed before its first use."""
+    """One get_attr node per target, placed before its first use. A tied parameter (one object
+    under two names, e.g. GPT-2's lm_head and wte) is renamed to its `named_parameters()` name."""
     first: dict[str, fx.Node] = {}
     changed = False
+    canonical = {id(p): name for name, p in gm.named_parameters()}
     for node in list(gm.graph.nodes):
         if node.op != "get_attr":
             continue
+        name = canonical.get(id(get_attr_value(gm, str(node.target))), str(node.target))
+        if name != node.target:
+            node.target = name
+            changed = True
         keep = first.setdefault(str(node.target), node)
         if keep is not node:
             node.replace_all_uses_with(keep)

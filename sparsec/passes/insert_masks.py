@@ -66,8 +66,8 @@ class InsertMasks(Pass):
                 state_nodes["scores"] = scores_node
                 last = scores_node
             with gm.graph.inserting_after(last):
-                masked = gm.graph.call_function(method.mask_op(), method.mask_op_args(state_nodes, site))
-            masked.name = f"{weight_node.name}_masked"
+                masked = gm.graph.call_function(method.mask_op(), method.mask_op_args(state_nodes, site),
+                                                name=f"{weight_node.name}_masked")  # unique via the namespace
             set_node_info(masked, ROLE_MASKED_WEIGHT, name, detail=f"method={site.method}")
             weight_node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
         return PassResult(gm, modified=bool(info.sites))

@@ -3,9 +3,10 @@
 before: `dropout = aten.dropout(x, 0.1, True)` (mode fixed at capture, in train mode)
 after:  `dropout = self.sparsec_mode.dropout(x, p=0.1)` whose `train` follows `module.train()`
 requires: captured.  ensures: mode_aware.
-Handles dropout (all variants), batch norm / instance norm with running statistics, and the
-dropout probability of scaled_dot_product_attention. Ops whose flag was already off at capture
-(e.g. a frozen batch norm) keep their captured behaviour.
+Handles dropout (all variants), batch norm / instance norm with running statistics (and batch
+norm's `num_batches_tracked += 1`, which adds 0 in eval), and the dropout probability of
+scaled_dot_product_attention. Ops whose flag was already off at capture (e.g. a frozen batch norm)
+keep their captured behaviour.
 """
 from __future__ import annotations
 
@@ -52,17 +53,24 @@ class MakeModeAware(Pass):
         count = 0
         for node in list(gm.graph.nodes):
             entry = _MODE_ARGS.get(node.target) if node.op == "call_function" else None
-            if entry is None:
+            args: tuple = ()
+            if _is_batch_counter(node):
+                # batch norm's `num_batches_tracked += 1` is a separate op in exported graphs:
+                # in eval it must add nothing (alpha=0), as eager batch norm does
+                key, eval_value, short = "alpha", 0, "batch_count"
+                args, kwargs, train_value = tuple(node.args), dict(node.kwargs), 1
+            elif entry is None:
                 continue
-            key, eval_value, short = entry
-            normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
-                                            normalize_to_only_use_kwargs=True)
-            if normalized is None:
-                raise self.error(f"cannot read the arguments of {node.target}", node)
-            kwargs = dict(normalized.kwargs)
-            train_value = kwargs.pop(key, eval_value)
-            if train_value == eval_value or not _has_running_stats(node.target, kwargs):
-                continue  # behaves the same in both modes
+            else:
+                key, eval_value, short = entry
+                normalized = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
+                                                normalize_to_only_use_kwargs=True)
+                if normalized is None:
+                    raise self.error(f"cannot read the arguments of {node.target}", node)
+                kwargs = dict(normalized.kwargs)
+                train_value = kwargs.pop(key, eval_value)
+                if train_value == eval_value or not _has_running_stats(node.target, kwargs):
+                    continue  # behaves the same in both modes
             if container is None:
                 container = torch.nn.Module()
                 gm.add_module("sparsec_mode", container)
@@ -70,12 +78,21 @@ class MakeModeAware(Pass):
             count += 1
             container.add_module(module_name, ModeSwitch(node.target, key, train_value, eval_value))
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(f"sparsec_mode.{module_name}", (), kwargs)
+                new = gm.graph.call_module(f"sparsec_mode.{module_name}", args, kwargs)
             new.meta.update(node.meta)
             set_node_info(new, ROLE_MODE, detail=f"{key}: train={train_value} eval={eval_value}")
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         return PassResult(gm, modified=count > 0)
+
+
+def _is_batch_counter(node: fx.Node) -> bool:
+    """`aten.add_(<bn>.num_batches_tracked, 1)`: batch norm counting training batches."""
+    if node.op != "call_function" or node.target is not aten.add_.Tensor or node.kwargs:
+        return False
+    counter = node.args[0]
+    return (isinstance(counter, fx.Node) and counter.op == "get_attr"
+            and str(counter.target).endswith("num_batches_tracked"))
 
 
 def _has_running_stats(target, kwargs: dict) -> bool:
