@@ -1,0 +1,6 @@
+"""`python -m sparsec ...` runs the command line."""
+import sys
+
+from sparsec.cli import main
+
+sys.exit(main())

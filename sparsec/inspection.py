@@ -1,0 +1,169 @@
+"""`sparsec inspect OUT`: read back an output folder written by `sparsec compile`.
+
+The IR after every pass is kept as text (`ir/NN_<pass>.py.txt`), the per-layer densities in
+`report.json` and the rewritten graph's structure in `graph.json` (recorded at compile time with
+`graph_record`), from which a networkx DiGraph is rebuilt to export as DOT or GraphML. Mask and
+score nodes carry their sparsec role so that they stand out in the rendering.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch.fx as fx
+
+from sparsec.errors import UserError
+from sparsec.ir import ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, node_info
+from sparsec.report import format_layers
+
+IR_DIR = "ir"
+IR_SUFFIX = ".py.txt"
+MARKERS = ("report.json", "spec.resolved.toml")  # files that make a folder a sparsec output folder
+
+
+# ------------------------------------------------------------------------- written at compile time
+def graph_record(gm: fx.GraphModule) -> dict[str, Any]:
+    """The graph's structure as JSON data: nodes with their sparsec role and site, and edges."""
+    nodes, edges = [], []
+    for node in gm.graph.nodes:
+        info = node_info(node)
+        nodes.append({"name": node.name, "op": node.op, "target": _target_name(node),
+                      "role": info.role if info else "", "site": (info.site or "") if info else "",
+                      "detail": info.detail if info else ""})
+        edges += [[source.name, node.name] for source in node.all_input_nodes]
+    return {"nodes": nodes, "edges": edges}
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def ir_file_name(index: int, stage: str) -> str:
+    return f"{index:02d}_{stage}{IR_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------- the output folder
+@dataclass(frozen=True)
+class OutputFolder:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "OutputFolder":
+        folder = Path(path)
+        if not folder.exists():
+            raise UserError(f"{folder}: no such output folder (write one with sparsec compile)")
+        if not folder.is_dir() or not all((folder / m).is_file() for m in MARKERS):
+            raise UserError(f"{folder}: not a sparsec output folder (no {' / '.join(MARKERS)}); "
+                            f"pass the folder that sparsec compile -o wrote")
+        return cls(folder)
+
+    def report(self) -> dict[str, Any]:
+        return _read_json(self.path / "report.json")
+
+    def snapshots(self) -> dict[str, Path]:
+        """Stage name -> IR file, in pipeline order (`captured` first)."""
+        files = sorted((self.path / IR_DIR).glob(f"*{IR_SUFFIX}"))
+        return {f.name[len("00_"):-len(IR_SUFFIX)]: f for f in files}
+
+    def ir(self, stage: str | None = None) -> str:
+        snapshots = self.snapshots()
+        if not snapshots:
+            raise UserError(f"{self.path}: no IR snapshots in {IR_DIR}/")
+        if stage is None:
+            return list(snapshots.values())[-1].read_text()
+        if stage not in snapshots:
+            raise UserError(f"{self.path}: no IR after {stage!r} (stages: {', '.join(snapshots)})")
+        return snapshots[stage].read_text()
+
+    def graph(self) -> nx.DiGraph:
+        path = self.path / "graph.json"
+        if not path.is_file():
+            raise UserError(f"{self.path}: no graph.json (was this folder written by an older sparsec?)")
+        return to_networkx(_read_json(path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read as JSON ({exc})") from exc
+
+
+# -------------------------------------------------------------------------------------- graphs
+def to_networkx(record: dict[str, Any]) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for node in record["nodes"]:
+        graph.add_node(node["name"], **{k: v for k, v in node.items() if k != "name"})
+    graph.add_edges_from(tuple(edge) for edge in record["edges"])
+    return graph
+
+
+_DOT_STYLE = {  # role -> DOT attributes that make masks and scores stand out
+    ROLE_MASK: 'shape=box, style=filled, fillcolor="#f4a582"',
+    ROLE_SCORES: 'shape=box, style=filled, fillcolor="#92c5de"',
+    ROLE_MASKED_WEIGHT: 'shape=octagon, style=filled, fillcolor="#fddbc7"',
+}
+_OP_SHAPE = {"placeholder": "invhouse", "output": "house", "get_attr": "note"}
+
+
+def to_dot(graph: nx.DiGraph, name: str = "sparsec") -> str:
+    """DOT text for `graph` (networkx writes DOT only through pydot or pygraphviz, neither of
+    which sparsec depends on)."""
+    lines = [f"digraph {_quote(name)} {{", "  node [fontname=Helvetica, fontsize=10];"]
+    for node, data in graph.nodes(data=True):
+        label = f"{node}\\n{data.get('target', '')}"
+        if data.get("role"):
+            label += f"\\n[{data['role']}]"
+        style = _DOT_STYLE.get(data.get("role", ""), f"shape={_OP_SHAPE.get(data.get('op', ''), 'ellipse')}")
+        lines.append(f"  {_quote(node)} [label={_quote(label)}, {style}];")
+    lines += [f"  {_quote(a)} -> {_quote(b)};" for a, b in graph.edges()]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + str(text).replace('"', '\\"') + '"'
+
+
+def to_graphml(graph: nx.DiGraph) -> str:
+    return "\n".join(nx.generate_graphml(graph)) + "\n"
+
+
+# --------------------------------------------------------------------------------- the command
+def inspect_text(folder: OutputFolder, stage: str | None = None, diff: bool = False) -> str:
+    """What `sparsec inspect` prints: the IR (or a diff) and the per-layer density table."""
+    if diff:
+        snapshots = folder.snapshots()
+        names = list(snapshots)
+        first = names[0]
+        last = stage if stage is not None else names[-1]
+        before, after = folder.ir(first), folder.ir(last)  # ir() checks that `stage` exists
+        lines = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                     fromfile=f"ir/{snapshots[first].name}",
+                                     tofile=f"ir/{snapshots[last].name}")
+        return "".join(lines)
+    text = folder.ir(stage)
+    if stage is not None:
+        return text
+    report = folder.report()
+    table = "\n".join(format_layers(report.get("layers", [])))
+    density = report.get("density")
+    summary = f"density {density:.4f} (asked {report.get('density_asked') or 0:.4f})" if density is not None else \
+        "no masks (compilation stopped before the rewrite)"
+    return f"{text}\n# per-layer density ({summary})\n{table}\n"
+
+
+def inspect_graph(folder: OutputFolder, fmt: str) -> str:
+    graph = folder.graph()
+    if fmt == "dot":
+        return to_dot(graph, folder.path.name)
+    if fmt == "graphml":
+        return to_graphml(graph)
+    raise UserError(f"unknown format {fmt!r} (allowed: text, dot, graphml)")

@@ -1,0 +1,107 @@
+"""The compile report: what was pruned, how dense it is, and what it cost in accuracy.
+
+`build_report` gathers the facts into a JSON-serializable dict (`report.json`); `format_report`
+renders the same dict as the table printed at the end of `sparsec compile` (`report.txt`).
+Densities are always read from the masks, never from what the schedule asked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sparsec.ir import Site
+from sparsec.program import Program
+from sparsec.spec import Spec
+from sparsec.train import TrainResult
+
+
+def build_report(*, model_path: str | Path, spec: Spec, capture_tool: str, sites: list[Site],
+                 left_out: dict[str, str], prog: Program | None, result: TrainResult | None,
+                 stopped_after: str | None = None, metric_dense: float | None = None,
+                 metric_pruned: float | None = None) -> dict[str, Any]:
+    """The report as plain data; `prog` is None when compilation stopped before masks existed."""
+    achieved = prog.site_densities() if prog is not None else {}
+    layers = [_layer(site, achieved.get(site.name)) for site in sites]
+    total = sum(layer["parameters"] for layer in layers)
+    asked = sum(layer["asked_density"] * layer["parameters"] for layer in layers) / total if total else None
+    if result is not None:
+        metric_dense = result.metric_dense if metric_dense is None else metric_dense
+        metric_pruned = result.metric_pruned
+    return {
+        "model_file": str(model_path),
+        "spec": spec.source,
+        "capture": capture_tool,
+        "stopped_after": stopped_after,
+        "steps_trained": result.steps if result is not None else 0,
+        "schedule_step": int(prog.step_count) if prog is not None else None,
+        "final_loss": result.final_loss if result is not None else None,
+        "train_seconds": round(result.seconds, 2) if result is not None else None,
+        "metric_dense": metric_dense,
+        "metric_pruned": metric_pruned,
+        "density_asked": asked,
+        "density": prog.density() if prog is not None else None,
+        "parameters_kept": sum(layer["kept"] or 0 for layer in layers) if prog is not None else None,
+        "parameters_total": total,
+        "layers": layers,
+        "left_out": dict(left_out),
+    }
+
+
+def _layer(site: Site, achieved: float | None) -> dict[str, Any]:
+    kept = round(achieved * site.numel) if achieved is not None else None
+    return {"site": site.name, "shape": list(site.shape), "block": list(site.block),
+            "group": site.group, "method": site.method,
+            "asked_density": site.density if site.density is not None else 1.0,
+            "density": achieved, "kept": kept, "parameters": site.numel}
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _shape(values: list[int]) -> str:
+    return "x".join(str(v) for v in values)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a readable text block with a per-layer table."""
+    lines = [
+        f"model file    {report['model_file']}",
+        f"spec          {report['spec']}",
+        f"capture       {report['capture']}",
+    ]
+    if report.get("stopped_after"):
+        lines.append(f"stopped after {report['stopped_after']}")
+    lines.append(f"steps trained {report['steps_trained']}" +
+                 (f" in {report['train_seconds']:.1f} s" if report.get("train_seconds") else ""))
+    lines.append(f"final loss    {_num(report['final_loss'])}")
+    if report.get("metric_dense") is not None or report.get("metric_pruned") is not None:
+        lines.append(f"metric        dense {_num(report['metric_dense'])}  "
+                     f"pruned {_num(report['metric_pruned'])}")
+    if report.get("density") is not None:
+        lines.append(f"density       {report['density']:.4f} (asked {_num(report['density_asked'])}), "
+                     f"{report['parameters_kept']:,} of {report['parameters_total']:,} site weights kept")
+    lines += ["", *format_layers(report["layers"])]
+    if report.get("left_out"):
+        lines += ["", f"left out ({len(report['left_out'])}):"]
+        lines += [f"  {name}: {why}" for name, why in report["left_out"].items()]
+    return "\n".join(lines)
+
+
+def format_layers(layers: list[dict[str, Any]]) -> list[str]:
+    """The per-layer density table."""
+    header = ("site", "shape", "block", "asked", "density", "kept / total")
+    rows = [(layer["site"], _shape(layer["shape"]), _shape(layer["block"]),
+             _num(layer["asked_density"], ".3f"), _num(layer["density"], ".3f"),
+             f"{'-' if layer['kept'] is None else format(layer['kept'], ',')} / {layer['parameters']:,}")
+            for layer in layers]
+    if not rows:
+        return ["no sparsity sites selected"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {3, 4, 5}
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), line(tuple("-" * w for w in widths)), *(line(row) for row in rows)]

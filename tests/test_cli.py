@@ -1,0 +1,327 @@
+"""The `sparsec` command line: exit codes, one-line errors, the compile flow, the output folder and
+`inspect`. Most tests run `main(argv)` in-process on tests/models/tiny_mlp.py (a few seconds)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsec import outdir
+from sparsec.cli import main
+
+MODELS = Path(__file__).parent / "models"
+TINY, SPEC = MODELS / "tiny_mlp.py", MODELS / "tiny.toml"
+OUT_FILES = ("spec.resolved.toml", "ir/00_captured.py.txt", "graph.json", "sites.json",
+             "state.safetensors", "model.safetensors", "report.json", "report.txt")
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sparsec: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    """One full compile of the tiny model, shared by the tests that only read its output."""
+    out = tmp_path_factory.mktemp("compiled") / "tiny"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["compile", str(TINY), "--spec", str(SPEC), "-o", str(out), "--no-progress"]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------ validate
+def test_validate_prints_the_summary(sparsec_cli):
+    code, out, err = sparsec_cli("validate", SPEC)
+    assert code == 0, err
+    assert "movement, density 0.5" in out
+    assert "cubic over 24 steps" in out
+
+
+def test_validate_reports_every_problem_one_line_each(sparsec_cli, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[prune]]\ntargets = ["*"]\nmethod = "movment"\ndensity = 1.5\n\n'
+                   '[schedule]\nkind = "cubic"\ntotall = 3\n')
+    code, out, err = sparsec_cli("validate", bad)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) >= 3, err  # (a cubic schedule also needs a total)
+    assert all(line.startswith(f"sparsec: error: {bad}: ") for line in lines)
+    assert any("prune[0].method" in line for line in lines)
+    assert any("prune[0].density" in line for line in lines)
+    assert any("schedule.totall" in line for line in lines)
+    assert "Traceback" not in err + out
+
+
+def test_validate_missing_file(sparsec_cli, tmp_path):
+    code, _, err = sparsec_cli("validate", tmp_path / "nope.toml")
+    assert_one_error_line(code, err, "nope.toml", "no such file")
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[prune]]\ntargets = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "sparsec", "validate", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sparsec: error:" in proc.stderr and "prune[0].targets" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------- compile
+def test_dry_run_lists_sites_and_left_out_weights_and_writes_nothing(sparsec_cli, tmp_path):
+    out = tmp_path / "out"
+    code, text, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--dry-run", "-o", out)
+    assert code == 0, err
+    assert "2 sites" in text
+    assert "fc1.weight" in text and "32x8" in text and "movement" in text
+    assert "fc2.weight" in text and "1,024" in text
+    left = text.split("left out", 1)[1]
+    assert "head.weight" in left and "not matched" in left
+    assert "scale" in left
+    assert not out.exists()
+
+
+def test_compile_writes_the_whole_output_folder(compiled):
+    for name in OUT_FILES:
+        assert (compiled / name).is_file(), name
+    irs = sorted(p.name for p in (compiled / "ir").iterdir())
+    assert irs[0] == "00_captured.py.txt" and irs[-1] == "05_attach_schedule.py.txt"
+    assert not list(compiled.parent.glob(".tiny.*")), "no temporary folder left behind"
+
+
+def test_compile_report_and_state(compiled):
+    report = json.loads((compiled / "report.json").read_text())
+    assert report["steps_trained"] == 24
+    assert report["density"] == pytest.approx(0.5, abs=0.01)
+    assert report["density_asked"] == 0.5
+    assert [layer["site"] for layer in report["layers"]] == ["fc1.weight", "fc2.weight"]
+    assert report["metric_dense"] is not None and report["metric_pruned"] is not None
+    assert "head.weight" in report["left_out"]
+    assert "density" in (compiled / "report.txt").read_text()
+
+    state = load_file(compiled / "state.safetensors")
+    assert {"module.fc1.weight_mask", "module.fc1.weight_scores", "step_count"} <= set(state)
+    assert int(state["step_count"]) == 24
+    model = load_file(compiled / "model.safetensors")
+    assert "fc1.weight" in model and not any(k.endswith(("_mask", "_scores")) for k in model)
+    kept = (model["fc1.weight"] != 0).float().mean() * 256 + (model["fc2.weight"] != 0).float().mean() * 1024
+    assert float(kept) / 1280 == pytest.approx(report["density"], abs=0.01)
+
+    sites = json.loads((compiled / "sites.json").read_text())
+    assert [s["name"] for s in sites["sites"]] == ["fc1.weight", "fc2.weight"]
+    assert "head.weight" in sites["left_out"]
+
+
+def test_print_after_prints_the_ir(sparsec_cli, tmp_path):
+    code, out, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--dry-run",
+                                 "--print-after", "insert_masks", "--print-pipeline", "--time-passes")
+    assert code == 0, err
+    assert "# sparsec IR after insert_masks" in out
+    assert "fc1_weight_mask" in out
+    assert "# sparsec IR after find_sites" not in out
+    assert "pipeline:" in out and "[rewrite] insert_masks" in out
+    assert "select_sites" in out.split("pipeline:")[1]
+
+
+def test_print_after_accepts_a_comma_list(sparsec_cli):
+    code, out, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--dry-run",
+                                 "--print-after", "find_sites,attach_schedule")
+    assert code == 0, err
+    assert "# sparsec IR after find_sites" in out and "# sparsec IR after attach_schedule" in out
+
+
+def test_unknown_print_after_lists_the_passes(sparsec_cli):
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--dry-run", "--print-after", "insert_mask")
+    assert_one_error_line(code, err, "insert_mask", "insert_masks", "select_sites", "all")
+
+
+def test_stop_after_select_writes_what_exists(sparsec_cli, tmp_path):
+    out = tmp_path / "sel"
+    code, text, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--stop-after", "select", "-o", out)
+    assert code == 0, err
+    names = sorted(p.name for p in (out / "ir").iterdir())
+    assert names == ["00_captured.py.txt", "01_make_mode_aware.py.txt", "02_find_sites.py.txt",
+                     "03_select_sites.py.txt"]
+    assert not (out / "state.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_after"] == "select" and report["steps_trained"] == 0
+    assert report["density"] is None
+    code, text, err = sparsec_cli("inspect", out)
+    assert code == 0, err
+    assert "# sparsec IR after select_sites" in text and "no masks" in text
+
+
+def test_stop_after_rewrite_has_a_program_but_no_training(sparsec_cli, tmp_path):
+    out = tmp_path / "rw"
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--stop-after", "rewrite", "-o", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps_trained"] == 0 and report["density"] == 1.0
+    assert int(load_file(out / "state.safetensors")["step_count"]) == 0
+
+
+def test_default_output_folder_is_out_slash_stem(sparsec_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, text, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--stop-after", "capture")
+    assert code == 0, err
+    assert (tmp_path / "out" / "tiny_mlp" / "report.json").is_file()
+    assert "wrote out/tiny_mlp" in text
+
+
+# ------------------------------------------------------------------------- bad model files
+@pytest.mark.parametrize("model, fragments", [
+    ("no_build.py", ("no_build.py", "build_model()")),
+    ("import_raises.py", ("import_raises.py", "RuntimeError", "/nowhere/ckpt is not mounted")),
+    ("wrong_type.py", ("wrong_type.py", "torch.nn.Module", "dict")),
+    ("missing.py", ("missing.py", "no such file")),
+])
+def test_bad_model_file_is_one_error_line(sparsec_cli, tmp_path, model, fragments):
+    code, _, err = sparsec_cli("compile", MODELS / model, "--spec", SPEC, "-o", tmp_path / "o")
+    assert_one_error_line(code, err, *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(sparsec_cli, tmp_path):
+    code, _, err = sparsec_cli("compile", MODELS / "import_raises.py", "--spec", SPEC, "--debug")
+    assert code == 2
+    assert "Traceback" in err and "sparsec: error:" in err
+
+
+def test_internal_error_is_one_line_and_exit_1(sparsec_cli, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("sparsec.spec.format_summary", broken)
+    code, _, err = sparsec_cli("validate", SPEC)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error" in lines[0] and "--debug" in lines[0]
+    assert "boom" in lines[0]
+
+
+# --------------------------------------------------------------------------- atomic output
+def test_an_existing_out_survives_a_failing_compile(sparsec_cli, tmp_path):
+    out = tmp_path / "keep"
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "--stop-after", "capture", "-o", out)
+    assert code == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = sparsec_cli("compile", MODELS / "train_raises.py", "--spec", SPEC, "-o", out)
+    assert_one_error_line(code, err, "train_data()", "the training shards are missing")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_write_atomically_replaces_or_keeps_whole_folders(tmp_path):
+    out = tmp_path / "o"
+    outdir.write_atomically(out, lambda d: (d / "a.txt").write_text("1"))
+    outdir.write_atomically(out, lambda d: (d / "b.txt").write_text("2"))
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+    def half_written(folder: Path) -> None:
+        (folder / "c.txt").write_text("3")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        outdir.write_atomically(out, half_written)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_refuses_to_replace_a_folder_sparsec_did_not_write(sparsec_cli, tmp_path):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", precious)
+    assert_one_error_line(code, err, "not a sparsec output folder")
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------- inspect
+def test_inspect_prints_final_ir_and_density_table(sparsec_cli, compiled):
+    code, out, err = sparsec_cli("inspect", compiled)
+    assert code == 0, err
+    assert "# sparsec IR after attach_schedule" in out
+    assert "per-layer density" in out and "fc1.weight" in out and "fc2.weight" in out
+
+
+def test_inspect_stage(sparsec_cli, compiled):
+    code, out, _ = sparsec_cli("inspect", compiled, "--stage", "captured")
+    assert code == 0 and "weight_mask" not in out
+    code, out, _ = sparsec_cli("inspect", compiled, "--stage", "insert_masks")
+    assert code == 0 and "# sparsec IR after insert_masks" in out
+    code, _, err = sparsec_cli("inspect", compiled, "--stage", "lower_everything")
+    assert_one_error_line(code, err, "lower_everything", "insert_masks")
+
+
+def test_inspect_diff(sparsec_cli, compiled):
+    code, out, err = sparsec_cli("inspect", compiled, "--diff")
+    assert code == 0, err
+    assert out.startswith("--- ir/00_captured.py.txt\n+++ ir/05_attach_schedule.py.txt")
+    assert "+    fc1_weight_mask = self.fc1.weight_mask" in out
+
+
+def test_inspect_dot_marks_masks_and_scores(sparsec_cli, compiled, tmp_path):
+    code, out, err = sparsec_cli("inspect", compiled, "--format", "dot")
+    assert code == 0, err
+    assert out.startswith('digraph "tiny" {')
+    mask_line = next(line for line in out.splitlines() if line.strip().startswith('"fc1_weight_mask" ['))
+    assert "[mask]" in mask_line and "fillcolor" in mask_line
+    assert '"fc1_weight_mask" -> "fc1_weight_masked";' in out
+    target = tmp_path / "g.dot"
+    code, out, _ = sparsec_cli("inspect", compiled, "--format", "dot", "-o", target)
+    assert code == 0 and target.read_text().startswith("digraph")
+
+
+def test_inspect_graphml_is_valid_and_has_roles(sparsec_cli, compiled, tmp_path):
+    import networkx as nx
+
+    target = tmp_path / "g.graphml"
+    code, _, err = sparsec_cli("inspect", compiled, "--format", "graphml", "-o", target)
+    assert code == 0, err
+    ET.parse(target)
+    graph = nx.read_graphml(target)
+    assert graph.nodes["fc1_weight_scores"]["role"] == "scores"
+    assert graph.nodes["fc2_weight_mask"]["role"] == "mask"
+    assert graph.has_edge("fc2_weight_masked", "linear_1")
+
+
+@pytest.mark.parametrize("make", ["missing", "plain_folder"])
+def test_inspect_rejects_what_is_not_an_output_folder(sparsec_cli, tmp_path, make):
+    target = tmp_path / "x"
+    if make == "plain_folder":
+        target.mkdir()
+        (target / "hello.txt").write_text("hi")
+    code, _, err = sparsec_cli("inspect", target)
+    assert_one_error_line(code, err, str(target))
+
+
+# ------------------------------------------------------------------------------------- example
+@pytest.mark.slow
+def test_digits_example_end_to_end(sparsec_cli, tmp_path):
+    """bin/demo's compile: movement pruning to 10% keeps the digits MLP above 90% accuracy."""
+    root = Path(__file__).parent.parent / "examples" / "digits"
+    out = tmp_path / "digits"
+    threads = torch.get_num_threads()  # the example's model.py sets one thread
+    try:
+        code, text, err = sparsec_cli("compile", root / "model.py", "--spec", root / "spec.toml",
+                                      "-o", out, "--no-progress")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["density"] == pytest.approx(0.1, abs=0.005)
+    assert report["metric_dense"] > 0.9 and report["metric_pruned"] > 0.9
