@@ -1,0 +1,220 @@
+"""The `sparsec::BlockSparseLinear` ONNX op and its standard-op function body.
+
+Node (domain "sparsec", op "BlockSparseLinear", domain version 1), weight W [N, K] in padded
+blocked-ELL (see block_format):
+
+    inputs   0 X float [..., K]          1 values float [R, S, BR, BC] (int8 with scales)
+             2 block_cols int64 [R, S]   3 row_nnz int64 [R]
+             4 bias float [N] (optional, "" when absent)   5 scales float [R, S] (optional: INT8)
+    attrs    N, K (ints)
+    output   Y float [..., N] = X @ W^T + bias
+
+Every model that uses the op carries a model-local FunctionProto of the same domain and name, so
+stock onnxruntime inlines it where sparsec's kernel is not registered. ONNX allows one function per
+(domain, name, overload); the four input variants (fp32/int8, with/without bias) are four overloads,
+and each node names its variant in `NodeProto.overload` (`make_node` sets it, `attach_functions`
+adds the functions a graph needs).
+
+The body works on the transposed problem so that the gathered input needs no transpose:
+X -> [M, K] -> pad K to NBc*BC -> transpose -> [NBc, BC, M] -> Gather(block_cols) -> [R, S*BC, M];
+values -> [R, BR, S*BC] (constant-folded by onnxruntime); one batched MatMul -> [R, BR, M] = Y^T
+per block row -> [R*BR, M] -> rows [:N] -> transpose -> + bias -> [..., N]. Padding slots have zero
+values, so row_nnz is not needed. No ScatterND (its reduction="add" is wrong with 2 threads in
+onnxruntime 1.32).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from sparsec.lowering.block_format import PackedBlocks
+
+DOMAIN = "sparsec"
+OP = "BlockSparseLinear"
+DOMAIN_VERSION = 1
+ONNX_OPSET = 18
+IR_VERSION = 10  # function overloads need IR >= 10
+INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales")
+
+
+def overload(int8: bool, has_bias: bool) -> str:
+    """The function overload (and NodeProto.overload) naming one input variant."""
+    return ("int8" if int8 else "fp32") + ("_bias" if has_bias else "")
+
+
+def variant(overload_name: str) -> tuple[bool, bool]:
+    """(int8, has_bias) of an overload name."""
+    if overload_name not in {overload(q, b) for q in (False, True) for b in (False, True)}:
+        raise ValueError(f"unknown {OP} overload {overload_name!r}")
+    return overload_name.startswith("int8"), overload_name.endswith("_bias")
+
+
+class _Body:
+    """Collects the nodes of a function body; each op returns its (unique) output name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = f"{op_type.lower()}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def ints(self, values: list[int]) -> str:
+        return self.op("Constant", value_ints=values)
+
+    def attr_as_1d(self, attr: str) -> str:
+        """The node's int attribute `attr` as an int64 tensor [1]."""
+        out = f"{attr.lower()}_attr_{len(self.nodes)}"
+        node = helper.make_node("Constant", [], [out])
+        # value_ints cannot reference an INT attribute: read it as a scalar, then reshape.
+        ref = AttributeProto()
+        ref.name, ref.type, ref.ref_attr_name = "value_int", AttributeProto.INT, attr
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return self.op("Reshape", out, self.ints([1]))
+
+
+def function_proto(int8: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
+    """The standard-op body of BlockSparseLinear for one input variant (see the module docstring)."""
+    b = _Body()
+    zero, one, minus_one = b.ints([0]), b.ints([1]), b.ints([-1])
+    k, n = b.attr_as_1d("K"), b.attr_as_1d("N")
+
+    weight = "values"
+    if int8:
+        scale = b.op("Unsqueeze", "scales", b.ints([2, 3]))
+        weight = b.op("Mul", b.op("Cast", "values", to=TensorProto.FLOAT), scale)
+    rows = b.op("Shape", "values", start=0, end=1)
+    br = b.op("Shape", "values", start=2, end=3)
+    bc = b.op("Shape", "values", start=3, end=4)
+    col_blocks = b.op("Div", b.op("Sub", b.op("Add", k, bc), one), bc)
+    pad_k = b.op("Sub", b.op("Mul", col_blocks, bc), k)
+
+    lead = b.op("Shape", "X", start=0, end=-1)
+    x2 = b.op("Reshape", "X", b.op("Concat", minus_one, k, axis=0))                 # [M, K]
+    m = b.op("Shape", x2, start=0, end=1)
+    xp = b.op("Pad", x2, b.op("Concat", zero, zero, zero, pad_k, axis=0))           # [M, NBc*BC]
+    xt = b.op("Transpose", xp, perm=[1, 0])
+    xb = b.op("Reshape", xt, b.op("Concat", col_blocks, bc, m, axis=0))             # [NBc, BC, M]
+    xg = b.op("Gather", xb, "block_cols", axis=0)                                   # [R, S, BC, M]
+    xg = b.op("Reshape", xg, b.op("Concat", rows, minus_one, m, axis=0))            # [R, S*BC, M]
+    wt = b.op("Transpose", weight, perm=[0, 2, 1, 3])                               # [R, BR, S, BC]
+    wt = b.op("Reshape", wt, b.op("Concat", rows, br, minus_one, axis=0))           # [R, BR, S*BC]
+    yt = b.op("MatMul", wt, xg)                                                     # [R, BR, M]
+    yt = b.op("Reshape", yt, b.op("Concat", minus_one, m, axis=0))                  # [R*BR, M]
+    yt = b.op("Slice", yt, zero, n, zero)                                           # [N, M]
+    y = b.op("Transpose", yt, perm=[1, 0])                                          # [M, N]
+    if has_bias:
+        y = b.op("Add", y, "bias")
+    b.nodes.append(helper.make_node("Reshape", [y, b.op("Concat", lead, n, axis=0)], ["Y"]))
+
+    inputs = list(INPUTS[:4])
+    if has_bias or int8:
+        inputs.append("bias")  # positional: the int8 variant has bias in slot 4 even when it is ""
+    if int8:
+        inputs.append("scales")
+    fn = helper.make_function(DOMAIN, OP, inputs, ["Y"], b.nodes,
+                              [helper.make_opsetid("", opset)], attributes=["N", "K"],
+                              doc_string=f"{OP} ({overload(int8, has_bias)}): Y = X @ W^T + bias, "
+                                         "W in padded blocked-ELL")
+    fn.overload = overload(int8, has_bias)
+    return fn
+
+
+def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n: int, k: int, *,
+              bias: str | None = None, scales: str | None = None, name: str | None = None) -> onnx.NodeProto:
+    """A BlockSparseLinear node; its overload follows from which optional inputs are given."""
+    inputs = [x, values, block_cols, row_nnz]
+    if bias or scales:
+        inputs.append(bias or "")
+    if scales:
+        inputs.append(scales)
+    node = helper.make_node(OP, inputs, [output], name=name, domain=DOMAIN, N=int(n), K=int(k))
+    node.overload = overload(bool(scales), bool(bias))
+    return node
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the function overloads (and the opset import) that the graph's sparsec nodes use; in place."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX_OPSET)
+    present = {(f.domain, f.name, f.overload) for f in model.functions}
+    needed = {node.overload for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP}
+    for name in sorted(needed):
+        if (DOMAIN, OP, name) not in present:
+            model.functions.append(function_proto(*variant(name), opset=opset))
+    if needed and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    if needed and model.ir_version < IR_VERSION:
+        model.ir_version = IR_VERSION
+    return model
+
+
+def _io(name: str, leading: int, last: int | str) -> onnx.ValueInfoProto:
+    dims: list[int | str] = [f"d{i}" for i in range(leading)] + [last]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _model(nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorProto], k: int, n: int,
+           leading: int, opset: int, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), name, [_io("x", leading, k)], [_io("y", leading, n)],
+                              initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sparsec")
+    model.ir_version = IR_VERSION
+    return model
+
+
+def compact_values(packed: PackedBlocks, values_name: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Store `values` without its padding slots: the kept blocks [kept + 1, BR, BC] (the last one is
+    zero) and a slot index [R, S], expanded by one Gather of constants that onnxruntime folds when the
+    session loads (so the kernel still sees constant values). Returns the nodes and initializers that
+    produce `values_name`."""
+    used = np.arange(packed.values.shape[1])[None, :] < packed.row_nnz[:, None]
+    kept = packed.values[used]
+    blocks = np.concatenate([kept, np.zeros((1, *packed.values.shape[2:]), packed.values.dtype)])
+    slots = np.full(used.shape, len(kept), dtype=np.int64)
+    slots[used] = np.arange(len(kept))
+    inits = [numpy_helper.from_array(blocks, f"{values_name}.kept"),
+             numpy_helper.from_array(slots, f"{values_name}.slots")]
+    node = helper.make_node("Gather", [f"{values_name}.kept", f"{values_name}.slots"], [values_name], axis=0,
+                            name=f"{values_name}.expand")
+    return [node], inits
+
+
+def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, leading: int = 1,
+                       compact: bool = True, opset: int = ONNX_OPSET,
+                       name: str = "block_sparse_linear") -> onnx.ModelProto:
+    """A model y = BlockSparseLinear(x) with the weight as initializers; x is [d0.., K] with
+    `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values)."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
+             numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
+    if compact:
+        nodes, extra = compact_values(packed, "W.values")
+        inits += extra
+    else:
+        inits.append(numpy_helper.from_array(packed.values, "W.values"))
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
+    if packed.scales is not None:
+        inits.append(numpy_helper.from_array(packed.scales, "W.scales"))
+    node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K,
+                     bias="bias" if bias is not None else None,
+                     scales="W.scales" if packed.scales is not None else None, name=name)
+    return attach_functions(_model([*nodes, node], inits, packed.K, packed.N, leading, opset, name))
+
+
+def dense_layer_model(weight: np.ndarray, bias: np.ndarray | None = None, *, leading: int = 1,
+                      opset: int = ONNX_OPSET, name: str = "dense_linear") -> onnx.ModelProto:
+    """The dense baseline y = x @ W^T (+ bias) as MatMul (+ Add), W^T stored as the initializer."""
+    w = np.asarray(weight, dtype=np.float32)
+    n, k = w.shape
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "W_t")]
+    nodes = [helper.make_node("MatMul", ["x", "W_t"], ["xw" if bias is not None else "y"], name=name)]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["xw", "bias"], ["y"]))
+    return _model(nodes, inits, k, n, leading, opset, name)

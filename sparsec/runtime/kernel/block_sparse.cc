@@ -1,0 +1,529 @@
+// Packing and compute for the block-sparse linear layer (see block_sparse.h).
+//
+// Loop order: a task owns a range of input rows and a group of consecutive block rows. For each
+// register tile of MR input rows, for each block row r of the group, for each (up to 64-wide)
+// column chunk, it walks the kept blocks of row r; for each reduction index j of a block it loads
+// the BR weights W[r*BR + i, c*BC + j] (contiguous after packing) and multiplies them by
+// X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers, then adds the bias and stores
+// with a mask (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and
+// each task writes one contiguous run per output row.
+#include "block_sparse.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPARSEC_X86 1
+#define SPARSEC_AVX512 __attribute__((target("avx512f,fma")))
+#define SPARSEC_AVX2 __attribute__((target("avx2,fma")))
+#define SPARSEC_INLINE inline __attribute__((always_inline))
+#else
+#define SPARSEC_X86 0
+#endif
+
+namespace sparsec {
+
+void FreeDeleter::operator()(float* p) const { std::free(p); }
+
+namespace {
+
+FloatBuffer zeroed_floats(size_t n) {
+  size_t bytes = (std::max<size_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return FloatBuffer(static_cast<float*>(p));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Columns of block row r that exist in Y (the last block row may be cut by N).
+int64_t valid_cols(const PackedWeight& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa select_isa() {
+  Isa best = Isa::kScalar;
+#if SPARSEC_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    best = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::kAvx2;
+  }
+#endif
+  const char* want = std::getenv("SPARSEC_KERNEL_ISA");
+  if (want == nullptr || *want == '\0') return best;
+  Isa cap = best;
+  if (std::strcmp(want, "scalar") == 0) cap = Isa::kScalar;
+  if (std::strcmp(want, "avx2") == 0) cap = Isa::kAvx2;
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out) {
+  if (N <= 0 || K <= 0) return "attributes N and K must be positive";
+  if (in.BR <= 0 || in.BC <= 0) return "values must have a non-empty block shape [R, S, BR, BC]";
+  if (in.R != ceil_div(N, in.BR)) {
+    return "values has " + std::to_string(in.R) + " block rows, but N=" + std::to_string(N) +
+           " with BR=" + std::to_string(in.BR) + " needs " + std::to_string(ceil_div(N, in.BR));
+  }
+  const int64_t nbc = ceil_div(K, in.BC);
+  for (int64_t r = 0; r < in.R; ++r) {
+    const int64_t nnz = in.row_nnz[r];
+    if (nnz < 0 || nnz > in.S) {
+      return "row_nnz[" + std::to_string(r) + "]=" + std::to_string(nnz) + " is outside [0, S=" +
+             std::to_string(in.S) + "]";
+    }
+    for (int64_t s = 0; s < nnz; ++s) {
+      const int64_t c = in.block_cols[r * in.S + s];
+      if (c < 0 || c >= nbc) {
+        return "block_cols[" + std::to_string(r) + ", " + std::to_string(s) + "]=" + std::to_string(c) +
+               " is outside [0, " + std::to_string(nbc) + ")";
+      }
+    }
+  }
+
+  out.N = N;
+  out.K = K;
+  out.R = in.R;
+  out.BR = in.BR;
+  out.BC = in.BC;
+  out.BRp = (in.BR + 15) / 16 * 16;
+  out.NBc = nbc;
+  out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
+  for (int64_t r = 0; r < in.R; ++r) out.row_start[r + 1] = out.row_start[r] + in.row_nnz[r];
+  const int64_t kept = out.row_start[in.R];
+  out.blocks = zeroed_floats(static_cast<size_t>(kept * in.BC * out.BRp));
+  out.cols.assign(static_cast<size_t>(kept), 0);
+
+  const float* vf = static_cast<const float*>(in.values);
+  const int8_t* vq = static_cast<const int8_t*>(in.values);
+  for (int64_t r = 0; r < in.R; ++r) {
+    for (int64_t s = 0; s < in.row_nnz[r]; ++s) {
+      const int64_t rs = r * in.S + s;
+      const int64_t b = out.row_start[r] + s;
+      out.cols[b] = in.block_cols[rs] * in.BC;
+      const float scale = in.int8 ? in.scales[rs] : 1.0f;
+      float* dst = out.blocks.get() + b * in.BC * out.BRp;
+      const int64_t src0 = rs * in.BR * in.BC;
+      for (int64_t i = 0; i < in.BR; ++i) {
+        for (int64_t j = 0; j < in.BC; ++j) {
+          const int64_t src = src0 + i * in.BC + j;
+          dst[j * out.BRp + i] = in.int8 ? static_cast<float>(vq[src]) * scale : vf[src];
+        }
+      }
+    }
+  }
+  return {};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scalar fallback: same packed layout, plain loops (the compiler may auto-vectorise for the base ISA).
+
+namespace {
+
+void block_rows_scalar(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
+                       const float* bias, float* y) {
+  float acc[64];
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = x + m * w.K;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 64) {
+        const int64_t width = std::min<int64_t>(64, ncols_row - o0);
+        std::fill(acc, acc + width, 0.0f);
+        for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+          const int64_t k0 = w.cols[b];
+          const int64_t jn = std::min(w.BC, w.K - k0);
+          const float* wb = w.block(b) + o0;
+          for (int64_t j = 0; j < jn; ++j) {
+            const float xv = xm[k0 + j];
+            const float* wr = wb + j * w.BRp;
+            for (int64_t i = 0; i < width; ++i) acc[i] += xv * wr[i];
+          }
+        }
+        float* ym = y + m * w.N + r * w.BR + o0;
+        for (int64_t i = 0; i < width; ++i) ym[i] = acc[i] + (bias ? bias[r * w.BR + o0 + i] : 0.0f);
+      }
+    }
+  }
+}
+
+#if SPARSEC_X86
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512: a tile is MR rows x NV zmm (16 floats each) of one block row, NV <= 4.
+
+SPARSEC_AVX512 SPARSEC_INLINE __mmask16 lane_mask16(int64_t n) {
+  if (n >= 16) return static_cast<__mmask16>(0xFFFF);
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+template <int NV, int MR>
+SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int64_t mr, int64_t ncols,
+                                                    const float* bias, float* y, int64_t ldy) {
+  __mmask16 mask[NV];
+  __m512 b[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    mask[v] = lane_mask16(ncols - 16 * v);
+    b[v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    if (m >= mr) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], _mm512_add_ps(acc[m][v], b[v]));
+    }
+  }
+}
+
+// Rows of the tile at or beyond `mr` re-read row mr-1 (always valid memory) and are not stored.
+template <int NV, int MR>
+SPARSEC_AVX512 void tile_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
+                                int64_t mr, const float* bias, float* y) {
+  const int64_t K = w.K;
+  const int64_t BRp = w.BRp;
+  int64_t row_off[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) row_off[m] = (m < mr ? m : mr - 1) * K;
+
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  }
+
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(w.BC, K - k0);
+    const float* wb = w.block(b) + o0;
+    const float* xb = x + k0;
+    for (int64_t j = 0; j < jn; ++j) {
+      __m512 wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wb + j * BRp + 16 * v);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xv = _mm512_set1_ps(xb[row_off[m] + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+      }
+    }
+  }
+  store_tile_avx512<NV, MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+}
+
+// One input row (decoding): U independent accumulator sets over j hide the FMA latency.
+template <int NV>
+SPARSEC_AVX512 void row1_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
+                                const float* bias, float* y) {
+  constexpr int U = NV <= 2 ? 4 : 2;
+  const int64_t BRp = w.BRp;
+  __m512 acc[U][NV];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();
+  }
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(w.BC, w.K - k0);
+    const float* wb = w.block(b) + o0;
+    const float* xb = x + k0;
+    int64_t j = 0;
+    for (; j + U <= jn; j += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m512 xv = _mm512_set1_ps(xb[j + u]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          acc[u][v] = _mm512_fmadd_ps(xv, _mm512_load_ps(wb + (j + u) * BRp + 16 * v), acc[u][v]);
+        }
+      }
+    }
+    for (; j < jn; ++j) {
+      const __m512 xv = _mm512_set1_ps(xb[j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_fmadd_ps(xv, _mm512_load_ps(wb + j * BRp + 16 * v), acc[0][v]);
+    }
+  }
+  __m512 sum[1][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    sum[0][v] = acc[0][v];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) sum[0][v] = _mm512_add_ps(sum[0][v], acc[u][v]);
+  }
+  store_tile_avx512<NV, 1>(sum, 1, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+}
+
+// Register budget (32 zmm): MR * NV accumulators + NV weight vectors + one broadcast.
+template <int NV> struct Tiles512;
+template <> struct Tiles512<1> { static constexpr int kSmall = 4, kMid = 8, kBig = 16; };
+template <> struct Tiles512<2> { static constexpr int kSmall = 4, kMid = 8, kBig = 12; };
+template <> struct Tiles512<3> { static constexpr int kSmall = 2, kMid = 4, kBig = 8; };
+template <> struct Tiles512<4> { static constexpr int kSmall = 2, kMid = 4, kBig = 6; };
+
+// On the first pass over a group the weights may come from L3 or memory: ask for the next block
+// row's blocks (into L2) while this one computes.
+inline void prefetch_block_row(const PackedWeight& w, int64_t r) {
+  if (r >= w.R) return;
+  const char* begin = reinterpret_cast<const char*>(w.block(w.row_start[r]));
+  const char* end = reinterpret_cast<const char*>(w.block(w.row_start[r + 1]));
+  for (const char* p = begin; p < end; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+}
+
+// A tile of `mr` rows (mr <= Tiles512<NV>::kBig) with the smallest register tile that holds it.
+template <int NV>
+void tile_fit_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x, int64_t mr,
+                     const float* bias, float* y) {
+  using T = Tiles512<NV>;
+  if (mr == 1) {
+    row1_avx512<NV>(w, r, o0, ncols, x, bias, y);
+  } else if (mr <= T::kSmall) {
+    tile_avx512<NV, T::kSmall>(w, r, o0, ncols, x, mr, bias, y);
+  } else if (mr <= T::kMid) {
+    tile_avx512<NV, T::kMid>(w, r, o0, ncols, x, mr, bias, y);
+  } else {
+    tile_avx512<NV, T::kBig>(w, r, o0, ncols, x, mr, bias, y);
+  }
+}
+
+int64_t tile_height_avx512(int64_t nv) {
+  switch (nv) {
+    case 1: return Tiles512<1>::kBig;
+    case 2: return Tiles512<2>::kBig;
+    case 3: return Tiles512<3>::kBig;
+    default: return Tiles512<4>::kBig;
+  }
+}
+
+// Row tile outer, block rows inner: the input tile stays in L1 while the block rows' weights stream
+// from L2, and each output row is written as one contiguous run per task.
+void block_rows_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
+                       const float* bias, float* y) {
+  // Narrower column chunks (the last block row, the tail of BR > 64) have taller register tiles.
+  const int64_t height = tile_height_avx512(std::min<int64_t>(4, w.BRp / 16));
+  for (int64_t m = 0; m < rows; m += height) {
+    const int64_t mr = std::min(height, rows - m);
+    const float* xm = x + m * w.K;
+    float* ym = y + m * w.N;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (m == 0) prefetch_block_row(w, r + 1);
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 64) {
+        const int64_t ncols = std::min<int64_t>(64, ncols_row - o0);
+        switch ((ncols + 15) / 16) {
+          case 1: tile_fit_avx512<1>(w, r, o0, ncols, xm, mr, bias, ym); break;
+          case 2: tile_fit_avx512<2>(w, r, o0, ncols, xm, mr, bias, ym); break;
+          case 3: tile_fit_avx512<3>(w, r, o0, ncols, xm, mr, bias, ym); break;
+          default: tile_fit_avx512<4>(w, r, o0, ncols, xm, mr, bias, ym); break;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: a tile is MR rows x 16 columns (two ymm); 16 ymm registers hold 12 accumulators + 2 weights.
+
+SPARSEC_AVX2 SPARSEC_INLINE __m256i lane_mask8(int64_t n) {
+  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <int MR>
+SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t mr, int64_t ncols,
+                                                 const float* bias, float* y, int64_t ldy) {
+  __m256i mask[2];
+  __m256 b[2];
+  for (int v = 0; v < 2; ++v) {
+    mask[v] = lane_mask8(ncols - 8 * v);
+    b[v] = bias ? _mm256_maskload_ps(bias + 8 * v, mask[v]) : _mm256_setzero_ps();
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    if (m >= mr) break;
+    for (int v = 0; v < 2; ++v) _mm256_maskstore_ps(y + m * ldy + 8 * v, mask[v], _mm256_add_ps(acc[m][v], b[v]));
+  }
+}
+
+template <int MR>
+SPARSEC_AVX2 void tile_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
+                            int64_t mr, const float* bias, float* y) {
+  const int64_t K = w.K;
+  const int64_t BRp = w.BRp;
+  int64_t row_off[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) row_off[m] = (m < mr ? m : mr - 1) * K;
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(w.BC, K - k0);
+    const float* wb = w.block(b) + o0;
+    const float* xb = x + k0;
+    for (int64_t j = 0; j < jn; ++j) {
+      const __m256 w0 = _mm256_load_ps(wb + j * BRp);
+      const __m256 w1 = _mm256_load_ps(wb + j * BRp + 8);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_broadcast_ss(xb + row_off[m] + j);
+        acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+      }
+    }
+  }
+  store_tile_avx2<MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+}
+
+SPARSEC_AVX2 void row1_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
+                            const float* bias, float* y) {
+  constexpr int U = 4;
+  const int64_t BRp = w.BRp;
+  __m256 acc[U][2];
+  for (int u = 0; u < U; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(w.BC, w.K - k0);
+    const float* wb = w.block(b) + o0;
+    const float* xb = x + k0;
+    int64_t j = 0;
+    for (; j + U <= jn; j += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m256 xv = _mm256_broadcast_ss(xb + j + u);
+        acc[u][0] = _mm256_fmadd_ps(xv, _mm256_load_ps(wb + (j + u) * BRp), acc[u][0]);
+        acc[u][1] = _mm256_fmadd_ps(xv, _mm256_load_ps(wb + (j + u) * BRp + 8), acc[u][1]);
+      }
+    }
+    for (; j < jn; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(xb + j);
+      acc[0][0] = _mm256_fmadd_ps(xv, _mm256_load_ps(wb + j * BRp), acc[0][0]);
+      acc[0][1] = _mm256_fmadd_ps(xv, _mm256_load_ps(wb + j * BRp + 8), acc[0][1]);
+    }
+  }
+  __m256 sum[1][2];
+  for (int v = 0; v < 2; ++v) {
+    sum[0][v] = _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]), _mm256_add_ps(acc[2][v], acc[3][v]));
+  }
+  store_tile_avx2<1>(sum, 1, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+}
+
+void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
+                     const float* bias, float* y) {
+  for (int64_t m = 0; m < rows; m += 6) {
+    const int64_t mr = std::min<int64_t>(6, rows - m);
+    const float* xm = x + m * w.K;
+    float* ym = y + m * w.N;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 16) {
+        const int64_t ncols = std::min<int64_t>(16, ncols_row - o0);
+        if (mr == 1) {
+          row1_avx2(w, r, o0, ncols, xm, bias, ym);
+        } else if (mr <= 2) {
+          tile_avx2<2>(w, r, o0, ncols, xm, mr, bias, ym);
+        } else if (mr <= 4) {
+          tile_avx2<4>(w, r, o0, ncols, xm, mr, bias, ym);
+        } else {
+          tile_avx2<6>(w, r, o0, ncols, xm, mr, bias, ym);
+        }
+      }
+    }
+  }
+}
+
+#endif  // SPARSEC_X86
+
+// ------------------------------------------------------------------------------------------------
+// Work split: a task is (range of input rows, group of consecutive block rows). Groups hold about
+// equal numbers of kept blocks, so uneven rows still balance; block rows with no kept block cost
+// one unit (they still write the bias or zeros).
+
+struct Job {
+  const PackedWeight* w;
+  const float* x;
+  const float* bias;
+  float* y;
+  int64_t M;
+  int64_t rows_per_task;
+  std::vector<int64_t> group_start;  // [groups + 1] block-row boundaries
+  Isa isa;
+};
+
+void run_task(void* data, size_t t) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
+  const int64_t g = static_cast<int64_t>(t) % groups;
+  const int64_t m0 = (static_cast<int64_t>(t) / groups) * job.rows_per_task;
+  const int64_t rows = std::min(job.rows_per_task, job.M - m0);
+  const int64_t r0 = job.group_start[g], r1 = job.group_start[g + 1];
+  if (rows <= 0 || r0 >= r1) return;
+  const PackedWeight& w = *job.w;
+  const float* x = job.x + m0 * w.K;
+  float* y = job.y + m0 * w.N;
+  switch (job.isa) {
+#if SPARSEC_X86
+    case Isa::kAvx512: block_rows_avx512(w, r0, r1, x, rows, job.bias, y); break;
+    case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, rows, job.bias, y); break;
+#endif
+    default: block_rows_scalar(w, r0, r1, x, rows, job.bias, y); break;
+  }
+}
+
+constexpr int64_t kTargetTasks = 24;         // enough to balance over a few threads, few enough for long output runs
+constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height: only the last task has a tail
+constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay within a quarter of L2
+
+// Boundaries splitting block rows into `groups` runs of about equal cost.
+std::vector<int64_t> balanced_groups(const PackedWeight& w, int64_t groups) {
+  int64_t total = 0;
+  for (int64_t r = 0; r < w.R; ++r) total += w.cost(r);
+  std::vector<int64_t> start{0};
+  int64_t acc = 0;
+  for (int64_t r = 0; r < w.R; ++r) {
+    acc += w.cost(r);
+    const int64_t g = static_cast<int64_t>(start.size());
+    if (g < groups && acc * groups >= total * g && r + 1 < w.R) start.push_back(r + 1);
+  }
+  start.push_back(w.R);
+  return start;
+}
+
+}  // namespace
+
+void block_sparse_linear(const PackedWeight& w, const float* x, const float* bias, float* y, int64_t M,
+                         Isa isa, ParallelFor parallel_for, void* runner_state) {
+  if (M <= 0 || w.R == 0) return;
+  const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (w.K * static_cast<int64_t>(sizeof(float))));
+  const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, panel_rows), kRowQuantum) * kRowQuantum);
+  const int64_t row_tasks = ceil_div(M, rows_per_task);
+  const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(kTargetTasks, row_tasks)));
+  Job job{&w, x, bias, y, M, rows_per_task, balanced_groups(w, groups), isa};
+  const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
+  if (total == 1 || parallel_for == nullptr) {
+    for (size_t t = 0; t < total; ++t) run_task(&job, t);
+    return;
+  }
+  parallel_for(runner_state, run_task, total, &job);
+}
+
+}  // namespace sparsec

@@ -1,0 +1,66 @@
+// Block-sparse linear layer, independent of onnxruntime: the packed weight layout and the compute
+// entry points. sparsec_ort.cc adapts this to the ORT custom-op C API.
+//
+// Weight W is [N, K]. The ONNX inputs hold it as padded blocked-ELL (values [R, S, BR, BC]); the
+// kernel repacks each kept block transposed, [BC][BRp] with BRp = BR rounded up to 16, so that one
+// step of the reduction index j reads BR contiguous weights (one or more zmm/ymm loads) that are
+// multiplied by one broadcast input value.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sparsec {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+// Best instruction set this CPU (and OS) supports, capped by env SPARSEC_KERNEL_ISA when set
+// (scalar | avx2 | avx512); a request above what the CPU has falls back to the best available.
+Isa select_isa();
+
+struct FreeDeleter {
+  void operator()(float* p) const;
+};
+using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
+
+// Kept blocks only (no padding slots), block row after block row, so that the weights of
+// consecutive block rows are one sequential stream for the hardware prefetcher.
+struct PackedWeight {
+  int64_t N = 0, K = 0;    // logical weight shape
+  int64_t R = 0;           // block rows
+  int64_t BR = 0, BC = 0;  // block shape
+  int64_t BRp = 0;         // BR rounded up to a multiple of 16
+  int64_t NBc = 0;         // block columns, ceil(K / BC)
+  FloatBuffer blocks;      // [kept][BC][BRp], 64-byte aligned, zero padded
+  std::vector<int64_t> cols;       // [kept] first input column of each kept block (c * BC)
+  std::vector<int64_t> row_start;  // [R + 1] kept blocks of block row r are [row_start[r], row_start[r+1])
+
+  const float* block(int64_t b) const { return blocks.get() + b * BC * BRp; }
+  int64_t cost(int64_t r) const { return row_start[r + 1] - row_start[r] + 1; }  // +1: the epilogue
+};
+
+// What the ONNX inputs say about the weight. `values` is float32, or int8 when `scales` is given.
+struct BlockInputs {
+  const void* values = nullptr;
+  bool int8 = false;
+  const float* scales = nullptr;  // [R, S] (int8 only)
+  const int64_t* block_cols = nullptr;
+  const int64_t* row_nnz = nullptr;
+  int64_t R = 0, S = 0, BR = 0, BC = 0;
+};
+
+// Validates the inputs against N and K and fills `out`. Returns an error message, empty on success.
+std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
+
+// Runs `fn(data, i)` for i in [0, total), possibly in parallel. Provided by the caller (ORT glue).
+using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size_t total, void* data);
+
+// Y[M, N] = X[M, K] @ W^T (+ bias). X and Y are dense row-major; bias may be null.
+void block_sparse_linear(const PackedWeight& w, const float* x, const float* bias, float* y,
+                         int64_t M, Isa isa, ParallelFor parallel_for, void* runner_state);
+
+}  // namespace sparsec

@@ -1,0 +1,334 @@
+// onnxruntime custom-op library: domain "sparsec", op "BlockSparseLinear" (opset 1).
+//
+// Inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales are given);
+// 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
+// 5 scales float [R, S] (optional). Attributes N, K. Output Y float [..., N] = X @ W^T + bias.
+//
+// Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
+// does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
+// kMinApi, and into newer ones than the headers it was compiled with.
+#include <onnxruntime_c_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "block_sparse.h"
+
+namespace {
+
+constexpr uint32_t kMinApi = 16;          // CreateKernelV2 / KernelComputeV2
+constexpr uint32_t kParallelForApi = 17;  // KernelContext_ParallelFor
+constexpr const char* kDomain = "sparsec";
+constexpr const char* kOpName = "BlockSparseLinear";
+
+enum Input : size_t { kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kNumInputs };
+
+const OrtApi* g_ort = nullptr;
+uint32_t g_api_version = 0;
+
+#define SPARSEC_RETURN_IF_ERROR(expr)   \
+  do {                                  \
+    OrtStatus* status_ = (expr);        \
+    if (status_ != nullptr) return status_; \
+  } while (0)
+
+OrtStatus* fail(const std::string& message) {
+  return g_ort->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + message).c_str());
+}
+
+struct TensorView {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  size_t count = 0;
+  void* data = nullptr;
+};
+
+OrtStatus* view_tensor(const OrtValue* value, TensorView& out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = g_ort->GetTensorElementType(info, &out.type);
+  if (status == nullptr) status = g_ort->GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    out.shape.resize(rank);
+    status = g_ort->GetDimensions(info, out.shape.data(), rank);
+  }
+  if (status == nullptr) status = g_ort->GetTensorShapeElementCount(info, &out.count);
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  if (status != nullptr) return status;
+  return g_ort->GetTensorMutableData(const_cast<OrtValue*>(value), &out.data);
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Checks the weight inputs' types and shapes and points `in` at their data.
+OrtStatus* describe_blocks(const TensorView& values, const TensorView& cols, const TensorView& nnz,
+                           const TensorView* scales, sparsec::BlockInputs& in) {
+  if (values.shape.size() != 4) return fail("values must be [R, S, BR, BC], got " + shape_str(values.shape));
+  in.R = values.shape[0];
+  in.S = values.shape[1];
+  in.BR = values.shape[2];
+  in.BC = values.shape[3];
+  in.values = values.data;
+  if (values.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+    if (scales == nullptr) return fail("int8 values need the scales input");
+    if (scales->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scales->shape != std::vector<int64_t>{in.R, in.S}) {
+      return fail("scales must be float [R, S], got " + shape_str(scales->shape));
+    }
+    in.int8 = true;
+    in.scales = static_cast<const float*>(scales->data);
+  } else if (values.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    return fail("values must be float32, or int8 with scales");
+  }
+  if (cols.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || cols.shape != std::vector<int64_t>{in.R, in.S}) {
+    return fail("block_cols must be int64 [R, S], got " + shape_str(cols.shape));
+  }
+  if (nnz.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || nnz.shape != std::vector<int64_t>{in.R}) {
+    return fail("row_nnz must be int64 [R], got " + shape_str(nnz.shape));
+  }
+  in.block_cols = static_cast<const int64_t*>(cols.data);
+  in.row_nnz = static_cast<const int64_t*>(nnz.data);
+  return nullptr;
+}
+
+// `inputs` holds one OrtValue per op input (null where absent). Packs the weight into `out`.
+OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, sparsec::PackedWeight& out) {
+  TensorView values, cols, nnz, scales;
+  SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kValues], values));
+  SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBlockCols], cols));
+  SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kRowNnz], nnz));
+  const bool has_scales = inputs[kScales] != nullptr;
+  if (has_scales) SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kScales], scales));
+  sparsec::BlockInputs in;
+  SPARSEC_RETURN_IF_ERROR(describe_blocks(values, cols, nnz, has_scales ? &scales : nullptr, in));
+  const std::string error = sparsec::pack_weight(in, N, K, out);
+  return error.empty() ? nullptr : fail(error);
+}
+
+struct Kernel {
+  int64_t N = 0;
+  int64_t K = 0;
+  sparsec::Isa isa = sparsec::Isa::kScalar;
+  std::unique_ptr<sparsec::PackedWeight> constant;  // packed once when the weights are initializers
+};
+
+// The weight inputs when they are all constant initializers, else false (they are packed per call).
+bool constant_weight_inputs(const OrtKernelInfo* info, const OrtValue** inputs) {
+  size_t count = 0;
+  OrtStatus* status = g_ort->KernelInfo_GetInputCount(info, &count);
+  if (status != nullptr) {
+    g_ort->ReleaseStatus(status);
+    return false;
+  }
+  for (size_t index : {kValues, kBlockCols, kRowNnz, kScales}) {
+    if (index >= count) continue;
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    status = g_ort->KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value);
+    if (status != nullptr) {
+      g_ort->ReleaseStatus(status);
+      is_constant = 0;
+    }
+    if (!is_constant || value == nullptr) {
+      if (index == kScales) continue;  // absent (fp32 variant); an int8 weight without it fails to pack
+      return false;
+    }
+    inputs[index] = value;
+  }
+  return true;
+}
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  try {
+    auto k = std::make_unique<Kernel>();
+    SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "N", &k->N));
+    SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "K", &k->K));
+    if (k->N <= 0 || k->K <= 0) return fail("attributes N and K must be positive");
+    k->isa = sparsec::select_isa();
+    const OrtValue* inputs[kNumInputs] = {};
+    if (constant_weight_inputs(info, inputs)) {
+      k->constant = std::make_unique<sparsec::PackedWeight>();
+      SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k->N, k->K, *k->constant));
+    }
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": " + e.what()).c_str());
+  }
+}
+
+void ort_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, void* data) {
+#if ORT_API_VERSION >= 17
+  if (g_api_version >= kParallelForApi) {
+    OrtStatus* status = g_ort->KernelContext_ParallelFor(static_cast<const OrtKernelContext*>(context), fn,
+                                                         total, 0, data);
+    if (status == nullptr) return;
+    g_ort->ReleaseStatus(status);  // no thread pool available: run serially below
+  }
+#endif
+  for (size_t i = 0; i < total; ++i) fn(data, i);
+}
+
+OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
+  size_t count = 0;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInputCount(context, &count));
+  const OrtValue* inputs[kNumInputs] = {};
+  for (size_t i = 0; i < std::min<size_t>(count, kNumInputs); ++i) {
+    SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInput(context, i, &inputs[i]));
+  }
+
+  TensorView x;
+  SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kX], x));
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return fail("X must be float32");
+  if (x.shape.empty() || x.shape.back() != k.K) {
+    return fail("X must be [..., K=" + std::to_string(k.K) + "], got " + shape_str(x.shape));
+  }
+
+  const sparsec::PackedWeight* weight = k.constant.get();
+  sparsec::PackedWeight per_call;
+  if (weight == nullptr) {
+    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, per_call));
+    weight = &per_call;
+  }
+
+  const float* bias = nullptr;
+  if (inputs[kBias] != nullptr) {
+    TensorView b;
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBias], b));
+    if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || b.count != static_cast<size_t>(k.N)) {
+      return fail("bias must be float [N=" + std::to_string(k.N) + "], got " + shape_str(b.shape));
+    }
+    bias = static_cast<const float*>(b.data);
+  }
+
+  std::vector<int64_t> y_shape = x.shape;
+  y_shape.back() = k.N;
+  OrtValue* y_value = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
+  const int64_t M = static_cast<int64_t>(x.count) / k.K;
+  if (M == 0) return nullptr;
+  void* y = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
+  sparsec::block_sparse_linear(*weight, static_cast<const float*>(x.data), bias, static_cast<float*>(y), M, k.isa,
+                               ort_parallel_for, context);
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* context) {
+  try {
+    return compute(*static_cast<const Kernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": " + e.what()).c_str());
+  }
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return nullptr; }  // CPU
+
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t index) {
+  switch (index) {
+    case kValues: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or int8
+    case kBlockCols:
+    case kRowNnz: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+}
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return kNumInputs; }
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t index) {
+  return index >= kBias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType ORT_API_CALL input_memory_type(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL variadic_min_arity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL variadic_homogeneity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL end_version(const OrtCustomOp*) { return INT_MAX; }
+size_t ORT_API_CALL no_index_map(int** input_index, int** output_index) {
+  *input_index = nullptr;
+  *output_index = nullptr;
+  return 0;
+}
+void ORT_API_CALL release_index_map(int*, int*) {}
+
+OrtCustomOp make_op() {
+  OrtCustomOp op{};
+  op.version = std::min<uint32_t>(ORT_API_VERSION, g_api_version);
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_provider;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory_type;
+  op.GetVariadicInputMinArity = variadic_min_arity;
+  op.GetVariadicInputHomogeneity = variadic_homogeneity;
+  op.GetVariadicOutputMinArity = variadic_min_arity;
+  op.GetVariadicOutputHomogeneity = variadic_homogeneity;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute_kernel;
+  op.InferOutputShapeFn = nullptr;
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+#if ORT_API_VERSION >= 18
+  op.GetMayInplace = no_index_map;
+  op.ReleaseMayInplace = release_index_map;
+#endif
+#if ORT_API_VERSION >= 20
+  op.GetAliasMap = no_index_map;
+  op.ReleaseAliasMap = release_index_map;
+#endif
+  return op;
+}
+
+}  // namespace
+
+// The library is built with -fvisibility=hidden; these are its only exported symbols.
+#define SPARSEC_EXPORT __attribute__((visibility("default")))
+
+extern "C" {
+
+SPARSEC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  static const bool found_api = [api_base] {  // once per process, thread-safe static init
+    for (uint32_t v = ORT_API_VERSION; v >= kMinApi && g_ort == nullptr; --v) {
+      g_ort = api_base->GetApi(v);
+      if (g_ort != nullptr) g_api_version = v;
+    }
+    return g_ort != nullptr;
+  }();
+  if (!found_api) {
+    const OrtApi* oldest = api_base->GetApi(1);
+    if (oldest == nullptr) return nullptr;
+    return oldest->CreateStatus(ORT_FAIL, "sparsec kernel needs onnxruntime API version >= 16 (onnxruntime 1.16)");
+  }
+  static OrtCustomOp op = make_op();
+  // The domain must outlive every session built from these options; it is deliberately never freed.
+  OrtCustomOpDomain* domain = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->CreateCustomOpDomain(kDomain, &domain));
+  SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &op));
+  return g_ort->AddCustomOpDomain(options, domain);
+}
+
+// For diagnostics (ctypes): the instruction set the kernel would use now, and the API it was built for.
+SPARSEC_EXPORT const char* SparsecKernelIsa() { return sparsec::isa_name(sparsec::select_isa()); }
+SPARSEC_EXPORT int SparsecKernelHeaderApiVersion() { return ORT_API_VERSION; }
+
+}  // extern "C"

@@ -1,0 +1,267 @@
+"""sparsec::BlockSparseLinear in onnxruntime: the standard-op function body on stock onnxruntime and
+the native kernel, against the numpy reference and dense torch; kernel build, dispatch and fallback."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sparsec import runtime
+from sparsec.lowering import onnx_op
+from sparsec.lowering.block_format import PackedBlocks, pack, random_keep, reference, unpack
+from sparsec.runtime.build import library_isa
+
+RTOL = ATOL = 2e-5  # fp32, K <= 768: far below a real layout or indexing error
+
+
+@pytest.fixture(scope="session")
+def kernel_library():
+    """Build the kernel once per test session (cached on disk across sessions)."""
+    try:
+        return runtime.build_kernel()
+    except runtime.BuildError as err:
+        pytest.skip(f"native kernel cannot be built here: {err}")
+
+
+@pytest.fixture
+def fresh_runtime():
+    runtime._reset()
+    yield runtime
+    runtime._reset()
+
+
+def make_layer(n: int, k: int, block: tuple[int, int], density: float, *, seed: int = 0, int8: bool = False,
+               bias: bool = True, empty_row: bool = True, dense_row: bool = True, balanced: bool = False):
+    rng = np.random.default_rng(seed)
+    keep = random_keep(n, k, block, density, seed=seed, balanced=balanced)
+    if empty_row:
+        keep[0] = False
+    if dense_row and keep.shape[0] > 1:
+        keep[-1] = True  # also the partial block row when N is not divisible
+    w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+    packed = pack(w, keep, block, int8=int8)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    return packed, b
+
+
+def inputs(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def stock_session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", runtime.KernelUnavailableWarning)
+        return runtime.session(model.SerializeToString(), threads=threads)
+
+
+def check(y: np.ndarray, x: np.ndarray, packed: PackedBlocks, bias: np.ndarray | None) -> None:
+    np.testing.assert_allclose(y, reference(x, packed, bias), rtol=RTOL, atol=ATOL)
+    dense = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(unpack(packed)),
+                                       None if bias is None else torch.from_numpy(bias))
+    np.testing.assert_allclose(y, dense.numpy(), rtol=1e-4, atol=1e-4)
+
+
+LAYERS = [  # n, k, block, int8, bias
+    pytest.param(128, 96, (16, 16), False, True, id="16x16"),
+    pytest.param(96, 128, (32, 32), False, True, id="32x32"),
+    pytest.param(80, 96, (8, 32), False, False, id="8x32-nobias"),
+    pytest.param(100, 70, (16, 16), False, True, id="16x16-ragged"),
+    pytest.param(70, 45, (32, 32), False, True, id="32x32-ragged"),
+    pytest.param(50, 45, (8, 32), False, True, id="8x32-ragged"),
+    pytest.param(90, 200, (64, 16), False, True, id="64x16-ragged"),
+    pytest.param(100, 70, (16, 16), True, True, id="int8-16x16-ragged"),
+    pytest.param(70, 45, (32, 32), True, False, id="int8-32x32-ragged-nobias"),
+]
+ROWS = [(1, None), (7, None), (128, None), (2, 5)]
+
+
+@pytest.mark.parametrize("n,k,block,int8,bias", LAYERS)
+def test_function_body_on_stock_onnxruntime(n, k, block, int8, bias):
+    packed, b = make_layer(n, k, block, 0.3, int8=int8, bias=bias)
+    for rows in ROWS:
+        shape = tuple(d for d in rows if d is not None) + (k,)
+        model = onnx_op.single_layer_model(packed, b, leading=len(shape) - 1, compact=len(shape) == 2)
+        x = inputs(shape)
+        check(stock_session(model).run(None, {"x": x})[0], x, packed, b)
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "padded"])
+@pytest.mark.parametrize("n,k,block,int8,bias", LAYERS)
+def test_kernel(kernel_library, n, k, block, int8, bias, compact):
+    packed, b = make_layer(n, k, block, 0.3, int8=int8, bias=bias)
+    for rows in ROWS:
+        shape = tuple(d for d in rows if d is not None) + (k,)
+        model = onnx_op.single_layer_model(packed, b, leading=len(shape) - 1, compact=compact)
+        x = inputs(shape)
+        check(kernel_session(model).run(None, {"x": x})[0], x, packed, b)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (300, 45, (128, 8))])
+def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
+    """SPARSEC_KERNEL_ISA caps the dispatch, so each micro-kernel family runs here (where the CPU has it)."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    order = ["scalar", "avx2", "avx512"]
+    assert order.index(library_isa(kernel_library)) <= order.index(isa)
+    packed, b = make_layer(n, k, block, 0.4, seed=2)
+    model = onnx_op.single_layer_model(packed, b)
+    sess = kernel_session(model)
+    for m in (1, 3, 13, 50):
+        x = inputs((m, k), seed=m)
+        check(sess.run(None, {"x": x})[0], x, packed, b)
+
+
+def test_large_layer_both_paths_and_threads(kernel_library):
+    packed, b = make_layer(3072, 768, (32, 32), 0.1, balanced=True)
+    model = onnx_op.single_layer_model(packed, b)
+    x = inputs((128, 768))
+    expected = reference(x, packed, b)
+    for sess in (stock_session(model), kernel_session(model, threads=1), kernel_session(model, threads=2)):
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_error_vs_fp32_is_bounded_by_the_quantization_step(kernel_library):
+    fp, b = make_layer(100, 70, (16, 16), 0.5, seed=7)
+    q = pack(unpack(fp), block=(16, 16), int8=True)
+    x = inputs((9, 70))
+    y_fp = reference(x, fp, b)
+    # |x W_q^T - x W^T| <= sum_k |x_k| * step/2, with step the largest scale of the row's blocks
+    bound = np.abs(x).sum(1, keepdims=True) * q.scales.max() / 2
+    for sess in (stock_session(onnx_op.single_layer_model(q, b)), kernel_session(onnx_op.single_layer_model(q, b))):
+        y = sess.run(None, {"x": x})[0]
+        assert (np.abs(y - y_fp) <= bound).all()
+        np.testing.assert_allclose(y, reference(x, q, b), rtol=RTOL, atol=ATOL)
+
+
+def test_models_pass_the_checker_and_name_their_overload():
+    for int8 in (False, True):
+        for bias in (False, True):
+            packed, b = make_layer(70, 45, (32, 32), 0.3, int8=int8, bias=bias)
+            model = onnx_op.single_layer_model(packed, b, leading=2)
+            onnx.checker.check_model(model, full_check=True)
+            (node,) = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
+            (fn,) = model.functions
+            assert (node.domain, node.op_type) == (onnx_op.DOMAIN, onnx_op.OP) == (fn.domain, fn.name)
+            assert node.overload == fn.overload == onnx_op.overload(int8, bias)
+            assert {n.op_type for n in fn.node}.isdisjoint({"ScatterND", "ScatterElements"})
+
+
+def test_kernel_replaces_the_function_body(kernel_library, tmp_path):
+    packed, b = make_layer(96, 128, (32, 32), 0.3)
+    model = onnx_op.single_layer_model(packed, b).SerializeToString()
+    ops = {}
+    for name, options in (("kernel", runtime.session_options(2)), ("stock", ort.SessionOptions())):
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        ops[name] = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops["kernel"] == ["BlockSparseLinear"]  # the compact values' Gather is folded at load
+    assert "BlockSparseLinear" not in ops["stock"] and "MatMul" in ops["stock"]
+
+
+def test_weights_as_graph_inputs_are_packed_per_call(kernel_library):
+    packed, b = make_layer(70, 45, (16, 16), 0.4, int8=True)
+    model = onnx_op.single_layer_model(packed, b, compact=False)
+    graph = model.graph
+    moved = [t for t in graph.initializer if t.name.startswith("W.")]
+    for t in moved:
+        graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        graph.initializer.remove(t)
+    feeds = {t.name: onnx.numpy_helper.to_array(t) for t in moved}
+    x = inputs((5, 45))
+    feeds["x"] = x
+    check(kernel_session(model).run(None, feeds)[0], x, packed, b)
+
+
+def test_invalid_block_columns_fail_with_a_clear_error(kernel_library):
+    packed, b = make_layer(64, 64, (32, 32), 1.0, empty_row=False)
+    bad = PackedBlocks(packed.values, packed.block_cols + 5, packed.row_nnz, None, packed.N, packed.K)
+    with pytest.raises(Exception, match="block_cols"):
+        kernel_session(onnx_op.single_layer_model(bad, b))
+    bad = PackedBlocks(packed.values, packed.block_cols, packed.row_nnz + 3, None, packed.N, packed.K)
+    with pytest.raises(Exception, match="row_nnz"):
+        kernel_session(onnx_op.single_layer_model(bad, b, compact=False))
+
+
+def test_kernel_available_and_path(kernel_library, fresh_runtime):
+    assert fresh_runtime.kernel_available()
+    assert fresh_runtime.kernel_path() == kernel_library and kernel_library.is_file()
+    assert fresh_runtime.unavailable_reason() is None
+
+
+def test_disabled_kernel_falls_back_with_one_warning(monkeypatch, fresh_runtime):
+    monkeypatch.setenv("SPARSEC_DISABLE_KERNEL", "1")
+    assert not fresh_runtime.kernel_available() and fresh_runtime.kernel_path() is None
+    packed, b = make_layer(100, 70, (16, 16), 0.3)
+    model = onnx_op.single_layer_model(packed, b).SerializeToString()
+    x = inputs((7, 70))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            check(fresh_runtime.session(model, threads=2).run(None, {"x": x})[0], x, packed, b)
+    relevant = [w for w in caught if issubclass(w.category, fresh_runtime.KernelUnavailableWarning)]
+    assert len(relevant) == 1
+    assert "SPARSEC_DISABLE_KERNEL" in str(relevant[0].message)
+
+
+def test_missing_headers_give_a_reason(monkeypatch, tmp_path, fresh_runtime):
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
+    assert not fresh_runtime.kernel_available()
+    assert "ORT_INCLUDE_DIR" in fresh_runtime.unavailable_reason()
+
+
+def test_build_failures_name_the_cause(kernel_library, monkeypatch, tmp_path, fresh_runtime):
+    from sparsec.runtime import build
+
+    headers = build.find_headers().include_dir
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(headers))  # a user-given path is honoured
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
+    fake = tmp_path / "bin" / "fake-cxx"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'fake-cxx 1.0'\n[ \"$1\" = --version ] && exit 0\n"
+                    "echo 'sparsec_ort.cc:1:1: error: boom' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(runtime.BuildError, match="build error: sparsec_ort.cc:1:1: error: boom"):
+        build.build()
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert not fresh_runtime.kernel_available()
+    assert "no C++ compiler" in fresh_runtime.unavailable_reason()
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built is left behind
+
+
+def test_two_variants_in_one_model(kernel_library):
+    """Nodes of different overloads share a graph; attach_functions adds one function per overload."""
+    first, b1 = make_layer(64, 40, (16, 16), 0.5, seed=11)
+    second, _ = make_layer(24, 64, (8, 32), 0.5, seed=12, int8=True, bias=False)
+    inits = []
+    for prefix, p in (("A", first), ("B", second)):
+        inits += [onnx.numpy_helper.from_array(p.values, f"{prefix}.values"),
+                  onnx.numpy_helper.from_array(p.block_cols, f"{prefix}.cols"),
+                  onnx.numpy_helper.from_array(p.row_nnz, f"{prefix}.nnz")]
+    inits += [onnx.numpy_helper.from_array(b1, "A.bias"), onnx.numpy_helper.from_array(second.scales, "B.scales")]
+    nodes = [onnx_op.make_node("x", "A.values", "A.cols", "A.nnz", "h", 64, 40, bias="A.bias"),
+             onnx_op.make_node("h", "B.values", "B.cols", "B.nnz", "y", 24, 64, scales="B.scales")]
+    graph = onnx.helper.make_graph(
+        nodes, "two", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["m", 40])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["m", 24])], initializer=inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", onnx_op.ONNX_OPSET)])
+    onnx_op.attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(f.overload for f in model.functions) == ["fp32_bias", "int8"]
+    x = inputs((6, 40))
+    expected = reference(reference(x, first, b1), second)
+    for sess in (stock_session(model), kernel_session(model)):
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
