@@ -48,5 +48,55 @@ def straight_through_mask(weight: torch.Tensor, mask: torch.Tensor, scores: torc
     return _StraightThrough.apply(weight, mask, scores, block)
 
 
-# Every function a mask node may call; the verifier and the passes recognise mask nodes by these.
+class MaskModule(torch.nn.Module):
+    """Base of the modules a mask node may call (`call_module`) when the mask depends on the
+    train/eval mode. `forward(weight, mask, *state)` returns W_eff; in eval mode it must return
+    `weight * mask` so that baking the mask buffer gives the same outputs."""
+
+
+class HardConcreteMask(MaskModule):
+    """L0 regularization's hard-concrete gate (Louizos et al. 2017, as in movement pruning
+    section 4): in training a mask is sampled in every forward, per block,
+
+        u ~ U(0, 1),  S_bar = sigmoid((log u - log(1 - u) + S) / b),
+        Z = (r - l) S_bar + l,  M = min(1, ReLU(Z)),   W_eff = W * M,
+
+    and autograd gives the score gradient of movement pruning Eq 3:
+        dL/dS = dL/dW_eff * W * (r - l)/b * S_bar (1 - S_bar) * 1{0 <= Z <= 1}.
+    In eval mode it applies the mask buffer, which the Program keeps at the deterministic test-time
+    mask min(1, ReLU((r - l) sigmoid(S) + l)) (recomputed at `prog.step()`).
+    The noise comes from torch's global RNG, so a seeded run is reproducible.
+    """
+
+    def __init__(self, beta: float, l: float, r: float, block: tuple[int, int]):
+        super().__init__()
+        self.beta, self.l, self.r = float(beta), float(l), float(r)
+        self.block = tuple(block)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, l={self.l}, r={self.r}, block={self.block}"
+
+    def forward(self, weight: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return weight * mask
+        u = torch.rand(scores.shape, dtype=scores.dtype, device=scores.device).clamp(1e-6, 1 - 1e-6)
+        gate = hard_concrete_sample(scores, u, self.beta, self.l, self.r)
+        return weight * blocks.expand(gate, tuple(weight.shape), self.block)
+
+
+def hard_concrete_sample(scores: torch.Tensor, u: torch.Tensor, beta: float, l: float,
+                         r: float) -> torch.Tensor:
+    """M = min(1, ReLU((r - l) sigmoid((log u - log(1 - u) + S) / b) + l)) (movement pruning,
+    section 4; Louizos et al. 2017 Eq 9-10 with S = log alpha)."""
+    s_bar = torch.sigmoid((torch.log(u) - torch.log1p(-u) + scores) / beta)
+    return torch.clamp((r - l) * s_bar + l, 0.0, 1.0)
+
+
+def hard_concrete_eval(scores: torch.Tensor, l: float, r: float) -> torch.Tensor:
+    """The test-time L0 mask min(1, ReLU((r - l) sigmoid(S) + l)) (movement pruning, section 4)."""
+    return torch.clamp((r - l) * torch.sigmoid(scores) + l, 0.0, 1.0)
+
+
+# Every function a mask node may call; the verifier and the passes recognise mask nodes by these
+# (or by a call_module node whose module is a MaskModule).
 MASK_OPS = (apply_mask, straight_through_mask)

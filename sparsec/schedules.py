@@ -68,3 +68,51 @@ def cubic(t: int, p: ScheduleParams) -> float:
         return p.final
     frac = 1.0 - (t - p.warmup) / span
     return p.final + (p.initial - p.final) * frac ** 3
+
+
+def pruning_iteration(t: int, p: ScheduleParams) -> int:
+    """How many of the `iterations` pruning iterations pi are done at step t.
+
+    The steps between `warmup` and `total - cooldown` are split into pi equal spans; iteration i
+    (1 <= i <= pi) happens at the first step of span i, i.e. at step t_i + ceil((i - 1) * span / pi)
+    where span = total - warmup - cooldown. So iteration 1 is at step `warmup`, all pi are done
+    before the cool-down, and `total = 0` performs every iteration at once (one-shot pruning of
+    Algorithm 1 with pi iterations and no training in between).
+    """
+    if t < p.warmup:
+        return 0
+    span = p.total - p.warmup - p.cooldown
+    if span <= 0 or t >= p.total - p.cooldown:
+        return p.iterations
+    return min(p.iterations, (t - p.warmup) * p.iterations // span + 1)
+
+
+@register("linear", "iterative pruning in `iterations` equal steps of density, "
+                    "1 - i (1 - d_final) / pi after iteration i (loss modelling, Algorithm 1)")
+def linear(t: int, p: ScheduleParams) -> float:
+    """Loss modelling (Laurent et al. 2020) Algorithm 1, linear steps: every iteration prunes the
+    same number of weights, density v_i - i (v_i - v_f) / pi after iteration i of pi
+    (with v_i = 1: 1 - i (1 - d_final) / pi). See `pruning_iteration` for when iterations happen."""
+    i = pruning_iteration(t, p)
+    return p.initial - i * (p.initial - p.final) / p.iterations
+
+
+@register("exponential", "iterative pruning in `iterations` steps that each prune the same "
+                         "fraction of what remains: d_final^(i / pi) after iteration i "
+                         "(loss modelling, Algorithm 1)")
+def exponential(t: int, p: ScheduleParams) -> float:
+    """Loss modelling (Laurent et al. 2020) Algorithm 1, exponential steps (line 5 is garbled in
+    the paper; see shared/papers/README.md): density v_i (v_f / v_i)^(i / pi) after iteration i of
+    pi, i.e. d_final^(i / pi) from a dense start. See `pruning_iteration` for when."""
+    i = pruning_iteration(t, p)
+    if i >= p.iterations:
+        return p.final
+    return p.initial * (p.final / p.initial) ** (i / p.iterations)
+
+
+@register("one_shot", "`initial_density` for the first `warmup` steps, then the final density "
+                      "at once (one-shot pruning, loss modelling section 5.3)")
+def one_shot(t: int, p: ScheduleParams) -> float:
+    """One-shot pruning: a single pruning step at step `warmup` (loss modelling, Algorithm 1 with
+    pi = 1; the reference of section 5.3)."""
+    return p.initial if t < p.warmup else p.final

@@ -12,7 +12,16 @@ Data convention (model.py's `train_data()` / `eval_data()`):
 logits (the output tensor, else `outputs.logits`, else `outputs[0]`) against the target.
 
 The loop order is the Program's contract: forward, loss + regularization, backward, clip,
-`optimizer.step()`, `prog.step()`, `zero_grad()`.
+`optimizer.step()`, `prog.step()`, `zero_grad()`. Around it:
+
+* the optimizer is attached to the program (`pins` reads its update at `prog.step()`);
+* with `[distill]` the loss is `(1 - alpha) * loss + prog.distillation_loss(outputs, *inputs)`;
+* with `[self_regularization]` the loss gains lambda * KL(best checkpoint || model) and the
+  checkpoint is refreshed when the metric of an evaluation improves (PINS Algorithm 1);
+* for loss-modelling methods (lm, qm, obd), before each pruning iteration (`prog.estimate_due()`)
+  the gradient and diagonal Fisher are estimated on `fisher_examples` examples of `train_data()`,
+  and the Delta-L metric |L(theta + dtheta) - L(theta)| of the iteration is measured on the same
+  examples (eval mode) and recorded in `TrainResult.pruning_iterations`.
 """
 from __future__ import annotations
 
@@ -44,6 +53,9 @@ class TrainResult:
     metric_dense: float | None = None
     metric_pruned: float | None = None
     seconds: float = 0.0
+    # loss-modelling pruning iterations: step, density, loss_before, loss_after, delta_loss
+    pruning_iterations: list[dict[str, float]] = field(default_factory=list)
+    checkpoint_refreshes: int = 0  # self-regularization: times the best checkpoint was replaced
 
     @property
     def final_loss(self) -> float | None:
@@ -53,7 +65,9 @@ class TrainResult:
         return {"steps": self.steps, "final_loss": self.final_loss, "metric_dense": self.metric_dense,
                 "metric_pruned": self.metric_pruned, "seconds": round(self.seconds, 3),
                 "losses": self.losses, "densities": self.densities,
-                "metric_history": [list(item) for item in self.metric_history]}
+                "metric_history": [list(item) for item in self.metric_history],
+                "pruning_iterations": self.pruning_iterations,
+                "checkpoint_refreshes": self.checkpoint_refreshes}
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -268,9 +282,12 @@ def fine_prune(prog: Program, modelfile: ModelFile, train: Any, progress: bool =
     torch.manual_seed(train.seed)
     result = TrainResult(metric_dense=dense_metric)
     optimizer = make_optimizer(prog, train)
+    prog.attach_optimizer(optimizer)
     clipped = [p for group in optimizer.param_groups for p in group["params"]]
     loss_fn = _loss_fn(modelfile)
     data = _cycle(modelfile, "train_data", train.batch_size, train.seed)
+    estimate_data = _cycle(modelfile, "train_data", train.batch_size, train.seed + 1)
+    self_reg = _self_regularizer(prog)
     bar = _Progress(train.steps, progress, train.log_every)
     was_training = prog.training
     start = time.perf_counter()
@@ -279,19 +296,30 @@ def fine_prune(prog: Program, modelfile: ModelFile, train: Any, progress: bool =
         metric = None
         for step in range(1, train.steps + 1):
             batch = next(data)
-            loss = _as_loss(loss_fn(_forward(prog, batch, step), batch), step) + prog.regularization()
+            parts = split_batch(batch)
+            outputs = _forward(prog, batch, step)
+            loss = (prog.task_loss_weight * _as_loss(loss_fn(outputs, batch), step)
+                    + prog.distillation_loss(outputs, *parts.args, **parts.kwargs)
+                    + prog.regularization())
+            if self_reg is not None:
+                loss = loss + self_reg.loss(outputs, *parts.args, **parts.kwargs)
             loss.backward()
             if train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(clipped, train.max_grad_norm)
             optimizer.step()
+            iteration = _estimate_before_pruning(prog, estimate_data, loss_fn, train.batch_size)
             prog.step()
             optimizer.zero_grad(set_to_none=True)
+            if iteration is not None:
+                result.pruning_iterations.append(iteration.finish(step, prog))
             result.losses.append(float(loss.detach()))
             result.densities.append(prog.density())
             if train.eval_every and step % train.eval_every == 0 and step < train.steps:
                 metric = evaluate(prog, modelfile, train.batch_size, train.seed)
                 if metric is not None:
                     result.metric_history.append((step, metric))
+                if self_reg is not None and self_reg.update(prog, metric):
+                    result.checkpoint_refreshes += 1
             bar.update(step, result.losses[-1], result.densities[-1], metric)
             result.steps = step
         result.metric_pruned = evaluate(prog, modelfile, train.batch_size, train.seed)
@@ -302,6 +330,94 @@ def fine_prune(prog: Program, modelfile: ModelFile, train: Any, progress: bool =
         prog.train(was_training)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _self_regularizer(prog: Program):
+    """PINS self-regularization when the spec has [self_regularization], else None."""
+    table = prog.training_tables.get("self_regularization")
+    if table is None:
+        return None
+    from sparsec.distill import SelfRegularizer
+
+    return SelfRegularizer(prog, table["lambda"], table["temperature"])
+
+
+# ------------------------------------------------------------------- loss-modelling estimates
+def batch_size_of(batch: Any) -> int:
+    """Examples in a batch: the first dimension of its target (1 for a scalar target)."""
+    return _batch_weight(batch)
+
+
+def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Examples [start, stop) of a batch of `size` examples, in the batch's own structure (every
+    tensor whose first dimension is `size` is sliced; anything else is kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, start, stop, size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, start, stop, size) for v in batch)
+    return batch
+
+
+def estimate_examples(data: Iterator[Any], examples: int, chunk: int) -> list[Any]:
+    """`examples` examples drawn from `data`, as chunks of `chunk` examples (batch structure kept)."""
+    chunks: list[Any] = []
+    taken = 0
+    while taken < examples:
+        batch = next(data)
+        size = batch_size_of(batch)
+        for start in range(0, size, chunk):
+            stop = min(size, start + chunk, start + examples - taken)
+            if stop <= start:
+                break
+            chunks.append(slice_batch(batch, start, stop, size))
+            taken += stop - start
+    return chunks
+
+
+@dataclass
+class _Iteration:
+    """One pruning iteration of a loss-modelling method, measured on its estimate's examples."""
+
+    chunks: list[Any]
+    loss_fn: Callable[[Any, Any], Any]
+    loss_before: float
+
+    def finish(self, step: int, prog: Program) -> dict[str, float]:
+        after = mean_loss(prog, self.chunks, self.loss_fn)
+        return {"step": step, "density": prog.density(), "loss_before": self.loss_before,
+                "loss_after": after, "delta_loss": abs(after - self.loss_before)}
+
+
+@torch.no_grad()
+def mean_loss(prog: torch.nn.Module, chunks: list[Any], loss_fn: Callable[[Any, Any], Any]) -> float:
+    """Mean loss over `chunks` (each weighted by its examples), in eval mode."""
+    was_training = prog.training
+    prog.eval()
+    total = weight = 0.0
+    try:
+        for chunk in chunks:
+            n = batch_size_of(chunk)
+            total += float(loss_fn(_forward(prog, chunk, None), chunk)) * n
+            weight += n
+    finally:
+        prog.train(was_training)
+    return total / weight
+
+
+def _estimate_before_pruning(prog: Program, data: Iterator[Any], loss_fn: Callable[[Any, Any], Any],
+                             batch_size: int) -> _Iteration | None:
+    """Before a loss-modelling pruning iteration: estimate g and the diagonal Fisher (loss
+    modelling Algorithm 1, line 6) on fresh examples; None when no iteration is due."""
+    if not prog.estimate_due():
+        return None
+    opts = prog.estimate_options()
+    chunks = estimate_examples(data, opts["fisher_examples"], opts["fisher_chunk"])
+    prog.estimate_fisher(chunks, lambda chunk: loss_fn(_forward(prog, chunk, None), chunk),
+                         chunk_size=opts["fisher_chunk"])
+    # L(theta) with the same per-example weighting as the Delta-L measured after pruning
+    return _Iteration(chunks, loss_fn, mean_loss(prog, chunks, loss_fn))
 
 
 def _as_loss(value: Any, step: int) -> torch.Tensor:

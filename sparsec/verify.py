@@ -4,9 +4,13 @@ Checks fx's own lint plus sparsec's invariants for the facts established so far:
 - sites_selected: every site's weight is a parameter of the recorded shape, its padding is
   what its block implies, and its node roles are set;
 - masks_inserted: one mask node per site, mask shaped like the weight, scores shaped like the
-  block grid (exactly when the method learns scores), and no use of a site's weight other than
-  its mask node (no unmasked use);
-- masks_baked: no mask or score node or attribute is left.
+  block grid (exactly when the method learns scores), the method's state buffers present, and no
+  use of a site's weight other than its mask node (no unmasked use). A mask node calls a function
+  of `ops.MASK_OPS`, or (for masks drawn in every training forward, L0) an `ops.MaskModule`;
+  either way its first two arguments are the weight and the mask;
+- masks_baked: no mask or score node or attribute is left;
+- lowered: every lowered site is exactly one block_sparse_linear call on packed buffers of
+  consistent shapes, and its dense weight is gone (`_check_lowered`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from sparsec import blocks, methods
 from sparsec.errors import PassError
 from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, get_attr_value, graph_info,
                         node_info, nodes_with_role)
-from sparsec.ops import MASK_OPS
+from sparsec.ops import MASK_OPS, MaskModule
+from sparsec.passes.insert_masks import state_name
 
 
 def verify(gm: fx.GraphModule) -> None:
@@ -34,10 +39,15 @@ def verify(gm: fx.GraphModule) -> None:
         _check_masks(gm)
     if "masks_baked" in facts:
         _check_baked(gm)
+    if "lowered" in facts:
+        _check_lowered(gm)
 
 
 def _check_sites(gm: fx.GraphModule) -> None:
+    lowered = _lowered(gm)
     for name, site in graph_info(gm).sites.items():
+        if name in lowered:
+            continue
         try:
             weight = get_attr_value(gm, name)
         except AttributeError as exc:
@@ -60,7 +70,7 @@ def _check_masks(gm: fx.GraphModule) -> None:
         if per_site[name] != 1:
             raise PassError(f"site {name!r}: expected one mask node, found {per_site[name]}")
         node = masked.get(name)
-        if node is None or node.target not in MASK_OPS:
+        if node is None or not _is_mask_op(gm, node):
             raise PassError(f"site {name!r}: no mask op applies its mask")
         weight = get_attr_value(gm, name)
         mask = get_attr_value(gm, str(node.args[1].target))  # type: ignore[union-attr]
@@ -76,6 +86,12 @@ def _check_masks(gm: fx.GraphModule) -> None:
             if tuple(value.shape) != blocks.grid_shape(site.shape, site.block):
                 raise PassError(f"site {name!r}: scores shape {tuple(value.shape)} != block grid "
                                 f"{blocks.grid_shape(site.shape, site.block)}")
+        for key in methods.get(site.method).state:  # type: ignore[arg-type]
+            try:
+                get_attr_value(gm, state_name(name, key))
+            except AttributeError as exc:
+                raise PassError(f"site {name!r}: method {site.method} state buffer "
+                                f"{state_name(name, key)!r} is missing") from exc
         weight_nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
         for wnode in weight_nodes:
             bad = [u for u in wnode.users if u is not node]
@@ -83,8 +99,45 @@ def _check_masks(gm: fx.GraphModule) -> None:
                 raise PassError(f"site {name!r}: weight used without its mask by node {bad[0].name!r}")
 
 
+def _is_mask_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in MASK_OPS
+    if node.op == "call_module":
+        try:
+            return isinstance(gm.get_submodule(str(node.target)), MaskModule)
+        except AttributeError:
+            return False
+    return False
+
+
 def _check_baked(gm: fx.GraphModule) -> None:
     for role in (ROLE_MASK, ROLE_SCORES, ROLE_MASKED_WEIGHT):
         left = next(nodes_with_role(gm, role), None)
         if left is not None:
             raise PassError(f"node {left.name!r} ({role}) is still in the graph after baking")
+
+
+def _lowered(gm: fx.GraphModule) -> set[str]:
+    plans = graph_info(gm).attached.get("lowering", {}) if "lowered" in graph_info(gm).facts else {}
+    return {name for name, plan in plans.items() if plan.lower}
+
+
+def _check_lowered(gm: fx.GraphModule) -> None:
+    from sparsec.lowering.torch_op import op
+
+    calls = {node_info(n).site: n for n in gm.graph.nodes  # type: ignore[union-attr]
+             if n.op == "call_function" and n.target == op() and node_info(n) is not None}
+    for name in _lowered(gm):
+        node = calls.get(name)
+        if node is None:
+            raise PassError(f"site {name!r}: lowered but no block_sparse_linear call computes it")
+        if any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+            raise PassError(f"site {name!r}: the dense weight is still used after lowering")
+        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
+        n_out, k_in = node.args[6], node.args[7]
+        r, s, br, bc = values.shape
+        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
+                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
+            raise PassError(f"site {name!r}: packed blocks are inconsistent: values "
+                            f"{tuple(values.shape)}, block_cols {tuple(cols.shape)}, row_nnz "
+                            f"{tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")

@@ -66,7 +66,8 @@ BAD_DICTS = [
      ["prune[0].method: 'movment' is not one of 'magnitude', 'movement'", "(did you mean 'movement'?)"]),
     ("method-not-string", spec_with({"method": 3}), ["prune[0].method: expected a string, got an integer (3)"]),
     ("option-of-other-method", spec_with({"score_init": 0.5}),
-     ["prune[0].score_init: unknown key (it is an option of method 'movement', not of 'magnitude'"]),
+     ["prune[0].score_init: unknown key (it is an option of methods 'movement', 'soft_movement', 'l0', "
+      "not of 'magnitude'"]),
     ("option-bad-type", spec_with({"method": "movement", "score_init": "zero"}),
      ["prune[0].score_init: expected a number, got a string ('zero')"]),
     ("key-of-other-table", spec_with({"lr": 3e-5}), ["prune[0].lr: unknown key (it belongs in [train]"]),
@@ -263,6 +264,8 @@ def test_schedule_params():
 def test_shipped_specs_validate(path):
     spec = load_spec(path)
     assert spec.source == str(path)
+    if path.name not in ("magnitude.toml", "movement.toml", "movement_distill.toml"):
+        return  # the other papers' set-ups (loss modelling's MLP, PINS' rates) differ; tests/test_method_e2e.py
     assert spec.schedule.kind == "cubic" and spec.schedule.warmup > 0 and spec.schedule.cooldown > 0
     assert [g.density for g in spec.groups] == [0.1]
     assert spec.groups[0].targets == ("encoder.layer.*",)
@@ -342,7 +345,8 @@ def test_format_summary():
 
 
 def test_register_table_adds_an_extra_table(monkeypatch):
-    monkeypatch.setattr(spec_module, "_TABLES", dict(spec_module._TABLES))
+    # a fresh [distill] table stands in for sparsec's own one
+    monkeypatch.setattr(spec_module, "_TABLES", {k: v for k, v in spec_module._TABLES.items() if k != "distill"})
     register_table("distill", {"alpha": Field("float", "weight of the distillation loss", default=0.5,
                                               ge=0, le=1)}, doc="distillation")
     with pytest.raises(ValueError):

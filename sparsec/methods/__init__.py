@@ -10,6 +10,8 @@ from __future__ import annotations
 from sparsec.methods.base import Method, SiteState, get, names, register, registered
 
 # Import the built-in methods so they register themselves.
-from sparsec.methods import magnitude, movement  # noqa: E402,F401
+# The order is the order of docs/spec.md: movement-pruning paper, PINS, loss modelling.
+from sparsec.methods import magnitude, movement, soft_movement, l0  # noqa: E402,F401,I001
+from sparsec.methods import pins, sensitivity, loss_modelling  # noqa: E402,F401,I001
 
 __all__ = ["Method", "SiteState", "get", "names", "register", "registered"]

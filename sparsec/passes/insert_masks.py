@@ -5,6 +5,9 @@ after:  `fc1_weight_mask = self.fc1.weight_mask`                  (buffer, shape
         `fc1_weight_scores = self.fc1.weight_scores`              (parameter, one per block; movement)
         `masked = sparsec_ops_straight_through_mask(fc1_weight, fc1_weight_mask, fc1_weight_scores, (1, 1))`
         `linear = aten.linear(x, masked, fc1_bias)`
+Methods may add per-site state buffers (`fc1.weight_ema`, see `Method.init_state`), and a method
+whose mask is drawn in every training forward (L0) gets a call_module mask node instead:
+        `masked = self.fc1.weight_gate(fc1_weight, fc1_weight_mask, fc1_weight_scores)`
 Masks start all ones; the Program computes them at step 0 and at every due `step()`.
 requires: sites_selected.  ensures: masks_inserted.
 """
@@ -22,6 +25,7 @@ from sparsec.pipeline import Pass, PassResult
 
 MASK_SUFFIX = "_mask"
 SCORES_SUFFIX = "_scores"
+GATE_SUFFIX = "_gate"
 
 
 def mask_name(site: str) -> str:
@@ -30,6 +34,16 @@ def mask_name(site: str) -> str:
 
 def scores_name(site: str) -> str:
     return site + SCORES_SUFFIX
+
+
+def state_name(site: str, key: str) -> str:
+    """The buffer holding a method's per-site state `key` (e.g. `fc1.weight_ema`)."""
+    return f"{site}_{key}"
+
+
+def gate_name(site: str) -> str:
+    """The submodule a call_module mask node calls (e.g. `fc1.weight_gate`)."""
+    return site + GATE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -65,9 +79,17 @@ class InsertMasks(Pass):
                 set_node_info(scores_node, ROLE_SCORES, name)
                 state_nodes["scores"] = scores_node
                 last = scores_node
+            for key, value in method.init_state(weight.detach(), site).items():
+                set_attr_tensor(gm, state_name(name, key), value, parameter=False)
+            args = method.mask_op_args(state_nodes, site)
+            module = method.mask_module(site)
             with gm.graph.inserting_after(last):
-                masked = gm.graph.call_function(method.mask_op(), method.mask_op_args(state_nodes, site),
-                                                name=f"{weight_node.name}_masked")  # unique via the namespace
+                if module is None:
+                    masked = gm.graph.call_function(method.mask_op(), args,
+                                                    name=f"{weight_node.name}_masked")  # unique via the namespace
+                else:
+                    gm.add_submodule(gate_name(name), module)
+                    masked = gm.graph.call_module(gate_name(name), args)
             set_node_info(masked, ROLE_MASKED_WEIGHT, name, detail=f"method={site.method}")
             weight_node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
         return PassResult(gm, modified=bool(info.sites))

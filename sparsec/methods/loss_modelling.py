@@ -1,0 +1,119 @@
+"""Loss-modelling saliencies LM, QM and OBD (Laurent et al. 2020, Eq 3, 5, 6)."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from sparsec import blocks, ops
+from sparsec.ir import Site
+from sparsec.methods.base import Method, SiteState, register
+from sparsec.schema import Field
+
+OPTIONS = {
+    "fisher_examples": Field("int", "Examples of `train_data()` over which the gradient g and the "
+                             "diagonal empirical Fisher G (the Gauss-Newton diagonal, Appendix A) "
+                             "are estimated before each pruning iteration (`prog.estimate_fisher`); "
+                             "the paper uses 1000 (Appendix B.2).", default=1000, ge=1),
+    "fisher_chunk": Field("int", "Examples per backward pass of the estimate: 1 computes the exact "
+                          "per-example empirical Fisher mean_i (dl_i/dtheta)^2 (the paper); c > 1 "
+                          "is c times faster and uses c * (chunk-mean gradient)^2 instead.",
+                          default=1, ge=1),
+    "step_penalty": Field("float", "lambda of the step-size penalty lambda/2 * theta^2 added to the "
+                          "saliency (section 3.2, 'Constraining the step size'); 0 leaves the "
+                          "criterion unchanged, a large value turns it into magnitude pruning.",
+                          default=0.0, ge=0),
+}
+
+
+class _LossModel(Method):
+    """Shared by lm, qm and obd: the saliency of pruning a block (theta -> 0, dtheta = -theta) from
+    the estimate `prog.estimate_fisher` takes before each pruning iteration; pruned blocks never
+    come back and each iteration prunes the kept blocks of smallest saliency (Algorithm 1, lines
+    6-8), down to the schedule's density (`linear` / `exponential` / `one_shot`).
+
+    A block's saliency models the loss change of removing the whole block: the signed per-weight
+    terms are summed over the block before the absolute value (for 1x1 blocks this is the paper's
+    per-weight saliency). The step-size penalty adds lambda/2 * sum theta^2 over the block.
+    """
+
+    options = OPTIONS
+    state = ("saliency",)
+    needs_gradients = True
+    needs_estimate = True
+    prune_only = True
+    absolute: ClassVar[bool] = True
+
+    def init_state(self, weight: torch.Tensor, site: Site) -> dict[str, torch.Tensor]:
+        grid = blocks.grid_shape(site.shape, site.block)
+        return {"saliency": torch.zeros(grid, dtype=weight.dtype, device=weight.device)}
+
+    def mask_op(self):
+        return ops.apply_mask
+
+    @staticmethod
+    def term(grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The signed per-weight loss change of pruning (before the absolute value)."""
+        raise NotImplementedError
+
+    def saliency(self, grad: torch.Tensor, fisher: torch.Tensor, theta: torch.Tensor,
+                 block: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        """Block-grid saliency: |sum_block term| + lambda/2 sum_block theta^2 (section 3.2)."""
+        value = blocks.block_reduce(self.term(grad, fisher, theta), block, "sum")
+        if self.absolute:
+            value = value.abs()
+        penalty = float(self.opts["step_penalty"])
+        if penalty:
+            value = value + penalty / 2 * blocks.block_reduce(theta * theta, block, "sum")
+        return value
+
+    @torch.no_grad()
+    def accept_estimate(self, state: SiteState, grad: torch.Tensor, fisher: torch.Tensor) -> None:
+        theta = state.weight.detach() * state.mask
+        state.buffers["saliency"].copy_(self.saliency(grad, fisher, theta, state.site.block))
+
+    @torch.no_grad()
+    def importance(self, state: SiteState) -> torch.Tensor:
+        return state.buffers["saliency"].clone()
+
+
+@register
+class LinearModel(_LossModel):
+    __doc__ = ("LM saliency (Laurent et al. 2020, Eq 6): s_k = |dL/dtheta_k * theta_k|, the linear "
+               "model of the loss change of pruning.\n\n" + (_LossModel.__doc__ or ""))
+    name = "lm"
+    summary = "prune the smallest |g theta| of a linear loss model, estimated on data (loss modelling Eq 6)"
+    paper = "Laurent et al. 2020, Eq 6, Algorithm 1"
+
+    @staticmethod
+    def term(grad, fisher, theta):
+        return grad * theta
+
+
+@register
+class QuadraticModel(_LossModel):
+    __doc__ = ("QM saliency (Laurent et al. 2020, Eq 5): s_k = |-dL/dtheta_k theta_k + 1/2 G_kk "
+               "theta_k^2|, the quadratic model with the gradient term kept.\n\n"
+               + (_LossModel.__doc__ or ""))
+    name = "qm"
+    summary = "prune the smallest |-g theta + 1/2 G_kk theta^2| of a quadratic loss model (loss modelling Eq 5)"
+    paper = "Laurent et al. 2020, Eq 5, Appendix A, Algorithm 1"
+
+    @staticmethod
+    def term(grad, fisher, theta):
+        return -grad * theta + 0.5 * fisher * theta * theta
+
+
+@register
+class OptimalBrainDamage(_LossModel):
+    __doc__ = ("OBD saliency (LeCun et al. 1990, as Laurent et al. 2020 Eq 3): s_k = 1/2 G_kk "
+               "theta_k^2, the quadratic model at convergence (gradient term dropped).\n\n"
+               + (_LossModel.__doc__ or ""))
+    name = "obd"
+    summary = "prune the smallest 1/2 G_kk theta^2 (optimal brain damage, loss modelling Eq 3)"
+    paper = "LeCun et al. 1990; Laurent et al. 2020, Eq 3, Algorithm 1"
+    absolute = False
+
+    @staticmethod
+    def term(grad, fisher, theta):
+        return 0.5 * fisher * theta * theta

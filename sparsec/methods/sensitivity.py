@@ -1,0 +1,52 @@
+"""Sensitivity: |g * theta| (PINS Eq 5)."""
+from __future__ import annotations
+
+import torch
+
+from sparsec import blocks
+from sparsec.methods import smoothing
+from sparsec.methods.base import Method, SiteState, StepContext, register
+
+
+@register
+class Sensitivity(Method):
+    """Sensitivity (PINS, Ren & Zhu 2023, Eq 4-5): the first-order estimate of the change of the
+    loss when a weight is zeroed, S_i = |L(theta_-i) - L(theta)| ~= |g_i theta_i|, the baseline PINS
+    compares against (PLATON is this criterion with `smoothing = "platon"`).
+
+    At every `prog.step()` it reads g = `weight.grad` (the step's gradient, so call `prog.step()`
+    before `zero_grad()`) and theta = the weight; a block's value is the sum over its weights.
+    Masked weights receive no gradient, so a pruned weight scores 0: masks only shrink back to
+    weights the criterion still rates above 0. Masks are ranked by Top_v over the smoothed value.
+    """
+
+    name = "sensitivity"
+    summary = "keep the weights of largest |g * theta| read at every step (PINS Eq 5), optionally smoothed"
+    paper = "Ren & Zhu 2023 (PINS), Eq 4-5; smoothing: Zhang et al. 2022 (PLATON), Eq 5-7"
+    options = smoothing.options("none")
+    state = smoothing.STATE
+    needs_gradients = True
+
+    def init_state(self, weight, site):
+        return smoothing.init_state(weight, site)
+
+    def mask_op(self):
+        from sparsec import ops
+
+        return ops.apply_mask
+
+    @staticmethod
+    def value(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """|g * theta| per weight (PINS Eq 5)."""
+        return (grad * weight).abs()
+
+    @torch.no_grad()
+    def observe(self, states: list[SiteState], context: StepContext) -> None:
+        for st in states:
+            value = self.value(st.grad(self.name), st.weight.detach())
+            grid = blocks.block_reduce(value, st.site.block, "sum")
+            smoothing.update(st.buffers, grid, self.opts["smoothing"], self.opts["beta1"], self.opts["beta2"])
+
+    @torch.no_grad()
+    def importance(self, state: SiteState) -> torch.Tensor:
+        return smoothing.score(state.buffers, self.opts["smoothing"])
