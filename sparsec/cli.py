@@ -1,4 +1,4 @@
-"""The `sparsec` command line: validate, compile, inspect.
+"""The `sparsec` command line: validate, compile, inspect, bench.
 
 Exit codes: 0 success, 2 a user error (one line per problem on stderr, `sparsec: error: ...`, no
 traceback unless --debug), 1 an internal error (a bug in sparsec: re-run with --debug).
@@ -7,7 +7,9 @@ The compile flow itself is `run_compile`, one straight function.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     from sparsec.capture import capture
     from sparsec.inspection import graph_record
     from sparsec.ir import format_ir, graph_info
+    from sparsec.export import export_stage, lowering_pipeline, options_from_spec
     from sparsec.passes import build_pipeline
     from sparsec.pipeline import Instruments, run_pipeline
     from sparsec.program import Program
@@ -51,10 +54,13 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     stdout = stdout or sys.stdout
     spec = load_spec(opts.spec)
     passes = build_pipeline(spec)
-    print_after = _check_print_after(opts.print_after, passes)
+    export_options = options_from_spec(spec.extras.get("export"), dynamic=spec.capture.dynamic)
+    lowering = lowering_pipeline(export_options)
+    print_after = _check_print_after(opts.print_after, passes + lowering)
     passes = passes_until(passes, opts.stop_after)
+    will_lower = opts.stop_after in (None, "lower") and not opts.dry_run
     if opts.print_pipeline:
-        stdout.write(format_pipeline(passes) + "\n")
+        stdout.write(format_pipeline(passes + (lowering if will_lower else [])) + "\n")
     out = Path(opts.out) if opts.out else outdir.default_out(opts.model)
     if not opts.dry_run:
         outdir.check_replaceable(out)  # fail before the expensive part
@@ -85,16 +91,35 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
         result = fine_prune(prog, mf, spec.train, progress=opts.progress, dense_metric=metric_dense)
     elif prog is not None and full_run:
         metric_pruned = evaluate(prog, mf, batch_size, seed)
+    files, lowered, work = {}, None, None
+    if prog is not None and will_lower:  # the lower stage: model.onnx and model.dense.onnx
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.onnx-", dir=out.parent))
+        table = spec.extras.get("export") or {}
+        try:
+            # print-after / time-passes for the lowering passes; ir/ keeps the rewritten program
+            lower_instruments = Instruments(print_after=print_after, time_passes=opts.time_passes,
+                                            stream=stdout)
+            lowered = export_stage(prog.module, mf.example_inputs, mf.example_kwargs, export_options,
+                                   work, lower_instruments,
+                                   bench_repeats=table.get("bench_repeats", 30) if table.get("bench", True) else 0,
+                                   bench_batch=table.get("bench_batch", 0) or None)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        files = {name: work / name for name in ("model.onnx", "model.dense.onnx")}
     sites = list(info.sites.values())
     report = build_report(model_path=opts.model, spec=spec, capture_tool=info.capture, sites=sites,
                           left_out=info.left_out, prog=prog, result=result,
                           stopped_after=opts.stop_after, metric_dense=metric_dense,
-                          metric_pruned=metric_pruned)
+                          metric_pruned=metric_pruned, lowering=lowered)
     text = format_report(report)
     outdir.write(out, outdir.Contents(
         spec=spec, snapshots=list(snapshots.items()), graph=graph_record(gm), sites=sites,
         candidates=list(info.candidates.values()), left_out=info.left_out, report=report,
-        report_text=text, prog=prog, result=result))
+        report_text=text, prog=prog, result=result, files=files))
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     stdout.write(text + f"\n\nwrote {out}\n")
     return out
 
@@ -173,6 +198,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparsec.bench import bench, format_bench
+
+    result = bench(args.model, dense=args.dense, threads=args.threads, repeats=args.repeats,
+                   kernel=not args.no_kernel, batch=args.batch)
+    print(format_bench(result))
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -206,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--diff", action="store_true", help="unified diff of the captured vs final IR")
     insp.add_argument("--stage", metavar="NAME", help="the IR after this pass (or 'captured')")
     insp.set_defaults(handler=cmd_inspect)
+
+    ben = sub.add_parser("bench", parents=[common], help="time a block-sparse ONNX file against its dense export")
+    ben.add_argument("model", metavar="MODEL.onnx")
+    ben.add_argument("--dense", metavar="DENSE.onnx", help="the dense file (default: MODEL.dense.onnx beside MODEL)")
+    ben.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
+    ben.add_argument("--repeats", type=int, default=50, metavar="N", help="interleaved rounds (default 50)")
+    ben.add_argument("--batch", type=int, metavar="N", help="first input dimension (default: the example inputs')")
+    ben.add_argument("--no-kernel", action="store_true", help="do not time sparsec's native kernel")
+    ben.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ben.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -12,6 +12,8 @@ the old OUT. A folder that exists but was not written by sparsec is never replac
     OUT/model.safetensors       the finalized model's state_dict (masks baked in)
     OUT/report.json, report.txt the compile report
     OUT/loss.png                loss and density per step (only when matplotlib is installed)
+    OUT/model.onnx              the lowered model (block-sparse ops), verified against PyTorch
+    OUT/model.dense.onnx        the same model exported dense, for comparison
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class Contents:
     report_text: str
     prog: Program | None = None
     result: TrainResult | None = None
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)  # name in OUT -> file to move in
 
 
 def default_out(model_path: str | Path) -> Path:
@@ -116,6 +119,8 @@ def _fill(folder: Path, c: Contents) -> None:
     if c.result is not None and c.result.losses:
         _write_json(folder / "train.json", c.result.to_dict())
         plot_loss(c.result, folder / "loss.png")
+    for name, source in c.files.items():
+        shutil.move(str(source), str(folder / name))
     _write_json(folder / "report.json", c.report)
     (folder / "report.txt").write_text(c.report_text + "\n")
 

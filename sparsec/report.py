@@ -18,7 +18,8 @@ from sparsec.train import TrainResult
 def build_report(*, model_path: str | Path, spec: Spec, capture_tool: str, sites: list[Site],
                  left_out: dict[str, str], prog: Program | None, result: TrainResult | None,
                  stopped_after: str | None = None, metric_dense: float | None = None,
-                 metric_pruned: float | None = None) -> dict[str, Any]:
+                 metric_pruned: float | None = None,
+                 lowering: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report as plain data; `prog` is None when compilation stopped before masks existed."""
     achieved = prog.site_densities() if prog is not None else {}
     layers = [_layer(site, achieved.get(site.name)) for site in sites]
@@ -44,6 +45,9 @@ def build_report(*, model_path: str | Path, spec: Spec, capture_tool: str, sites
         "parameters_total": total,
         "layers": layers,
         "left_out": dict(left_out),
+        # loss-modelling methods: Delta-L = |L(theta + dtheta) - L(theta)| per pruning iteration
+        "pruning_iterations": list(getattr(result, "pruning_iterations", []) or []),
+        **({"lowering": lowering} if lowering is not None else {}),
     }
 
 
@@ -82,9 +86,17 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"density       {report['density']:.4f} (asked {_num(report['density_asked'])}), "
                      f"{report['parameters_kept']:,} of {report['parameters_total']:,} site weights kept")
     lines += ["", *format_layers(report["layers"])]
+    if report.get("pruning_iterations"):
+        lines += ["", "pruning iterations (Delta-L = |L(theta + dtheta) - L(theta)| on the estimate's examples):"]
+        lines += [f"  step {it['step']:>6}  density {it['density']:.4f}  loss {it['loss_before']:.4f} -> "
+                  f"{it['loss_after']:.4f}  Delta-L {it['delta_loss']:.4f}" for it in report["pruning_iterations"]]
     if report.get("left_out"):
         lines += ["", f"left out ({len(report['left_out'])}):"]
         lines += [f"  {name}: {why}" for name, why in report["left_out"].items()]
+    if report.get("lowering"):
+        from sparsec.export import format_lowering
+
+        lines += ["", *format_lowering(report["lowering"])]
     return "\n".join(lines)
 
 

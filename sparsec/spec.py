@@ -344,6 +344,59 @@ register_table("train", _TRAIN_FIELDS,
 register_table("capture", _CAPTURE_FIELDS, fill_when_absent=True,
                doc="How the model is captured as a torch.fx graph. Optional.")
 
+_EXPORT_FIELDS = {
+    "int8": Field("bool", "Store the kept blocks as int8 with one float32 scale per block (about 4x "
+                  "smaller than fp32 blocks; the accuracy cost is reported).", default=False),
+    "policy": Field("str", "Which sites become block-sparse ops: `cost` those the cost model expects "
+                    "to be at least `min_speedup` faster, `always` every linear/matmul site, `never` "
+                    "none (a dense file).", default="cost", choices=("cost", "always", "never")),
+    "min_speedup": Field("float", "Estimated speedup a site needs to be lowered (policy `cost`).",
+                         default=1.5, gt=0),
+    "tolerance": Field("float", "Largest allowed max abs error of onnxruntime vs PyTorch, relative "
+                       "to the output scale.", default=1e-4, gt=0),
+    "bench": Field("bool", "Time model.onnx against model.dense.onnx in onnxruntime at the end of "
+                   "`sparsec compile` and put the speedup in the report.", default=True),
+    "bench_repeats": Field("int", "Interleaved timing rounds of that measurement (medians).",
+                           default=30, ge=1),
+    "bench_batch": Field("int", "First dimension of the inputs for that measurement; 0 uses the "
+                         "example inputs' own.", default=0, ge=0),
+}
+register_table("export", _EXPORT_FIELDS,
+               doc="The lower stage of `sparsec compile`: model.onnx with block-sparse "
+                   "`sparsec::BlockSparseLinear` nodes and model.dense.onnx, both verified against "
+                   "PyTorch. Optional: without it, the defaults below apply.")
+
+
+_DISTILL_FIELDS = {
+    "alpha": Field("float", "Weight of the distillation term: the loss is (1 - alpha) * task loss + "
+                   "alpha * T^2 * KL(teacher || student) (movement pruning section 6, 'a linear "
+                   "combination of the training loss and a knowledge distillation loss').",
+                   default=0.9, ge=0, le=1),
+    "temperature": Field("float", "Softmax temperature T of teacher and student (Hinton et al. "
+                         "2014).", default=2.0, gt=0),
+    "teacher": Field("str", "`dense`: the model as it was before rewriting (a frozen copy taken at "
+                     "compile time, in eval mode), the paper's fine-tuned dense BERT.",
+                     default="dense", choices=("dense",)),
+}
+
+_SELF_REGULARIZATION_FIELDS = {
+    "lambda": Field("float", "Weight of the self-regularization term lambda * KL(checkpoint || "
+                    "model) added to the loss (PINS Eq 13 adds it with weight 1).", default=1.0, ge=0),
+    "temperature": Field("float", "Softmax temperature of the KL term.", default=1.0, gt=0),
+}
+
+register_table("distill", _DISTILL_FIELDS,
+               doc="Distillation from the dense model (movement pruning section 6). The fine-pruning "
+                   "loop trains on `(1 - alpha) * loss + prog.distillation_loss(outputs, *inputs)`; "
+                   "API users do the same (`prog.task_loss_weight` is 1 - alpha). Optional.")
+register_table("self_regularization", _SELF_REGULARIZATION_FIELDS,
+               doc="PINS self-regularization (Eq 13, Algorithm 1): the fine-pruning loop adds "
+                   "lambda * KL between the outputs of the latest best checkpoint and the current "
+                   "model; the checkpoint starts as the model before pruning and is refreshed "
+                   "whenever the metric on `eval_data()` improves (every `train.eval_every` steps). "
+                   "Costs a second forward pass per step and a copy of the model "
+                   "(docs/BENCHMARKS.md). API users: `sparsec.distill.SelfRegularizer`. Optional.")
+
 
 # --------------------------------------------------------------------------------------------------
 # Cross-field rules
@@ -406,6 +459,55 @@ def _check_targets(resolved: Mapping[str, Any]) -> list[Problem]:
                 problems.append((f"prune[{i}].targets[{j}]", "'' matches no site (allowed: a non-empty "
                                                              "glob)"))
     return problems
+
+
+@register_check("A method's `scope` is one it supports: `soft_movement` and `l0` are global by "
+                "nature (a threshold or a gate per weight, no ranking); for them `density` is not "
+                "a target, the density reached is an outcome of `threshold` / `lambda`.")
+def _check_method_scope(resolved: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    for i, group in enumerate(resolved.get("prune") or []):
+        cls = methods.registered().get(group.get("method"))  # type: ignore[arg-type]
+        scope = group.get("scope")
+        if cls is None or scope is None or scope in cls.scopes:
+            continue
+        allowed = ", ".join(repr(s) for s in cls.scopes)
+        problems.append((f"prune[{i}].scope", f"{scope!r} is not supported by method {cls.name!r} "
+                                              f"(allowed: {allowed}; {cls.name} is global by nature)"))
+    return problems
+
+
+@register_check("Methods that rank by gradients or a data estimate (`pins`, `sensitivity`, `lm`, "
+                "`qm`, `obd`) need the schedule to keep every weight at step 0 (no gradient exists "
+                "before the first backward): e.g. `cubic` or `one_shot` with `warmup >= 1`.")
+def _check_gradient_start(resolved: Mapping[str, Any]) -> list[Problem]:
+    schedule = resolved.get("schedule") or {}
+    if any(key not in schedule for key in ScheduleSpec.__dataclass_fields__):
+        return []
+    spec = ScheduleSpec(**schedule)
+    problems = []
+    for i, group in enumerate(resolved.get("prune") or []):
+        cls = methods.registered().get(group.get("method"))  # type: ignore[arg-type]
+        if cls is None or not cls.needs_gradients or "density" not in group:
+            continue
+        start = schedules.density_at(spec.kind, 0, spec.params(group["density"]))
+        if start < 1.0:
+            problems.append((f"prune[{i}].method", f"{cls.name!r} ranks weights by gradients, but "
+                                                   f"schedule kind {spec.kind!r} asks density {start:g} "
+                                                   f"at step 0, before any gradient exists (allowed: a "
+                                                   f"schedule that is dense at step 0, e.g. kind 'cubic' "
+                                                   f"or 'one_shot' with warmup >= 1)"))
+    return problems
+
+
+@register_check("`[self_regularization]` with a `[train]` table needs `train.eval_every >= 1`: the "
+                "checkpoint is refreshed when the evaluation metric improves.")
+def _check_self_regularization(resolved: Mapping[str, Any]) -> list[Problem]:
+    train = resolved.get("train")
+    if resolved.get("self_regularization") is None or train is None or train.get("eval_every") != 0:
+        return []
+    return [("train.eval_every", "0 never evaluates, so [self_regularization] would never refresh its "
+                                 "checkpoint (allowed: an integer, 1 <= x)")]
 
 
 # --------------------------------------------------------------------------------------------------

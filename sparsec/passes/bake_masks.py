@@ -37,6 +37,8 @@ class BakeMasks(Pass):
                 weight.mul_(mask)
             node.replace_all_uses_with(weight_node)
             gm.graph.erase_node(node)
+            if node.op == "call_module":  # a mode-dependent mask (L0 gate): drop its module too
+                gm.delete_submodule(str(node.target))
         for role in (ROLE_MASK, ROLE_SCORES):
             for node in list(nodes_with_role(gm, role)):
                 target = str(node.target)

@@ -1,0 +1,230 @@
+"""`sparsec bench MODEL.onnx`: dense vs block-sparse latency in onnxruntime, in one process.
+
+The sparse file runs on stock onnxruntime (its function bodies inlined) and, when the native kernel
+is available, with sparsec's kernel registered; the dense file (`--dense`, default the
+`model.dense.onnx` next to MODEL) runs on stock onnxruntime. Runs are interleaved (one call of each
+variant per round) so machine noise hits them alike; the report gives medians and ratios from the
+same run, file sizes and one row per sparse node (shape, block, density, storage).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sparsec.errors import UserError
+
+DENSE = "dense (onnxruntime)"
+SPARSE_STOCK = "sparse (onnxruntime, function body)"
+SPARSE_KERNEL = "sparse (sparsec kernel)"
+
+_NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64,
+          "int32": np.int32, "bool": np.bool_}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}
+
+
+@dataclass
+class Layer:
+    node: str
+    shape: tuple[int, int]      # N, K
+    block: tuple[int, int]
+    block_density: float        # kept blocks / all blocks
+    stored: float               # padded blocks / all blocks
+    dtype: str
+    bytes: int                  # values + indices + scales
+
+    def row(self) -> tuple[str, ...]:
+        return (self.node, f"{self.shape[0]}x{self.shape[1]}", f"{self.block[0]}x{self.block[1]}",
+                f"{self.block_density:.3f}", f"{self.stored:.3f}", self.dtype, _size(self.bytes))
+
+
+@dataclass
+class BenchResult:
+    model: str
+    dense: str | None
+    threads: int | None
+    repeats: int
+    medians_ms: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    layers: list[Layer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+
+    def ratio(self, variant: str) -> float | None:
+        if DENSE not in self.medians_ms or variant not in self.medians_ms:
+            return None
+        return self.medians_ms[DENSE] / self.medians_ms[variant]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["speedup"] = {v: self.ratio(v) for v in self.medians_ms if v != DENSE}
+        return out
+
+
+def sparse_layers(path: str | Path) -> list[Layer]:
+    """One Layer per sparsec::BlockSparseLinear node of the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sparsec.lowering.translate import sparse_nodes
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    layers = []
+    for node in sparse_nodes(model):
+        attrs = {a.name: a.i for a in node.attribute}
+        values = inits.get(node.input[1])
+        nnz = inits.get(node.input[3])
+        if values is None or nnz is None:
+            continue
+        r, s, br, bc = values.dims
+        grid = r * -(-attrs["K"] // bc)
+        kept = int(numpy_helper.to_array(nnz).sum())
+        names = [n for n in node.input[1:] if n]
+        size = sum(numpy_helper.to_array(inits[n]).nbytes for n in names if n in inits)
+        dtype = "int8" if values.data_type == onnx.TensorProto.INT8 else "fp32"
+        layers.append(Layer(node.name, (attrs["N"], attrs["K"]), (br, bc), kept / grid,
+                            r * s / grid, dtype, size))
+    return layers
+
+
+def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Inputs shaped like the example inputs recorded at export (random floats, zero token ids,
+    all-ones masks), with the first dimension set to `batch` when given; dimensions not recorded
+    default to 1."""
+    import onnx
+
+    from sparsec.export import METADATA_INPUTS
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    recorded = json.loads(meta.get(METADATA_INPUTS, "{}"))
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        info = recorded.get(inp.name, {})
+        shape = list(info.get("shape") or [d if isinstance(d, int) else 1 for d in inp.shape])
+        if batch and shape:
+            shape[0] = batch
+        dtype = _NUMPY.get(info.get("dtype", ""), _ORT_TYPES.get(inp.type, np.float32))
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in inp.name:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _stock_session(path: str | Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
+    """A session with sparsec's kernel registered, or None and why not."""
+    try:
+        from sparsec import runtime
+    except ImportError:
+        return None, "sparsec.runtime is not installed"
+    if not runtime.kernel_available():
+        return None, "the native kernel is not available (see the warning above)"
+    return runtime.session(str(path), threads=threads), ""
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def bench(model: str | Path, dense: str | Path | None = None, threads: int | None = None,
+          repeats: int = 50, kernel: bool = True, batch: int | None = None) -> BenchResult:
+    model = Path(model)
+    if not model.is_file():
+        raise UserError(f"{model}: no such ONNX file")
+    if dense is None:
+        sibling = model.with_name(model.name.removesuffix(".onnx") + ".dense.onnx")
+        dense = sibling if sibling.is_file() else None
+    elif not Path(dense).is_file():
+        raise UserError(f"{dense}: no such ONNX file (--dense)")
+    result = BenchResult(str(model), str(dense) if dense else None, threads, repeats)
+    result.layers = sparse_layers(model)
+    result.sizes = {"model": model.stat().st_size}
+    sessions = {SPARSE_STOCK: _stock_session(model, threads)}
+    if dense is not None:
+        result.sizes["dense"] = Path(dense).stat().st_size
+        sessions = {DENSE: _stock_session(dense, threads), **sessions}
+    else:
+        result.notes.append("no dense file: give --dense (or keep model.dense.onnx next to MODEL)")
+    if kernel and result.layers:
+        session, why = kernel_session(model, threads)
+        if session is None:
+            result.notes.append(f"kernel not measured: {why}")
+        else:
+            sessions[SPARSE_KERNEL] = session
+    feeds = example_feeds(model, sessions[SPARSE_STOCK], batch)
+    result.inputs = {name: list(value.shape) for name, value in feeds.items()}
+    fns = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+    times = interleaved(fns, repeats)
+    result.medians_ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    return result
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+
+
+def format_bench(result: BenchResult) -> str:
+    threads = result.threads or "onnxruntime default"
+    lines = [f"model   {result.model} ({_size(result.sizes['model'])})"]
+    if result.dense:
+        ratio = result.sizes["dense"] / result.sizes["model"]
+        lines.append(f"dense   {result.dense} ({_size(result.sizes['dense'])}): file {ratio:.1f}x smaller")
+    shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in result.inputs.items())
+    lines.append(f"timing  {result.repeats} interleaved rounds, medians, threads: {threads}; inputs: {shapes}")
+    rows = []
+    for name, ms in result.medians_ms.items():
+        ratio = result.ratio(name)
+        rows.append((name, f"{ms:.3f} ms", "-" if ratio is None or name == DENSE else f"{ratio:.2f}x"))
+    lines += format_table(("variant", "median", "speedup"), rows, {1, 2})
+    if result.layers:
+        lines += ["", f"{len(result.layers)} block-sparse node{'s' * (len(result.layers) != 1)}:"]
+        lines += format_table(("node", "shape", "block", "density", "stored", "dtype", "bytes"),
+                              [layer.row() for layer in result.layers], {3, 4, 6})
+    else:
+        lines += ["", "no block-sparse nodes: every layer is dense"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The lower stage of `sparsec compile` and `sparsec bench`."""
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from sparsec.lowering.translate import sparse_nodes
+
+SPEC = """
+[[prune]]
+targets = ["fc*"]
+method = "magnitude"
+density = 0.25
+block = [16, 16]
+
+[export]
+policy = "always"
+bench_repeats = 3
+"""
+
+
+def test_compile_writes_verified_onnx_files_and_bench_times_them(sparsec_cli, models_dir, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC)
+    out = tmp_path / "out"
+    code, stdout, stderr = sparsec_cli("compile", models_dir / "tiny_mlp.py", "--spec", spec, "-o", out,
+                                       "--no-progress", "--print-after", "lower_block_sparse")
+    assert code == 0, stderr
+    assert "torch.ops.sparsec.block_sparse_linear.default(" in stdout   # --print-after
+    assert "lowering (fp32 blocks, policy always):" in stdout
+    assert "max error vs PyTorch: onnxruntime" in stdout
+    assert "dense (onnxruntime)" in stdout
+    model = onnx.load(out / "model.onnx")
+    assert len(sparse_nodes(model)) == 2
+    assert not sparse_nodes(onnx.load(out / "model.dense.onnx"))
+    report = json.loads((out / "report.json").read_text())
+    lowering = report["lowering"]
+    assert [layer["lowered"] for layer in lowering["layers"]] == [True, True]
+    assert lowering["model"]["checks"][0]["error"] < 1e-4
+
+    code, stdout, stderr = sparsec_cli("bench", out / "model.onnx", "--repeats", "3", "--threads", "1",
+                                       "--json", tmp_path / "bench.json")
+    assert code == 0, stderr
+    assert "speedup" in stdout and "2 block-sparse nodes:" in stdout and "16x16" in stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert "dense (onnxruntime)" in result["medians_ms"]
+    assert result["sizes"]["dense"] > 0
+
+
+def test_stop_after_train_writes_no_onnx(sparsec_cli, models_dir, tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = sparsec_cli("compile", models_dir / "tiny_mlp.py", "--spec", models_dir / "tiny.toml",
+                                  "-o", out, "--no-progress", "--stop-after", "train")
+    assert code == 0, stderr
+    assert not (out / "model.onnx").exists()
+
+
+def test_bench_missing_file_is_a_user_error(sparsec_cli, tmp_path):
+    code, _, stderr = sparsec_cli("bench", tmp_path / "nope.onnx")
+    assert code == 2 and "no such ONNX file" in stderr
