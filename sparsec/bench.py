@@ -20,6 +20,7 @@ import numpy as np
 from sparsec.errors import UserError
 
 DENSE = "dense (onnxruntime)"
+DENSE_TUNED = "dense (sparsec.runtime session)"
 SPARSE_STOCK = "sparse (onnxruntime, function body)"
 SPARSE_KERNEL = "sparse (sparsec kernel)"
 
@@ -72,6 +73,7 @@ def sparse_layers(path: str | Path) -> list[Layer]:
     import onnx
     from onnx import numpy_helper
 
+    from sparsec.export import stored_values
     from sparsec.lowering.translate import sparse_nodes
 
     model = onnx.load(str(path))
@@ -79,18 +81,18 @@ def sparse_layers(path: str | Path) -> list[Layer]:
     layers = []
     for node in sparse_nodes(model):
         attrs = {a.name: a.i for a in node.attribute}
-        values = inits.get(node.input[1])
+        stored = stored_values(model, node)
         nnz = inits.get(node.input[3])
-        if values is None or nnz is None:
+        if stored is None or nnz is None:
             continue
-        r, s, br, bc = values.dims
+        (r, s, br, bc), data_type, values_bytes, blocks = stored
         grid = r * -(-attrs["K"] // bc)
         kept = int(numpy_helper.to_array(nnz).sum())
-        names = [n for n in node.input[1:] if n]
-        size = sum(numpy_helper.to_array(inits[n]).nbytes for n in names if n in inits)
-        dtype = "int8" if values.data_type == onnx.TensorProto.INT8 else "fp32"
+        others = [n for n in node.input[2:] if n and n in inits]
+        size = values_bytes + sum(numpy_helper.to_array(inits[n]).nbytes for n in others)
+        dtype = "int8" if data_type == onnx.TensorProto.INT8 else "fp32"
         layers.append(Layer(node.name, (attrs["N"], attrs["K"]), (br, bc), kept / grid,
-                            r * s / grid, dtype, size))
+                            blocks / grid, dtype, size))
     return layers
 
 
@@ -122,24 +124,34 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
     return feeds
 
 
-def _stock_session(path: str | Path, threads: int | None):
+def _quiet_options(threads: int | None):
+    """SessionOptions for timing several sessions in turn: no spin-waiting, because on a few cores
+    the spinning pool threads of the session that just ran steal the cores of the next one (on 2
+    cores that made dense BERT-base 99 ms instead of 74 ms and skewed every ratio)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _stock_session(path: str | Path, threads: int | None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), _quiet_options(threads), providers=["CPUExecutionProvider"])
 
 
 def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
-    """A session with sparsec's kernel registered, or None and why not."""
+    """A sparsec.runtime session (kernel registered, tuned fusions), or None and why not."""
     try:
         from sparsec import runtime
     except ImportError:
         return None, "sparsec.runtime is not installed"
     if not runtime.kernel_available():
         return None, "the native kernel is not available (see the warning above)"
-    return runtime.session(str(path), threads=threads), ""
+    return runtime.session(str(path), threads=threads, options=_quiet_options(threads)), ""
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
@@ -174,6 +186,9 @@ def bench(model: str | Path, dense: str | Path | None = None, threads: int | Non
     if dense is not None:
         result.sizes["dense"] = Path(dense).stat().st_size
         sessions = {DENSE: _stock_session(dense, threads), **sessions}
+        tuned, _ = kernel_session(dense, threads)
+        if tuned is not None:  # the same session settings as the kernel's, for a like-for-like ratio
+            sessions[DENSE_TUNED] = tuned
     else:
         result.notes.append("no dense file: give --dense (or keep model.dense.onnx next to MODEL)")
     if kernel and result.layers:
@@ -220,6 +235,9 @@ def format_bench(result: BenchResult) -> str:
         ratio = result.ratio(name)
         rows.append((name, f"{ms:.3f} ms", "-" if ratio is None or name == DENSE else f"{ratio:.2f}x"))
     lines += format_table(("variant", "median", "speedup"), rows, {1, 2})
+    if DENSE_TUNED in result.medians_ms and SPARSE_KERNEL in result.medians_ms:
+        like = result.medians_ms[DENSE_TUNED] / result.medians_ms[SPARSE_KERNEL]
+        lines.append(f"kernel vs dense with the same session settings: {like:.2f}x")
     if result.layers:
         lines += ["", f"{len(result.layers)} block-sparse node{'s' * (len(result.layers) != 1)}:"]
         lines += format_table(("node", "shape", "block", "density", "stored", "dtype", "bytes"),

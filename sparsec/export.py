@@ -158,7 +158,58 @@ def _to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool):
                                     custom_translation_table=custom_translation_table())
     model = program.model_proto
     attach_functions(model)
+    compact_padding(model)
     return model
+
+
+def stored_values(model, node) -> tuple[tuple[int, ...], int, int, int] | None:
+    """How a sparse node's `values` are stored: (padded dims [R, S, BR, BC], ONNX data type, bytes,
+    blocks stored), whether as one initializer or compacted (kept blocks + slot index, Gathered).
+    None when the values are not constants of the file."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    name = node.input[1]
+    if name in inits:
+        init = inits[name]
+        dims = tuple(init.dims)
+        return dims, init.data_type, numpy_helper.to_array(init).nbytes, dims[0] * dims[1]
+    producer = next((n for n in model.graph.node if name in n.output and n.op_type == "Gather"), None)
+    if producer is None or not all(i in inits for i in producer.input):
+        return None
+    kept, slots = (inits[i] for i in producer.input)
+    dims = (*slots.dims, *kept.dims[1:])
+    nbytes = numpy_helper.to_array(kept).nbytes + numpy_helper.to_array(slots).nbytes
+    return dims, kept.data_type, nbytes, int(kept.dims[0]) - 1
+
+
+def compact_padding(model) -> int:
+    """Store each sparse node's `values` without its padding slots (see onnx_op.compact_values):
+    rows that keep fewer blocks than the widest row would otherwise store zero blocks in the file.
+    Returns how many nodes were compacted."""
+    from onnx import numpy_helper
+
+    from sparsec.lowering.onnx_op import compact_values
+    from sparsec.lowering.translate import sparse_nodes
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    added = []
+    for node in sparse_nodes(model):
+        values_name, row_nnz_name = node.input[1], node.input[3]
+        if values_name not in inits or row_nnz_name not in inits:
+            continue
+        values = numpy_helper.to_array(inits[values_name])
+        row_nnz = numpy_helper.to_array(inits[row_nnz_name])
+        if bool((row_nnz == values.shape[1]).all()):
+            continue  # balanced rows: no padding to drop
+        nodes, new_inits = compact_values(values, row_nnz, values_name)
+        graph.initializer.remove(inits.pop(values_name))
+        graph.initializer.extend(new_inits)
+        added.extend(nodes)
+    for node in reversed(added):  # the Gathers read only initializers: they go first
+        graph.node.insert(0, node)
+    return len(added)
 
 
 def _record_inputs(model, args: tuple, kwargs: dict) -> None:

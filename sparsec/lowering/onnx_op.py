@@ -167,14 +167,15 @@ def _model(nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorPr
     return model
 
 
-def compact_values(packed: PackedBlocks, values_name: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Store `values` without its padding slots: the kept blocks [kept + 1, BR, BC] (the last one is
     zero) and a slot index [R, S], expanded by one Gather of constants that onnxruntime folds when the
     session loads (so the kernel still sees constant values). Returns the nodes and initializers that
     produce `values_name`."""
-    used = np.arange(packed.values.shape[1])[None, :] < packed.row_nnz[:, None]
-    kept = packed.values[used]
-    blocks = np.concatenate([kept, np.zeros((1, *packed.values.shape[2:]), packed.values.dtype)])
+    used = np.arange(values.shape[1])[None, :] < row_nnz[:, None]
+    kept = values[used]
+    blocks = np.concatenate([kept, np.zeros((1, *values.shape[2:]), values.dtype)])
     slots = np.full(used.shape, len(kept), dtype=np.int64)
     slots[used] = np.arange(len(kept))
     inits = [numpy_helper.from_array(blocks, f"{values_name}.kept"),
@@ -193,7 +194,7 @@ def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, 
     inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
              numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
     if compact:
-        nodes, extra = compact_values(packed, "W.values")
+        nodes, extra = compact_values(packed.values, packed.row_nnz, "W.values")
         inits += extra
     else:
         inits.append(numpy_helper.from_array(packed.values, "W.values"))
