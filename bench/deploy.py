@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median  # noqa: E402
 
 from sparsec import runtime  # noqa: E402
+from sparsec.bench import quiet_session_options  # noqa: E402
 from sparsec.lowering import onnx_op  # noqa: E402
 from sparsec.lowering.block_format import pack, random_keep, reference, unpack  # noqa: E402
 
@@ -45,9 +46,8 @@ def case(name: str, description: str):
 
 
 def stock_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    # no spin-waiting: the variants share 2 cores, see sparsec.bench.quiet_session_options
+    return ort.InferenceSession(model_bytes, quiet_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def sparse_layer(block: tuple[int, int], balanced: bool, int8: bool = False, seed: int = 0):
@@ -65,7 +65,8 @@ def time_linear(args: argparse.Namespace, rows: int, block: tuple[int, int], bal
     sessions = {"dense onnxruntime": stock_session(dense_model, args.threads),
                 "function body (stock onnxruntime)": stock_session(sparse_model, args.threads)}
     if runtime.kernel_available():
-        sessions["sparsec kernel"] = runtime.session(sparse_model, threads=args.threads)
+        sessions["sparsec kernel"] = runtime.session(sparse_model, threads=args.threads,
+                                                     options=quiet_session_options(args.threads))
     x = np.random.default_rng(1).standard_normal((rows, K)).astype(np.float32)
     expected = reference(x, packed, bias)
     for name, sess in sessions.items():

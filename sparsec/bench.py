@@ -124,7 +124,7 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
     return feeds
 
 
-def _quiet_options(threads: int | None):
+def quiet_session_options(threads: int | None):
     """SessionOptions for timing several sessions in turn: no spin-waiting, because on a few cores
     the spinning pool threads of the session that just ran steal the cores of the next one (on 2
     cores that made dense BERT-base 99 ms instead of 74 ms and skewed every ratio)."""
@@ -140,7 +140,7 @@ def _quiet_options(threads: int | None):
 def _stock_session(path: str | Path, threads: int | None):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), _quiet_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), quiet_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
@@ -151,7 +151,7 @@ def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
         return None, "sparsec.runtime is not installed"
     if not runtime.kernel_available():
         return None, "the native kernel is not available (see the warning above)"
-    return runtime.session(str(path), threads=threads, options=_quiet_options(threads)), ""
+    return runtime.session(str(path), threads=threads, options=quiet_session_options(threads)), ""
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2

@@ -14,6 +14,7 @@ also compared with it: an fp32 lowering must match it, an INT8 one records its e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -151,6 +152,8 @@ def _to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool):
     from sparsec.lowering.translate import attach_functions, custom_translation_table
 
     shapes = _dynamic_shapes(module, args, kwargs) if dynamic else None
+    # torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
