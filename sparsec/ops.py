@@ -97,6 +97,28 @@ def hard_concrete_eval(scores: torch.Tensor, l: float, r: float) -> torch.Tensor
     return torch.clamp((r - l) * torch.sigmoid(scores) + l, 0.0, 1.0)
 
 
+
+class _DenseGradient(torch.autograd.Function):
+    """W_eff = W * M with the dense gradient dL/dW = dL/dW_eff (PINS Eq 1-2).
+
+    PINS and PLATON update every weight with the gradient of the loss at the current (masked)
+    weights, pruned ones included, then zero the pruned ones: theta <- (theta - eta g) * M. The
+    Program does the zeroing at `step()` for methods with `zeroes_pruned`; this op supplies g.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, mask):  # type: ignore[override]
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def apply_mask_dense_grad(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """W_eff = W * M whose backward passes the gradient to every weight (PINS Eq 1-2)."""
+    return _DenseGradient.apply(weight, mask)
+
 # Every function a mask node may call; the verifier and the passes recognise mask nodes by these
 # (or by a call_module node whose module is a MaskModule).
-MASK_OPS = (apply_mask, straight_through_mask)
+MASK_OPS = (apply_mask, straight_through_mask, apply_mask_dense_grad)

@@ -131,6 +131,16 @@ class Program(torch.nn.Module):
         self.step_count += 1
         if int(self.step_count) % self._schedule.every == 0:
             self.update_masks()
+        self._zero_pruned()
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        """theta <- theta_hat * M (PINS Eq 2) for methods trained with dense gradients."""
+        for plan in self._plans:
+            if not self._methods[plan.index].zeroes_pruned:
+                continue
+            for name in plan.sites:
+                get_attr_value(self.module, name).mul_(get_attr_value(self.module, mask_name(name)))
 
     def regularization(self) -> torch.Tensor:
         """The term to add to the loss (0 when no regularizer is attached)."""

@@ -191,3 +191,42 @@ def test_every_spec_file_validates():
     for path in SPECS.glob("*.toml"):
         spec = load_spec(path)
         assert spec.groups[0].method in sparsec.methods.names()
+
+
+@pytest.mark.parametrize("method", ["pins", "sensitivity"])
+def test_pins_framework_dense_gradients_and_zeroed_pruned_weights(method):
+    """PINS Eq 1-2: every weight, pruned ones included, gets the gradient at the masked weights and
+    the optimizer's update; `step()` then zeroes the pruned ones (theta <- theta_hat * M)."""
+    prog = compile_(method)
+    opt = optimizer(prog)
+    train(prog, opt, 0, 12)  # past warm-up: some weights are pruned
+    masks = prog.masks()
+    assert any(bool((m == 0).any()) for m in masks.values())
+    for name, weight in prog.weights().items():
+        assert bool((weight[masks[name] == 0] == 0).all()), name
+    x, y = batch(100)
+    mse(prog, x, y).backward()
+    pruned_grads = torch.cat([w.grad[masks[n] == 0] for n, w in prog.weights().items()])
+    assert bool((pruned_grads != 0).any())  # dense gradient: pruned weights see it too
+    opt.zero_grad()
+
+
+def test_pins_scores_pruned_weights_by_their_update():
+    """A weight pruned before a step (theta = 0) scores S = -g * dtheta_hat = eta g^2 under plain
+    SGD (PINS Eq 11), so it can win its place back; with masked gradients it would score 0."""
+    prog = compile_("pins", density=0.5, smoothing="none")
+    opt = torch.optim.SGD(prog.model_parameters(), lr=0.05)
+    train(prog, opt, 0, 12)
+    pruned_before = {n: m == 0 for n, m in prog.masks().items()}
+    x, y = batch(12)
+    mse(prog, x, y).backward()
+    grads = {n: w.grad.clone() for n, w in prog.weights().items()}
+    opt.step()
+    prog.step()
+    opt.zero_grad()
+    method = prog._methods[0]
+    for name, was_pruned in pruned_before.items():
+        score = method.importance(prog._state(name))[was_pruned]
+        expected = 0.05 * grads[name][was_pruned] ** 2
+        torch.testing.assert_close(score, expected, atol=1e-7, rtol=1e-3)
+        assert bool((expected > 0).any()), name

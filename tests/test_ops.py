@@ -93,3 +93,16 @@ def test_magnitude_gradient_is_g_times_mask():
 
 def test_mask_ops_are_registered_for_the_verifier():
     assert ops.apply_mask in ops.MASK_OPS and ops.straight_through_mask in ops.MASK_OPS
+
+
+def test_dense_gradient_mask_passes_the_gradient_to_pruned_weights():
+    """PINS Eq 1-2: W_eff = W * M forward, dL/dW = dL/dW_eff for every weight."""
+    from sparsec.ops import apply_mask_dense_grad
+
+    w = torch.tensor([[1.0, -2.0], [3.0, 4.0]], requires_grad=True)
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    g = torch.tensor([[0.5, 0.25], [-1.0, 2.0]])
+    out = apply_mask_dense_grad(w, m)
+    torch.testing.assert_close(out, w.detach() * m)
+    out.backward(g)
+    torch.testing.assert_close(w.grad, g)

@@ -78,6 +78,8 @@ class Method:
       needs_gradients True when `observe` reads `weight.grad` (masks cannot be ranked at step 0)
       needs_estimate  True when masks need `prog.estimate_fisher(...)` before each pruning step
       prune_only      True when pruned blocks never come back (loss modelling, Algorithm 1)
+      zeroes_pruned   True when `step()` sets pruned weights to zero in place (PINS Eq 2:
+                      theta <- theta_hat * M), for methods whose mask op passes dense gradients
     """
 
     name: ClassVar[str]
@@ -91,6 +93,7 @@ class Method:
     needs_gradients: ClassVar[bool] = False
     needs_estimate: ClassVar[bool] = False
     prune_only: ClassVar[bool] = False
+    zeroes_pruned: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         opts = {key: f.default for key, f in self.options.items()}

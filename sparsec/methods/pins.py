@@ -28,8 +28,12 @@ class Pins(Method):
     (`applied_update`): SGD -lr (g + wd theta) or -lr * momentum buffer; Adam / AdamW
     -lr m_hat / (sqrt(v_hat) + eps) (plus AdamW's decoupled decay -lr wd theta), with theta the
     weight before the update, recovered from the weight after it. Attach the optimizer with
-    `prog.attach_optimizer(opt)` or `prog.step(optimizer=opt)`. Masked weights get no gradient, so a
-    pruned weight scores 0 and comes back only when kept weights fall below 0.
+    `prog.attach_optimizer(opt)` or `prog.step(optimizer=opt)`.
+
+    Training follows PINS Eq 1-2: every weight, pruned ones included, takes the optimizer's update
+    computed from the gradient at the masked weights (the mask op passes dense gradients), then
+    `step()` zeroes the pruned ones, theta <- theta_hat * M. A pruned weight (theta = 0) so scores
+    S = -g * dtheta_hat (= eta g^2 for SGD) and comes back when that beats a kept weight's value.
 
     The score is smoothed across steps as PINS does following PLATON (`smoothing`, see
     sparsec.methods.smoothing).
@@ -42,6 +46,7 @@ class Pins(Method):
     options = smoothing.options("platon")
     state = smoothing.STATE
     needs_gradients = True
+    zeroes_pruned = True
 
     def init_state(self, weight, site):
         return smoothing.init_state(weight, site)
@@ -49,7 +54,7 @@ class Pins(Method):
     def mask_op(self):
         from sparsec import ops
 
-        return ops.apply_mask
+        return ops.apply_mask_dense_grad
 
     @staticmethod
     def value(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

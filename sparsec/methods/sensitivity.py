@@ -16,8 +16,9 @@ class Sensitivity(Method):
 
     At every `prog.step()` it reads g = `weight.grad` (the step's gradient, so call `prog.step()`
     before `zero_grad()`) and theta = the weight; a block's value is the sum over its weights.
-    Masked weights receive no gradient, so a pruned weight scores 0: masks only shrink back to
-    weights the criterion still rates above 0. Masks are ranked by Top_v over the smoothed value.
+    Training follows PINS Eq 1-2 as for `pins`: dense gradients to every weight, pruned weights
+    zeroed at `step()`, so a pruned weight scores |g * 0| = 0 now and keeps only its smoothed
+    history (PLATON's behaviour). Masks are ranked by Top_v over the (smoothed) value.
     """
 
     name = "sensitivity"
@@ -26,6 +27,7 @@ class Sensitivity(Method):
     options = smoothing.options("none")
     state = smoothing.STATE
     needs_gradients = True
+    zeroes_pruned = True
 
     def init_state(self, weight, site):
         return smoothing.init_state(weight, site)
@@ -33,7 +35,7 @@ class Sensitivity(Method):
     def mask_op(self):
         from sparsec import ops
 
-        return ops.apply_mask
+        return ops.apply_mask_dense_grad
 
     @staticmethod
     def value(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
