@@ -121,6 +121,20 @@ def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
         check(sess.run(None, {"x": x})[0], x, packed, b)
 
 
+@pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (90, 100, (16, 32)),
+                                       (90, 100, (32, 16)), (3072, 768, (32, 32))])
+def test_packed_input_panel_row_counts(kernel_library, n, k, block):
+    """AVX-512 with 16/32 blocks copies X into row tiles of 12 or 16 rows: row counts around the tile
+    heights and the 48-row task quantum, edge blocks cut by N and K, one and two threads."""
+    packed, b = make_layer(n, k, block, 0.3, seed=3)
+    model = onnx_op.single_layer_model(packed, b)
+    for threads in (1, 2):
+        sess = kernel_session(model, threads=threads)
+        for m in (2, 11, 12, 13, 16, 17, 47, 49, 97, 130):
+            x = inputs((m, k), seed=m)
+            check(sess.run(None, {"x": x})[0], x, packed, b)
+
+
 def test_large_layer_both_paths_and_threads(kernel_library):
     packed, b = make_layer(3072, 768, (32, 32), 0.1, balanced=True)
     model = onnx_op.single_layer_model(packed, b)

@@ -15,12 +15,15 @@ stock onnxruntime inlines it where sparsec's kernel is not registered. ONNX allo
 and each node names its variant in `NodeProto.overload` (`make_node` sets it, `attach_functions`
 adds the functions a graph needs).
 
-The body works on the transposed problem so that the gathered input needs no transpose:
-X -> [M, K] -> pad K to NBc*BC -> transpose -> [NBc, BC, M] -> Gather(block_cols) -> [R, S*BC, M];
-values -> [R, BR, S*BC] (constant-folded by onnxruntime); one batched MatMul -> [R, BR, M] = Y^T
-per block row -> [R*BR, M] -> rows [:N] -> transpose -> + bias -> [..., N]. Padding slots have zero
-values, so row_nnz is not needed. No ScatterND (its reduction="add" is wrong with 2 threads in
-onnxruntime 1.32).
+The body gathers input column blocks per block row and runs one batched MatMul:
+X -> [M, K] -> (pad K to NBc*BC, only when BC does not divide K) -> [M, NBc, BC]
+-> Gather(block_cols, axis 1) -> [M, R, S*BC] -> Transpose -> [R, M, S*BC];
+values -> [R, S*BC, BR] (constant-folded by onnxruntime); MatMul -> [R, M, BR] -> Transpose
+-> [M, R*BR] -> (columns [:N], only when BR does not divide N) -> + bias -> [..., N].
+onnxruntime fuses the input Transpose into the MatMul (FusedMatMul, transBatchA) and folds the two
+If nodes (their conditions depend on constants only), so for divisible shapes no Pad or Slice runs.
+Padding slots have zero values, so row_nnz is not needed. No ScatterND (its reduction="add" is
+wrong with 2 threads in onnxruntime 1.32).
 """
 from __future__ import annotations
 
@@ -78,6 +81,11 @@ class _Body:
         return self.op("Reshape", out, self.ints([1]))
 
 
+def _branch(name: str, node: onnx.NodeProto, output: str) -> onnx.GraphProto:
+    """A one-node subgraph for an If branch (reads outer-scope names, returns `output`)."""
+    return helper.make_graph([node], name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+
+
 def function_proto(int8: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
     """The standard-op body of BlockSparseLinear for one input variant (see the module docstring)."""
     b = _Body()
@@ -89,25 +97,39 @@ def function_proto(int8: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.
         scale = b.op("Unsqueeze", "scales", b.ints([2, 3]))
         weight = b.op("Mul", b.op("Cast", "values", to=TensorProto.FLOAT), scale)
     rows = b.op("Shape", "values", start=0, end=1)
+    slots = b.op("Shape", "values", start=1, end=2)
     br = b.op("Shape", "values", start=2, end=3)
     bc = b.op("Shape", "values", start=3, end=4)
     col_blocks = b.op("Div", b.op("Sub", b.op("Add", k, bc), one), bc)
     pad_k = b.op("Sub", b.op("Mul", col_blocks, bc), k)
+    rows_br = b.op("Mul", rows, br)
 
     lead = b.op("Shape", "X", start=0, end=-1)
     x2 = b.op("Reshape", "X", b.op("Concat", minus_one, k, axis=0))                 # [M, K]
     m = b.op("Shape", x2, start=0, end=1)
-    xp = b.op("Pad", x2, b.op("Concat", zero, zero, zero, pad_k, axis=0))           # [M, NBc*BC]
-    xt = b.op("Transpose", xp, perm=[1, 0])
-    xb = b.op("Reshape", xt, b.op("Concat", col_blocks, bc, m, axis=0))             # [NBc, BC, M]
-    xg = b.op("Gather", xb, "block_cols", axis=0)                                   # [R, S, BC, M]
-    xg = b.op("Reshape", xg, b.op("Concat", rows, minus_one, m, axis=0))            # [R, S*BC, M]
-    wt = b.op("Transpose", weight, perm=[0, 2, 1, 3])                               # [R, BR, S, BC]
-    wt = b.op("Reshape", wt, b.op("Concat", rows, br, minus_one, axis=0))           # [R, BR, S*BC]
-    yt = b.op("MatMul", wt, xg)                                                     # [R, BR, M]
-    yt = b.op("Reshape", yt, b.op("Concat", minus_one, m, axis=0))                  # [R*BR, M]
-    yt = b.op("Slice", yt, zero, n, zero)                                           # [N, M]
-    y = b.op("Transpose", yt, perm=[1, 0])                                          # [M, N]
+    # Pad K to NBc*BC only when BC does not divide K. The condition depends on constants only, so
+    # onnxruntime folds the If and keeps one branch: no copy of X when K is a multiple of BC.
+    pads = b.op("Concat", zero, zero, zero, pad_k, axis=0)
+    xp = f"x_padded_{len(b.nodes)}"
+    b.nodes.append(helper.make_node(
+        "If", [b.op("Equal", pad_k, zero)], [xp],
+        then_branch=_branch("k_divisible", helper.make_node("Identity", [x2], [xp + "_same"]), xp + "_same"),
+        else_branch=_branch("k_padded", helper.make_node("Pad", [x2, pads], [xp + "_pad"]), xp + "_pad")))
+    x3 = b.op("Reshape", xp, b.op("Concat", m, col_blocks, bc, axis=0))             # [M, NBc, BC]
+    xg = b.op("Gather", x3, "block_cols", axis=1)                                   # [M, R, S, BC]
+    xg = b.op("Reshape", xg, b.op("Concat", m, rows, b.op("Mul", slots, bc), axis=0))  # [M, R, S*BC]
+    xg = b.op("Transpose", xg, perm=[1, 0, 2])                                      # [R, M, S*BC]
+    wt = b.op("Transpose", weight, perm=[0, 1, 3, 2])                               # [R, S, BC, BR]
+    wt = b.op("Reshape", wt, b.op("Concat", rows, minus_one, br, axis=0))           # [R, S*BC, BR]
+    yr = b.op("MatMul", xg, wt)                                                     # [R, M, BR]
+    y = b.op("Transpose", yr, perm=[1, 0, 2])                                       # [M, R, BR]
+    y = b.op("Reshape", y, b.op("Concat", m, rows_br, axis=0))                      # [M, R*BR]
+    ys = f"y_cut_{len(b.nodes)}"
+    b.nodes.append(helper.make_node(
+        "If", [b.op("Equal", rows_br, n)], [ys],
+        then_branch=_branch("n_divisible", helper.make_node("Identity", [y], [ys + "_same"]), ys + "_same"),
+        else_branch=_branch("n_cut", helper.make_node("Slice", [y, zero, n, one], [ys + "_cut"]), ys + "_cut")))
+    y = ys                                                                          # [M, N]
     if has_bias:
         y = b.op("Add", y, "bias")
     b.nodes.append(helper.make_node("Reshape", [y, b.op("Concat", lead, n, axis=0)], ["Y"]))

@@ -7,9 +7,13 @@
 // X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers, then adds the bias and stores
 // with a mask (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and
 // each task writes one contiguous run per output row.
+//
+// AVX-512 with 16/32 blocks and M > 1 first copies X into a packed panel (XPanel below) so that a
+// register tile's broadcasts use one base pointer; calls below kSerialMacs run on the calling thread.
 #include "block_sparse.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -340,6 +344,124 @@ void block_rows_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const floa
 }
 
 // ------------------------------------------------------------------------------------------------
+// AVX-512 with a packed input panel (BR and BC in {16, 32}, M > 1). X is copied once per call into
+// tiles of H rows (H = the register tile height): tile t, block column c, row m holds the BC inputs
+// X[t*H + m, c*BC .. c*BC + BC) contiguously, zero padded beyond M and K. A register tile then reads
+// all its broadcasts from one base pointer with constant offsets (m * BC + j), instead of one pointer
+// per input row (16 row pointers did not fit the general registers and spilled in the inner loop).
+// Tiles are packed on first use by whichever task needs them (an atomic state per tile), so the copy
+// is spread over the pool threads and needs no separate pass.
+
+struct XPanel {
+  const float* x = nullptr;
+  float* data = nullptr;
+  std::atomic<int>* state = nullptr;  // per tile: 0 not packed, 1 being packed, 2 ready
+  int64_t M = 0, K = 0, NBc = 0, BC = 0, H = 0;
+
+  const float* tile(int64_t t) const { return data + t * NBc * H * BC; }
+
+  void pack(int64_t t) const {
+    float* dst = data + t * NBc * H * BC;
+    for (int64_t c = 0; c < NBc; ++c) {
+      const int64_t k0 = c * BC;
+      const int64_t n = std::min(BC, K - k0);
+      for (int64_t m = 0; m < H; ++m, dst += BC) {
+        const int64_t row = t * H + m;
+        if (row < M) {
+          std::memcpy(dst, x + row * K + k0, static_cast<size_t>(n) * sizeof(float));
+          if (n < BC) std::memset(dst + n, 0, static_cast<size_t>(BC - n) * sizeof(float));
+        } else {
+          std::memset(dst, 0, static_cast<size_t>(BC) * sizeof(float));
+        }
+      }
+    }
+  }
+
+  void ensure(int64_t t) const {
+    std::atomic<int>& st = state[t];
+    if (st.load(std::memory_order_acquire) == 2) return;
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      pack(t);
+      st.store(2, std::memory_order_release);
+      return;
+    }
+    while (st.load(std::memory_order_acquire) != 2) _mm_pause();
+  }
+};
+
+// Register tile of MR rows x NV zmm from a packed tile `xt`. Rows at or beyond `mr` read the zero
+// padding (MR never exceeds the panel's tile height) and are not stored.
+template <int NV, int MR, int BC>
+SPARSEC_AVX512 void tile_packed_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols,
+                                       const float* xt, int64_t col_stride, int64_t mr, const float* bias,
+                                       float* y) {
+  const int64_t BRp = w.BRp;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  }
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const float* wb = w.block(b) + o0;
+    const float* xc = xt + (w.cols[b] / BC) * col_stride;
+#pragma GCC unroll 2
+    for (int j = 0; j < BC; ++j) {
+      __m512 wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wb + j * BRp + 16 * v);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xv = _mm512_set1_ps(xc[m * BC + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+      }
+    }
+  }
+  store_tile_avx512<NV, MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+}
+
+// The smallest register tile (4, 8, 12 or 16 rows, at most H and within the register budget) that
+// holds `mr` rows.
+template <int NV, int BC>
+void tile_fit_packed_avx512(const PackedWeight& w, int64_t r, int64_t ncols, const float* xt, int64_t col_stride,
+                            int64_t mr, const float* bias, float* y) {
+  if (mr <= 4) {
+    tile_packed_avx512<NV, 4, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+  } else if (mr <= 8) {
+    tile_packed_avx512<NV, 8, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+  } else if (NV == 2 || mr <= 12) {
+    tile_packed_avx512<NV, 12, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+  } else {
+    tile_packed_avx512<1, 16, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+  }
+}
+
+template <int BC>
+void block_rows_packed_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const XPanel& xp, int64_t m0,
+                              int64_t rows, const float* bias, float* y) {
+  const int64_t H = xp.H;
+  const int64_t col_stride = H * BC;
+  for (int64_t m = 0; m < rows; m += H) {
+    const int64_t t = (m0 + m) / H;
+    xp.ensure(t);
+    const int64_t mr = std::min(H, rows - m);
+    const float* xt = xp.tile(t);
+    float* ym = y + m * w.N;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (m == 0) prefetch_block_row(w, r + 1);
+      const int64_t ncols = valid_cols(w, r);
+      if (ncols > 16) {
+        tile_fit_packed_avx512<2, BC>(w, r, ncols, xt, col_stride, mr, bias, ym);
+      } else {
+        tile_fit_packed_avx512<1, BC>(w, r, ncols, xt, col_stride, mr, bias, ym);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // AVX2: a tile is MR rows x 16 columns (two ymm); 16 ymm registers hold 12 accumulators + 2 weights.
 
 SPARSEC_AVX2 SPARSEC_INLINE __m256i lane_mask8(int64_t n) {
@@ -467,6 +589,9 @@ struct Job {
   int64_t rows_per_task;
   std::vector<int64_t> group_start;  // [groups + 1] block-row boundaries
   Isa isa;
+#if SPARSEC_X86
+  const XPanel* panel = nullptr;     // packed input (AVX-512, 16/32 blocks, M > 1), else null
+#endif
 };
 
 void run_task(void* data, size_t t) {
@@ -482,7 +607,15 @@ void run_task(void* data, size_t t) {
   float* y = job.y + m0 * w.N;
   switch (job.isa) {
 #if SPARSEC_X86
-    case Isa::kAvx512: block_rows_avx512(w, r0, r1, x, rows, job.bias, y); break;
+    case Isa::kAvx512:
+      if (job.panel != nullptr && w.BC == 32) {
+        block_rows_packed_avx512<32>(w, r0, r1, *job.panel, m0, rows, job.bias, y);
+      } else if (job.panel != nullptr) {
+        block_rows_packed_avx512<16>(w, r0, r1, *job.panel, m0, rows, job.bias, y);
+      } else {
+        block_rows_avx512(w, r0, r1, x, rows, job.bias, y);
+      }
+      break;
     case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, rows, job.bias, y); break;
 #endif
     default: block_rows_scalar(w, r0, r1, x, rows, job.bias, y); break;
@@ -492,6 +625,8 @@ void run_task(void* data, size_t t) {
 constexpr int64_t kTargetTasks = 24;         // enough to balance over a few threads, few enough for long output runs
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height: only the last task has a tail
 constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay within a quarter of L2
+constexpr int64_t kMaxPanelFloats = 4 << 20;  // 16 MB: larger inputs read X in place
+constexpr int64_t kSerialMacs = 1 << 20;     // below ~1M multiply-adds (~5 us on one core), no threads
 
 // Boundaries splitting block rows into `groups` runs of about equal cost.
 std::vector<int64_t> balanced_groups(const PackedWeight& w, int64_t groups) {
@@ -518,8 +653,39 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const float* bia
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(kTargetTasks, row_tasks)));
   Job job{&w, x, bias, y, M, rows_per_task, balanced_groups(w, groups), isa};
+#if SPARSEC_X86
+  // The packed panel lives in buffers of the calling thread, reused across calls (no per-call
+  // allocation once they have grown); pool threads only read and fill them during this call.
+  thread_local std::vector<float> panel_data;
+  thread_local std::unique_ptr<std::atomic<int>[]> panel_state;
+  thread_local int64_t panel_state_size = 0;
+  XPanel panel;
+  const bool packed_shape = (w.BR == 16 || w.BR == 32) && (w.BC == 16 || w.BC == 32);
+  if (isa == Isa::kAvx512 && packed_shape && M > 1 && M * w.NBc * w.BC <= kMaxPanelFloats) {
+    panel.x = x;
+    panel.M = M;
+    panel.K = w.K;
+    panel.NBc = w.NBc;
+    panel.BC = w.BC;
+    panel.H = tile_height_avx512(w.BRp / 16);
+    const int64_t tiles = ceil_div(M, panel.H);
+    const size_t floats = static_cast<size_t>(tiles * panel.H * w.NBc * w.BC);
+    if (panel_data.size() < floats) panel_data.resize(floats);
+    if (panel_state_size < tiles) {
+      panel_state.reset(new std::atomic<int>[static_cast<size_t>(tiles)]);
+      panel_state_size = tiles;
+    }
+    for (int64_t t = 0; t < tiles; ++t) panel_state[t].store(0, std::memory_order_relaxed);
+    panel.data = panel_data.data();
+    panel.state = panel_state.get();
+    job.panel = &panel;
+  }
+#endif
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
-  if (total == 1 || parallel_for == nullptr) {
+  // Small calls (decoding rows, tiny layers) run on the calling thread: waking a pool thread costs
+  // more than the few microseconds of work it would take over.
+  const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
+  if (total == 1 || parallel_for == nullptr || macs < kSerialMacs) {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
     return;
   }
