@@ -5,14 +5,13 @@ import math
 
 import torch
 
-from sparsec import blocks
 from sparsec.errors import TrainingError
 from sparsec.methods import smoothing
-from sparsec.methods.base import Method, SiteState, StepContext, register
+from sparsec.methods.base import SiteState, StepContext, register
 
 
 @register
-class Pins(Method):
+class Pins(smoothing.SmoothedGradientCriterion):
     """PINS importance (Ren & Zhu 2023, Eq 9-12). Keeping weight i changes the loss by
     g_i dtheta_hat_i (it takes the optimizer's update), pruning it by g_i (-theta_i) (Eq 9); the
     value of keeping it is the difference
@@ -44,17 +43,6 @@ class Pins(Method):
                "smoothed as PLATON (PINS Eq 11-12)")
     paper = "Ren & Zhu 2023 (PINS), Eq 9-12, 14; smoothing: Zhang et al. 2022 (PLATON), Eq 5-7"
     options = smoothing.options("platon")
-    state = smoothing.STATE
-    needs_gradients = True
-    zeroes_pruned = True
-
-    def init_state(self, weight, site):
-        return smoothing.init_state(weight, site)
-
-    def mask_op(self):
-        from sparsec import ops
-
-        return ops.apply_mask_dense_grad
 
     @staticmethod
     def value(grad: torch.Tensor, update: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -66,20 +54,19 @@ class Pins(Method):
         if context.optimizer is None:
             raise TrainingError("method 'pins' needs the optimizer's update (PINS Eq 11): call "
                                 "prog.attach_optimizer(optimizer) once, or prog.step(optimizer=optimizer)")
-        groups = {id(p): g for g in context.optimizer.param_groups for p in g["params"]}
-        for st in states:
-            grad = st.grad(self.name)
-            group = groups.get(id(st.weight))
-            if group is None:
-                raise TrainingError(f"method 'pins': the weight of site {st.site.name!r} is not in "
-                                    f"the attached optimizer's parameters")
-            update, before = applied_update(context.optimizer, group, st.weight, grad)
-            grid = blocks.block_reduce(self.value(grad, update, before), st.site.block, "sum")
-            smoothing.update(st.buffers, grid, self.opts["smoothing"], self.opts["beta1"], self.opts["beta2"])
+        self._group_of = {id(p): g for g in context.optimizer.param_groups for p in g["params"]}
+        super().observe(states, context)
 
-    @torch.no_grad()
-    def importance(self, state: SiteState) -> torch.Tensor:
-        return smoothing.score(state.buffers, self.opts["smoothing"])
+    def value_of(self, state: SiteState, context: StepContext) -> torch.Tensor:
+        optimizer = context.optimizer
+        assert optimizer is not None
+        group = self._group_of.get(id(state.weight))
+        if group is None:
+            raise TrainingError(f"method 'pins': the weight of site {state.site.name!r} is not in "
+                                f"the attached optimizer's parameters")
+        grad = state.grad(self.name)
+        update, before = applied_update(optimizer, group, state.weight, grad)
+        return self.value(grad, update, before)
 
 
 def applied_update(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor,

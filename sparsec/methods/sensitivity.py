@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from sparsec import blocks
 from sparsec.methods import smoothing
-from sparsec.methods.base import Method, SiteState, StepContext, register
+from sparsec.methods.base import SiteState, StepContext, register
 
 
 @register
-class Sensitivity(Method):
+class Sensitivity(smoothing.SmoothedGradientCriterion):
     """Sensitivity (PINS, Ren & Zhu 2023, Eq 4-5): the first-order estimate of the change of the
     loss when a weight is zeroed, S_i = |L(theta_-i) - L(theta)| ~= |g_i theta_i|, the baseline PINS
     compares against (PLATON is this criterion with `smoothing = "platon"`).
@@ -25,30 +24,11 @@ class Sensitivity(Method):
     summary = "keep the weights of largest |g * theta| read at every step (PINS Eq 5), optionally smoothed"
     paper = "Ren & Zhu 2023 (PINS), Eq 4-5; smoothing: Zhang et al. 2022 (PLATON), Eq 5-7"
     options = smoothing.options("none")
-    state = smoothing.STATE
-    needs_gradients = True
-    zeroes_pruned = True
-
-    def init_state(self, weight, site):
-        return smoothing.init_state(weight, site)
-
-    def mask_op(self):
-        from sparsec import ops
-
-        return ops.apply_mask_dense_grad
 
     @staticmethod
     def value(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """|g * theta| per weight (PINS Eq 5)."""
         return (grad * weight).abs()
 
-    @torch.no_grad()
-    def observe(self, states: list[SiteState], context: StepContext) -> None:
-        for st in states:
-            value = self.value(st.grad(self.name), st.weight.detach())
-            grid = blocks.block_reduce(value, st.site.block, "sum")
-            smoothing.update(st.buffers, grid, self.opts["smoothing"], self.opts["beta1"], self.opts["beta2"])
-
-    @torch.no_grad()
-    def importance(self, state: SiteState) -> torch.Tensor:
-        return smoothing.score(state.buffers, self.opts["smoothing"])
+    def value_of(self, state: SiteState, context: StepContext) -> torch.Tensor:
+        return self.value(state.grad(self.name), state.weight.detach())

@@ -18,6 +18,7 @@ import torch
 
 from sparsec import blocks
 from sparsec.ir import Site
+from sparsec.methods.base import Method, SiteState, StepContext
 from sparsec.schema import Field
 
 KINDS = ("none", "ema", "platon")
@@ -62,3 +63,35 @@ def score(buffers: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "platon":
         return buffers["ema"] * buffers["unc"]
     return buffers["ema"].clone()
+
+
+class SmoothedGradientCriterion(Method):
+    """Shared by `pins` and `sensitivity`: a per-weight value read from the step's gradient at
+    every `prog.step()`, summed per block, smoothed (`smoothing`), ranked by Top_v. Trained as PINS
+    Eq 1-2: dense gradients to every weight (the mask op passes them), pruned weights zeroed at
+    `step()`. Subclasses give `value_of(state, context)`, the per-weight value."""
+
+    state = STATE
+    needs_gradients = True
+    zeroes_pruned = True
+
+    def init_state(self, weight, site):
+        return init_state(weight, site)
+
+    def mask_op(self):
+        from sparsec import ops
+
+        return ops.apply_mask_dense_grad
+
+    def value_of(self, state: SiteState, context: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def observe(self, states: list[SiteState], context: StepContext) -> None:
+        for st in states:
+            grid = blocks.block_reduce(self.value_of(st, context), st.site.block, "sum")
+            update(st.buffers, grid, self.opts["smoothing"], self.opts["beta1"], self.opts["beta2"])
+
+    @torch.no_grad()
+    def importance(self, state: SiteState) -> torch.Tensor:
+        return score(state.buffers, self.opts["smoothing"])

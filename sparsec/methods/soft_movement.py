@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from sparsec import blocks, ops
-from sparsec.ir import Site
-from sparsec.methods.base import Method, SiteState, register
+from sparsec.methods.base import SiteState, register
+from sparsec.methods.movement import Movement
 from sparsec.schema import Field
 
 
 @register
-class SoftMovement(Method):
+class SoftMovement(Movement):
     """Soft movement pruning (Sanh et al. 2020, section 4): learned scores S trained by the
     straight-through gradient of movement pruning (dL/dS = dL/dW_eff * W, Eq 2), a fixed global
     threshold M = (S > tau) instead of Top_v, and the regularizer R(S) = lambda * sum sigmoid(S)
@@ -26,7 +25,6 @@ class SoftMovement(Method):
     summary = ("learn scores by straight-through gradients, keep S > threshold, regularize "
                "lambda * sum sigmoid(S); density is an outcome (movement pruning section 4)")
     paper = "Sanh et al. 2020, section 4 (soft movement), Eq 2"
-    learns_scores = True
     scopes = ("global",)
     density_target = False
     options = {
@@ -38,16 +36,6 @@ class SoftMovement(Method):
         "score_init": Field("float", "Initial value of every score; must be above `threshold` so "
                             "that training starts dense.", default=1.0),
     }
-
-    def init_scores(self, weight: torch.Tensor, site: Site) -> torch.Tensor:
-        grid = blocks.grid_shape(site.shape, site.block)
-        return torch.full(grid, float(self.opts["score_init"]), dtype=weight.dtype, device=weight.device)
-
-    def mask_op(self):
-        return ops.straight_through_mask
-
-    def mask_op_args(self, state_nodes, site):
-        return (state_nodes["weight"], state_nodes["mask"], state_nodes["scores"], site.block)
 
     @staticmethod
     def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
