@@ -1,17 +1,20 @@
-"""When does the block-sparse form of a linear pay off? A small cost model.
+"""When does the block-sparse form of a linear pay off? A small cost model of sparsec's kernel.
 
-A dense linear [N, K] costs N*K multiply-adds per input row. The block-sparse form stores
-R*S blocks of BR x BC (padded blocked-ELL: every block row is padded to the longest one), so it
-does `stored` = R*S*BR*BC / (N*K) of the dense work, at an efficiency that grows with the block:
-small blocks waste the vector registers and re-read the input. Estimated speedup:
+A dense linear [N, K] costs N*K multiply-adds per input row. The kernel walks only the kept blocks
+of each block row (`row_nnz`; padding slots are skipped, and the file stores only kept blocks), so
+it does `work` = kept_blocks*BR*BC / (N*K) of the dense work, at an efficiency relative to dense
+onnxruntime that depends on the block:
 
-    speedup = 1 / (stored / efficiency(BR, BC))
+    efficiency(BR, BC) = 0.93 * min(1, BR / 16) * BC / (BC + 4)
+    speedup            = efficiency / work
 
-efficiency(BR, BC) = 0.9 * sqrt(BR*BC / 1024), capped at 1: calibrated on this project's measured
-facts (docs/kernel.md, ../shared/DESIGN.md) for the native kernel against dense onnxruntime on
-[128, 768] x [3072, 768]^T: 32x32 blocks at density 0.1 ran about 9x (efficiency 0.9), 16x16 about
-4.7x (0.47). 1x1 "blocks" come out near 0.03, so unstructured sparsity never lowers: the dense
-MatMul is faster. A layer is lowered when the estimate reaches `min_speedup`.
+min(1, BR/16): a block row fills the 16 float lanes of a zmm register only when BR >= 16.
+BC / (BC + 4): the per-block cost (index load, pointer setup) against BC steps of work.
+The constant is calibrated on the measured single-layer runs (docs/kernel.md: [128, 768] x
+[3072, 768]^T at density 0.1, back to back): 32x32 blocks 8.3x (efficiency 0.83), 16x16 7.2x
+(0.72; the model says 0.74). 1x1 "blocks" come out near 0.01, so unstructured sparsity never
+lowers. On stock onnxruntime the function body computes every padded slot (S per block row) and
+is slower; the estimate is the kernel's. A layer is lowered when it reaches `min_speedup`.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-CALIBRATED_EFFICIENCY_32X32 = 0.9
+PEAK_EFFICIENCY = 0.93   # calibrated: see the module docstring
 DEFAULT_MIN_SPEEDUP = 1.5
 
 
@@ -40,9 +43,16 @@ class BlockStats:
 
     @property
     def stored(self) -> float:
-        """Fraction of the dense weight's entries the padded layout stores (and computes)."""
+        """Fraction of the dense weight's entries the padded layout holds (S slots per block row):
+        what the stock-onnxruntime function body computes."""
         n, k = self.shape
         return self.grid[0] * self.max_per_row * self.block[0] * self.block[1] / (n * k)
+
+    @property
+    def work(self) -> float:
+        """Fraction of the dense multiply-adds the kernel does: the kept blocks only."""
+        n, k = self.shape
+        return self.kept_blocks * self.block[0] * self.block[1] / (n * k)
 
 
 def block_stats(weight: torch.Tensor, block: tuple[int, int]) -> BlockStats:
@@ -59,11 +69,12 @@ def block_stats(weight: torch.Tensor, block: tuple[int, int]) -> BlockStats:
 
 
 def efficiency(block: tuple[int, int]) -> float:
-    """Useful work per stored weight of the block-sparse kernel relative to a dense MatMul."""
-    return min(1.0, CALIBRATED_EFFICIENCY_32X32 * math.sqrt(block[0] * block[1] / 1024))
+    """Useful work per kept weight of the kernel relative to a dense MatMul (see the docstring)."""
+    br, bc = block
+    return PEAK_EFFICIENCY * min(1.0, br / 16) * bc / (bc + 4)
 
 
 def estimated_speedup(stats: BlockStats) -> float:
-    if stats.stored == 0:
+    if stats.work == 0:
         return math.inf
-    return efficiency(stats.block) / stats.stored
+    return efficiency(stats.block) / stats.work

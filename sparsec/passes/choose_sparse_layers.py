@@ -97,9 +97,9 @@ class ChooseSparseLayers(Pass):
         block = self.block or ((site.block[1], site.block[0]) if transposed else site.block)
         stats = cost.block_stats(matrix, block)
         speedup = cost.estimated_speedup(stats)
-        facts = (f"stores {stats.stored:.1%} of the weights: {stats.kept_blocks}/"
+        facts = (f"{stats.work:.1%} of the dense work: {stats.kept_blocks}/"
                  f"{stats.grid[0] * stats.grid[1]} blocks of {block[0]}x{block[1]}, "
-                 f"padded to {stats.max_per_row} per block row")
+                 f"up to {stats.max_per_row} per block row")
         if self.policy == "never":
             lower, reason = False, "lowering disabled (policy never)"
         elif self.policy == "always":
