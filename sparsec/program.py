@@ -28,8 +28,8 @@ import torch.fx as fx
 
 from sparsec import blocks, methods, schedules
 from sparsec.ir import Site, get_attr_value, graph_info
-from sparsec.errors import TrainingError
-from sparsec.methods.base import SiteState, StepContext
+from sparsec.errors import SpecError, TrainingError
+from sparsec.methods.base import MaskContext, SiteState, StepContext
 from sparsec.passes.attach_schedule import TRAINING_TABLES, GroupPlan
 from sparsec.passes.insert_masks import mask_name, scores_name, state_name
 from sparsec.topv import top_v
@@ -48,6 +48,12 @@ class Program(torch.nn.Module):
         self._plans: tuple[GroupPlan, ...] = info.attached["groups"]
         self._methods: dict[int, methods.Method] = info.attached["methods"]
         self._schedule = info.attached["schedule"]
+        for plan in self._plans:
+            kinds = self._methods[plan.index].schedule_kinds
+            if kinds and self._schedule.kind not in kinds:
+                allowed = ", ".join(repr(k) for k in kinds)
+                raise SpecError([f"schedule.kind: {self._schedule.kind!r} is not supported by method "
+                                 f"{self._methods[plan.index].name!r} (allowed: {allowed})"])
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
         if any(m.needs_estimate for m in self._methods.values()):
             # the step at which prog.estimate_fisher last ran (-1: never)
@@ -279,7 +285,10 @@ class Program(torch.nn.Module):
                 f"{', ...' if len(plan.sites) > 3 else ''}) prunes at step {int(self.step_count)} "
                 f"but has no fresh estimate: call prog.estimate_fisher(examples, loss_fn) after "
                 f"optimizer.step() and before prog.step() whenever prog.estimate_due()")
-        chosen = method.select(states, density, plan.scope)
+        context = MaskContext(step=int(self.step_count), kind=self._schedule.kind,
+                              total=int(self._schedule.total), every=int(self._schedule.every),
+                              optimizer=self._optimizer)
+        chosen = method.select_at(states, density, plan.scope, context)
         if chosen is not None:
             for st, grid in zip(states, chosen):
                 st.mask.copy_(blocks.expand(grid, st.site.shape, st.site.block))

@@ -473,7 +473,22 @@ def _check_method_scope(resolved: Mapping[str, Any]) -> list[Problem]:
             continue
         allowed = ", ".join(repr(s) for s in cls.scopes)
         problems.append((f"prune[{i}].scope", f"{scope!r} is not supported by method {cls.name!r} "
-                                              f"(allowed: {allowed}; {cls.name} is global by nature)"))
+                                              f"(allowed: {allowed})"))
+    return problems
+
+
+@register_check("A method's schedule is one it supports: `dynsparse` keeps its density constant "
+                "(`schedule.kind = \"constant\"`).")
+def _check_schedule_kind(resolved: Mapping[str, Any]) -> list[Problem]:
+    kind = (resolved.get("schedule") or {}).get("kind")
+    problems = []
+    for i, group in enumerate(resolved.get("prune") or []):
+        cls = methods.registered().get(group.get("method"))  # type: ignore[arg-type]
+        if cls is None or kind is None or not cls.schedule_kinds or kind in cls.schedule_kinds:
+            continue
+        allowed = ", ".join(repr(k) for k in cls.schedule_kinds)
+        problems.append(("schedule.kind", f"{kind!r} is not supported by method {cls.name!r} of "
+                                          f"prune[{i}] (allowed: {allowed})"))
     return problems
 
 

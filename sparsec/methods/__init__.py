@@ -10,8 +10,9 @@ from __future__ import annotations
 from sparsec.methods.base import Method, SiteState, get, names, register, registered
 
 # Import the built-in methods so they register themselves.
-# The order is the order of docs/spec.md: movement-pruning paper, PINS, loss modelling.
+# The order is the order of docs/spec.md: movement-pruning paper, PINS, loss modelling, DynSparse.
 from sparsec.methods import magnitude, movement, soft_movement, l0  # noqa: E402,F401,I001
 from sparsec.methods import pins, sensitivity, loss_modelling  # noqa: E402,F401,I001
+from sparsec.methods import dynsparse  # noqa: E402,F401,I001
 
 __all__ = ["Method", "SiteState", "get", "names", "register", "registered"]

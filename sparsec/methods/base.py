@@ -13,6 +13,9 @@ Program calls its hooks; every hook has a default, so a method overrides only wh
                                      gradient-based criteria read `weight.grad` here
     importance(state)                block-grid importance, higher is kept (Top_v over it)
     select(states, density, scope)   the mask grids directly (None: Top_v over `importance`)
+    select_at(states, density, scope, context)
+                                     the same, with the step being recomputed and the schedule
+                                     (`MaskContext`); defaults to `select` (dynsparse needs the step)
     regularization(states)           a term added to the loss (None: nothing)
     accept_estimate(state, ...)      the gradient / diagonal Fisher of `prog.estimate_fisher`
 
@@ -62,6 +65,19 @@ class StepContext:
     optimizer: torch.optim.Optimizer | None
 
 
+@dataclass
+class MaskContext:
+    """What `Program` passes to `Method.select_at` when it recomputes a group's masks: the step
+    (`prog.step_count`; 0 when the Program is built), the [schedule] settings and the attached
+    optimizer (None when none is attached)."""
+
+    step: int
+    kind: str
+    total: int
+    every: int
+    optimizer: torch.optim.Optimizer | None
+
+
 class Method:
     """A pruning criterion.
 
@@ -80,6 +96,8 @@ class Method:
       prune_only      True when pruned blocks never come back (loss modelling, Algorithm 1)
       zeroes_pruned   True when `step()` sets pruned weights to zero in place (PINS Eq 2:
                       theta <- theta_hat * M), for methods whose mask op passes dense gradients
+      schedule_kinds  the `[schedule] kind` values the method accepts (empty: every kind); the
+                      Program rejects others when it is built
     """
 
     name: ClassVar[str]
@@ -94,6 +112,7 @@ class Method:
     needs_estimate: ClassVar[bool] = False
     prune_only: ClassVar[bool] = False
     zeroes_pruned: ClassVar[bool] = False
+    schedule_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         opts = {key: f.default for key, f in self.options.items()}
@@ -139,6 +158,11 @@ class Method:
         """Block-grid masks for the group's sites (bool or float), or None for Top_v over
         `importance` at `density` within `scope`."""
         return None
+
+    def select_at(self, states: list[SiteState], density: float, scope: str,
+                  context: MaskContext) -> list[torch.Tensor] | None:
+        """`select` for methods that need the step or the optimizer (default: `select`)."""
+        return self.select(states, density, scope)
 
     def regularization(self, states: list[SiteState]) -> torch.Tensor | None:
         """The method's term of the loss, or None."""
