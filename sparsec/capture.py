@@ -3,7 +3,7 @@
 `torch.export.export(strict=False)` first (it handles transformers-5 models, which
 `symbolic_trace` cannot), `torch.fx.symbolic_trace` as the fallback for plain modules. The model
 is captured in train mode so that dropout and batch norm appear with their train-time arguments;
-the `make_mode_aware` pass then makes them follow `train()` / `eval()` again.
+the `make_mode_aware` pass then makes them follow the train/eval mode again.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _via_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool
         warnings.simplefilter("ignore")
         program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     stateful = program.module()
-    # A plain GraphModule: the exported module refuses train()/eval(); this one does not.
+    # A plain GraphModule: the exported module refuses to switch train/eval mode; this one does not.
     gm = fx.GraphModule(stateful, stateful.graph)
     graph_info(gm).capture = "torch.export"
     graph_info(gm).facts.add("captured")
@@ -95,7 +95,7 @@ def _via_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool
 
 class _Tracer(fx.Tracer):
     """Traces through linear/conv modules so their weights appear as get_attr nodes; keeps
-    train/eval-dependent modules as leaves so they still follow `train()` / `eval()`."""
+    train/eval-dependent modules as leaves so they still follow the train/eval mode."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _MODE_MODULES)

@@ -133,6 +133,6 @@ def format_ir(gm: fx.GraphModule, title: str = "") -> str:
             f"block={list(site.block)} padding={list(site.padding)}"
         )
     for node in nodes_with_role(gm, ROLE_MODE):
-        lines.append(f"# {node.name}: follows train()/eval() ({node_info(node).detail})")  # type: ignore[union-attr]
+        lines.append(f"# {node.name}: follows the train/eval mode ({node_info(node).detail})")  # type: ignore[union-attr]
     code = gm.code.strip("\n")
     return "\n".join(lines) + "\n\n" + code + "\n"

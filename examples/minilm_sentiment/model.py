@@ -11,7 +11,7 @@ Both install offline from PyPI and nothing is committed:
 mean-pooled sentence embeddings (so the dense accuracy in the report is meaningful); sparsec then
 fine-prunes the whole encoder with movement pruning (see spec.toml):
 
-    sparsec compile examples/minilm_polarity/model.py --spec examples/minilm_polarity/spec.toml
+    sparsec compile examples/minilm_sentiment/model.py --spec examples/minilm_sentiment/spec.toml
 """
 from __future__ import annotations
 
