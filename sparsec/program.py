@@ -153,6 +153,8 @@ class Program(torch.nn.Module):
         total = torch.zeros(())
         for plan in self._plans:
             method = self._methods[plan.index]
+            if not method.regularizes():
+                continue
             reg = method.regularization([self._state(n) for n in plan.sites])
             if reg is not None:
                 total = total + reg

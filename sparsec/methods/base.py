@@ -125,6 +125,11 @@ class Method:
         keeps `step()` cheap for the other methods)."""
         return cls.observe is not Method.observe
 
+    @classmethod
+    def regularizes(cls) -> bool:
+        """True when the method overrides `regularization` (the Program skips it otherwise)."""
+        return cls.regularization is not Method.regularization
+
     def init_scores(self, weight: torch.Tensor, site: Site) -> torch.Tensor | None:
         """Initial block-grid scores for a site, or None when the method learns none."""
         return None
