@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparsec
+from sparsec import runtime
 from sparsec.export import ExportError, feeds, outputs, relative_error, stored_values
 from sparsec.lowering.translate import DOMAIN, OP_TYPE, sparse_nodes
 from tests.helpers import spec_dict, zoo_inputs, zoo_model
@@ -137,6 +138,20 @@ def test_transformers_models_export_and_match(tmp_path, name):
     got = session.run(None, feeds(session, other_args, other_kwargs))
     assert relative_error(got, want) < 1e-4
     assert all(np.isfinite(g).all() for g in got)
+    # attention runs as one ONNX Attention on [batch, seq, heads * head] projections: no Transposes
+    onnx_model = onnx.load(result.path)
+    ops = [n.op_type for n in onnx_model.graph.node]
+    assert "Attention" in ops and "Transpose" not in ops
+    assert all(any(a.name == "q_num_heads" for a in n.attribute) for n in onnx_model.graph.node
+               if n.op_type == "Attention")
+    if name == "bert":  # Gelu and the residual Adds are folded into the sparse layers' epilogue
+        assert "Gelu" not in ops
+        assert any(a.name == "activation" and a.s == b"gelu" for n in sparse_nodes(onnx_model) for a in n.attribute)
+        assert sum(len(n.input) == 7 for n in sparse_nodes(onnx_model)) >= 2
+    if runtime.kernel_available():
+        session = runtime.session(result.path)
+        got = session.run(None, feeds(session, other_args, other_kwargs))
+        assert relative_error(got, want) < 1e-4
 
 
 def test_padding_slots_are_not_stored(tmp_path):
@@ -178,7 +193,7 @@ def _guarded_attention(fill: float) -> onnx.ModelProto:
 
 
 def test_softmax_nan_guard_dropped_only_for_a_finite_mask_bias():
-    from sparsec.export import drop_softmax_nan_guards
+    from sparsec.lowering.onnx_fusions import drop_softmax_nan_guards
 
     finite = _guarded_attention(float(np.finfo(np.float32).min))
     before = finite.SerializeToString()

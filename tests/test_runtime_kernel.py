@@ -309,3 +309,72 @@ def test_session_skips_the_slow_skip_layer_norm_fusion(tmp_path):
 
     assert "SkipLayerNormalization" not in optimized_ops(True)
     assert "SkipLayerNormalization" in optimized_ops(False)
+
+
+def epilogue_reference(x: np.ndarray, packed: PackedBlocks, bias: np.ndarray | None, activation: str,
+                       residual: np.ndarray | None) -> np.ndarray:
+    y = torch.from_numpy(reference(x, packed, bias).astype(np.float64))
+    if activation:
+        y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if residual is not None:
+        y = y + torch.from_numpy(residual.astype(np.float64))
+    return y.numpy()
+
+
+EPILOGUES = [("gelu", False), ("gelu_tanh", False), ("", True), ("gelu", True)]
+
+
+@pytest.mark.parametrize("activation,residual", EPILOGUES, ids=["gelu", "gelu_tanh", "residual", "gelu+residual"])
+@pytest.mark.parametrize("n,k,block,int8", [(96, 128, (32, 32), False), (70, 45, (32, 32), False),
+                                             (100, 70, (16, 16), True), (50, 45, (8, 32), False)],
+                         ids=["32x32", "32x32-ragged", "int8-16x16-ragged", "8x32-ragged"])
+def test_epilogue_function_body_and_kernel(kernel_library, n, k, block, int8, activation, residual):
+    """act(X W^T + b) + residual, on stock onnxruntime (function body) and with the kernel, for rows
+    1, odd and 128 and a 3-D input; pre-activations span the GELU's curved range (scaled inputs)."""
+    packed, b = make_layer(n, k, block, 0.4, int8=int8)
+    for rows in ROWS:
+        shape = tuple(d for d in rows if d is not None)
+        model = onnx_op.single_layer_model(packed, b, leading=len(shape), activation=activation,
+                                           residual=residual)
+        x = 3 * inputs(shape + (k,))
+        r = inputs(shape + (n,), seed=5) if residual else None
+        feeds = {"x": x, **({"r": r} if residual else {})}
+        want = epilogue_reference(x, packed, b, activation, r)
+        for sess in (stock_session(model), kernel_session(model)):
+            np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation):
+    """Each micro-kernel family applies the same epilogue, over the whole GELU range (|v| up to ~12,
+    where the erf tail and the exp clamp matter) and for rows 1 and many."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed, b = make_layer(70, 200, (32, 32), 0.4, seed=4)
+    model = onnx_op.single_layer_model(packed, b, activation=activation, residual=True)
+    sess = kernel_session(model)
+    for m in (1, 13, 50):
+        x = 8 * inputs((m, 200), seed=m)
+        r = inputs((m, 70), seed=m + 1)
+        want = epilogue_reference(x, packed, b, activation, r)
+        np.testing.assert_allclose(sess.run(None, {"x": x, "r": r})[0], want, rtol=2e-5, atol=2e-5)
+
+
+def test_epilogue_overloads_and_bad_inputs(kernel_library):
+    packed, b = make_layer(64, 40, (16, 16), 0.5)
+    model = onnx_op.single_layer_model(packed, b, activation="gelu_tanh", residual=True)
+    onnx.checker.check_model(model)
+    node = next(n for n in model.graph.node if n.domain == onnx_op.DOMAIN)
+    assert node.overload == model.functions[0].overload == "fp32_bias_gelu_tanh_residual"
+    assert onnx_op.Variant.parse(node.overload) == onnx_op.Variant.of(node)
+    with pytest.raises(ValueError, match="unknown BlockSparseLinear activation 'relu'"):
+        onnx_op.Variant(activation="relu")
+    with pytest.raises(ValueError, match="opset >= 20"):
+        onnx_op.function_proto(onnx_op.Variant(activation="gelu"), opset=18)
+    model.graph.input[1].type.tensor_type.shape.dim[-1].dim_param = "any"  # let a wrong width through
+    with pytest.raises(Exception, match="residual must be float \\[3, 64\\]"):
+        kernel_session(model).run(None, {"x": inputs((3, 40)), "r": inputs((3, 63))})
+    bad = onnx_op.single_layer_model(packed, b, activation="gelu")
+    next(n for n in bad.graph.node if n.domain == onnx_op.DOMAIN).attribute[-1].s = b"swish"
+    with pytest.raises(Exception, match='unknown activation "swish"'):
+        kernel_session(bad)

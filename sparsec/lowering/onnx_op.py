@@ -6,28 +6,35 @@ blocked-ELL (see block_format):
     inputs   0 X float [..., K]          1 values float [R, S, BR, BC] (int8 with scales)
              2 block_cols int64 [R, S]   3 row_nnz int64 [R]
              4 bias float [N] (optional, "" when absent)   5 scales float [R, S] (optional: INT8)
-    attrs    N, K (ints)
-    output   Y float [..., N] = X @ W^T + bias
+             6 residual float [..., N], the shape of Y (optional)
+    attrs    N, K (ints); activation (string, optional): "gelu" (erf) or "gelu_tanh"
+    output   Y float [..., N] = activation(X @ W^T + bias) + residual
+
+The activation and the residual are the layer's epilogue: the kernel applies them to each output
+tile as it stores it (sparsec.lowering.onnx_fusions folds Gelu and residual Adds into the node).
 
 Every model that uses the op carries a model-local FunctionProto of the same domain and name, so
 stock onnxruntime inlines it where sparsec's kernel is not registered. ONNX allows one function per
-(domain, name, overload); the four input variants (fp32/int8, with/without bias) are four overloads,
-and each node names its variant in `NodeProto.overload` (`make_node` sets it, `attach_functions`
-adds the functions a graph needs).
+(domain, name, overload); each variant (fp32/int8, bias, activation, residual; `Variant`) is one
+overload, named like "fp32_bias_gelu", and each node names its variant in `NodeProto.overload`
+(`make_node` sets it, `attach_functions` adds the functions a graph needs).
 
 The body gathers input column blocks per block row and runs one batched MatMul:
-X -> [M, K] -> (pad K to NBc*BC, only when BC does not divide K) -> [M, NBc, BC]
+X -> [M, NBc, BC] (K padded to NBc*BC only when BC does not divide K)
 -> Gather(block_cols, axis 1) -> [M, R, S*BC] -> Transpose -> [R, M, S*BC];
 values -> [R, S*BC, BR] (constant-folded by onnxruntime); MatMul -> [R, M, BR] -> Transpose
--> [M, R*BR] -> (columns [:N], only when BR does not divide N) -> + bias -> [..., N].
-onnxruntime fuses the input Transpose into the MatMul (FusedMatMul, transBatchA) and folds the two
-If nodes (their conditions depend on constants only), so for divisible shapes no Pad or Slice runs.
-Padding slots have zero values, so row_nnz is not needed. No ScatterND (its reduction="add" is
-wrong with 2 threads in onnxruntime 1.32).
+-> [M, R, BR] (columns [:N] only when BR does not divide N) -> [..., N] -> + bias -> Gelu -> + residual.
+onnxruntime fuses the input Transpose into the MatMul (FusedMatMul, transBatchA), folds the two
+If nodes (their conditions depend on constants only) and every shape computed from attributes and
+the values' shape, so for divisible shapes no Pad or Slice runs and only the output's leading dims
+are read at run time. Padding slots have zero values, so row_nnz is not needed. No ScatterND (its
+reduction="add" is wrong with 2 threads in onnxruntime 1.32).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -38,21 +45,56 @@ from sparsec.lowering.block_format import PackedBlocks
 DOMAIN = "sparsec"
 OP = "BlockSparseLinear"
 DOMAIN_VERSION = 1
-ONNX_OPSET = 18
+ONNX_OPSET = 23  # Gelu (in the activation epilogue) needs 20
 IR_VERSION = 10  # function overloads need IR >= 10
-INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales")
+INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual")
 
 
-def overload(int8: bool, has_bias: bool) -> str:
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # activation attribute -> Gelu's approximate
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which optional inputs and epilogue one node uses; names its function overload."""
+
+    int8: bool = False
+    bias: bool = False
+    activation: str = ""           # "" | "gelu" | "gelu_tanh"
+    residual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activation and self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown {OP} activation {self.activation!r} (allowed: {', '.join(ACTIVATIONS)})")
+
+    @property
+    def overload(self) -> str:
+        return ("int8" if self.int8 else "fp32") + ("_bias" if self.bias else "") + \
+            (f"_{self.activation}" if self.activation else "") + ("_residual" if self.residual else "")
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        match = re.fullmatch(r"(fp32|int8)(_bias)?(?:_(gelu_tanh|gelu))?(_residual)?", name)
+        if match is None:
+            raise ValueError(f"unknown {OP} overload {name!r}")
+        return cls(match[1] == "int8", bool(match[2]), match[3] or "", bool(match[4]))
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto) -> "Variant":
+        present = [i < len(node.input) and node.input[i] != "" for i in range(len(INPUTS))]
+        activation = next((helper.get_attribute_value(a).decode() for a in node.attribute
+                           if a.name == "activation"), "")
+        return cls(present[5], present[4], activation if activation != "none" else "", present[6])
+
+    def inputs(self) -> list[str]:
+        """The function's formal inputs: positional, so earlier optional slots stay ("" when absent)."""
+        used = [True] * 4 + [self.bias, self.int8, self.residual]
+        last = max(i for i, u in enumerate(used) if u)
+        return list(INPUTS[:last + 1])
+
+
+def overload(int8: bool, has_bias: bool, activation: str = "", residual: bool = False) -> str:
     """The function overload (and NodeProto.overload) naming one input variant."""
-    return ("int8" if int8 else "fp32") + ("_bias" if has_bias else "")
-
-
-def variant(overload_name: str) -> tuple[bool, bool]:
-    """(int8, has_bias) of an overload name."""
-    if overload_name not in {overload(q, b) for q in (False, True) for b in (False, True)}:
-        raise ValueError(f"unknown {OP} overload {overload_name!r}")
-    return overload_name.startswith("int8"), overload_name.endswith("_bias")
+    return Variant(int8, has_bias, activation, residual).overload
 
 
 class _Body:
@@ -81,21 +123,25 @@ class _Body:
         return self.op("Reshape", out, self.ints([1]))
 
 
-def _branch(name: str, node: onnx.NodeProto, output: str) -> onnx.GraphProto:
-    """A one-node subgraph for an If branch (reads outer-scope names, returns `output`)."""
-    return helper.make_graph([node], name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
+    """A subgraph for an If branch (reads outer-scope names, returns `output`)."""
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
 
 
-def function_proto(int8: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
-    """The standard-op body of BlockSparseLinear for one input variant (see the module docstring)."""
+def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
+    """The standard-op body of BlockSparseLinear for one variant (see the module docstring)."""
+    if variant.activation and opset < 20:
+        raise ValueError(f"{OP} activation {variant.activation!r} needs ONNX opset >= 20 (Gelu), not {opset}")
     b = _Body()
     zero, one, minus_one = b.ints([0]), b.ints([1]), b.ints([-1])
     k, n = b.attr_as_1d("K"), b.attr_as_1d("N")
 
     weight = "values"
-    if int8:
+    if variant.int8:
         scale = b.op("Unsqueeze", "scales", b.ints([2, 3]))
         weight = b.op("Mul", b.op("Cast", "values", to=TensorProto.FLOAT), scale)
+    # Every shape below but the last comes from attributes and the (constant) values' shape, so
+    # onnxruntime folds it when the session loads; only the output's leading dims are read from X.
     rows = b.op("Shape", "values", start=0, end=1)
     slots = b.op("Shape", "values", start=1, end=2)
     br = b.op("Shape", "values", start=2, end=3)
@@ -103,60 +149,61 @@ def function_proto(int8: bool, has_bias: bool, opset: int = ONNX_OPSET) -> onnx.
     col_blocks = b.op("Div", b.op("Sub", b.op("Add", k, bc), one), bc)
     pad_k = b.op("Sub", b.op("Mul", col_blocks, bc), k)
     rows_br = b.op("Mul", rows, br)
+    blocked = b.op("Concat", minus_one, col_blocks, bc, axis=0)
 
-    lead = b.op("Shape", "X", start=0, end=-1)
-    x2 = b.op("Reshape", "X", b.op("Concat", minus_one, k, axis=0))                 # [M, K]
-    m = b.op("Shape", x2, start=0, end=1)
-    # Pad K to NBc*BC only when BC does not divide K. The condition depends on constants only, so
-    # onnxruntime folds the If and keeps one branch: no copy of X when K is a multiple of BC.
-    pads = b.op("Concat", zero, zero, zero, pad_k, axis=0)
-    xp = f"x_padded_{len(b.nodes)}"
+    # [..., K] -> [M, NBc, BC], padding K to NBc*BC only when BC does not divide K. The condition
+    # depends on constants only, so onnxruntime folds the If and keeps one branch.
+    x3 = f"x_blocked_{len(b.nodes)}"
+    padded = [helper.make_node("Reshape", ["X", b.op("Concat", minus_one, k, axis=0)], [x3 + "_2d"]),
+              helper.make_node("Pad", [x3 + "_2d", b.op("Concat", zero, zero, zero, pad_k, axis=0)], [x3 + "_pad"]),
+              helper.make_node("Reshape", [x3 + "_pad", blocked], [x3 + "_padded"])]
     b.nodes.append(helper.make_node(
-        "If", [b.op("Equal", pad_k, zero)], [xp],
-        then_branch=_branch("k_divisible", helper.make_node("Identity", [x2], [xp + "_same"]), xp + "_same"),
-        else_branch=_branch("k_padded", helper.make_node("Pad", [x2, pads], [xp + "_pad"]), xp + "_pad")))
-    x3 = b.op("Reshape", xp, b.op("Concat", m, col_blocks, bc, axis=0))             # [M, NBc, BC]
+        "If", [b.op("Equal", pad_k, zero)], [x3],
+        then_branch=_branch("k_divisible", [helper.make_node("Reshape", ["X", blocked], [x3 + "_same"])], x3 + "_same"),
+        else_branch=_branch("k_padded", padded, x3 + "_padded")))
     xg = b.op("Gather", x3, "block_cols", axis=1)                                   # [M, R, S, BC]
-    xg = b.op("Reshape", xg, b.op("Concat", m, rows, b.op("Mul", slots, bc), axis=0))  # [M, R, S*BC]
+    xg = b.op("Reshape", xg, b.op("Concat", minus_one, rows, b.op("Mul", slots, bc), axis=0))  # [M, R, S*BC]
     xg = b.op("Transpose", xg, perm=[1, 0, 2])                                      # [R, M, S*BC]
     wt = b.op("Transpose", weight, perm=[0, 1, 3, 2])                               # [R, S, BC, BR]
     wt = b.op("Reshape", wt, b.op("Concat", rows, minus_one, br, axis=0))           # [R, S*BC, BR]
     yr = b.op("MatMul", xg, wt)                                                     # [R, M, BR]
     y = b.op("Transpose", yr, perm=[1, 0, 2])                                       # [M, R, BR]
-    y = b.op("Reshape", y, b.op("Concat", m, rows_br, axis=0))                      # [M, R*BR]
+    # [M, R, BR] holds [M, N] when BR divides N; else the last block row's extra columns are cut.
     ys = f"y_cut_{len(b.nodes)}"
+    cut = [helper.make_node("Reshape", [y, b.op("Concat", minus_one, rows_br, axis=0)], [ys + "_2d"]),
+           helper.make_node("Slice", [ys + "_2d", zero, n, one], [ys + "_cut"])]
     b.nodes.append(helper.make_node(
         "If", [b.op("Equal", rows_br, n)], [ys],
-        then_branch=_branch("n_divisible", helper.make_node("Identity", [y], [ys + "_same"]), ys + "_same"),
-        else_branch=_branch("n_cut", helper.make_node("Slice", [y, zero, n, one], [ys + "_cut"]), ys + "_cut")))
-    y = ys                                                                          # [M, N]
-    if has_bias:
+        then_branch=_branch("n_divisible", [helper.make_node("Identity", [y], [ys + "_same"])], ys + "_same"),
+        else_branch=_branch("n_cut", cut, ys + "_cut")))
+    y = b.op("Reshape", ys, b.op("Concat", b.op("Shape", "X", start=0, end=-1), n, axis=0))  # [..., N]
+    if variant.bias:
         y = b.op("Add", y, "bias")
-    b.nodes.append(helper.make_node("Reshape", [y, b.op("Concat", lead, n, axis=0)], ["Y"]))
+    if variant.activation:
+        y = b.op("Gelu", y, approximate=ACTIVATIONS[variant.activation])
+    if variant.residual:
+        y = b.op("Add", y, "residual")
+    b.nodes[-1].output[0] = "Y"  # the last node computed y
 
-    inputs = list(INPUTS[:4])
-    if has_bias or int8:
-        inputs.append("bias")  # positional: the int8 variant has bias in slot 4 even when it is ""
-    if int8:
-        inputs.append("scales")
-    fn = helper.make_function(DOMAIN, OP, inputs, ["Y"], b.nodes,
-                              [helper.make_opsetid("", opset)], attributes=["N", "K"],
-                              doc_string=f"{OP} ({overload(int8, has_bias)}): Y = X @ W^T + bias, "
+    attributes = ["N", "K"] + (["activation"] if variant.activation else [])
+    fn = helper.make_function(DOMAIN, OP, variant.inputs(), ["Y"], b.nodes,
+                              [helper.make_opsetid("", opset)], attributes=attributes,
+                              doc_string=f"{OP} ({variant.overload}): Y = act(X @ W^T + bias) + residual, "
                                          "W in padded blocked-ELL")
-    fn.overload = overload(int8, has_bias)
+    fn.overload = variant.overload
     return fn
 
 
 def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n: int, k: int, *,
-              bias: str | None = None, scales: str | None = None, name: str | None = None) -> onnx.NodeProto:
+              bias: str | None = None, scales: str | None = None, activation: str = "",
+              residual: str | None = None, name: str | None = None) -> onnx.NodeProto:
     """A BlockSparseLinear node; its overload follows from which optional inputs are given."""
-    inputs = [x, values, block_cols, row_nnz]
-    if bias or scales:
-        inputs.append(bias or "")
-    if scales:
-        inputs.append(scales)
-    node = helper.make_node(OP, inputs, [output], name=name, domain=DOMAIN, N=int(n), K=int(k))
-    node.overload = overload(bool(scales), bool(bias))
+    variant = Variant(bool(scales), bool(bias), activation, bool(residual))
+    inputs = [x, values, block_cols, row_nnz, bias or "", scales or "", residual or ""]
+    attrs = {"activation": activation} if activation else {}
+    node = helper.make_node(OP, inputs[:len(variant.inputs())], [output], name=name, domain=DOMAIN,
+                            N=int(n), K=int(k), **attrs)
+    node.overload = variant.overload
     return node
 
 
@@ -167,7 +214,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     needed = {node.overload for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP}
     for name in sorted(needed):
         if (DOMAIN, OP, name) not in present:
-            model.functions.append(function_proto(*variant(name), opset=opset))
+            model.functions.append(function_proto(Variant.parse(name), opset=opset))
     if needed and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     if needed and model.ir_version < IR_VERSION:
@@ -181,9 +228,9 @@ def _io(name: str, leading: int, last: int | str) -> onnx.ValueInfoProto:
 
 
 def _model(nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorProto], k: int, n: int,
-           leading: int, opset: int, name: str) -> onnx.ModelProto:
-    graph = helper.make_graph(list(nodes), name, [_io("x", leading, k)], [_io("y", leading, n)],
-                              initializer=list(initializers))
+           leading: int, opset: int, name: str, residual: bool = False) -> onnx.ModelProto:
+    inputs = [_io("x", leading, k)] + ([_io("r", leading, n)] if residual else [])
+    graph = helper.make_graph(list(nodes), name, inputs, [_io("y", leading, n)], initializer=list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sparsec")
     model.ir_version = IR_VERSION
     return model
@@ -208,10 +255,11 @@ def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
 
 
 def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, leading: int = 1,
-                       compact: bool = True, opset: int = ONNX_OPSET,
-                       name: str = "block_sparse_linear") -> onnx.ModelProto:
+                       compact: bool = True, opset: int = ONNX_OPSET, activation: str = "",
+                       residual: bool = False, name: str = "block_sparse_linear") -> onnx.ModelProto:
     """A model y = BlockSparseLinear(x) with the weight as initializers; x is [d0.., K] with
-    `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values)."""
+    `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values).
+    `activation` and `residual` add the epilogue; the residual is a second input "r" shaped like y."""
     nodes: list[onnx.NodeProto] = []
     inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
              numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
@@ -226,8 +274,9 @@ def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, 
         inits.append(numpy_helper.from_array(packed.scales, "W.scales"))
     node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K,
                      bias="bias" if bias is not None else None,
-                     scales="W.scales" if packed.scales is not None else None, name=name)
-    return attach_functions(_model([*nodes, node], inits, packed.K, packed.N, leading, opset, name))
+                     scales="W.scales" if packed.scales is not None else None, activation=activation,
+                     residual="r" if residual else None, name=name)
+    return attach_functions(_model([*nodes, node], inits, packed.K, packed.N, leading, opset, name, residual))
 
 
 def dense_layer_model(weight: np.ndarray, bias: np.ndarray | None = None, *, leading: int = 1,

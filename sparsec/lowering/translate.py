@@ -58,25 +58,13 @@ def sparse_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
 
 
-def _initializer_types(model: onnx.ModelProto) -> dict[str, int]:
-    return {init.name: init.data_type for init in model.graph.initializer}
-
-
-def variant(node: onnx.NodeProto, types: dict[str, int]) -> tuple[bool, bool]:
-    """(int8 blocks, has bias) of one BlockSparseLinear node."""
-    int8 = len(node.input) > 5 and node.input[5] != ""
-    bias = len(node.input) > 4 and node.input[4] != ""
-    return int8, bias
-
-
 def attach_functions(model: onnx.ModelProto) -> None:
-    """Name each sparsec node's input variant (NodeProto.overload) and add the model-local
-    FunctionProto overloads that give them a standard-op body (sparsec.lowering.onnx_op)."""
+    """Name each sparsec node's variant (NodeProto.overload) and add the model-local FunctionProto
+    overloads that give them a standard-op body (sparsec.lowering.onnx_op)."""
     from sparsec.lowering import onnx_op
 
-    types = _initializer_types(model)
     for node in sparse_nodes(model):
-        int8, bias = variant(node, types)
-        del node.input[6 if int8 else 5 if bias else 4:]   # no trailing absent optional inputs
-        node.overload = onnx_op.overload(int8, bias)
+        variant = onnx_op.Variant.of(node)
+        del node.input[len(variant.inputs()):]   # no trailing absent optional inputs
+        node.overload = variant.overload
     onnx_op.attach_functions(model)

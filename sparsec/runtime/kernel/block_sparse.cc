@@ -4,7 +4,8 @@
 // register tile of MR input rows, for each block row r of the group, for each (up to 64-wide)
 // column chunk, it walks the kept blocks of row r; for each reduction index j of a block it loads
 // the BR weights W[r*BR + i, c*BC + j] (contiguous after packing) and multiplies them by
-// X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers, then adds the bias and stores
+// X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers, then runs the epilogue (bias,
+// activation, residual) on the registers and stores
 // with a mask (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and
 // each task writes one contiguous run per output row.
 //
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -133,12 +135,40 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
 }
 
 // ------------------------------------------------------------------------------------------------
-// Scalar fallback: same packed layout, plain loops (the compiler may auto-vectorise for the base ISA).
+// Epilogue, scalar: the reference the vector versions follow (and what the AVX2 path applies to
+// each stored tile).
 
 namespace {
 
+float activate_scalar(float v, Activation act) {
+  switch (act) {
+    case Activation::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Activation::kGeluTanh: {
+      const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(u));
+    }
+    default: return v;
+  }
+}
+
+// Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).
+void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy) {
+  if (ep.act == Activation::kNone && ep.residual == nullptr) return;
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t i = 0; i < ncols; ++i) {
+      float v = activate_scalar(y[m * ldy + i], ep.act);
+      if (res != nullptr) v += res[m * ldy + i];
+      y[m * ldy + i] = v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scalar fallback: same packed layout, plain loops (the compiler may auto-vectorise for the base ISA).
+
 void block_rows_scalar(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
-                       const float* bias, float* y) {
+                       const Epilogue& ep, float* y) {
   float acc[64];
   for (int64_t m = 0; m < rows; ++m) {
     const float* xm = x + m * w.K;
@@ -158,7 +188,9 @@ void block_rows_scalar(const PackedWeight& w, int64_t r0, int64_t r1, const floa
           }
         }
         float* ym = y + m * w.N + r * w.BR + o0;
-        for (int64_t i = 0; i < width; ++i) ym[i] = acc[i] + (bias ? bias[r * w.BR + o0 + i] : 0.0f);
+        const float* bias = ep.bias ? ep.bias + r * w.BR + o0 : nullptr;
+        for (int64_t i = 0; i < width; ++i) ym[i] = acc[i] + (bias ? bias[i] : 0.0f);
+        finish_tile_scalar(ep, ym, 1, width, w.N);
       }
     }
   }
@@ -175,22 +207,84 @@ SPARSEC_AVX512 SPARSEC_INLINE __mmask16 lane_mask16(int64_t n) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// exp(x): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error
+// below 2e-7), times 2^n. Inputs are clamped to where float neither overflows nor flushes.
+SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 = hi + lo
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// gelu(v) = v * Phi(v). With z = |v| / sqrt(2), erfc(z) ~ t * P(t) * exp(-z^2), t = 1 / (1 + p z)
+// (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7); then Phi(v) = 1 - erfc(z) / 2 for v >= 0
+// and erfc(z) / 2 for v < 0, which keeps the negative tail accurate (no 1 - erf cancellation).
+SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(p, t), exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z))),
+                                         _mm512_set1_ps(0.5f));
+  const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), half_erfc);
+  return _mm512_mul_ps(v, phi);
+}
+
+// gelu_tanh(v) = v * (1 + tanh(u)) / 2 = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3).
+SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_tanh512(__m512 v) {
+  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v), _mm512_set1_ps(-1.5957691216057308f));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
+}
+
+SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
+  if (act == Activation::kGelu) return gelu512(v);
+  if (act == Activation::kGeluTanh) return gelu_tanh512(v);
+  return v;
+}
+
 template <int NV, int MR>
 SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int64_t mr, int64_t ncols,
-                                                    const float* bias, float* y, int64_t ldy) {
+                                                    const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
   __mmask16 mask[NV];
   __m512 b[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
     mask[v] = lane_mask16(ncols - 16 * v);
-    b[v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
+    b[v] = ep.bias ? _mm512_maskz_loadu_ps(mask[v], ep.bias + col + 16 * v) : _mm512_setzero_ps();
   }
+  if (ep.act == Activation::kNone && ep.residual == nullptr) {
 #pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      if (m >= mr) break;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], _mm512_add_ps(acc[m][v], b[v]));
+      }
+    }
+    return;
+  }
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], _mm512_add_ps(acc[m][v], b[v]));
+      __m512 out = activate512(_mm512_add_ps(acc[m][v], b[v]), ep.act);
+      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * ldy + 16 * v));
+      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], out);
     }
   }
 }
@@ -198,7 +292,7 @@ SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int6
 // Rows of the tile at or beyond `mr` re-read row mr-1 (always valid memory) and are not stored.
 template <int NV, int MR>
 SPARSEC_AVX512 void tile_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
-                                int64_t mr, const float* bias, float* y) {
+                                int64_t mr, const Epilogue& ep, float* y) {
   const int64_t K = w.K;
   const int64_t BRp = w.BRp;
   int64_t row_off[MR];
@@ -229,13 +323,13 @@ SPARSEC_AVX512 void tile_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
       }
     }
   }
-  store_tile_avx512<NV, MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
 // One input row (decoding): U independent accumulator sets over j hide the FMA latency.
 template <int NV>
 SPARSEC_AVX512 void row1_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
-                                const float* bias, float* y) {
+                                const Epilogue& ep, float* y) {
   constexpr int U = NV <= 2 ? 4 : 2;
   const int64_t BRp = w.BRp;
   __m512 acc[U][NV];
@@ -273,7 +367,7 @@ SPARSEC_AVX512 void row1_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) sum[0][v] = _mm512_add_ps(sum[0][v], acc[u][v]);
   }
-  store_tile_avx512<NV, 1>(sum, 1, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, 1>(sum, 1, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
 // Register budget (32 zmm): MR * NV accumulators + NV weight vectors + one broadcast.
@@ -295,16 +389,16 @@ inline void prefetch_block_row(const PackedWeight& w, int64_t r) {
 // A tile of `mr` rows (mr <= Tiles512<NV>::kBig) with the smallest register tile that holds it.
 template <int NV>
 void tile_fit_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x, int64_t mr,
-                     const float* bias, float* y) {
+                     const Epilogue& ep, float* y) {
   using T = Tiles512<NV>;
   if (mr == 1) {
-    row1_avx512<NV>(w, r, o0, ncols, x, bias, y);
+    row1_avx512<NV>(w, r, o0, ncols, x, ep, y);
   } else if (mr <= T::kSmall) {
-    tile_avx512<NV, T::kSmall>(w, r, o0, ncols, x, mr, bias, y);
+    tile_avx512<NV, T::kSmall>(w, r, o0, ncols, x, mr, ep, y);
   } else if (mr <= T::kMid) {
-    tile_avx512<NV, T::kMid>(w, r, o0, ncols, x, mr, bias, y);
+    tile_avx512<NV, T::kMid>(w, r, o0, ncols, x, mr, ep, y);
   } else {
-    tile_avx512<NV, T::kBig>(w, r, o0, ncols, x, mr, bias, y);
+    tile_avx512<NV, T::kBig>(w, r, o0, ncols, x, mr, ep, y);
   }
 }
 
@@ -320,7 +414,7 @@ int64_t tile_height_avx512(int64_t nv) {
 // Row tile outer, block rows inner: the input tile stays in L1 while the block rows' weights stream
 // from L2, and each output row is written as one contiguous run per task.
 void block_rows_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
-                       const float* bias, float* y) {
+                       const Epilogue& ep, float* y) {
   // Narrower column chunks (the last block row, the tail of BR > 64) have taller register tiles.
   const int64_t height = tile_height_avx512(std::min<int64_t>(4, w.BRp / 16));
   for (int64_t m = 0; m < rows; m += height) {
@@ -333,10 +427,10 @@ void block_rows_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const floa
       for (int64_t o0 = 0; o0 < ncols_row; o0 += 64) {
         const int64_t ncols = std::min<int64_t>(64, ncols_row - o0);
         switch ((ncols + 15) / 16) {
-          case 1: tile_fit_avx512<1>(w, r, o0, ncols, xm, mr, bias, ym); break;
-          case 2: tile_fit_avx512<2>(w, r, o0, ncols, xm, mr, bias, ym); break;
-          case 3: tile_fit_avx512<3>(w, r, o0, ncols, xm, mr, bias, ym); break;
-          default: tile_fit_avx512<4>(w, r, o0, ncols, xm, mr, bias, ym); break;
+          case 1: tile_fit_avx512<1>(w, r, o0, ncols, xm, mr, ep, ym); break;
+          case 2: tile_fit_avx512<2>(w, r, o0, ncols, xm, mr, ep, ym); break;
+          case 3: tile_fit_avx512<3>(w, r, o0, ncols, xm, mr, ep, ym); break;
+          default: tile_fit_avx512<4>(w, r, o0, ncols, xm, mr, ep, ym); break;
         }
       }
     }
@@ -394,7 +488,7 @@ struct XPanel {
 // padding (MR never exceeds the panel's tile height) and are not stored.
 template <int NV, int MR, int BC>
 SPARSEC_AVX512 void tile_packed_avx512(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols,
-                                       const float* xt, int64_t col_stride, int64_t mr, const float* bias,
+                                       const float* xt, int64_t col_stride, int64_t mr, const Epilogue& ep,
                                        float* y) {
   const int64_t BRp = w.BRp;
   __m512 acc[MR][NV];
@@ -419,28 +513,28 @@ SPARSEC_AVX512 void tile_packed_avx512(const PackedWeight& w, int64_t r, int64_t
       }
     }
   }
-  store_tile_avx512<NV, MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
 // The smallest register tile (4, 8, 12 or 16 rows, at most H and within the register budget) that
 // holds `mr` rows.
 template <int NV, int BC>
 void tile_fit_packed_avx512(const PackedWeight& w, int64_t r, int64_t ncols, const float* xt, int64_t col_stride,
-                            int64_t mr, const float* bias, float* y) {
+                            int64_t mr, const Epilogue& ep, float* y) {
   if (mr <= 4) {
-    tile_packed_avx512<NV, 4, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+    tile_packed_avx512<NV, 4, BC>(w, r, 0, ncols, xt, col_stride, mr, ep, y);
   } else if (mr <= 8) {
-    tile_packed_avx512<NV, 8, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+    tile_packed_avx512<NV, 8, BC>(w, r, 0, ncols, xt, col_stride, mr, ep, y);
   } else if (NV == 2 || mr <= 12) {
-    tile_packed_avx512<NV, 12, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+    tile_packed_avx512<NV, 12, BC>(w, r, 0, ncols, xt, col_stride, mr, ep, y);
   } else {
-    tile_packed_avx512<1, 16, BC>(w, r, 0, ncols, xt, col_stride, mr, bias, y);
+    tile_packed_avx512<1, 16, BC>(w, r, 0, ncols, xt, col_stride, mr, ep, y);
   }
 }
 
 template <int BC>
 void block_rows_packed_avx512(const PackedWeight& w, int64_t r0, int64_t r1, const XPanel& xp, int64_t m0,
-                              int64_t rows, const float* bias, float* y) {
+                              int64_t rows, const Epilogue& ep, float* y) {
   const int64_t H = xp.H;
   const int64_t col_stride = H * BC;
   for (int64_t m = 0; m < rows; m += H) {
@@ -453,9 +547,9 @@ void block_rows_packed_avx512(const PackedWeight& w, int64_t r0, int64_t r1, con
       if (m == 0) prefetch_block_row(w, r + 1);
       const int64_t ncols = valid_cols(w, r);
       if (ncols > 16) {
-        tile_fit_packed_avx512<2, BC>(w, r, ncols, xt, col_stride, mr, bias, ym);
+        tile_fit_packed_avx512<2, BC>(w, r, ncols, xt, col_stride, mr, ep, ym);
       } else {
-        tile_fit_packed_avx512<1, BC>(w, r, ncols, xt, col_stride, mr, bias, ym);
+        tile_fit_packed_avx512<1, BC>(w, r, ncols, xt, col_stride, mr, ep, ym);
       }
     }
   }
@@ -471,23 +565,24 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256i lane_mask8(int64_t n) {
 
 template <int MR>
 SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t mr, int64_t ncols,
-                                                 const float* bias, float* y, int64_t ldy) {
+                                                 const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
   __m256i mask[2];
   __m256 b[2];
   for (int v = 0; v < 2; ++v) {
     mask[v] = lane_mask8(ncols - 8 * v);
-    b[v] = bias ? _mm256_maskload_ps(bias + 8 * v, mask[v]) : _mm256_setzero_ps();
+    b[v] = ep.bias ? _mm256_maskload_ps(ep.bias + col + 8 * v, mask[v]) : _mm256_setzero_ps();
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
     for (int v = 0; v < 2; ++v) _mm256_maskstore_ps(y + m * ldy + 8 * v, mask[v], _mm256_add_ps(acc[m][v], b[v]));
   }
+  finish_tile_scalar(ep, y, std::min<int64_t>(mr, MR), std::min<int64_t>(ncols, 16), ldy);
 }
 
 template <int MR>
 SPARSEC_AVX2 void tile_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
-                            int64_t mr, const float* bias, float* y) {
+                            int64_t mr, const Epilogue& ep, float* y) {
   const int64_t K = w.K;
   const int64_t BRp = w.BRp;
   int64_t row_off[MR];
@@ -513,11 +608,11 @@ SPARSEC_AVX2 void tile_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_
       }
     }
   }
-  store_tile_avx2<MR>(acc, mr, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+  store_tile_avx2<MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
 SPARSEC_AVX2 void row1_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
-                            const float* bias, float* y) {
+                            const Epilogue& ep, float* y) {
   constexpr int U = 4;
   const int64_t BRp = w.BRp;
   __m256 acc[U][2];
@@ -546,11 +641,11 @@ SPARSEC_AVX2 void row1_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_
   for (int v = 0; v < 2; ++v) {
     sum[0][v] = _mm256_add_ps(_mm256_add_ps(acc[0][v], acc[1][v]), _mm256_add_ps(acc[2][v], acc[3][v]));
   }
-  store_tile_avx2<1>(sum, 1, ncols, bias ? bias + r * w.BR + o0 : nullptr, y + r * w.BR + o0, w.N);
+  store_tile_avx2<1>(sum, 1, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
 void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
-                     const float* bias, float* y) {
+                     const Epilogue& ep, float* y) {
   for (int64_t m = 0; m < rows; m += 6) {
     const int64_t mr = std::min<int64_t>(6, rows - m);
     const float* xm = x + m * w.K;
@@ -560,13 +655,13 @@ void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float*
       for (int64_t o0 = 0; o0 < ncols_row; o0 += 16) {
         const int64_t ncols = std::min<int64_t>(16, ncols_row - o0);
         if (mr == 1) {
-          row1_avx2(w, r, o0, ncols, xm, bias, ym);
+          row1_avx2(w, r, o0, ncols, xm, ep, ym);
         } else if (mr <= 2) {
-          tile_avx2<2>(w, r, o0, ncols, xm, mr, bias, ym);
+          tile_avx2<2>(w, r, o0, ncols, xm, mr, ep, ym);
         } else if (mr <= 4) {
-          tile_avx2<4>(w, r, o0, ncols, xm, mr, bias, ym);
+          tile_avx2<4>(w, r, o0, ncols, xm, mr, ep, ym);
         } else {
-          tile_avx2<6>(w, r, o0, ncols, xm, mr, bias, ym);
+          tile_avx2<6>(w, r, o0, ncols, xm, mr, ep, ym);
         }
       }
     }
@@ -583,7 +678,7 @@ void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float*
 struct Job {
   const PackedWeight* w;
   const float* x;
-  const float* bias;
+  Epilogue ep;
   float* y;
   int64_t M;
   int64_t rows_per_task;
@@ -609,16 +704,16 @@ void run_task(void* data, size_t t) {
 #if SPARSEC_X86
     case Isa::kAvx512:
       if (job.panel != nullptr && w.BC == 32) {
-        block_rows_packed_avx512<32>(w, r0, r1, *job.panel, m0, rows, job.bias, y);
+        block_rows_packed_avx512<32>(w, r0, r1, *job.panel, m0, rows, job.ep, y);
       } else if (job.panel != nullptr) {
-        block_rows_packed_avx512<16>(w, r0, r1, *job.panel, m0, rows, job.bias, y);
+        block_rows_packed_avx512<16>(w, r0, r1, *job.panel, m0, rows, job.ep, y);
       } else {
-        block_rows_avx512(w, r0, r1, x, rows, job.bias, y);
+        block_rows_avx512(w, r0, r1, x, rows, job.ep, y);
       }
       break;
-    case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, rows, job.bias, y); break;
+    case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, rows, job.ep, y); break;
 #endif
-    default: block_rows_scalar(w, r0, r1, x, rows, job.bias, y); break;
+    default: block_rows_scalar(w, r0, r1, x, rows, job.ep, y); break;
   }
 }
 
@@ -645,14 +740,16 @@ std::vector<int64_t> balanced_groups(const PackedWeight& w, int64_t groups) {
 
 }  // namespace
 
-void block_sparse_linear(const PackedWeight& w, const float* x, const float* bias, float* y, int64_t M,
+void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                          Isa isa, ParallelFor parallel_for, void* runner_state) {
   if (M <= 0 || w.R == 0) return;
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (w.K * static_cast<int64_t>(sizeof(float))));
   const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, panel_rows), kRowQuantum) * kRowQuantum);
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(kTargetTasks, row_tasks)));
-  Job job{&w, x, bias, y, M, rows_per_task, balanced_groups(w, groups), isa};
+  Epilogue ep = epilogue;
+  ep.y = y;
+  Job job{&w, x, ep, y, M, rows_per_task, balanced_groups(w, groups), isa};
 #if SPARSEC_X86
   // The packed panel lives in buffers of the calling thread, reused across calls (no per-call
   // allocation once they have grown); pool threads only read and fill them during this call.

@@ -59,8 +59,18 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
 // Runs `fn(data, i)` for i in [0, total), possibly in parallel. Provided by the caller (ORT glue).
 using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size_t total, void* data);
 
-// Y[M, N] = X[M, K] @ W^T (+ bias). X and Y are dense row-major; bias may be null.
-void block_sparse_linear(const PackedWeight& w, const float* x, const float* bias, float* y,
+enum class Activation { kNone = 0, kGelu = 1, kGeluTanh = 2 };
+
+// What is applied to X @ W^T as each output tile is stored: Y = act(X @ W^T + bias) + residual.
+struct Epilogue {
+  const float* bias = nullptr;      // [N], or null
+  Activation act = Activation::kNone;
+  const float* residual = nullptr;  // [M, N] like Y, or null
+  const float* y = nullptr;         // set by block_sparse_linear: Y's start (locates the residual)
+};
+
+// Y[M, N] = act(X[M, K] @ W^T + bias) + residual. X, Y and residual are dense row-major.
+void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y,
                          int64_t M, Isa isa, ParallelFor parallel_for, void* runner_state);
 
 }  // namespace sparsec

@@ -2,7 +2,9 @@
 //
 // Inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales are given);
 // 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
-// 5 scales float [R, S] (optional). Attributes N, K. Output Y float [..., N] = X @ W^T + bias.
+// 5 scales float [R, S] (optional); 6 residual float, Y's shape (optional). Attributes N, K, and
+// activation (string, optional: "gelu" | "gelu_tanh"). Output Y float [..., N] =
+// activation(X @ W^T + bias) + residual.
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -25,7 +27,7 @@ constexpr uint32_t kParallelForApi = 17;  // KernelContext_ParallelFor
 constexpr const char* kDomain = "sparsec";
 constexpr const char* kOpName = "BlockSparseLinear";
 
-enum Input : size_t { kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kNumInputs };
+enum Input : size_t { kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kResidual, kNumInputs };
 
 const OrtApi* g_ort = nullptr;
 uint32_t g_api_version = 0;
@@ -116,6 +118,7 @@ OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K,
 struct Kernel {
   int64_t N = 0;
   int64_t K = 0;
+  sparsec::Activation act = sparsec::Activation::kNone;
   sparsec::Isa isa = sparsec::Isa::kScalar;
   std::unique_ptr<sparsec::PackedWeight> constant;  // packed once when the weights are initializers
 };
@@ -146,12 +149,37 @@ bool constant_weight_inputs(const OrtKernelInfo* info, const OrtValue** inputs) 
   return true;
 }
 
+// The optional string attribute "activation": absent, "" or "none", "gelu", "gelu_tanh".
+OrtStatus* read_activation(const OrtKernelInfo* info, sparsec::Activation& act) {
+  size_t size = 0;
+  OrtStatus* status = g_ort->KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
+  if (status != nullptr) {  // absent
+    g_ort->ReleaseStatus(status);
+    act = sparsec::Activation::kNone;
+    return nullptr;
+  }
+  std::string name(size, '\0');
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_string(info, "activation", name.data(), &size));
+  name.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+  if (name.empty() || name == "none") {
+    act = sparsec::Activation::kNone;
+  } else if (name == "gelu") {
+    act = sparsec::Activation::kGelu;
+  } else if (name == "gelu_tanh") {
+    act = sparsec::Activation::kGeluTanh;
+  } else {
+    return fail("unknown activation \"" + name + "\" (allowed: gelu, gelu_tanh)");
+  }
+  return nullptr;
+}
+
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
   try {
     auto k = std::make_unique<Kernel>();
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "N", &k->N));
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "K", &k->K));
     if (k->N <= 0 || k->K <= 0) return fail("attributes N and K must be positive");
+    SPARSEC_RETURN_IF_ERROR(read_activation(info, k->act));
     k->isa = sparsec::select_isa();
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
@@ -199,25 +227,35 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
     weight = &per_call;
   }
 
-  const float* bias = nullptr;
+  sparsec::Epilogue epilogue;
+  epilogue.act = k.act;
   if (inputs[kBias] != nullptr) {
     TensorView b;
     SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBias], b));
     if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || b.count != static_cast<size_t>(k.N)) {
       return fail("bias must be float [N=" + std::to_string(k.N) + "], got " + shape_str(b.shape));
     }
-    bias = static_cast<const float*>(b.data);
+    epilogue.bias = static_cast<const float*>(b.data);
   }
 
   std::vector<int64_t> y_shape = x.shape;
   y_shape.back() = k.N;
+  if (inputs[kResidual] != nullptr) {
+    TensorView res;
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kResidual], res));
+    if (res.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || res.shape != y_shape) {
+      return fail("residual must be float " + shape_str(y_shape) + " (the output's shape), got " +
+                  shape_str(res.shape));
+    }
+    epilogue.residual = static_cast<const float*>(res.data);
+  }
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   const int64_t M = static_cast<int64_t>(x.count) / k.K;
   if (M == 0) return nullptr;
   void* y = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
-  sparsec::block_sparse_linear(*weight, static_cast<const float*>(x.data), bias, static_cast<float*>(y), M, k.isa,
+  sparsec::block_sparse_linear(*weight, static_cast<const float*>(x.data), epilogue, static_cast<float*>(y), M, k.isa,
                                ort_parallel_for, context);
   return nullptr;
 }
