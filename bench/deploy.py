@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median  # noqa: E402
 
 from sparsec import runtime  # noqa: E402
-from sparsec.bench import quiet_session_options  # noqa: E402
+from sparsec.bench import kernel_session, stock_session, timing_protocol  # noqa: E402
 from sparsec.lowering import onnx_op  # noqa: E402
 from sparsec.lowering.block_format import pack, random_keep, reference, unpack  # noqa: E402
 
@@ -43,11 +43,6 @@ def case(name: str, description: str):
         CASES[name] = (description, fn)
         return fn
     return register
-
-
-def stock_session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    # no spin-waiting: the variants share 2 cores, see sparsec.bench.quiet_session_options
-    return ort.InferenceSession(model_bytes, quiet_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def sparse_layer(block: tuple[int, int], balanced: bool, int8: bool = False, seed: int = 0):
@@ -65,8 +60,7 @@ def time_linear(args: argparse.Namespace, rows: int, block: tuple[int, int], bal
     sessions = {"dense onnxruntime": stock_session(dense_model, args.threads),
                 "function body (stock onnxruntime)": stock_session(sparse_model, args.threads)}
     if runtime.kernel_available():
-        sessions["sparsec kernel"] = runtime.session(sparse_model, threads=args.threads,
-                                                     options=quiet_session_options(args.threads))
+        sessions["sparsec kernel"] = kernel_session(sparse_model, args.threads)[0]
     x = np.random.default_rng(1).standard_normal((rows, K)).astype(np.float32)
     expected = reference(x, packed, bias)
     for name, sess in sessions.items():
@@ -80,7 +74,7 @@ def time_linear(args: argparse.Namespace, rows: int, block: tuple[int, int], bal
     kept = packed.row_nnz
     lines = [f"x [{rows}, {K}] @ W^T, W [{N}, {K}], {block[0]}x{block[1]} blocks, density {packed.density:.3f} "
              f"({'balanced' if balanced else 'random'}: {kept.min()}..{kept.max()} blocks per block row), "
-             f"{args.threads} threads, {repeats} runs each, medians (best in brackets)",
+             f"{timing_protocol(args.threads)}, {repeats} runs each, medians (best in brackets)",
              f"  {'':34s} {'interleaved, one call each':>36s}   {'back to back, in bursts':>36s}"]
     for name in calls:
         cells = []

@@ -56,6 +56,7 @@ class BenchResult:
     layers: list[Layer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: dict[str, list[int]] = field(default_factory=dict)
+    protocol: str = ""
 
     def ratio(self, variant: str) -> float | None:
         if DENSE not in self.medians_ms or variant not in self.medians_ms:
@@ -124,26 +125,37 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
     return feeds
 
 
-def quiet_session_options(threads: int | None):
-    """SessionOptions for timing several sessions in turn: no spin-waiting, because on a few cores
-    the spinning pool threads of the session that just ran steal the cores of the next one (on 2
-    cores that made dense BERT-base 99 ms instead of 74 ms and skewed every ratio)."""
+SETTLE_S = 0.05  # pause before each timed call: the previous session's pool threads stop spinning
+
+
+def timing_session_options(threads: int | None):
+    """SessionOptions for timing: `threads` intra-op threads, onnxruntime's default spin-waiting (as a
+    deployed session runs; without it every parallel op pays a thread wake-up, which penalises models
+    of many short ops, the sparse ones, more than dense ones). Sessions timed in turn would then steal
+    each other's cores (the spinning pool threads of the session that just ran: dense BERT-base took
+    99 ms instead of 74 on 2 cores), so `interleaved` pauses SETTLE_S before each call until they park."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def _stock_session(path: str | Path, threads: int | None):
+def timing_protocol(threads: int | None) -> str:
+    return (f"threads: {threads or 'onnxruntime default'} (default spin-waiting, "
+            f"{SETTLE_S * 1000:.0f} ms pause before each call)")
+
+
+def stock_session(path: str | Path | bytes, threads: int | None):
+    """A stock onnxruntime session (no sparsec kernel) for timing: see timing_session_options."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), quiet_session_options(threads), providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, timing_session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
+def kernel_session(path: str | Path | bytes, threads: int | None) -> tuple[Any, str]:
     """A sparsec.runtime session (kernel registered, tuned fusions), or None and why not."""
     try:
         from sparsec import runtime
@@ -151,18 +163,22 @@ def kernel_session(path: str | Path, threads: int | None) -> tuple[Any, str]:
         return None, "sparsec.runtime is not installed"
     if not runtime.kernel_available():
         return None, "the native kernel is not available (see the warning above)"
-    return runtime.session(str(path), threads=threads, options=quiet_session_options(threads)), ""
+    model = path if isinstance(path, bytes) else str(path)
+    return runtime.session(model, threads=threads, options=timing_session_options(threads)), ""
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
-                ) -> dict[str, list[float]]:
-    """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                settle: float = SETTLE_S) -> dict[str, list[float]]:
+    """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each,
+    with a pause of `settle` seconds before each timed call (see timing_session_options)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -182,10 +198,10 @@ def bench(model: str | Path, dense: str | Path | None = None, threads: int | Non
     result = BenchResult(str(model), str(dense) if dense else None, threads, repeats)
     result.layers = sparse_layers(model)
     result.sizes = {"model": model.stat().st_size}
-    sessions = {SPARSE_STOCK: _stock_session(model, threads)}
+    sessions = {SPARSE_STOCK: stock_session(model, threads)}
     if dense is not None:
         result.sizes["dense"] = Path(dense).stat().st_size
-        sessions = {DENSE: _stock_session(dense, threads), **sessions}
+        sessions = {DENSE: stock_session(dense, threads), **sessions}
         tuned, _ = kernel_session(dense, threads)
         if tuned is not None:  # the same session settings as the kernel's, for a like-for-like ratio
             sessions[DENSE_TUNED] = tuned
@@ -201,6 +217,7 @@ def bench(model: str | Path, dense: str | Path | None = None, threads: int | Non
     result.inputs = {name: list(value.shape) for name, value in feeds.items()}
     fns = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
     times = interleaved(fns, repeats)
+    result.protocol = timing_protocol(threads)
     result.medians_ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return result
 
@@ -223,13 +240,12 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: se
 
 
 def format_bench(result: BenchResult) -> str:
-    threads = result.threads or "onnxruntime default"
     lines = [f"model   {result.model} ({_size(result.sizes['model'])})"]
     if result.dense:
         ratio = result.sizes["dense"] / result.sizes["model"]
         lines.append(f"dense   {result.dense} ({_size(result.sizes['dense'])}): file {ratio:.1f}x smaller")
     shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in result.inputs.items())
-    lines.append(f"timing  {result.repeats} interleaved rounds, medians, threads: {threads}; inputs: {shapes}")
+    lines.append(f"timing  {result.repeats} interleaved rounds, medians, {result.protocol}; inputs: {shapes}")
     rows = []
     for name, ms in result.medians_ms.items():
         ratio = result.ratio(name)
