@@ -122,9 +122,11 @@ def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
 
 
 @pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (90, 100, (16, 32)),
-                                       (90, 100, (32, 16)), (3072, 768, (32, 32))])
+                                       (90, 100, (32, 16)), (3072, 768, (32, 32)), (90, 1024, (16, 16)),
+                                       (70, 2048, (16, 32))])
 def test_packed_input_panel_row_counts(kernel_library, n, k, block):
-    """AVX-512 with 16/32 blocks copies X into row tiles of 12 or 16 rows: row counts around the tile
+    """Both AVX-512 paths for 16/32 blocks: X read in place (12- or 16-row tiles) and X copied into a
+    packed panel of 16-row tiles (BR = 16 with K a multiple of 1024): row counts around the tile
     heights and the 48-row task quantum, edge blocks cut by N and K, one and two threads."""
     packed, b = make_layer(n, k, block, 0.3, seed=3)
     model = onnx_op.single_layer_model(packed, b)
