@@ -226,19 +226,27 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// gelu(v) = v * Phi(v). With z = |v| / sqrt(2), erfc(z) ~ t * P(t) * exp(-z^2), t = 1 / (1 + p z)
-// (Abramowitz & Stegun 7.1.26, absolute error <= 1.5e-7); then Phi(v) = 1 - erfc(z) / 2 for v >= 0
-// and erfc(z) / 2 for v < 0, which keeps the negative tail accurate (no 1 - erf cancellation).
+// gelu(v) = v * Phi(v). With z = min(|v| / sqrt(2), 4): erfc(z) ~ q(z)^-16, q a degree-6
+// polynomial (Abramowitz & Stegun 7.1.28, absolute error <= 3e-7; beyond z = 4 erfc < 2e-8); then
+// Phi(v) = 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 for v < 0, so the negative tail keeps its
+// accuracy (no 1 - erf cancellation). 1 / q^16 is a reciprocal estimate refined by a Newton step.
 SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
-  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f));
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(1.061405429f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(p, t), exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z))),
-                                         _mm512_set1_ps(0.5f));
+  const __m512 z = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f)),
+                                 _mm512_set1_ps(4.0f));
+  __m512 q = _mm512_set1_ps(0.0000430638f);
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0092705272f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0422820123f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0705230784f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f));
+  q = _mm512_mul_ps(q, q);  // q^2
+  q = _mm512_mul_ps(q, q);  // q^4
+  q = _mm512_mul_ps(q, q);  // q^8
+  q = _mm512_mul_ps(q, q);  // q^16, at most ~6e7 (z <= 4)
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));  // Newton: r (2 - q r)
+  const __m512 half_erfc = _mm512_mul_ps(r, _mm512_set1_ps(0.5f));
   const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), half_erfc);
   return _mm512_mul_ps(v, phi);
