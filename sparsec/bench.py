@@ -133,7 +133,8 @@ def timing_session_options(threads: int | None):
     deployed session runs; without it every parallel op pays a thread wake-up, which penalises models
     of many short ops, the sparse ones, more than dense ones). Sessions timed in turn would then steal
     each other's cores (the spinning pool threads of the session that just ran: dense BERT-base took
-    99 ms instead of 74 on 2 cores), so `interleaved` pauses SETTLE_S before each call until they park."""
+    99 ms instead of 74 on 2 cores), so `interleaved` pauses SETTLE_S until they park, then makes one
+    untimed call (waking this session's threads) before each timed one."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -143,8 +144,8 @@ def timing_session_options(threads: int | None):
 
 
 def timing_protocol(threads: int | None) -> str:
-    return (f"threads: {threads or 'onnxruntime default'} (default spin-waiting, "
-            f"{SETTLE_S * 1000:.0f} ms pause before each call)")
+    return (f"threads: {threads or 'onnxruntime default'} (default spin-waiting; each timed call after a "
+            f"{SETTLE_S * 1000:.0f} ms pause and one untimed call)")
 
 
 def stock_session(path: str | Path | bytes, threads: int | None):
@@ -169,8 +170,10 @@ def kernel_session(path: str | Path | bytes, threads: int | None) -> tuple[Any, 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
                 settle: float = SETTLE_S) -> dict[str, list[float]]:
-    """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each,
-    with a pause of `settle` seconds before each timed call (see timing_session_options)."""
+    """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each.
+    With `settle` > 0 each timed call follows a pause of `settle` seconds and one untimed call: it
+    runs with its own session's threads awake and no other session's spinning (see
+    timing_session_options)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -178,7 +181,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     for _ in range(repeats):
         for name, fn in fns.items():
             if settle:
-                time.sleep(settle)
+                time.sleep(settle)  # the other sessions' pool threads stop spinning and park
+                fn()                # this session's threads wake up and spin, as between calls
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
