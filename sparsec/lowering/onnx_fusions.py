@@ -175,6 +175,35 @@ def _three_d(graph: onnx.GraphProto, found: dict, added: list[onnx.NodeProto],
     return out
 
 
+def _attention_output_dims(index: GraphIndex, qkv: list[dict]) -> list | None:
+    """Static dims of the 3-D Attention output [d0, d1, Hq * Dv] when Q was used as it is."""
+    q, _, v = qkv
+    dims = index.static_shape(q["reshape"].input[0])
+    if not q["identity"] or dims is None or v["width"] % v["heads"]:
+        return None
+    return [dims[0], dims[1], q["heads"] * (v["width"] // v["heads"])]
+
+
+def _reshape_is_identity(index: GraphIndex, reshape: onnx.NodeProto, target: list, dims: list | None) -> bool:
+    """Whether Reshape(x, target) returns x unchanged, x having the static `dims`."""
+    if dims is None or len(target) != len(dims) or reshape.output[0] in index.outputs:
+        return False
+    allowzero = _attr(reshape, "allowzero", 0)
+    known = [isinstance(d, int) and d > 0 or (isinstance(d, str) and d not in ("", "?")) for d in dims]
+    matched = [k and (e == d or (e == 0 and not allowzero)) for e, d, k in zip(target, dims, known)]
+    unmatched = [e for e, m in zip(target, matched) if not m]
+    return all(known) and (not unmatched or unmatched == [-1])
+
+
+def _bypass(graph: onnx.GraphProto, index: GraphIndex, node: onnx.NodeProto) -> None:
+    """Replace every read of node's output by its input, and remove the node."""
+    for reader in index.consumers.get(node.output[0], []):
+        for i, name in enumerate(reader.input):
+            if name == node.output[0]:
+                reader.input[i] = node.input[0]
+    graph.node.remove(node)
+
+
 def attention_head_layout(model: onnx.ModelProto) -> int:
     """Feed each ONNX Attention its projections as [batch, seq, heads * head] (see module doc)."""
     graph = model.graph
@@ -211,6 +240,8 @@ def attention_head_layout(model: onnx.ModelProto) -> int:
             same = target is not None and (_attr(reader, "allowzero", 0) or all(e is not None and e != 0 for e in target[2:]))
             if same and reader.input[0] == out_transpose.output[0]:
                 reader.input[0] = y3
+                if _reshape_is_identity(index, reader, target, _attention_output_dims(index, qkv)):
+                    _bypass(graph, index, reader)
         if any(r.input[0] == out_transpose.output[0] for r in readers) or out_transpose.output[0] in index.outputs:
             shape_name = _unique(graph, f"{y3}_4d_shape")
             inits.append(numpy_helper.from_array(np.array([0, 0, heads_out, -1], np.int64), shape_name))

@@ -226,13 +226,14 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// gelu(v) = v * Phi(v). With z = min(|v| / sqrt(2), 4): erfc(z) ~ q(z)^-16, q a degree-6
-// polynomial (Abramowitz & Stegun 7.1.28, absolute error <= 3e-7; beyond z = 4 erfc < 2e-8); then
-// Phi(v) = 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 for v < 0, so the negative tail keeps its
-// accuracy (no 1 - erf cancellation). 1 / q^16 is a reciprocal estimate refined by a Newton step.
+// gelu(v) = v * Phi(v) = max(v, 0) - |v| * erfc(z) / 2 with z = |v| / sqrt(2) (Phi(v) is
+// 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 below; this form keeps the negative tail accurate, no
+// 1 - erf cancellation). erfc(z) ~ q(z)^-16, q a degree-6 polynomial (Abramowitz & Stegun 7.1.28,
+// absolute error <= 3e-7), for z clamped to 4 (erfc(4) < 2e-8); 1 / q^16 is a reciprocal estimate
+// r refined by one Newton step, r (2 - q r), folded into the last multiply-add.
 SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
-  const __m512 z = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(0.70710678118654752f)),
-                                 _mm512_set1_ps(4.0f));
+  const __m512 a = _mm512_abs_ps(v);
+  const __m512 z = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.70710678118654752f)), _mm512_set1_ps(4.0f));
   __m512 q = _mm512_set1_ps(0.0000430638f);
   q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
   q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
@@ -244,12 +245,10 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
   q = _mm512_mul_ps(q, q);  // q^4
   q = _mm512_mul_ps(q, q);  // q^8
   q = _mm512_mul_ps(q, q);  // q^16, at most ~6e7 (z <= 4)
-  __m512 r = _mm512_rcp14_ps(q);
-  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));  // Newton: r (2 - q r)
-  const __m512 half_erfc = _mm512_mul_ps(r, _mm512_set1_ps(0.5f));
-  const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 phi = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), half_erfc), half_erfc);
-  return _mm512_mul_ps(v, phi);
+  const __m512 r = _mm512_rcp14_ps(q);
+  const __m512 newton = _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f));               // 2 - q r
+  const __m512 half_a_r = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.5f)), r);  // |v| r / 2
+  return _mm512_fnmadd_ps(half_a_r, newton, _mm512_max_ps(v, _mm512_setzero_ps()));
 }
 
 // gelu_tanh(v) = v * (1 + tanh(u)) / 2 = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3).
