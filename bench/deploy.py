@@ -6,10 +6,12 @@
 Single-layer cases time one linear y = x @ W^T + b, W [3072, 768] with 10% of its blocks kept, three
 ways in the same process: dense onnxruntime (MatMul + Add on the dense weight), the sparse file on
 stock onnxruntime (the op's ONNX function body is inlined), and the sparse file with sparsec's native
-kernel registered. Two protocols, medians: interleaved one call each (every call starts with caches
-that the other variants just used: the dense weight alone is 9.4 MB), and back to back in rotating
-bursts (caches warm, as for a layer inside a model). Target (DESIGN.md): kernel >= 9x dense for
-32x32 blocks and 128 rows. `sizes` compares the file size of the single-layer models.
+kernel registered. Sessions spin-wait as onnxruntime does by default, so every timed call or burst
+follows a pause that lets the other sessions' pool threads park (sparsec.bench.SETTLE_S). Two
+protocols, medians: interleaved, one timed call each after 5 ms of untimed calls
+(sparsec.bench.interleaved), and back to back in rotating bursts (caches warm, as for a layer
+inside a model). Target (DESIGN.md): kernel >= 9x dense for 32x32 blocks and 128 rows. `sizes`
+compares the file size of the single-layer models.
 
 Adding a case: write a function taking the parsed args and returning printable lines, and register
 it with @case("name", "one-line description").
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median  # noqa: E402
 
 from sparsec import runtime  # noqa: E402
-from sparsec.bench import kernel_session, stock_session, timing_protocol  # noqa: E402
+from sparsec.bench import SETTLE_S, kernel_session, stock_session, timing_protocol  # noqa: E402
 from sparsec.lowering import onnx_op  # noqa: E402
 from sparsec.lowering.block_format import pack, random_keep, reference, unpack  # noqa: E402
 
@@ -69,7 +71,7 @@ def time_linear(args: argparse.Namespace, rows: int, block: tuple[int, int], bal
             raise SystemExit(f"{name}: max abs error {err:.3g} vs the numpy reference")
     repeats = args.repeats * (5 if rows == 1 else 1)
     calls = {name: (lambda s=sess: s.run(None, {"x": x})) for name, sess in sessions.items()}
-    cold = interleaved(calls, repeats=repeats, warmup=10)
+    cold = interleaved(calls, repeats=repeats, warmup=10, settle=SETTLE_S)
     warm = back_to_back(calls, repeats=repeats)
     kept = packed.row_nnz
     lines = [f"x [{rows}, {K}] @ W^T, W [{N}, {K}], {block[0]}x{block[1]} blocks, density {packed.density:.3f} "
@@ -87,11 +89,13 @@ def time_linear(args: argparse.Namespace, rows: int, block: tuple[int, int], bal
 
 def back_to_back(calls: dict[str, Callable[[], object]], repeats: int, rounds: int = 5) -> dict[str, list[float]]:
     """Seconds per call, each variant called repeats/rounds times in a row (caches stay warm, as for
-    a layer inside a model), the bursts rotating between variants so that machine noise hits all."""
+    a layer inside a model), the bursts rotating between variants so that machine noise hits all,
+    each after a pause (SETTLE_S) and one untimed call."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     per_burst = max(1, repeats // rounds)
     for _ in range(rounds):
         for name, fn in calls.items():
+            time.sleep(SETTLE_S)  # the previous burst's pool threads stop spinning
             fn()
             for _ in range(per_burst):
                 start = time.perf_counter()

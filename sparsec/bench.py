@@ -126,6 +126,7 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
 
 
 SETTLE_S = 0.05  # pause before each timed call: the previous session's pool threads stop spinning
+WARM_S = 0.005   # then untimed calls for at least this long (at least one)
 
 
 def timing_session_options(threads: int | None):
@@ -133,8 +134,8 @@ def timing_session_options(threads: int | None):
     deployed session runs; without it every parallel op pays a thread wake-up, which penalises models
     of many short ops, the sparse ones, more than dense ones). Sessions timed in turn would then steal
     each other's cores (the spinning pool threads of the session that just ran: dense BERT-base took
-    99 ms instead of 74 on 2 cores), so `interleaved` pauses SETTLE_S until they park, then makes one
-    untimed call (waking this session's threads) before each timed one."""
+    99 ms instead of 74 on 2 cores), so `interleaved` pauses SETTLE_S until they park, then makes
+    untimed calls for WARM_S (waking this session's threads) before each timed one."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -145,7 +146,7 @@ def timing_session_options(threads: int | None):
 
 def timing_protocol(threads: int | None) -> str:
     return (f"threads: {threads or 'onnxruntime default'} (default spin-waiting; each timed call after a "
-            f"{SETTLE_S * 1000:.0f} ms pause and one untimed call)")
+            f"{SETTLE_S * 1000:.0f} ms pause and {WARM_S * 1000:.0f} ms of untimed calls)")
 
 
 def stock_session(path: str | Path | bytes, threads: int | None):
@@ -169,11 +170,11 @@ def kernel_session(path: str | Path | bytes, threads: int | None) -> tuple[Any, 
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                settle: float = SETTLE_S) -> dict[str, list[float]]:
+                settle: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each function, `repeats` interleaved rounds after `warmup` calls each.
-    With `settle` > 0 each timed call follows a pause of `settle` seconds and one untimed call: it
-    runs with its own session's threads awake and no other session's spinning (see
-    timing_session_options)."""
+    With `settle` > 0 each timed call follows a pause of `settle` seconds and untimed calls for
+    WARM_S (at least one): it runs with its own session's threads awake, the cores at full clock
+    and no other session's threads spinning (see timing_session_options)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -182,7 +183,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
         for name, fn in fns.items():
             if settle:
                 time.sleep(settle)  # the other sessions' pool threads stop spinning and park
-                fn()                # this session's threads wake up and spin, as between calls
+                warm_until = time.perf_counter() + WARM_S
+                fn()                # this session's threads wake up and spin, as between calls,
+                while time.perf_counter() < warm_until:
+                    fn()            # and the cores are back at full clock after the pause
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -220,7 +224,7 @@ def bench(model: str | Path, dense: str | Path | None = None, threads: int | Non
     feeds = example_feeds(model, sessions[SPARSE_STOCK], batch)
     result.inputs = {name: list(value.shape) for name, value in feeds.items()}
     fns = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
-    times = interleaved(fns, repeats)
+    times = interleaved(fns, repeats, settle=SETTLE_S)
     result.protocol = timing_protocol(threads)
     result.medians_ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
     return result
