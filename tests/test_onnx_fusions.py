@@ -74,9 +74,11 @@ def test_attention_with_another_layout_is_left_alone():
     assert model.SerializeToString() == before
 
 
-def _layer_then(op: str, residual_shape: tuple[int, ...] = (3, 8), second_reader: bool = False) -> onnx.ModelProto:
+def _layer_then(op: str, residual_shape: tuple[int, ...] = (3, 8), second_reader: bool = False,
+                layer_norm: str = "") -> onnx.ModelProto:
     """x -> BlockSparseLinear -> Gelu | Add(., r) (-> y), optionally with the layer's output also read
-    elsewhere."""
+    elsewhere, or the Add followed by LayerNormalization ("last-axis", or "mean-read": its Mean
+    output is read too)."""
     keep = random_keep(8, 16, (4, 4), 0.5, seed=0)
     w = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
     packed = pack(w, keep, (4, 4))
@@ -88,14 +90,22 @@ def _layer_then(op: str, residual_shape: tuple[int, ...] = (3, 8), second_reader
     if op == "Gelu":
         nodes.append(helper.make_node("Gelu", ["h"], ["y"], approximate="tanh"))
     else:
-        nodes.append(helper.make_node("Add", ["h", "r"], ["y"]))
+        nodes.append(helper.make_node("Add", ["h", "r"], ["s" if layer_norm else "y"]))
         inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, list(residual_shape)))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])]
+    if layer_norm:
+        inits += [numpy_helper.from_array(np.linspace(0.5, 2, 8).astype(np.float32), "ln.scale"),
+                  numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "ln.bias")]
+        ln_outputs = ["y", "mean"] if layer_norm == "mean-read" else ["y"]
+        nodes.append(helper.make_node("LayerNormalization", ["s", "ln.scale", "ln.bias"], ln_outputs,
+                                      axis=-1, epsilon=1e-3))
+        if layer_norm == "mean-read":
+            outputs.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, [3, 1]))
     if second_reader:
         nodes.append(helper.make_node("Identity", ["h"], ["h_copy"]))
         outputs.append(helper.make_tensor_value_info("h_copy", TensorProto.FLOAT, [3, 8]))
     graph = helper.make_graph(nodes, "layer", inputs, outputs, inits,
-                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [3, 8])])
+                              value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 8]) for n in "hs"])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     return onnx_op.attach_functions(model)
 
@@ -126,3 +136,24 @@ def test_epilogue_needs_a_same_shape_add_and_a_single_reader(case):
     model = _layer_then("Add", residual_shape=(1, 8)) if case == "broadcast-add" else \
         _layer_then("Gelu", second_reader=True)
     assert fuse_epilogues(model) == 0
+
+
+def test_layer_norm_after_the_residual_folds_too():
+    model = _layer_then("Add", layer_norm="last-axis")
+    feeds = _feeds(model)
+    want = _run(model, feeds)[0]
+    assert fuse_epilogues(model) == 2
+    from sparsec.lowering.translate import attach_functions
+    attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear"]
+    node = model.graph.node[0]
+    assert node.overload == "fp32_bias_residual_ln"
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "epsilon")) == pytest.approx(1e-3)
+    np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_whose_statistics_are_read_stays():
+    model = _layer_then("Add", layer_norm="mean-read")
+    assert fuse_epilogues(model) == 1  # the residual only
+    assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear", "LayerNormalization"]

@@ -314,12 +314,16 @@ def test_session_skips_the_slow_skip_layer_norm_fusion(tmp_path):
 
 
 def epilogue_reference(x: np.ndarray, packed: PackedBlocks, bias: np.ndarray | None, activation: str,
-                       residual: np.ndarray | None) -> np.ndarray:
+                       residual: np.ndarray | None, layer_norm=None) -> np.ndarray:
     y = torch.from_numpy(reference(x, packed, bias).astype(np.float64))
     if activation:
         y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
     if residual is not None:
         y = y + torch.from_numpy(residual.astype(np.float64))
+    if layer_norm is not None:
+        scale, shift, eps = layer_norm
+        y = torch.nn.functional.layer_norm(y, y.shape[-1:], torch.from_numpy(scale.astype(np.float64)),
+                                           torch.from_numpy(shift.astype(np.float64)), eps)
     return y.numpy()
 
 
@@ -380,3 +384,40 @@ def test_epilogue_overloads_and_bad_inputs(kernel_library):
     next(n for n in bad.graph.node if n.domain == onnx_op.DOMAIN).attribute[-1].s = b"swish"
     with pytest.raises(Exception, match='unknown activation "swish"'):
         kernel_session(bad)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (16, 16)), (768, 96, (32, 32))],
+                         ids=["32x32", "16x16-ragged", "wide"])
+def test_layer_norm_epilogue(kernel_library, monkeypatch, isa, n, k, block):
+    """LayerNorm(X W^T + b + residual) * scale + shift over each output row, on stock onnxruntime
+    (the function body's LayerNormalization) and with the kernel on every instruction set, for
+    rows 1, odd and 128 and a 3-D input; N not a multiple of 16 exercises the masked tail."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed, b = make_layer(n, k, block, 0.4, seed=6)
+    rng = np.random.default_rng(7)
+    layer_norm = (rng.uniform(0.5, 1.5, n).astype(np.float32), rng.standard_normal(n).astype(np.float32), 1e-12)
+    for rows in ROWS:
+        shape = tuple(d for d in rows if d is not None)
+        model = onnx_op.single_layer_model(packed, b, leading=len(shape), residual=True, layer_norm=layer_norm)
+        x = inputs(shape + (k,))
+        r = 3 + inputs(shape + (n,), seed=5)  # an offset: the mean matters
+        want = epilogue_reference(x, packed, b, "", r, layer_norm)
+        for sess in (stock_session(model), kernel_session(model)):
+            np.testing.assert_allclose(sess.run(None, {"x": x, "r": r})[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_overload_and_bad_inputs(kernel_library):
+    packed, b = make_layer(64, 40, (16, 16), 0.5)
+    model = onnx_op.single_layer_model(packed, b, residual=True,
+                                       layer_norm=(np.ones(64, np.float32), np.zeros(64, np.float32), 1e-5))
+    onnx.checker.check_model(model, full_check=True)
+    node = next(n for n in model.graph.node if n.domain == onnx_op.DOMAIN)
+    assert node.overload == "fp32_bias_residual_ln" and len(node.input) == 9
+    assert onnx_op.Variant.parse(node.overload) == onnx_op.Variant.of(node)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    scale = next(i for i in bad.graph.initializer if i.name == "ln.scale")
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.ones(63, np.float32), "ln.scale"))
+    with pytest.raises(Exception, match="ln_scale must be float \\[N=64\\]"):
+        kernel_session(bad).run(None, {"x": inputs((3, 40)), "r": inputs((3, 64))})

@@ -7,9 +7,11 @@ time that the same arithmetic does not need:
   [batch, heads, seq, head] inputs made by Reshape + Transpose of each projection, and its output is
   transposed back. Attention also takes [batch, seq, heads * head] inputs (with `q_num_heads` and
   `kv_num_heads`) and then returns [batch, seq, heads * head]: the four Transposes per layer go.
-- `fuse_epilogues`: `Gelu(BlockSparseLinear(x))` and `BlockSparseLinear(x) + residual` become one
-  BlockSparseLinear with `activation` / a `residual` input, computed where the kernel stores its
-  output tile (no extra pass over the activations); the function body does the same in standard ops.
+- `fuse_epilogues`: `Gelu(BlockSparseLinear(x))`, `BlockSparseLinear(x) + residual` and then a
+  LayerNormalization of that sum become one BlockSparseLinear with `activation`, a `residual`
+  input and `ln_scale` / `ln_bias` / `epsilon`: the kernel applies the first two where it stores
+  each output tile (no extra pass over the activations) and normalises each row once it is
+  complete; the function body does the same in standard ops.
 - `drop_softmax_nan_guards` (older opsets, where attention is decomposed): see its docstring.
 
 Each returns how many places it rewrote. Only nodes orphaned by a rewrite are removed.
@@ -324,19 +326,21 @@ def _same_shape(index: GraphIndex, a: str, b: str) -> bool:
             and all(x == y and x not in (0, "?", "") for x, y in zip(sa, sb)))
 
 
-def _move_to(graph: onnx.GraphProto, node: onnx.NodeProto, replaced: onnx.NodeProto) -> None:
-    """Put `node` where `replaced` is (later in topological order) and drop `replaced`."""
+def _move_to(graph: onnx.GraphProto, node: onnx.NodeProto, replaced: onnx.NodeProto) -> onnx.NodeProto:
+    """Put `node` where `replaced` is (later in topological order), drop `replaced`, and return the
+    node as it now is in the graph (protobuf inserts a copy)."""
     graph.node.remove(node)
     position = list(graph.node).index(replaced)
     graph.node.insert(position, node)
     graph.node.remove(replaced)
+    return graph.node[position]
 
 
 def fuse_epilogues(model: onnx.ModelProto) -> int:
     """Fold `Gelu` after a BlockSparseLinear into its `activation`, then a same-shape `Add` of the
-    result and another tensor into its `residual` input (see module doc). A node's output must have
-    no other reader. The fused node takes the place of the Gelu / Add it absorbs, where every input it
-    reads is available."""
+    result and another tensor into its `residual` input, then a LayerNormalization of that (see
+    module doc). A node's output must have no other reader. The fused node takes the place of the
+    Gelu / Add / LayerNormalization it absorbs, where every input it reads is available."""
     from sparsec.lowering.onnx_op import ACTIVATIONS, INPUTS, Variant
     from sparsec.lowering.translate import sparse_nodes
 
@@ -354,7 +358,7 @@ def fuse_epilogues(model: onnx.ModelProto) -> int:
             if approximate in by_approximate:
                 node.attribute.append(helper.make_attribute("activation", by_approximate[approximate]))
                 node.output[0] = reader.output[0]
-                _move_to(graph, node, reader)
+                node = _move_to(graph, node, reader)
                 variant = Variant.of(node)
                 fused += 1
                 index = GraphIndex(graph)
@@ -365,10 +369,46 @@ def fuse_epilogues(model: onnx.ModelProto) -> int:
         residual = reader.input[1] if reader.input[0] == node.output[0] else reader.input[0]
         if not (_same_shape(index, residual, node.output[0]) and _same_shape(index, residual, reader.output[0])):
             continue
-        while len(node.input) < len(INPUTS) - 1:
-            node.input.append("")
-        node.input.append(residual)
+        _set_input(node, INPUTS.index("residual"), residual)
         node.output[0] = reader.output[0]
-        _move_to(graph, node, reader)
+        node = _move_to(graph, node, reader)
         fused += 1
+        index = GraphIndex(graph)
+        fused += _fuse_layer_norm(graph, index, node, index.only_consumer(node.output[0]))
     return fused
+
+
+def _set_input(node: onnx.NodeProto, position: int, name: str) -> None:
+    while len(node.input) <= position:
+        node.input.append("")
+    node.input[position] = name
+
+
+def _fuse_layer_norm(graph: onnx.GraphProto, index: GraphIndex, node: onnx.NodeProto,
+                     reader: onnx.NodeProto | None) -> int:
+    """Fold LayerNormalization over the last axis of the node's output (scale and bias of shape
+    [N], float32 statistics, only its normalised output read) into the node. Returns 1 or 0."""
+    from sparsec.lowering.onnx_op import INPUTS
+
+    n = _attr(node, "N")
+    if (reader is None or reader.op_type != "LayerNormalization" or reader.domain not in ("", "ai.onnx")
+            or len(reader.input) != 3 or not all(reader.input)
+            or any(o and (index.consumers.get(o) or o in index.outputs) for o in reader.output[1:])
+            or _attr(reader, "stash_type", 1) != 1):
+        return 0
+    dims = index.static_shape(node.output[0])
+    axis = _attr(reader, "axis", -1)
+    if dims is None or axis not in (-1, len(dims) - 1):
+        return 0
+    for name in reader.input[1:]:
+        shape = index.static_shape(name)
+        if shape is None and name in index.inits:
+            shape = list(index.inits[name].dims)
+        if shape != [n]:
+            return 0
+    _set_input(node, INPUTS.index("ln_scale"), reader.input[1])
+    _set_input(node, INPUTS.index("ln_bias"), reader.input[2])
+    node.attribute.append(helper.make_attribute("epsilon", float(_attr(reader, "epsilon", 1e-5))))
+    node.output[0] = reader.output[0]
+    _move_to(graph, node, reader)
+    return 1

@@ -7,11 +7,16 @@ blocked-ELL (see block_format):
              2 block_cols int64 [R, S]   3 row_nnz int64 [R]
              4 bias float [N] (optional, "" when absent)   5 scales float [R, S] (optional: INT8)
              6 residual float [..., N], the shape of Y (optional)
-    attrs    N, K (ints); activation (string, optional): "gelu" (erf) or "gelu_tanh"
-    output   Y float [..., N] = activation(X @ W^T + bias) + residual
+             7 ln_scale float [N], 8 ln_bias float [N] (optional, together)
+    attrs    N, K (ints); activation (string, optional): "gelu" (erf) or "gelu_tanh";
+             epsilon (float, with ln_scale)
+    output   Y float [..., N] = Z = activation(X @ W^T + bias) + residual,
+             or LayerNormalization(Z, ln_scale, ln_bias, axis=-1, epsilon) with ln_scale
 
-The activation and the residual are the layer's epilogue: the kernel applies them to each output
-tile as it stores it (sparsec.lowering.onnx_fusions folds Gelu and residual Adds into the node).
+The activation, the residual and the LayerNorm are the layer's epilogue: the kernel applies the
+first two to each output tile as it stores it and normalises each row once all its tiles are
+written (sparsec.lowering.onnx_fusions folds Gelu, residual Adds and LayerNormalization into the
+node).
 
 Every model that uses the op carries a model-local FunctionProto of the same domain and name, so
 stock onnxruntime inlines it where sparsec's kernel is not registered. ONNX allows one function per
@@ -47,7 +52,7 @@ OP = "BlockSparseLinear"
 DOMAIN_VERSION = 1
 ONNX_OPSET = 23  # Gelu (in the activation epilogue) needs 20
 IR_VERSION = 10  # function overloads need IR >= 10
-INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual")
+INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual", "ln_scale", "ln_bias")
 
 
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # activation attribute -> Gelu's approximate
@@ -61,6 +66,7 @@ class Variant:
     bias: bool = False
     activation: str = ""           # "" | "gelu" | "gelu_tanh"
     residual: bool = False
+    layer_norm: bool = False       # LayerNorm over the last axis, with ln_scale and ln_bias
 
     def __post_init__(self) -> None:
         if self.activation and self.activation not in ACTIVATIONS:
@@ -69,25 +75,26 @@ class Variant:
     @property
     def overload(self) -> str:
         return ("int8" if self.int8 else "fp32") + ("_bias" if self.bias else "") + \
-            (f"_{self.activation}" if self.activation else "") + ("_residual" if self.residual else "")
+            (f"_{self.activation}" if self.activation else "") + ("_residual" if self.residual else "") + \
+            ("_ln" if self.layer_norm else "")
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        match = re.fullmatch(r"(fp32|int8)(_bias)?(?:_(gelu_tanh|gelu))?(_residual)?", name)
+        match = re.fullmatch(r"(fp32|int8)(_bias)?(?:_(gelu_tanh|gelu))?(_residual)?(_ln)?", name)
         if match is None:
             raise ValueError(f"unknown {OP} overload {name!r}")
-        return cls(match[1] == "int8", bool(match[2]), match[3] or "", bool(match[4]))
+        return cls(match[1] == "int8", bool(match[2]), match[3] or "", bool(match[4]), bool(match[5]))
 
     @classmethod
     def of(cls, node: onnx.NodeProto) -> "Variant":
         present = [i < len(node.input) and node.input[i] != "" for i in range(len(INPUTS))]
         activation = next((helper.get_attribute_value(a).decode() for a in node.attribute
                            if a.name == "activation"), "")
-        return cls(present[5], present[4], activation if activation != "none" else "", present[6])
+        return cls(present[5], present[4], activation if activation != "none" else "", present[6], present[7])
 
     def inputs(self) -> list[str]:
         """The function's formal inputs: positional, so earlier optional slots stay ("" when absent)."""
-        used = [True] * 4 + [self.bias, self.int8, self.residual]
+        used = [True] * 4 + [self.bias, self.int8, self.residual, self.layer_norm, self.layer_norm]
         last = max(i for i, u in enumerate(used) if u)
         return list(INPUTS[:last + 1])
 
@@ -183,24 +190,36 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
         y = b.op("Gelu", y, approximate=ACTIVATIONS[variant.activation])
     if variant.residual:
         y = b.op("Add", y, "residual")
+    if variant.layer_norm:
+        node = helper.make_node("LayerNormalization", [y, "ln_scale", "ln_bias"], ["Y"], axis=-1)
+        ref = AttributeProto()
+        ref.name, ref.type, ref.ref_attr_name = "epsilon", AttributeProto.FLOAT, "epsilon"
+        node.attribute.append(ref)
+        b.nodes.append(node)
     b.nodes[-1].output[0] = "Y"  # the last node computed y
 
-    attributes = ["N", "K"] + (["activation"] if variant.activation else [])
+    attributes = ["N", "K"] + (["activation"] if variant.activation else []) + \
+        (["epsilon"] if variant.layer_norm else [])
     fn = helper.make_function(DOMAIN, OP, variant.inputs(), ["Y"], b.nodes,
                               [helper.make_opsetid("", opset)], attributes=attributes,
-                              doc_string=f"{OP} ({variant.overload}): Y = act(X @ W^T + bias) + residual, "
-                                         "W in padded blocked-ELL")
+                              doc_string=f"{OP} ({variant.overload}): Y = LayerNorm?(act(X @ W^T + bias) + "
+                                         "residual), W in padded blocked-ELL")
     fn.overload = variant.overload
     return fn
 
 
 def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n: int, k: int, *,
               bias: str | None = None, scales: str | None = None, activation: str = "",
-              residual: str | None = None, name: str | None = None) -> onnx.NodeProto:
-    """A BlockSparseLinear node; its overload follows from which optional inputs are given."""
-    variant = Variant(bool(scales), bool(bias), activation, bool(residual))
-    inputs = [x, values, block_cols, row_nnz, bias or "", scales or "", residual or ""]
-    attrs = {"activation": activation} if activation else {}
+              residual: str | None = None, layer_norm: tuple[str, str, float] | None = None,
+              name: str | None = None) -> onnx.NodeProto:
+    """A BlockSparseLinear node; its overload follows from which optional inputs are given.
+    `layer_norm`: (ln_scale, ln_bias, epsilon) to normalise each output row."""
+    variant = Variant(bool(scales), bool(bias), activation, bool(residual), layer_norm is not None)
+    ln_scale, ln_bias, epsilon = layer_norm or ("", "", None)
+    inputs = [x, values, block_cols, row_nnz, bias or "", scales or "", residual or "", ln_scale, ln_bias]
+    attrs: dict = {"activation": activation} if activation else {}
+    if layer_norm is not None:
+        attrs["epsilon"] = float(epsilon)
     node = helper.make_node(OP, inputs[:len(variant.inputs())], [output], name=name, domain=DOMAIN,
                             N=int(n), K=int(k), **attrs)
     node.overload = variant.overload
@@ -256,10 +275,12 @@ def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
 
 def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, leading: int = 1,
                        compact: bool = True, opset: int = ONNX_OPSET, activation: str = "",
-                       residual: bool = False, name: str = "block_sparse_linear") -> onnx.ModelProto:
+                       residual: bool = False, layer_norm: tuple[np.ndarray, np.ndarray, float] | None = None,
+                       name: str = "block_sparse_linear") -> onnx.ModelProto:
     """A model y = BlockSparseLinear(x) with the weight as initializers; x is [d0.., K] with
     `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values).
-    `activation` and `residual` add the epilogue; the residual is a second input "r" shaped like y."""
+    `activation` and `residual` add the epilogue; the residual is a second input "r" shaped like y;
+    `layer_norm` = (scale, bias, epsilon) normalises each output row."""
     nodes: list[onnx.NodeProto] = []
     inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
              numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
@@ -275,7 +296,12 @@ def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, 
     node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K,
                      bias="bias" if bias is not None else None,
                      scales="W.scales" if packed.scales is not None else None, activation=activation,
-                     residual="r" if residual else None, name=name)
+                     residual="r" if residual else None,
+                     layer_norm=("ln.scale", "ln.bias", layer_norm[2]) if layer_norm is not None else None,
+                     name=name)
+    if layer_norm is not None:
+        inits += [numpy_helper.from_array(np.asarray(layer_norm[0], np.float32), "ln.scale"),
+                  numpy_helper.from_array(np.asarray(layer_norm[1], np.float32), "ln.bias")]
     return attach_functions(_model([*nodes, node], inits, packed.K, packed.N, leading, opset, name, residual))
 
 

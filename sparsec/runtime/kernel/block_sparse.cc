@@ -747,6 +747,85 @@ std::vector<int64_t> balanced_groups(const PackedWeight& w, int64_t groups) {
   return start;
 }
 
+// ------------------------------------------------------------------------------------------------
+// LayerNorm epilogue: each row of Y normalised in place, once every task has written it (a task
+// owns a group of block rows, not whole rows). Two passes over the row (mean, then the centred
+// sum of squares: no cancellation), in float32 like onnxruntime's and PyTorch's kernels.
+
+void layer_norm_row_scalar(float* row, int64_t n, const Epilogue& ep) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += row[i];
+  const float mean = sum / static_cast<float>(n);
+  float sq = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sq += (row[i] - mean) * (row[i] - mean);
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + ep.ln_epsilon);
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = (row[i] - mean) * rstd * ep.ln_scale[i] + (ep.ln_bias ? ep.ln_bias[i] : 0.0f);
+  }
+}
+
+#if SPARSEC_X86
+SPARSEC_AVX512 void layer_norm_row_avx512(float* row, int64_t n, const Epilogue& ep) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + i));
+  const __mmask16 tail = lane_mask16(n - i);
+  acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(tail, row + i));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) / static_cast<float>(n));
+  acc = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(row + i), mean);
+    acc = _mm512_fmadd_ps(d, d, acc);
+  }
+  const __m512 d_tail = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, row + i), mean);
+  acc = _mm512_fmadd_ps(d_tail, d_tail, acc);
+  const float var = _mm512_reduce_add_ps(acc) / static_cast<float>(n);
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + ep.ln_epsilon));
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 m = lane_mask16(n - i);
+    const __m512 scale = _mm512_mul_ps(rstd, _mm512_maskz_loadu_ps(m, ep.ln_scale + i));
+    const __m512 shift = ep.ln_bias ? _mm512_maskz_loadu_ps(m, ep.ln_bias + i) : _mm512_setzero_ps();
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), mean);
+    _mm512_mask_storeu_ps(row + i, m, _mm512_fmadd_ps(d, scale, shift));
+  }
+}
+#endif
+
+struct LayerNormJob {
+  const Epilogue* ep;
+  float* y;
+  int64_t M, N, rows_per_task;
+  Isa isa;
+};
+
+void layer_norm_task(void* data, size_t t) {
+  const LayerNormJob& job = *static_cast<const LayerNormJob*>(data);
+  const int64_t m0 = static_cast<int64_t>(t) * job.rows_per_task;
+  const int64_t m1 = std::min(job.M, m0 + job.rows_per_task);
+  for (int64_t m = m0; m < m1; ++m) {
+#if SPARSEC_X86
+    if (job.isa == Isa::kAvx512) {
+      layer_norm_row_avx512(job.y + m * job.N, job.N, *job.ep);
+      continue;
+    }
+#endif
+    layer_norm_row_scalar(job.y + m * job.N, job.N, *job.ep);
+  }
+}
+
+void layer_norm_rows(const Epilogue& ep, float* y, int64_t M, int64_t N, Isa isa, ParallelFor parallel_for,
+                     void* runner_state) {
+  // Up to 8 tasks, each at most ~256 KB of Y.
+  const int64_t rows_per_task = std::max<int64_t>(1, std::min<int64_t>((64 * 1024) / N, ceil_div(M, 8)));
+  LayerNormJob job{&ep, y, M, N, rows_per_task, isa};
+  const size_t tasks = static_cast<size_t>(ceil_div(M, rows_per_task));
+  if (tasks == 1 || parallel_for == nullptr) {
+    for (size_t t = 0; t < tasks; ++t) layer_norm_task(&job, t);
+    return;
+  }
+  parallel_for(runner_state, layer_norm_task, tasks, &job);
+}
+
 // Whether copying X into the packed panel pays for itself (measured, BERT shapes, 2 threads):
 // only for 16-row register tiles (BR = 16) whose input rows are a multiple of 4 KB apart, where
 // the 16 rows a tile reads fall into one L1 set and evict each other (16x16 blocks, K = 3072:
@@ -803,9 +882,11 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
   if (total == 1 || parallel_for == nullptr || macs < kSerialMacs) {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
+    if (ep.ln_scale != nullptr) layer_norm_rows(ep, y, M, w.N, isa, nullptr, nullptr);
     return;
   }
   parallel_for(runner_state, run_task, total, &job);
+  if (ep.ln_scale != nullptr) layer_norm_rows(ep, y, M, w.N, isa, parallel_for, runner_state);
 }
 
 }  // namespace sparsec

@@ -61,15 +61,19 @@ using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size
 
 enum class Activation { kNone = 0, kGelu = 1, kGeluTanh = 2 };
 
-// What is applied to X @ W^T as each output tile is stored: Y = act(X @ W^T + bias) + residual.
+// What is applied to X @ W^T as each output tile is stored, Z = act(X @ W^T + bias) + residual,
+// then, when ln_scale is set, over each finished row: Y = LayerNorm(Z) * ln_scale + ln_bias.
 struct Epilogue {
   const float* bias = nullptr;      // [N], or null
   Activation act = Activation::kNone;
   const float* residual = nullptr;  // [M, N] like Y, or null
+  const float* ln_scale = nullptr;  // [N]: normalise each output row (mean 0, variance 1), or null
+  const float* ln_bias = nullptr;   // [N], or null (with ln_scale only)
+  float ln_epsilon = 1e-5f;
   const float* y = nullptr;         // set by block_sparse_linear: Y's start (locates the residual)
 };
 
-// Y[M, N] = act(X[M, K] @ W^T + bias) + residual. X, Y and residual are dense row-major.
+// Y[M, N] = LayerNorm?(act(X[M, K] @ W^T + bias) + residual). X, Y and residual are dense row-major.
 void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y,
                          int64_t M, Isa isa, ParallelFor parallel_for, void* runner_state);
 

@@ -2,9 +2,10 @@
 //
 // Inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales are given);
 // 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
-// 5 scales float [R, S] (optional); 6 residual float, Y's shape (optional). Attributes N, K, and
-// activation (string, optional: "gelu" | "gelu_tanh"). Output Y float [..., N] =
-// activation(X @ W^T + bias) + residual.
+// 5 scales float [R, S] (optional); 6 residual float, Y's shape (optional); 7 ln_scale float [N]
+// and 8 ln_bias float [N] (optional). Attributes N, K, activation (string, optional: "gelu" |
+// "gelu_tanh"), epsilon (float, optional, default 1e-5). Output Y float [..., N] =
+// Z = activation(X @ W^T + bias) + residual, or LayerNorm(Z) * ln_scale + ln_bias with ln_scale.
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -27,7 +28,9 @@ constexpr uint32_t kParallelForApi = 17;  // KernelContext_ParallelFor
 constexpr const char* kDomain = "sparsec";
 constexpr const char* kOpName = "BlockSparseLinear";
 
-enum Input : size_t { kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kResidual, kNumInputs };
+enum Input : size_t {
+  kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kResidual, kLnScale, kLnBias, kNumInputs
+};
 
 const OrtApi* g_ort = nullptr;
 uint32_t g_api_version = 0;
@@ -119,6 +122,7 @@ struct Kernel {
   int64_t N = 0;
   int64_t K = 0;
   sparsec::Activation act = sparsec::Activation::kNone;
+  float epsilon = 1e-5f;
   sparsec::Isa isa = sparsec::Isa::kScalar;
   std::unique_ptr<sparsec::PackedWeight> constant;  // packed once when the weights are initializers
 };
@@ -180,6 +184,8 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "K", &k->K));
     if (k->N <= 0 || k->K <= 0) return fail("attributes N and K must be positive");
     SPARSEC_RETURN_IF_ERROR(read_activation(info, k->act));
+    OrtStatus* eps = g_ort->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon);
+    if (eps != nullptr) g_ort->ReleaseStatus(eps);  // absent: the default
     k->isa = sparsec::select_isa();
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
@@ -249,6 +255,18 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
     }
     epilogue.residual = static_cast<const float*>(res.data);
   }
+  for (size_t index : {kLnScale, kLnBias}) {
+    if (inputs[index] == nullptr) continue;
+    TensorView v;
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[index], v));
+    if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v.count != static_cast<size_t>(k.N)) {
+      return fail(std::string(index == kLnScale ? "ln_scale" : "ln_bias") + " must be float [N=" +
+                  std::to_string(k.N) + "], got " + shape_str(v.shape));
+    }
+    (index == kLnScale ? epilogue.ln_scale : epilogue.ln_bias) = static_cast<const float*>(v.data);
+  }
+  if (epilogue.ln_bias != nullptr && epilogue.ln_scale == nullptr) return fail("ln_bias needs ln_scale");
+  epilogue.ln_epsilon = k.epsilon;
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   const int64_t M = static_cast<int64_t>(x.count) / k.K;
