@@ -89,7 +89,8 @@ def sparse_layers(path: str | Path) -> list[Layer]:
         (r, s, br, bc), data_type, values_bytes, blocks = stored
         grid = r * -(-attrs["K"] // bc)
         kept = int(numpy_helper.to_array(nnz).sum())
-        others = [n for n in node.input[2:] if n and n in inits]
+        # the layer's own data: indices, bias, INT8 scales (not the epilogue's LayerNorm parameters)
+        others = [n for n in node.input[2:6] if n and n in inits]
         size = values_bytes + sum(numpy_helper.to_array(inits[n]).nbytes for n in others)
         dtype = "int8" if data_type == onnx.TensorProto.INT8 else "fp32"
         layers.append(Layer(node.name, (attrs["N"], attrs["K"]), (br, bc), kept / grid,

@@ -1,8 +1,9 @@
 """ONNX export of a Program, lowered to block-sparse ops and verified against PyTorch.
 
     module --lower (bake_masks, choose_sparse_layers, lower_block_sparse)--> lowered GraphModule
-           --torch.onnx (dynamo, custom translation)--> ONNX with sparsec::BlockSparseLinear nodes
-           + the model-local FunctionProto --> onnx.checker --> onnxruntime vs PyTorch --> rename
+           --torch.onnx (dynamo, opset 23, custom translation)--> ONNX with sparsec::BlockSparseLinear
+           nodes --onnx_fusions (attention on 3-D projections; GELU / residual / LayerNorm epilogues)
+           --> + the model-local FunctionProtos --> onnx.checker --> onnxruntime vs PyTorch --> rename
 
 The file is written to a temporary name and renamed into place only when every check passed:
 onnx.checker, then onnxruntime's outputs against the lowered PyTorch program's on the example
