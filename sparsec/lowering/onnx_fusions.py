@@ -128,8 +128,9 @@ def _shape_entries(index: GraphIndex, name: str) -> list[int | str | None] | Non
 
 def _heads_input(index: GraphIndex, name: str) -> dict | None:
     """When `name` = Transpose(Reshape(a, [d0, d1, H, D]), perm [0, 2, 1, 3]) with D (and H, or a
-    known width of `a` that D divides) static: {"reshape", "target", "heads", "width", "identity"}.
-    `identity`: a is already [d0, d1, H * D] (its known dims are d0 and d1)."""
+    known width of `a` that D divides) static: {"reshape", "transpose", "heads", "width",
+    "identity"}, width = H * D. `identity`: a is already [d0, d1, H * D] (its known dims are d0
+    and d1), so the 3-D Attention can read it as it is."""
     transpose = index.producer_of(name, "Transpose")
     if transpose is None or list(_attr(transpose, "perm", [])) != [0, 2, 1, 3]:
         return None
