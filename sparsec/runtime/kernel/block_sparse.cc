@@ -287,6 +287,7 @@ SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int6
     return;
   }
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
 #pragma GCC unroll 4
