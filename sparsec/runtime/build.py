@@ -33,7 +33,11 @@ from sparsec.runtime import BuildError  # defined there so that importing the pa
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
 LIBRARY_NAME = "libsparsec_ort.so"
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DORT_API_MANUAL_INIT")
+# -mtune=native schedules for the CPU the library is built on (it is built where it runs); the
+# instruction sets stay per function (target attributes) and are chosen at run time. Single layer
+# [128, 768] x [3072, 768]^T, 32x32 blocks: best 0.139-0.141 -> 0.132-0.137 ms.
+FLAGS = ("-O3", "-mtune=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
+         "-DORT_API_MANUAL_INIT")
 HEADER = "onnxruntime_c_api.h"
 SYSTEM_INCLUDE_DIRS = (
     "/usr/include/onnxruntime",

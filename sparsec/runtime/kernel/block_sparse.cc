@@ -4,10 +4,10 @@
 // register tile of MR input rows, for each block row r of the group, for each (up to 64-wide)
 // column chunk, it walks the kept blocks of row r; for each reduction index j of a block it loads
 // the BR weights W[r*BR + i, c*BC + j] (contiguous after packing) and multiplies them by
-// X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers, then runs the epilogue (bias,
-// activation, residual) on the registers and stores
-// with a mask (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and
-// each task writes one contiguous run per output row.
+// X[m, c*BC + j] broadcast, accumulating MR x BR outputs in registers (AVX-512: starting from the
+// bias), then runs the epilogue (activation, residual) on the registers and stores with a mask
+// (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and each task
+// writes one contiguous run per output row.
 //
 // AVX-512 with 16-row tiles and input rows a multiple of 4 KB apart first copies X into a packed
 // panel (XPanel below, panel_pays), so that a tile's rows do not share one L1 set and its broadcasts
@@ -267,22 +267,16 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
 
 template <int NV, int MR>
 SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int64_t mr, int64_t ncols,
-                                                    const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
+                                                    const Epilogue& ep, float* y, int64_t ldy) {
   __mmask16 mask[NV];
-  __m512 b[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    mask[v] = lane_mask16(ncols - 16 * v);
-    b[v] = ep.bias ? _mm512_maskz_loadu_ps(mask[v], ep.bias + col + 16 * v) : _mm512_setzero_ps();
-  }
+  for (int v = 0; v < NV; ++v) mask[v] = lane_mask16(ncols - 16 * v);
   if (ep.act == Activation::kNone && ep.residual == nullptr) {
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       if (m >= mr) break;
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], _mm512_add_ps(acc[m][v], b[v]));
-      }
+      for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], acc[m][v]);
     }
     return;
   }
@@ -292,10 +286,27 @@ SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int6
     if (m >= mr) break;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      __m512 out = activate512(_mm512_add_ps(acc[m][v], b[v]), ep.act);
+      __m512 out = activate512(acc[m][v], ep.act);
       if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * ldy + 16 * v));
       _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], out);
     }
+  }
+}
+
+// The accumulators of a tile start at the bias of their columns (or zero): the store then needs no
+// add. `rows` of them; the columns from `col`, `ncols` valid.
+template <int NV, int ROWS>
+SPARSEC_AVX512 SPARSEC_INLINE void init_tile_avx512(__m512 (&acc)[ROWS][NV], const Epilogue& ep, int64_t col,
+                                                   int64_t ncols) {
+  __m512 b[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    b[v] = ep.bias ? _mm512_maskz_loadu_ps(lane_mask16(ncols - 16 * v), ep.bias + col + 16 * v) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < ROWS; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = b[v];
   }
 }
 
@@ -310,11 +321,7 @@ SPARSEC_AVX512 void tile_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
   for (int m = 0; m < MR; ++m) row_off[m] = (m < mr ? m : mr - 1) * K;
 
   __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  }
+  init_tile_avx512<NV, MR>(acc, ep, r * w.BR + o0, ncols);
 
   for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
     const int64_t k0 = w.cols[b];
@@ -333,7 +340,7 @@ SPARSEC_AVX512 void tile_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
       }
     }
   }
-  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, y + r * w.BR + o0, w.N);
 }
 
 // One input row (decoding): U independent accumulator sets over j hide the FMA latency.
@@ -343,10 +350,11 @@ SPARSEC_AVX512 void row1_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
   constexpr int U = NV <= 2 ? 4 : 2;
   const int64_t BRp = w.BRp;
   __m512 acc[U][NV];
+  init_tile_avx512<NV, U>(acc, ep, r * w.BR + o0, ncols);
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u) {
+  for (int u = 1; u < U; ++u) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[u][v] = _mm512_setzero_ps();  // the bias in the first set only
   }
   for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
     const int64_t k0 = w.cols[b];
@@ -377,7 +385,7 @@ SPARSEC_AVX512 void row1_avx512(const PackedWeight& w, int64_t r, int64_t o0, in
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) sum[0][v] = _mm512_add_ps(sum[0][v], acc[u][v]);
   }
-  store_tile_avx512<NV, 1>(sum, 1, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, 1>(sum, 1, ncols, ep, y + r * w.BR + o0, w.N);
 }
 
 // Register budget (32 zmm): MR * NV accumulators + NV weight vectors + one broadcast.
@@ -502,11 +510,7 @@ SPARSEC_AVX512 void tile_packed_avx512(const PackedWeight& w, int64_t r, int64_t
                                        float* y) {
   const int64_t BRp = w.BRp;
   __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  }
+  init_tile_avx512<NV, MR>(acc, ep, r * w.BR + o0, ncols);
   for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
     const float* wb = w.block(b) + o0;
     const float* xc = xt + (w.cols[b] / BC) * col_stride;
@@ -523,7 +527,7 @@ SPARSEC_AVX512 void tile_packed_avx512(const PackedWeight& w, int64_t r, int64_t
       }
     }
   }
-  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
+  store_tile_avx512<NV, MR>(acc, mr, ncols, ep, y + r * w.BR + o0, w.N);
 }
 
 // The smallest register tile (4, 8, 12 or 16 rows, at most H and within the register budget) that
