@@ -165,12 +165,35 @@ def _to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool):
                                     opset_version=ONNX_OPSET, dynamic_shapes=shapes, verbose=False, optimize=True,
                                     custom_translation_table=custom_translation_table())
     model = program.model_proto
+    _pin_static_input_dims(module, model)
     drop_softmax_nan_guards(model)
     attention_head_layout(model)
     fuse_epilogues(model)
     attach_functions(model)
     compact_padding(model)
     return model
+
+
+def _pin_static_input_dims(module: torch.nn.Module, model) -> None:
+    """Write the input dimensions that capture fixed as numbers into the ONNX inputs. torch.export
+    specializes a dimension whose example size is 1 (or that the model needs fixed), and the captured
+    graph then uses it as a constant (a view to [1, -1, heads, head]); exporting that graph again
+    names the dimension symbolically, so another size would fail deep inside onnxruntime (or compute
+    something else) instead of at the input. The captured placeholders' example values say which."""
+    if not isinstance(module, fx.GraphModule):
+        return
+    examples = {node.name: node.meta.get("val") for node in module.graph.nodes if node.op == "placeholder"}
+    for value in model.graph.input:
+        fake = examples.get(value.name)
+        if not isinstance(fake, torch.Tensor) or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != fake.dim():
+            continue
+        for dim, size in zip(dims, fake.shape):
+            if isinstance(size, int):
+                dim.Clear()
+                dim.dim_value = size
 
 
 def stored_values(model, node) -> tuple[tuple[int, ...], int, int, int] | None:

@@ -212,3 +212,23 @@ def test_softmax_nan_guard_dropped_only_for_a_finite_mask_bias():
     minus_inf = _guarded_attention(-np.inf)  # a whole row can become NaN: the guard stays
     assert drop_softmax_nan_guards(minus_inf) == 0
     assert "IsNaN" in [n.op_type for n in minus_inf.graph.node]
+
+
+def test_dimensions_capture_fixed_are_fixed_in_the_file(tmp_path):
+    """An example batch of 1 makes torch.export specialize the batch (the captured graph views to
+    [1, -1, heads, head]): the file says batch 1, so another batch fails at the input with onnxruntime's
+    own message, while the sequence stays dynamic."""
+    model = zoo_model("bert")
+    args, kwargs = zoo_inputs("bert", 1, 8)
+    prog = _prog(model, args, kwargs, density=0.3)
+    result = prog.export_onnx(tmp_path / "b1.onnx", policy="always")
+    dims = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in onnx.load(result.path).graph.input]
+    assert all(d[0] == 1 and isinstance(d[1], str) for d in dims)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    other_args, other_kwargs = zoo_inputs("bert", 1, 5)
+    with torch.no_grad():
+        want = outputs(prog(*other_args, **other_kwargs))
+    assert relative_error(session.run(None, feeds(session, other_args, other_kwargs)), want) < 1e-4
+    two_args, two_kwargs = zoo_inputs("bert", 2, 5)
+    with pytest.raises(Exception, match="Got invalid dimensions for input"):
+        session.run(None, feeds(session, two_args, two_kwargs))
