@@ -115,6 +115,11 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
         info = recorded.get(inp.name, {})
         shape = list(info.get("shape") or [d if isinstance(d, int) else 1 for d in inp.shape])
         if batch and shape:
+            fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
+            if fixed is not None and fixed != batch:
+                raise UserError(f"{path}: input {inp.name!r} has a fixed first dimension of {fixed} (export "
+                                f"specialized it to the example input's); --batch {batch} needs a file "
+                                "exported with an example batch larger than 1")
             shape[0] = batch
         dtype = _NUMPY.get(info.get("dtype", ""), _ORT_TYPES.get(inp.type, np.float32))
         if np.issubdtype(dtype, np.floating):

@@ -59,3 +59,17 @@ def test_stop_after_train_writes_no_onnx(sparsec_cli, models_dir, tmp_path):
 def test_bench_missing_file_is_a_user_error(sparsec_cli, tmp_path):
     code, _, stderr = sparsec_cli("bench", tmp_path / "nope.onnx")
     assert code == 2 and "no such ONNX file" in stderr
+
+
+def test_bench_batch_on_a_fixed_batch_file_is_a_user_error(sparsec_cli, tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    code, _, stderr = sparsec_cli("bench", path, "--batch", "8", "--repeats", "1")
+    assert code == 2 and "input 'x' has a fixed first dimension of 1" in stderr and "Traceback" not in stderr
