@@ -20,6 +20,8 @@ VERSION = 1
 
 @functools.lru_cache(maxsize=1)
 def _schema() -> OpSchema:
+    """The inputs translation writes; the epilogue's (residual, ln_scale, ln_bias) and its
+    attributes are added afterwards by sparsec.lowering.onnx_fusions (see onnx_op for all)."""
     param = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
     return OpSchema(
