@@ -211,6 +211,18 @@ void ort_parallel_for(void* context, void (*fn)(void*, size_t), size_t total, vo
   for (size_t i = 0; i < total; ++i) fn(data, i);
 }
 
+// An optional float [N] input (bias, ln_scale, ln_bias): `out` points at its data, or stays null.
+OrtStatus* vector_input(const OrtValue* value, const char* name, int64_t N, const float*& out) {
+  if (value == nullptr) return nullptr;
+  TensorView v;
+  SPARSEC_RETURN_IF_ERROR(view_tensor(value, v));
+  if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v.count != static_cast<size_t>(N)) {
+    return fail(std::string(name) + " must be float [N=" + std::to_string(N) + "], got " + shape_str(v.shape));
+  }
+  out = static_cast<const float*>(v.data);
+  return nullptr;
+}
+
 OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   size_t count = 0;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInputCount(context, &count));
@@ -235,14 +247,11 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
 
   sparsec::Epilogue epilogue;
   epilogue.act = k.act;
-  if (inputs[kBias] != nullptr) {
-    TensorView b;
-    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBias], b));
-    if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || b.count != static_cast<size_t>(k.N)) {
-      return fail("bias must be float [N=" + std::to_string(k.N) + "], got " + shape_str(b.shape));
-    }
-    epilogue.bias = static_cast<const float*>(b.data);
-  }
+  epilogue.ln_epsilon = k.epsilon;
+  SPARSEC_RETURN_IF_ERROR(vector_input(inputs[kBias], "bias", k.N, epilogue.bias));
+  SPARSEC_RETURN_IF_ERROR(vector_input(inputs[kLnScale], "ln_scale", k.N, epilogue.ln_scale));
+  SPARSEC_RETURN_IF_ERROR(vector_input(inputs[kLnBias], "ln_bias", k.N, epilogue.ln_bias));
+  if (epilogue.ln_bias != nullptr && epilogue.ln_scale == nullptr) return fail("ln_bias needs ln_scale");
 
   std::vector<int64_t> y_shape = x.shape;
   y_shape.back() = k.N;
@@ -255,18 +264,6 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
     }
     epilogue.residual = static_cast<const float*>(res.data);
   }
-  for (size_t index : {kLnScale, kLnBias}) {
-    if (inputs[index] == nullptr) continue;
-    TensorView v;
-    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[index], v));
-    if (v.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v.count != static_cast<size_t>(k.N)) {
-      return fail(std::string(index == kLnScale ? "ln_scale" : "ln_bias") + " must be float [N=" +
-                  std::to_string(k.N) + "], got " + shape_str(v.shape));
-    }
-    (index == kLnScale ? epilogue.ln_scale : epilogue.ln_bias) = static_cast<const float*>(v.data);
-  }
-  if (epilogue.ln_bias != nullptr && epilogue.ln_scale == nullptr) return fail("ln_bias needs ln_scale");
-  epilogue.ln_epsilon = k.epsilon;
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   const int64_t M = static_cast<int64_t>(x.count) / k.K;
