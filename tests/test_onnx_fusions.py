@@ -116,19 +116,26 @@ def _feeds(model: onnx.ModelProto) -> dict:
             for i in model.graph.input}
 
 
-@pytest.mark.parametrize("op", ["Gelu", "Add"])
-def test_epilogue_folds_into_the_layer_and_matches(op):
-    model = _layer_then(op)
+def _folds_to_one_node(model: onnx.ModelProto, fused: int, overload: str, tol: float) -> onnx.NodeProto:
+    """fuse_epilogues folds `fused` nodes into the layer, leaving one valid node of `overload` whose
+    outputs match the original graph's within `tol`; returns that node."""
+    from sparsec.lowering.translate import attach_functions
+
     feeds = _feeds(model)
     want = _run(model, feeds)[0]
-    assert fuse_epilogues(model) == 1
-    from sparsec.lowering.translate import attach_functions
+    assert fuse_epilogues(model) == fused
     attach_functions(model)
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear"]
     node = model.graph.node[0]
-    assert node.overload == ("fp32_bias_gelu_tanh" if op == "Gelu" else "fp32_bias_residual")
-    np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-6, atol=1e-6)
+    assert node.overload == overload
+    np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=tol, atol=tol)
+    return node
+
+
+@pytest.mark.parametrize("op", ["Gelu", "Add"])
+def test_epilogue_folds_into_the_layer_and_matches(op):
+    _folds_to_one_node(_layer_then(op), 1, "fp32_bias_gelu_tanh" if op == "Gelu" else "fp32_bias_residual", 1e-6)
 
 
 @pytest.mark.parametrize("case", ["broadcast-add", "output-read-twice"])
@@ -139,18 +146,8 @@ def test_epilogue_needs_a_same_shape_add_and_a_single_reader(case):
 
 
 def test_layer_norm_after_the_residual_folds_too():
-    model = _layer_then("Add", layer_norm="last-axis")
-    feeds = _feeds(model)
-    want = _run(model, feeds)[0]
-    assert fuse_epilogues(model) == 2
-    from sparsec.lowering.translate import attach_functions
-    attach_functions(model)
-    onnx.checker.check_model(model, full_check=True)
-    assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear"]
-    node = model.graph.node[0]
-    assert node.overload == "fp32_bias_residual_ln"
+    node = _folds_to_one_node(_layer_then("Add", layer_norm="last-axis"), 2, "fp32_bias_residual_ln", 1e-5)
     assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "epsilon")) == pytest.approx(1e-3)
-    np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_whose_statistics_are_read_stays():
