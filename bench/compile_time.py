@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.capture import _dynamic_shapes  # noqa: E402
+from sparsec.capture import dynamic_shapes  # noqa: E402
 
 SPEC = {
     "prune": [{"targets": ["encoder.layer.*"], "method": "movement", "density": 0.1, "scope": "global"}],
@@ -40,7 +40,7 @@ def main() -> None:
     ids = torch.randint(0, 30000, (2, 128))
 
     def export_only() -> None:
-        torch.export.export(model, (ids,), dynamic_shapes=_dynamic_shapes(model, (ids,), {}), strict=False)
+        torch.export.export(model, (ids,), dynamic_shapes=dynamic_shapes(model, (ids,), {}), strict=False)
         gc.collect()
 
     def sparsec_compile() -> None:

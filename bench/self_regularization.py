@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, median  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.distill import SelfRegularizer  # noqa: E402
+from sparsec.training.distill import SelfRegularizer  # noqa: E402
 
 
 def _rss_mb() -> float:

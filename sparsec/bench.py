@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sparsec.errors import UserError
+from sparsec.text import format_table
 
 DENSE = "dense (onnxruntime)"
 DENSE_TUNED = "dense (sparsec.runtime session)"
@@ -70,31 +71,28 @@ class BenchResult:
 
 
 def sparse_layers(path: str | Path) -> list[Layer]:
-    """One Layer per sparsec::BlockSparseLinear node of the file."""
-    import onnx
-    from onnx import numpy_helper
+    """One Layer per sparse node of the file (each lowering target's nodes)."""
+    import onnx_ir as ir
 
-    from sparsec.export import stored_values
-    from sparsec.lowering.translate import sparse_nodes
+    from sparsec.lowering import targets
+    from sparsec.lowering.onnx_op import stored_values
 
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
+    model = ir.load(str(path))
     layers = []
-    for node in sparse_nodes(model):
-        attrs = {a.name: a.i for a in node.attribute}
-        stored = stored_values(model, node)
-        nnz = inits.get(node.input[3])
-        if stored is None or nnz is None:
+    for node in (n for target in targets.all_targets() for n in target.onnx_nodes(model)):
+        stored = stored_values(node)
+        nnz = node.inputs[3]
+        if stored is None or nnz is None or nnz.const_value is None:
             continue
-        (r, s, br, bc), data_type, values_bytes, blocks = stored
-        grid = r * -(-attrs["K"] // bc)
-        kept = int(numpy_helper.to_array(nnz).sum())
+        (r, s, br, bc), dtype, values_bytes, blocks = stored
+        n, k = node.attributes["N"].as_int(), node.attributes["K"].as_int()
+        grid = r * -(-k // bc)
+        kept = int(nnz.const_value.numpy().sum())
         # the layer's own data: indices, bias, INT8 scales (not the epilogue's LayerNorm parameters)
-        others = [n for n in node.input[2:6] if n and n in inits]
-        size = values_bytes + sum(numpy_helper.to_array(inits[n]).nbytes for n in others)
-        dtype = "int8" if data_type == onnx.TensorProto.INT8 else "fp32"
-        layers.append(Layer(node.name, (attrs["N"], attrs["K"]), (br, bc), kept / grid,
-                            blocks / grid, dtype, size))
+        others = [v for v in node.inputs[2:6] if v is not None and v.is_initializer() and v.const_value is not None]
+        size = values_bytes + sum(v.const_value.nbytes for v in others)  # type: ignore[union-attr]
+        layers.append(Layer(node.name or "", (n, k), (br, bc), kept / grid, blocks / grid,
+                            "int8" if dtype == ir.DataType.INT8 else "fp32", size))
     return layers
 
 
@@ -105,7 +103,7 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
     default to 1."""
     import onnx
 
-    from sparsec.export import METADATA_INPUTS
+    from sparsec.lowering.onnx_graph import METADATA_INPUTS
 
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     recorded = json.loads(meta.get(METADATA_INPUTS, "{}"))
@@ -241,16 +239,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    return [line(header), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
 
 
 def format_bench(result: BenchResult) -> str:

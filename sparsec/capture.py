@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from sparsec.errors import CaptureError
 from sparsec.ir import graph_info
+from sparsec.paths import is_library_file
 
 # Modules whose behaviour depends on train/eval: symbolic_trace keeps them as call_module leaves.
 _MODE_MODULES = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm,
@@ -58,7 +59,7 @@ def _disable_kv_cache(model: torch.nn.Module) -> None:
         config.use_cache = False
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Dim.AUTO on every dimension of every tensor input: export keeps the batch and sequence
     dimensions dynamic where the model allows and specializes the others silently."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -81,7 +82,7 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[s
 
 
 def _via_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    shapes = dynamic_shapes(model, args, kwargs) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
@@ -110,10 +111,10 @@ def _via_symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
 
 
 def _user_frame(exc: BaseException, model: torch.nn.Module) -> str:
-    """The innermost frame outside torch/sparsec: the model's source line that failed."""
+    """The innermost frame outside torch, sparsec and the standard library: the model's source line
+    that failed (by package location, so a checkout in a folder named `sparsec` is still user code)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    skip = ("/torch/", "/sparsec/", "<frozen", "/site-packages/sympy/", "/contextlib.py")
-    user = [f for f in frames if not any(s in f.filename for s in skip)]
+    user = [f for f in frames if not is_library_file(f.filename)]
     if not user:
         return ""
     frame = user[-1]

@@ -21,8 +21,11 @@ from sparsec.ir import ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, node_info
 from sparsec.report import format_layers
 
 IR_DIR = "ir"
-IR_SUFFIX = ".py.txt"
-MARKERS = ("report.json", "spec.resolved.toml")  # files that make a folder a sparsec output folder
+FX_SUFFIX = ".py.txt"       # the FX IR after capture and after each FX pass
+ONNX_SUFFIX = ".onnx.txt"   # the ONNX IR after export and after each ONNX pass
+MARKERS = ("report.json", "spec.resolved.toml")
+# the FX passes after the Program (sparsec.passes.build_lowering_pipeline); their IR is the lowered copy's
+LOWERING_PASSES = ("bake_masks", "choose_sparse_layers", "lower_block_sparse")  # files that make a folder a sparsec output folder
 
 
 # ------------------------------------------------------------------------- written at compile time
@@ -45,8 +48,16 @@ def _target_name(node: fx.Node) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
 
 
-def ir_file_name(index: int, stage: str) -> str:
-    return f"{index:02d}_{stage}{IR_SUFFIX}"
+def ir_file_name(index: int, stage: str, suffix: str = FX_SUFFIX) -> str:
+    return f"{index:02d}_{stage}{suffix}"
+
+
+def _stage_of(file: Path) -> str:
+    name = file.name[len("00_"):]
+    for suffix in (FX_SUFFIX, ONNX_SUFFIX):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -67,17 +78,26 @@ class OutputFolder:
     def report(self) -> dict[str, Any]:
         return _read_json(self.path / "report.json")
 
-    def snapshots(self) -> dict[str, Path]:
-        """Stage name -> IR file, in pipeline order (`captured` first)."""
-        files = sorted((self.path / IR_DIR).glob(f"*{IR_SUFFIX}"))
-        return {f.name[len("00_"):-len(IR_SUFFIX)]: f for f in files}
+    def snapshots(self, suffixes: tuple[str, ...] = (FX_SUFFIX, ONNX_SUFFIX)) -> dict[str, Path]:
+        """Stage name -> IR file, in pipeline order (`captured` first); FX and ONNX by default."""
+        files = sorted(f for f in (self.path / IR_DIR).glob("*.txt") if f.name.endswith(suffixes))
+        return {_stage_of(f): f for f in files}
+
+    def program_stage(self) -> str:
+        """The last pass that shaped the Program (the rewritten graph that trained), before any
+        lowering pass: what `inspect` shows by default and `--diff` compares with the capture."""
+        names = [name for name in self.snapshots((FX_SUFFIX,)) if name not in LOWERING_PASSES]
+        if not names:
+            raise UserError(f"{self.path}: no IR snapshots in {IR_DIR}/")
+        return names[-1]
 
     def ir(self, stage: str | None = None) -> str:
+        """The IR after `stage` (the Program's IR by default)."""
         snapshots = self.snapshots()
         if not snapshots:
             raise UserError(f"{self.path}: no IR snapshots in {IR_DIR}/")
         if stage is None:
-            return list(snapshots.values())[-1].read_text()
+            return snapshots[self.program_stage()].read_text()
         if stage not in snapshots:
             raise UserError(f"{self.path}: no IR after {stage!r} (stages: {', '.join(snapshots)})")
         return snapshots[stage].read_text()
@@ -141,9 +161,8 @@ def inspect_text(folder: OutputFolder, stage: str | None = None, diff: bool = Fa
     """What `sparsec inspect` prints: the IR (or a diff) and the per-layer density table."""
     if diff:
         snapshots = folder.snapshots()
-        names = list(snapshots)
-        first = names[0]
-        last = stage if stage is not None else names[-1]
+        first = list(snapshots)[0]
+        last = stage if stage is not None else folder.program_stage()
         before, after = folder.ir(first), folder.ir(last)  # ir() checks that `stage` exists
         lines = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                      fromfile=f"ir/{snapshots[first].name}",

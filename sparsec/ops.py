@@ -103,7 +103,7 @@ class _DenseGradient(torch.autograd.Function):
 
     PINS and PLATON update every weight with the gradient of the loss at the current (masked)
     weights, pruned ones included, then zero the pruned ones: theta <- (theta - eta g) * M. The
-    Program does the zeroing at `step()` for methods with `zeroes_pruned`; this op supplies g.
+    method zeroes them in `Method.after_step` (sparsec.masking.zero_pruned); this op supplies g.
     """
 
     @staticmethod

@@ -5,7 +5,9 @@ previous complete folder or the new complete one, never half-written: a compile 
 the old OUT. A folder that exists but was not written by sparsec is never replaced.
 
     OUT/spec.resolved.toml      the spec with every default filled
-    OUT/ir/00_captured.py.txt   the IR right after capture, then NN_<pass>.py.txt after each pass
+    OUT/ir/00_captured.py.txt   the IR right after capture, then NN_<pass>.py.txt after each FX pass
+                                (the lowering ones included) and NN_<pass>.onnx.txt after the
+                                torch.onnx export and each ONNX pass
     OUT/graph.json              the final graph's nodes (with sparsec roles) and edges
     OUT/sites.json              sites, candidates and the weights left out with the reason
     OUT/state.safetensors       Program.state_dict(): weights, scores, masks, schedule position
@@ -32,10 +34,9 @@ import torch
 
 from sparsec.errors import UserError
 from sparsec.inspection import IR_DIR, MARKERS, ir_file_name
-from sparsec.ir import Site
-from sparsec.program import Program
+from sparsec.pipeline import Snapshot
+from sparsec.site import Site
 from sparsec.spec import Spec
-from sparsec.train import TrainResult
 
 
 @dataclass
@@ -43,15 +44,15 @@ class Contents:
     """Everything a compile produced that goes into OUT."""
 
     spec: Spec
-    snapshots: list[tuple[str, str]]       # (stage name, IR text), in pipeline order
+    snapshots: list[Snapshot]              # the IR after capture and after every pass, in order
     graph: dict[str, Any]                  # inspection.graph_record
     sites: list[Site]
     candidates: list[Site]
     left_out: dict[str, str]
     report: dict[str, Any]
     report_text: str
-    prog: Program | None = None
-    result: TrainResult | None = None
+    prog: Any = None                       # the Program (None when compilation stopped before it)
+    result: Any = None                     # sparsec.training.loop.TrainResult
     files: dict[str, Path] = dataclasses.field(default_factory=dict)  # name in OUT -> file to move in
 
 
@@ -107,8 +108,8 @@ def write_atomically(out: Path, build: Callable[[Path], None]) -> None:
 def _fill(folder: Path, c: Contents) -> None:
     (folder / "spec.resolved.toml").write_bytes(tomli_w.dumps(c.spec.to_dict()).encode())
     (folder / IR_DIR).mkdir()
-    for index, (stage, text) in enumerate(c.snapshots):
-        (folder / IR_DIR / ir_file_name(index, stage)).write_text(text)
+    for index, snapshot in enumerate(c.snapshots):
+        (folder / IR_DIR / ir_file_name(index, snapshot.name, snapshot.suffix)).write_text(snapshot.text)
     _write_json(folder / "graph.json", c.graph)
     _write_json(folder / "sites.json", {"sites": [_site(s) for s in c.sites],
                                         "candidates": [_site(s) for s in c.candidates],
@@ -144,7 +145,7 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", "writer": "sparsec"})
 
 
-def plot_loss(result: TrainResult, path: Path) -> bool:
+def plot_loss(result: Any, path: Path) -> bool:
     """loss.png: loss and density per step; skipped (False) when matplotlib is not installed."""
     try:
         import matplotlib

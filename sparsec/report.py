@@ -1,7 +1,7 @@
-"""The compile report: what was pruned, how dense it is, and what it cost in accuracy.
+"""The compile report: what was pruned, how dense it is, what it cost in accuracy, what lowering did.
 
 `build_report` gathers the facts into a JSON-serializable dict (`report.json`); `format_report`
-renders the same dict as the table printed at the end of `sparsec compile` (`report.txt`).
+renders the same dict as the text printed at the end of `sparsec compile` (`report.txt`).
 Densities are always read from the masks, never from what the schedule asked.
 """
 from __future__ import annotations
@@ -9,18 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sparsec.ir import Site
-from sparsec.program import Program
-from sparsec.spec import Spec
-from sparsec.train import TrainResult
+from sparsec.ir import LayerPlan
+from sparsec.site import Site
+from sparsec.text import format_table
 
 
-def build_report(*, model_path: str | Path, spec: Spec, capture_tool: str, sites: list[Site],
-                 left_out: dict[str, str], prog: Program | None, result: TrainResult | None,
+def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites: list[Site],
+                 left_out: dict[str, str], prog: Any, result: Any,
                  stopped_after: str | None = None, metric_dense: float | None = None,
                  metric_pruned: float | None = None,
                  lowering: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report as plain data; `prog` is None when compilation stopped before masks existed."""
+    """The report as plain data; `prog` (the Program) is None when compilation stopped before
+    masks existed, `result` (the TrainResult) when nothing was trained."""
     achieved = prog.site_densities() if prog is not None else {}
     layers = [_layer(site, achieved.get(site.name)) for site in sites]
     total = sum(layer["parameters"] for layer in layers)
@@ -59,6 +59,20 @@ def _layer(site: Site, achieved: float | None) -> dict[str, Any]:
             "density": achieved, "kept": kept, "parameters": site.numel}
 
 
+def lowering_section(*, int8: bool, policy: str, plans: list[LayerPlan], model: Any, dense: Any,
+                     folder: Path, model_file: str, dense_file: str,
+                     bench: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's lowering part: the plan per site, both files with their checks, the timing."""
+    return {
+        "int8": int8,
+        "policy": policy,
+        "layers": [plan.to_dict() for plan in plans],
+        "model": {**model.to_dict(), "path": model_file, "bytes": (folder / model_file).stat().st_size},
+        "dense": {**dense.to_dict(), "path": dense_file, "bytes": (folder / dense_file).stat().st_size},
+        "bench": bench,
+    }
+
+
 def _num(value: float | None, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -94,26 +108,45 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"left out ({len(report['left_out'])}):"]
         lines += [f"  {name}: {why}" for name, why in report["left_out"].items()]
     if report.get("lowering"):
-        from sparsec.export import format_lowering
-
         lines += ["", *format_lowering(report["lowering"])]
     return "\n".join(lines)
 
 
 def format_layers(layers: list[dict[str, Any]]) -> list[str]:
     """The per-layer density table."""
-    header = ("site", "shape", "block", "asked", "density", "kept / total")
     rows = [(layer["site"], _shape(layer["shape"]), _shape(layer["block"]),
              _num(layer["asked_density"], ".3f"), _num(layer["density"], ".3f"),
              f"{'-' if layer['kept'] is None else format(layer['kept'], ',')} / {layer['parameters']:,}")
             for layer in layers]
     if not rows:
         return ["no sparsity sites selected"]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {3, 4, 5}
+    return format_table(("site", "shape", "block", "asked", "density", "kept / total"), rows, {3, 4, 5})
 
-    def line(row: tuple[str, ...]) -> str:
-        cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
 
-    return [line(header), line(tuple("-" * w for w in widths)), *(line(row) for row in rows)]
+def format_lowering(section: dict[str, Any]) -> list[str]:
+    """The report's lowering part: per-site decision, the files, their checks and speed."""
+    rows = [(layer["site"], "block-sparse" if layer["lowered"] else "dense", layer["reason"])
+            for layer in section["layers"]]
+    lines = [f"lowering ({'int8' if section['int8'] else 'fp32'} blocks, policy {section['policy']}):"]
+    lines += format_table(("site", "lowered to", "why"), rows) if rows else ["  no sites"]
+    model, dense = section["model"], section["dense"]
+    lines.append("")
+    for label, entry in ((model["path"], model), (dense["path"], dense)):
+        checks = ", ".join(f"{c['runtime']} {c['error']:.1e}" for c in entry["checks"]) or "not verified"
+        lines.append(f"{label:17s} {entry['bytes'] / 1e6:8.3f} MB, {entry['sparse_nodes']} sparse "
+                     f"nodes; max error vs PyTorch: {checks}")
+    if model.get("error_vs_dense") is not None:
+        lines.append(f"{'':17s} lowered vs dense PyTorch program: max error {model['error_vs_dense']:.1e}"
+                     f" (relative to the output scale)")
+    lines.append(f"{'':17s} file {dense['bytes'] / model['bytes']:.2f}x smaller than the dense export")
+    lines += [f"note: {n}" for n in model.get("notes", [])]
+    bench = section.get("bench")
+    if bench:
+        shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in bench.get("inputs", {}).items())
+        lines.append(f"onnxruntime latency ({bench['repeats']} interleaved runs, medians; inputs "
+                     f"{shapes}):")
+        for name, ms in bench["medians_ms"].items():
+            speedup = bench["speedup"].get(name)
+            lines.append(f"  {name:38s} {ms:9.3f} ms" + (f"  {speedup:.2f}x" if speedup else ""))
+        lines += [f"  note: {n}" for n in bench.get("notes", [])]
+    return lines

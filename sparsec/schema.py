@@ -6,8 +6,10 @@ The schema is the single source of truth for validation (sparsec.spec) and for d
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 
 class _Required:
@@ -58,3 +60,14 @@ class Field:
         if low or high:
             return f"{KINDS[self.kind]}, {low}x{high}"
         return KINDS[self.kind]
+
+
+def default(fields: Mapping[str, Field], key: str) -> Any:
+    """`dataclasses.field(default=...)` with the default of `fields[key]`, so that a dataclass
+    mirroring a spec table writes no default of its own (lists are copied per instance)."""
+    value = fields[key].default
+    if value is REQUIRED:
+        raise ValueError(f"spec key {key!r} has no default")
+    if isinstance(value, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value))
+    return dataclasses.field(default=value)

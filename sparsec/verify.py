@@ -1,16 +1,17 @@
-"""The verifier: run after every pass.
+"""The FX verifier: run after every FX pass.
 
 Checks fx's own lint plus sparsec's invariants for the facts established so far:
 - sites_selected: every site's weight is a parameter of the recorded shape, its padding is
-  what its block implies, and its node roles are set;
+  what its block implies;
 - masks_inserted: one mask node per site, mask shaped like the weight, scores shaped like the
   block grid (exactly when the method learns scores), the method's state buffers present, and no
   use of a site's weight other than its mask node (no unmasked use). A mask node calls a function
   of `ops.MASK_OPS`, or (for masks drawn in every training forward, L0) an `ops.MaskModule`;
   either way its first two arguments are the weight and the mask;
 - masks_baked: no mask or score node or attribute is left;
-- lowered: every lowered site is exactly one block_sparse_linear call on packed buffers of
-  consistent shapes, and its dense weight is gone (`_check_lowered`).
+- lowered: every lowered site is computed by its lowering target's op, checked by the target
+  (`LoweringTarget.check_lowered`), and its dense weight is gone.
+The ONNX passes have their own verifier (sparsec.lowering.onnx_graph.verify).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ import torch.fx as fx
 from sparsec import blocks, methods
 from sparsec.errors import PassError
 from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, get_attr_value, graph_info,
-                        node_info, nodes_with_role)
+                        node_info, nodes_with_role, state_name)
+from sparsec.lowering import targets
 from sparsec.ops import MASK_OPS, MaskModule
-from sparsec.passes.insert_masks import state_name
 
 
 def verify(gm: fx.GraphModule) -> None:
@@ -44,8 +45,9 @@ def verify(gm: fx.GraphModule) -> None:
 
 
 def _check_sites(gm: fx.GraphModule) -> None:
-    lowered = _lowered(gm)
-    for name, site in graph_info(gm).sites.items():
+    info = graph_info(gm)
+    lowered = set(info.lowered_sites())
+    for name, site in info.sites.items():
         if name in lowered:
             continue
         try:
@@ -77,16 +79,16 @@ def _check_masks(gm: fx.GraphModule) -> None:
         if mask.shape != weight.shape:
             raise PassError(f"site {name!r}: mask shape {tuple(mask.shape)} != weight shape "
                             f"{tuple(weight.shape)}")
-        learns = methods.get(site.method).learns_scores  # type: ignore[arg-type]
-        if learns != (name in scores):
+        method = methods.get(site.method)  # type: ignore[arg-type]
+        if method.learns_scores != (name in scores):
             raise PassError(f"site {name!r}: method {site.method} "
-                            f"{'needs' if learns else 'must not have'} a score node")
-        if learns:
+                            f"{'needs' if method.learns_scores else 'must not have'} a score node")
+        if method.learns_scores:
             value = get_attr_value(gm, str(scores[name].target))
             if tuple(value.shape) != blocks.grid_shape(site.shape, site.block):
                 raise PassError(f"site {name!r}: scores shape {tuple(value.shape)} != block grid "
                                 f"{blocks.grid_shape(site.shape, site.block)}")
-        for key in methods.get(site.method).state:  # type: ignore[arg-type]
+        for key in method.state:
             try:
                 get_attr_value(gm, state_name(name, key))
             except AttributeError as exc:
@@ -117,27 +119,13 @@ def _check_baked(gm: fx.GraphModule) -> None:
             raise PassError(f"node {left.name!r} ({role}) is still in the graph after baking")
 
 
-def _lowered(gm: fx.GraphModule) -> set[str]:
-    plans = graph_info(gm).attached.get("lowering", {}) if "lowered" in graph_info(gm).facts else {}
-    return {name for name, plan in plans.items() if plan.lower}
-
-
 def _check_lowered(gm: fx.GraphModule) -> None:
-    from sparsec.lowering.torch_op import op
-
-    calls = {node_info(n).site: n for n in gm.graph.nodes  # type: ignore[union-attr]
-             if n.op == "call_function" and n.target == op() and node_info(n) is not None}
-    for name in _lowered(gm):
-        node = calls.get(name)
-        if node is None:
-            raise PassError(f"site {name!r}: lowered but no block_sparse_linear call computes it")
+    info = graph_info(gm)
+    for name in info.lowered_sites():
+        plan = info.lowering[name]
+        target = targets.get(plan.target)
         if any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
             raise PassError(f"site {name!r}: the dense weight is still used after lowering")
-        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
-        n_out, k_in = node.args[6], node.args[7]
-        r, s, br, bc = values.shape
-        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
-                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
-            raise PassError(f"site {name!r}: packed blocks are inconsistent: values "
-                            f"{tuple(values.shape)}, block_cols {tuple(cols.shape)}, row_nnz "
-                            f"{tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")
+        problem = target.check_lowered(gm, plan)
+        if problem:
+            raise PassError(f"site {name!r}: {problem}")

@@ -261,3 +261,24 @@ def matmul_tied(seed: int = 0) -> MatmulTied:
 
 def ids_input(batch: int = 2, seq: int = 5) -> torch.Tensor:
     return _tokens(batch, seq)
+
+
+def roles_of(gm) -> dict[str, str]:
+    """node name -> sparsec role, for the IR's role tags."""
+    from sparsec.ir import node_info
+
+    return {n.name: info.role for n in gm.graph.nodes if (info := node_info(n)) is not None}
+
+
+def run_onnx_pass(onnx_pass, model):
+    """Run one ONNX pass on a ModelProto (as the exporter's onnx_ir model, the `exported` fact
+    established); returns (modified, the rewritten ModelProto)."""
+    import onnx_ir as ir
+
+    from sparsec.lowering import onnx_graph
+
+    converted = ir.from_proto(model)
+    onnx_graph.facts(converted).update({"exported", "functions_attached"} - set(onnx_pass.ensures)
+                                       if onnx_pass.name == "compact_padding" else {"exported"})
+    result = onnx_pass.run(converted)
+    return result.modified, ir.to_proto(result.module)

@@ -5,7 +5,7 @@ import json
 
 import onnx
 
-from sparsec.lowering.translate import sparse_nodes
+from sparsec.lowering.onnx_op import sparse_nodes
 
 SPEC = """
 [[prune]]

@@ -98,7 +98,11 @@ def test_compile_writes_the_whole_output_folder(compiled):
     for name in OUT_FILES:
         assert (compiled / name).is_file(), name
     irs = sorted(p.name for p in (compiled / "ir").iterdir())
-    assert irs[0] == "00_captured.py.txt" and irs[-1] == "05_attach_schedule.py.txt"
+    assert irs[0] == "00_captured.py.txt" and irs[5] == "05_attach_schedule.py.txt"
+    # the lowering passes' FX IR, the exported ONNX and the IR after every ONNX pass
+    assert irs[6:9] == ["06_bake_masks.py.txt", "07_choose_sparse_layers.py.txt", "08_lower_block_sparse.py.txt"]
+    assert irs[9] == "09_exported.onnx.txt" and irs[-1] == "16_record_example_inputs.onnx.txt"
+    assert "main_graph" in (compiled / "ir" / "13_fuse_epilogues.onnx.txt").read_text()
     assert not list(compiled.parent.glob(".tiny.*")), "no temporary folder left behind"
 
 

@@ -9,10 +9,10 @@ import torch
 
 import sparsec
 from sparsec import modelfile
-from sparsec.distill import SelfRegularizer, distillation_kl
+from sparsec.training.distill import SelfRegularizer, distillation_kl
 from sparsec.report import build_report, format_report
 from sparsec.spec import load_spec
-from sparsec.train import fine_prune
+from sparsec.training.loop import fine_prune
 from tests.helpers import mlp, mlp_input, spec_dict
 
 MODELS = Path(__file__).resolve().parent / "models"

@@ -10,9 +10,14 @@ import torch
 
 import sparsec
 from sparsec import runtime
-from sparsec.export import ExportError, feeds, outputs, relative_error, stored_values
-from sparsec.lowering.translate import DOMAIN, OP_TYPE, sparse_nodes
-from tests.helpers import spec_dict, zoo_inputs, zoo_model
+import onnx_ir as ir
+
+from sparsec.export import ExportError
+from sparsec.export.check import feeds, relative_error
+from sparsec.export.onnx_export import outputs
+from sparsec.lowering.onnx_op import DOMAIN, OP_TYPE, sparse_nodes, stored_values
+from sparsec.passes import DropSoftmaxNanGuards
+from tests.helpers import run_onnx_pass, spec_dict, zoo_inputs, zoo_model
 
 
 class Odd(torch.nn.Module):
@@ -99,7 +104,7 @@ def test_int8_blocks_with_per_block_scales(tmp_path):
     inits = {i.name: i for i in model.graph.initializer}
     node = sparse_nodes(model)[1]  # fc2: no bias, so input 4 is "" and 5 the scales
     assert node.input[4] == "" and inits[node.input[5]].data_type == onnx.TensorProto.FLOAT
-    assert stored_values(model, node)[1] == onnx.TensorProto.INT8
+    assert stored_values(sparse_nodes(ir.load(result.path))[1])[1] == ir.DataType.INT8
     assert {f.overload for f in model.functions} == {"int8", "int8_bias"}
     assert max(c.error for c in result.checks) < 1e-5      # onnxruntime vs the int8 PyTorch program
     assert 0 < result.error_vs_dense < 2e-2                  # the quantization's cost vs fp32
@@ -160,14 +165,14 @@ def test_padding_slots_are_not_stored(tmp_path):
     (a Gather of constants rebuilds the padded layout at load) and still matches PyTorch."""
     prog = _prog(density=0.3, block=(16, 16))
     result = prog.export_onnx(tmp_path / "m.onnx", policy="always")
-    model = onnx.load(result.path)
+    model = ir.load(str(result.path))
     compacted = 0
     for node in sparse_nodes(model):
-        (r, s, br, bc), _, nbytes, blocks = stored_values(model, node)
+        (r, s, br, bc), _, nbytes, blocks = stored_values(node)
         assert blocks <= r * s
         compacted += blocks < r * s
     assert compacted >= 1
-    assert "Gather" in {n.op_type for n in model.graph.node}
+    assert "Gather" in {n.op_type for n in model.graph}
     assert max(c.error for c in result.checks) < 1e-4
 
 
@@ -194,11 +199,10 @@ def _guarded_attention(fill: float) -> onnx.ModelProto:
 
 
 def test_softmax_nan_guard_dropped_only_for_a_finite_mask_bias():
-    from sparsec.lowering.onnx_fusions import drop_softmax_nan_guards
-
     finite = _guarded_attention(float(np.finfo(np.float32).min))
     before = finite.SerializeToString()
-    assert drop_softmax_nan_guards(finite) == 1
+    modified, finite = run_onnx_pass(DropSoftmaxNanGuards(), finite)
+    assert modified
     assert [n.op_type for n in finite.graph.node] == ["Where", "MatMul", "Add", "Softmax", "Identity"]
     onnx.checker.check_model(finite, full_check=True)
     rng = np.random.default_rng(0)
@@ -210,8 +214,10 @@ def test_softmax_nan_guard_dropped_only_for_a_finite_mask_bias():
     np.testing.assert_array_equal(run(finite.SerializeToString()), run(before))
 
     minus_inf = _guarded_attention(-np.inf)  # a whole row can become NaN: the guard stays
-    assert drop_softmax_nan_guards(minus_inf) == 0
+    modified, minus_inf = run_onnx_pass(DropSoftmaxNanGuards(), minus_inf)
+    assert not modified
     assert "IsNaN" in [n.op_type for n in minus_inf.graph.node]
+    assert any("guard stays" in reason for reason in DropSoftmaxNanGuards().explain(ir.from_proto(minus_inf)))
 
 
 def test_dimensions_capture_fixed_are_fixed_in_the_file(tmp_path):

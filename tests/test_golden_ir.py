@@ -45,9 +45,9 @@ def snapshots(name: str) -> dict[str, str]:
     build, inputs, spec = MODELS[name]
     loaded = make_spec(spec)
     gm = capture(build(), inputs())
-    inst = Instruments(snapshots={})
+    inst = Instruments(snapshots=[])
     run_pipeline(gm, build_pipeline(loaded), inst)
-    return inst.snapshots
+    return {snapshot.name: snapshot.text for snapshot in inst.snapshots}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -8,7 +8,6 @@ import sparsec
 from sparsec.errors import PassError
 from sparsec.ir import graph_info
 from sparsec.lowering.torch_op import op
-from sparsec.passes.choose_sparse_layers import lowering_plans
 from sparsec.verify import verify
 from tests.helpers import cnn, cnn_input, spec_dict, zoo_inputs, zoo_model
 
@@ -35,7 +34,7 @@ def _prog(density: float, block=(16, 16), model=None, args=None, kwargs=None):
 def test_sparse_linears_are_lowered_and_still_run():
     prog = _prog(0.1, block=(32, 32))
     gm = prog.lower(min_speedup=1.0)
-    plans = lowering_plans(gm)
+    plans = graph_info(gm).lowering
     assert all(p.lower for p in plans.values()), {n: p.reason for n, p in plans.items()}
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op()]
     assert len(calls) == 2
@@ -50,22 +49,22 @@ def test_sparse_linears_are_lowered_and_still_run():
 
 def test_layers_too_dense_stay_dense_and_say_why():
     gm = _prog(0.9).lower()
-    plans = lowering_plans(gm)
+    plans = graph_info(gm).lowering
     assert not any(p.lower for p in plans.values())
     assert all(p.reason.startswith("too dense to gain") for p in plans.values())
     assert not any(n.target == op() for n in gm.graph.nodes)
 
 
 def test_unstructured_masks_never_pay_off():
-    plans = lowering_plans(_prog(0.1, block=(1, 1)).lower())
+    plans = graph_info(_prog(0.1, block=(1, 1)).lower()).lowering
     assert not any(p.lower for p in plans.values())
 
 
 def test_convolutions_stay_dense():
     prog = _prog(0.1, block=(1, 1), model=cnn(), args=(cnn_input(),))
-    plans = lowering_plans(prog.lower(policy="always"))
+    plans = graph_info(prog.lower(policy="always")).lowering
     assert plans["conv1.weight"].lower is False
-    assert plans["conv1.weight"].reason.startswith("convolution: stays dense")
+    assert plans["conv1.weight"].reason.startswith("no lowering target for conv sites")
 
 
 def test_gpt2_conv1d_addmm_is_packed_transposed():
@@ -73,7 +72,7 @@ def test_gpt2_conv1d_addmm_is_packed_transposed():
     args, kwargs = zoo_inputs("gpt2", 2, 6)
     prog = _prog(0.5, model=model, args=args, kwargs=kwargs)
     gm = prog.lower(policy="always")
-    plans = lowering_plans(gm)
+    plans = graph_info(gm).lowering
     c_fc = plans["transformer.h.0.mlp.c_fc.weight"]
     assert c_fc.op == "addmm" and c_fc.transposed and c_fc.lower
     with torch.no_grad():
@@ -93,6 +92,6 @@ def test_verifier_rejects_a_lowered_site_without_its_op():
     gm = _prog(0.1, block=(32, 32)).lower(policy="always")
     call = next(n for n in gm.graph.nodes if n.target == op())
     call.meta.pop("sparsec")
-    with pytest.raises(PassError, match="no block_sparse_linear call"):
+    with pytest.raises(PassError, match="lowered but 0 block_sparse_linear calls"):
         verify(gm)
     assert "lowered" in graph_info(gm).facts

@@ -224,9 +224,9 @@ def test_pins_scores_pruned_weights_by_their_update():
     opt.step()
     prog.step()
     opt.zero_grad()
-    method = prog._methods[0]
+    method = prog.method(0)
     for name, was_pruned in pruned_before.items():
-        score = method.importance(prog._state(name))[was_pruned]
+        score = method.importance(prog.state_of(name))[was_pruned]
         expected = 0.05 * grads[name][was_pruned] ** 2
         torch.testing.assert_close(score, expected, atol=1e-7, rtol=1e-3)
         assert bool((expected > 0).any()), name

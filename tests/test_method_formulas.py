@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsec import ops
-from sparsec.distill import distillation_kl
+from sparsec.training.distill import distillation_kl
 from sparsec.methods import get, smoothing
 from sparsec.methods.l0 import L0
 from sparsec.methods.pins import Pins, applied_update

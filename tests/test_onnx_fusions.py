@@ -1,5 +1,5 @@
-"""The ONNX graph rewrites after export (sparsec.lowering.onnx_fusions) keep outputs exact and touch
-only the patterns they are for."""
+"""The ONNX passes' rewrite rules (attention_head_layout, fuse_epilogues) keep outputs exact, touch
+only the patterns they are for, and say why where they do not apply."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsec.lowering import onnx_op
 from sparsec.lowering.block_format import pack, random_keep
-from sparsec.lowering.onnx_fusions import attention_head_layout, fuse_epilogues
+import onnx_ir as ir
+
+from sparsec.passes import AttentionHeadLayout, FuseEpilogues
+from sparsec.passes.attention_head_layout import attention_head_layout
+from sparsec.passes.fuse_epilogues import fuse_epilogues
+
+
+def _apply(rewrite, model: onnx.ModelProto) -> tuple[int, onnx.ModelProto]:
+    """Run a rewrite (a function of an onnx_ir model returning a count) on a ModelProto."""
+    converted = ir.from_proto(model)
+    count = rewrite(converted)
+    return count, ir.to_proto(converted)
 
 B, S, H, D = 2, 5, 3, 4
 E = H * D
@@ -57,7 +68,8 @@ def _qkv() -> dict:
 def test_attention_takes_3d_projections_and_matches(reader, dynamic_target):
     model = _attention_graph(reader=reader, dynamic_target=dynamic_target)
     want = _run(model, _qkv())[0]
-    assert attention_head_layout(model) == 1
+    count, model = _apply(attention_head_layout, model)
+    assert count == 1
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
     assert "Transpose" not in ops
@@ -69,9 +81,12 @@ def test_attention_takes_3d_projections_and_matches(reader, dynamic_target):
 
 def test_attention_with_another_layout_is_left_alone():
     model = _attention_graph(k_perm=(0, 2, 3, 1))  # K already transposed for Q @ K: not this pattern
-    before = model.SerializeToString()
-    assert attention_head_layout(model) == 0
-    assert model.SerializeToString() == before
+    before = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    count, after = _apply(attention_head_layout, model)
+    assert count == 0
+    assert [(n.op_type, list(n.input), list(n.output)) for n in after.graph.node] == before
+    reasons = AttentionHeadLayout().explain(ir.from_proto(model))
+    assert any("k is not Transpose(Reshape" in reason for reason in reasons)
 
 
 def _layer_then(op: str, residual_shape: tuple[int, ...] = (3, 8), second_reader: bool = False,
@@ -119,12 +134,11 @@ def _feeds(model: onnx.ModelProto) -> dict:
 def _folds_to_one_node(model: onnx.ModelProto, fused: int, overload: str, tol: float) -> onnx.NodeProto:
     """fuse_epilogues folds `fused` nodes into the layer, leaving one valid node of `overload` whose
     outputs match the original graph's within `tol`; returns that node."""
-    from sparsec.lowering.translate import attach_functions
-
     feeds = _feeds(model)
     want = _run(model, feeds)[0]
-    assert fuse_epilogues(model) == fused
-    attach_functions(model)
+    count, model = _apply(fuse_epilogues, model)
+    assert count == fused
+    onnx_op.attach_functions(model)
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear"]
     node = model.graph.node[0]
@@ -142,7 +156,10 @@ def test_epilogue_folds_into_the_layer_and_matches(op):
 def test_epilogue_needs_a_same_shape_add_and_a_single_reader(case):
     model = _layer_then("Add", residual_shape=(1, 8)) if case == "broadcast-add" else \
         _layer_then("Gelu", second_reader=True)
-    assert fuse_epilogues(model) == 0
+    assert _apply(fuse_epilogues, model)[0] == 0
+    if case == "broadcast-add":
+        reasons = FuseEpilogues().explain(ir.from_proto(model))
+        assert any("is not provably the output's" in reason for reason in reasons)
 
 
 def test_layer_norm_after_the_residual_folds_too():
@@ -152,5 +169,6 @@ def test_layer_norm_after_the_residual_folds_too():
 
 def test_layer_norm_whose_statistics_are_read_stays():
     model = _layer_then("Add", layer_norm="mean-read")
-    assert fuse_epilogues(model) == 1  # the residual only
+    count, model = _apply(fuse_epilogues, model)
+    assert count == 1  # the residual only
     assert [n.op_type for n in model.graph.node] == ["BlockSparseLinear", "LayerNormalization"]

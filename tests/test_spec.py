@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from sparsec import spec as spec_module
+import tomllib
+
+from sparsec.export.options import EXPORT_FIELDS
+from sparsec.spec import docs as spec_docs
+from sparsec.spec import registry as spec_registry
+from sparsec.spec.__main__ import main as spec_main
 from sparsec.errors import SpecError, UserError
 from sparsec.schedules import ScheduleParams
 from sparsec.schema import Field
@@ -229,7 +234,7 @@ def test_defaults_are_filled():
                                          iterations=1, initial_density=1.0)
     assert spec.train is None
     assert spec.capture == CaptureSpec(method="auto", dynamic=True)
-    assert spec.extras == {}
+    assert spec.extras == {"export": {key: f.default for key, f in EXPORT_FIELDS.items()}}
 
 
 def test_method_options_get_defaults_and_int_becomes_float():
@@ -278,7 +283,7 @@ def test_shipped_specs_exist():
 
 
 def test_docs_example_validates():
-    spec = load_spec(spec_module.tomllib.loads(spec_module.EXAMPLE))
+    spec = load_spec(tomllib.loads(spec_docs.EXAMPLE))
     assert spec.groups[0].block == (32, 32)
 
 
@@ -302,7 +307,7 @@ def test_to_dict_round_trips_through_toml(tmp_path, source):
 def test_to_dict_has_every_default_and_no_none():
     data = load_spec(spec_with()).to_dict()
     assert "train" not in data
-    assert set(data) == {"prune", "schedule", "capture"}
+    assert set(data) == {"prune", "schedule", "capture", "export"}
     assert set(data["prune"][0]) == {"targets", "exclude", "method", "density", "scope", "block"}
     assert data["schedule"]["kind"] == "constant"
 
@@ -346,14 +351,14 @@ def test_format_summary():
 
 def test_register_table_adds_an_extra_table(monkeypatch):
     # a fresh [distill] table stands in for sparsec's own one
-    monkeypatch.setattr(spec_module, "_TABLES", {k: v for k, v in spec_module._TABLES.items() if k != "distill"})
+    monkeypatch.setattr(spec_registry, "_TABLES", {k: v for k, v in spec_registry._TABLES.items() if k != "distill"})
     register_table("distill", {"alpha": Field("float", "weight of the distillation loss", default=0.5,
                                               ge=0, le=1)}, doc="distillation")
     with pytest.raises(ValueError):
         register_table("distill", {})
-    assert load_spec(spec_with()).extras == {}
+    assert set(load_spec(spec_with()).extras) == {"export"}
     spec = load_spec(spec_with(distill={}))
-    assert spec.extras == {"distill": {"alpha": 0.5}}
+    assert spec.extras["distill"] == {"alpha": 0.5}
     assert spec.to_dict()["distill"] == {"alpha": 0.5}
     assert_reported(errors_of(spec_with(distill={"alpha": 2})), "distill.alpha: 2.0 is out of range")
     assert_reported(errors_of(spec_with(distil={})), "distil: unknown table (did you mean 'distill'?")
@@ -368,20 +373,20 @@ def test_docs_are_generated_from_the_schema():
     assert "| `density` | `float` | **required** | a number, 0 < x <= 1 |" in docs
     assert "| `steps` | `int` | `schedule.total` |" in docs
     assert "| `block` | `pair[int]` | `[1, 1]` |" in docs
-    assert spec_module.DOCS_COMMAND in docs
+    assert spec_docs.DOCS_COMMAND in docs
 
 
 def test_docs_file_is_up_to_date():
     committed = (ROOT / "docs" / "spec.md").read_text()
-    assert committed == generate_docs(), f"docs/spec.md is stale: run {spec_module.DOCS_COMMAND}"
+    assert committed == generate_docs(), f"docs/spec.md is stale: run {spec_docs.DOCS_COMMAND}"
 
 
 def test_module_main(capsys, tmp_path):
-    assert spec_module.main(["--docs"]) == 0
+    assert spec_main(["--docs"]) == 0
     assert capsys.readouterr().out == generate_docs()
-    assert spec_module.main([str(ROOT / "specs" / "magnitude.toml")]) == 0
+    assert spec_main([str(ROOT / "specs" / "magnitude.toml")]) == 0
     assert "magnitude" in capsys.readouterr().out
-    assert spec_module.main([str(tmp_path / "missing.toml")]) == 2
+    assert spec_main([str(tmp_path / "missing.toml")]) == 2
     assert "no such file" in capsys.readouterr().err
 
 

@@ -15,7 +15,8 @@ import sparsec
 from sparsec.errors import ModelFileError, TrainingError
 from sparsec.modelfile import ModelFile
 from sparsec.spec import TrainSpec
-from sparsec.train import evaluate, fine_prune, split_batch
+from sparsec.training.data import split_batch
+from sparsec.training.loop import evaluate, fine_prune
 
 N = 96
 
@@ -127,7 +128,7 @@ def test_restores_train_or_eval_mode():
 
 
 def test_optimizer_groups_separate_scores():
-    from sparsec.train import make_optimizer
+    from sparsec.training.loop import make_optimizer
 
     model = make_mlp()
     prog = sparsec.compile(model, spec(0.5, 10), (torch.randn(2, 8),))
@@ -250,7 +251,7 @@ def test_empty_train_data_is_an_error_not_a_hang():
 
 
 def test_default_loss_finds_logits_in_model_outputs():
-    from sparsec.train import default_loss, default_metric, logits_of
+    from sparsec.training.losses import default_loss, default_metric, logits_of
 
     logits, y = torch.tensor([[5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1])
     for outputs in (logits, types.SimpleNamespace(logits=logits), {"logits": logits}, (logits, None)):

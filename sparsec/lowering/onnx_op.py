@@ -15,8 +15,9 @@ blocked-ELL (see block_format):
 
 The activation, the residual and the LayerNorm are the layer's epilogue: the kernel applies the
 first two to each output tile as it stores it and normalises each row once all its tiles are
-written (sparsec.lowering.onnx_fusions folds Gelu, residual Adds and LayerNormalization into the
-node).
+written (the fuse_epilogues pass folds Gelu, residual Adds and LayerNormalization into the node).
+The node comes from torch.onnx's translation of `sparsec::block_sparse_linear` (`translate`, with
+the schema `_schema`); the lowering target that uses it is sparsec.lowering.targets.linear.
 
 Every model that uses the op carries a model-local FunctionProto of the same domain and name, so
 stock onnxruntime inlines it where sparsec's kernel is not registered. ONNX allows one function per
@@ -37,20 +38,27 @@ reduction="add" is wrong with 2 threads in onnxruntime 1.32).
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
 
 DOMAIN = "sparsec"
 OP = "BlockSparseLinear"
+OP_TYPE = OP
 DOMAIN_VERSION = 1
-ONNX_OPSET = 23  # Gelu (in the activation epilogue) needs 20
+# Opset 23 has `Attention` (scaled_dot_product_attention exports as one node, onnxruntime's fused CPU
+# kernel); Gelu in the activation epilogue needs 20. The one place sparsec names its ONNX opset.
+ONNX_OPSET = 23
 IR_VERSION = 10  # function overloads need IR >= 10
 INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual", "ln_scale", "ln_bias")
 
@@ -86,10 +94,16 @@ class Variant:
         return cls(match[1] == "int8", bool(match[2]), match[3] or "", bool(match[4]), bool(match[5]))
 
     @classmethod
-    def of(cls, node: onnx.NodeProto) -> "Variant":
-        present = [i < len(node.input) and node.input[i] != "" for i in range(len(INPUTS))]
-        activation = next((helper.get_attribute_value(a).decode() for a in node.attribute
-                           if a.name == "activation"), "")
+    def of(cls, node: onnx.NodeProto | ir.Node) -> "Variant":
+        """The variant a node uses, from which optional inputs it has (a NodeProto or an onnx_ir Node)."""
+        if isinstance(node, onnx.NodeProto):
+            present = [i < len(node.input) and node.input[i] != "" for i in range(len(INPUTS))]
+            activation = next((helper.get_attribute_value(a).decode() for a in node.attribute
+                               if a.name == "activation"), "")
+        else:
+            present = [i < len(node.inputs) and node.inputs[i] is not None for i in range(len(INPUTS))]
+            attr = node.attributes.get("activation")
+            activation = attr.as_string() if attr is not None else ""
         return cls(present[5], present[4], activation if activation != "none" else "", present[6], present[7])
 
     def inputs(self) -> list[str]:
@@ -226,19 +240,90 @@ def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n
     return node
 
 
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the function overloads (and the opset import) that the graph's sparsec nodes use; in place."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), ONNX_OPSET)
-    present = {(f.domain, f.name, f.overload) for f in model.functions}
-    needed = {node.overload for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP}
+def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
+    """Name each BlockSparseLinear node's variant (its overload, trailing absent inputs dropped) and
+    add the function overloads (and the opset import) that the graph's nodes use; in place.
+    Returns the model (a ModelProto is updated through onnx_ir and copied back)."""
+    if isinstance(model, onnx.ModelProto):
+        converted = ir.from_proto(model)
+        attach_functions(converted)
+        model.CopyFrom(ir.to_proto(converted))
+        return model
+    opset = model.opset_imports.get("", ONNX_OPSET)
+    needed = set()
+    for node in sparse_nodes(model):
+        variant = Variant.of(node)
+        node.resize_inputs(len(variant.inputs()))
+        node.overload = variant.overload
+        needed.add(variant.overload)
     for name in sorted(needed):
-        if (DOMAIN, OP, name) not in present:
-            model.functions.append(function_proto(Variant.parse(name), opset=opset))
-    if needed and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    if needed and model.ir_version < IR_VERSION:
-        model.ir_version = IR_VERSION
+        if (DOMAIN, OP, name) not in model.functions:
+            function = ir.serde.deserialize_function(function_proto(Variant.parse(name), opset=opset))
+            model.functions[function.identifier()] = function
+    if needed:
+        model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
+        model.ir_version = max(model.ir_version or 0, IR_VERSION)
     return model
+
+
+def sparse_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
+    """The BlockSparseLinear nodes of a model's main graph (NodeProtos or onnx_ir Nodes)."""
+    if isinstance(model, onnx.ModelProto):
+        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP]
+    graph = model.graph if isinstance(model, ir.Model) else model
+    return [n for n in graph if n.domain == DOMAIN and n.op_type == OP]
+
+
+def stored_values(node: ir.Node) -> tuple[tuple[int, ...], ir.DataType, int, int] | None:
+    """How a sparse node's `values` are stored in the file: (padded dims [R, S, BR, BC], data type,
+    bytes, blocks stored), whether as one initializer or compacted (kept blocks + slot index read
+    by a Gather, see compact_values). None when the values are not constants of the file."""
+    values = node.inputs[1]
+    if values is None:
+        return None
+    if values.const_value is not None and values.is_initializer():
+        dims = tuple(values.const_value.shape)
+        return dims, values.const_value.dtype, values.const_value.nbytes, dims[0] * dims[1]
+    producer = values.producer()
+    if producer is None or producer.op_type != "Gather" or not all(
+            i is not None and i.is_initializer() and i.const_value is not None for i in producer.inputs):
+        return None
+    kept, slots = (i.const_value for i in producer.inputs)  # type: ignore[union-attr]
+    dims = (*slots.shape, *kept.shape[1:])
+    return tuple(dims), kept.dtype, kept.nbytes + slots.nbytes, int(kept.shape[0]) - 1
+
+
+# ------------------------------------------------------------------------ torch.onnx translation
+@functools.lru_cache(maxsize=1)
+def _schema() -> OpSchema:
+    """The inputs translation writes; the epilogue's (residual, ln_scale, ln_bias) and its
+    attributes are added afterwards by the fuse_epilogues pass (see the module doc for all)."""
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        OP, DOMAIN, DOMAIN_VERSION,
+        doc="Y[..., N] = X[..., K] @ W^T + bias, W [N, K] as padded blocked-ELL blocks.",
+        inputs=[param("X", "T"), param("values", "V"), param("block_cols", "tensor(int64)"),
+                param("row_nnz", "tensor(int64)"), param("bias", "T", param_option=optional),
+                param("scales", "T", param_option=optional)],
+        outputs=[param("Y", "T")],
+        type_constraints=[("T", ["tensor(float)"], "activations"),
+                          ("V", ["tensor(float)", "tensor(int8)"], "fp32 or int8 blocks")],
+        attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, "output features"),
+                    OpSchema.Attribute("K", OpSchema.AttrType.INT, "input features")])
+
+
+@functools.lru_cache(maxsize=1)
+def _onnxscript_op():
+    import onnxscript
+
+    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP, _schema())
+
+
+def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0, k: int = 0):
+    """torch.onnx's translation of one `sparsec::block_sparse_linear` call: a single custom-domain
+    node (its function body is attached by the attach_functions pass)."""
+    return _onnxscript_op()(x, values, block_cols, row_nnz, bias, scales, N=n, K=k)
 
 
 def _io(name: str, leading: int, last: int | str) -> onnx.ValueInfoProto:
@@ -255,17 +340,23 @@ def _model(nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorPr
     return model
 
 
-def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
-                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Store `values` without its padding slots: the kept blocks [kept + 1, BR, BC] (the last one is
-    zero) and a slot index [R, S], expanded by one Gather of constants that onnxruntime folds when the
-    session loads (so the kernel still sees constant values). Returns the nodes and initializers that
-    produce `values_name`."""
+def compact_arrays(values: np.ndarray, row_nnz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`values` without its padding slots: the kept blocks [kept + 1, BR, BC] (the last one is zero)
+    and a slot index [R, S] into them, so that `kept[slots]` is `values` again."""
     used = np.arange(values.shape[1])[None, :] < row_nnz[:, None]
     kept = values[used]
     blocks = np.concatenate([kept, np.zeros((1, *values.shape[2:]), values.dtype)])
     slots = np.full(used.shape, len(kept), dtype=np.int64)
     slots[used] = np.arange(len(kept))
+    return blocks, slots
+
+
+def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
+                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Store `values` without its padding slots (compact_arrays), expanded by one Gather of
+    constants that onnxruntime folds when the session loads (so the kernel still sees constant
+    values). Returns the nodes and initializers that produce `values_name`."""
+    blocks, slots = compact_arrays(values, row_nnz)
     inits = [numpy_helper.from_array(blocks, f"{values_name}.kept"),
              numpy_helper.from_array(slots, f"{values_name}.slots")]
     node = helper.make_node("Gather", [f"{values_name}.kept", f"{values_name}.slots"], [values_name], axis=0,

@@ -1,65 +1,51 @@
 """The Method interface and its registry.
 
 A method is one file in this package: a subclass of `Method` decorated with `@register`. The
-Program calls its hooks; every hook has a default, so a method overrides only what it needs:
+Program calls its hooks and never branches on what a method is; every hook has a default, so a
+method overrides only what it needs.
 
+At rewrite time (insert_masks):
     init_scores(weight, site)        block-grid scores (a Parameter) for methods that learn them
     init_state(weight, site)         per-site state tensors, registered as buffers `<site>_<key>`
                                      of the GraphModule (so `prog.state_dict()` resumes exactly)
     mask_op() / mask_op_args(...)    the function the mask node calls (sparsec.ops)
     mask_module(site)                or an nn.Module the mask node calls instead (call_module),
                                      for masks that are drawn in every training forward (L0)
-    observe(states, context)         called at every `prog.step()` before masks are recomputed:
-                                     gradient-based criteria read `weight.grad` here
-    importance(state)                block-grid importance, higher is kept (Top_v over it)
-    select(states, density, scope)   the mask grids directly (None: Top_v over `importance`)
-    select_at(states, density, scope, context)
-                                     the same, with the step being recomputed and the schedule
-                                     (`MaskContext`); defaults to `select` (dynsparse needs the step)
+At every `prog.step()`, in this order:
+    observe(states, context)         read the step's gradients / optimizer update (before masks)
+    select(states, density, scope, context)
+                                     when masks are due: the new keep-grids, or None to leave the
+                                     masks as they are; the default keeps everything at density 1
+                                     and otherwise the Top_v of `importance` (sparsec.masking)
+    after_step(states, context)      after masks: e.g. zero pruned weights (PINS Eq 2)
+In the loss:
     regularization(states)           a term added to the loss (None: nothing)
-    accept_estimate(state, ...)      the gradient / diagonal Fisher of `prog.estimate_fisher`
+For data estimates (loss modelling):
+    estimate_options()               how many examples `prog.estimate_fisher` needs (None: none)
+    accept_estimate(state, ...)      the gradient / curvature it measured
 
 Class attributes describe the method (they feed the spec schema, its checks and docs/spec.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
-from sparsec.errors import TrainingError
-from sparsec.ir import Site
+from sparsec import masking
 from sparsec.schema import Field
+from sparsec.site import Site, SiteState
+
+__all__ = ["Method", "SiteState", "StepContext", "MaskContext", "register", "get", "names", "registered"]
 
 _METHODS: dict[str, type["Method"]] = {}
 
 
 @dataclass
-class SiteState:
-    """The live tensors of one site, as a method sees them at `Program.step()`."""
-
-    site: Site
-    weight: torch.nn.Parameter
-    mask: torch.Tensor
-    scores: torch.nn.Parameter | None
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's init_state keys
-
-    def grad(self, method: str) -> torch.Tensor:
-        """The weight's gradient of the last backward; a clear error when there is none."""
-        grad = self.weight.grad
-        if grad is None:
-            raise TrainingError(
-                f"method {method!r} reads the gradient of site {self.site.name!r} at prog.step(), "
-                f"but it has none: call loss.backward(), optimizer.step(), prog.step(), and only "
-                f"then optimizer.zero_grad()")
-        return grad
-
-
-@dataclass
 class StepContext:
-    """What `Program.step()` passes to `Method.observe`: the step being completed (the one whose
-    gradients are in `.grad`) and the optimizer that has just applied its update."""
+    """What `Program.step()` passes to `observe` and `after_step`: the step being completed (the
+    one whose gradients are in `.grad`) and the optimizer that has just applied its update."""
 
     step: int
     optimizer: torch.optim.Optimizer | None
@@ -67,15 +53,21 @@ class StepContext:
 
 @dataclass
 class MaskContext:
-    """What `Program` passes to `Method.select_at` when it recomputes a group's masks: the step
-    (`prog.step_count`; 0 when the Program is built), the [schedule] settings and the attached
-    optimizer (None when none is attached)."""
+    """What the Program passes to `select` when a group's masks are due: the step (`prog.step_count`;
+    0 when the Program is built), the [schedule] settings, the density asked at the previous mask
+    update, the step of the last `prog.estimate_fisher` (-1: never) and the attached optimizer."""
 
     step: int
     kind: str
     total: int
     every: int
     optimizer: torch.optim.Optimizer | None
+    previous_density: float = 1.0
+    estimated_at: int = -1
+
+    def prunes(self, density: float) -> bool:
+        """True when `density` is below the density of the previous mask update."""
+        return density < self.previous_density
 
 
 class Method:
@@ -89,15 +81,8 @@ class Method:
       learns_scores   True when the method owns a score tensor trained by the optimizer
       state           names of the per-site state buffers `init_state` returns
       scopes          the `scope` values the method accepts
-      density_target  False when the density is an outcome of the method's own keys (threshold,
-                      lambda) rather than a target the schedule drives
       needs_gradients True when `observe` reads `weight.grad` (masks cannot be ranked at step 0)
-      needs_estimate  True when masks need `prog.estimate_fisher(...)` before each pruning step
-      prune_only      True when pruned blocks never come back (loss modelling, Algorithm 1)
-      zeroes_pruned   True when `step()` sets pruned weights to zero in place (PINS Eq 2:
-                      theta <- theta_hat * M), for methods whose mask op passes dense gradients
-      schedule_kinds  the `[schedule] kind` values the method accepts (empty: every kind); the
-                      Program rejects others when it is built
+      schedule_kinds  the `[schedule] kind` values the method accepts (empty: every kind)
     """
 
     name: ClassVar[str]
@@ -107,11 +92,7 @@ class Method:
     learns_scores: ClassVar[bool] = False
     state: ClassVar[tuple[str, ...]] = ()
     scopes: ClassVar[tuple[str, ...]] = ("local", "global")
-    density_target: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = False
-    needs_estimate: ClassVar[bool] = False
-    prune_only: ClassVar[bool] = False
-    zeroes_pruned: ClassVar[bool] = False
     schedule_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | None = None):
@@ -130,6 +111,7 @@ class Method:
         """True when the method overrides `regularization` (the Program skips it otherwise)."""
         return cls.regularization is not Method.regularization
 
+    # ------------------------------------------------------------------------ rewrite time
     def init_scores(self, weight: torch.Tensor, site: Site) -> torch.Tensor | None:
         """Initial block-grid scores for a site, or None when the method learns none."""
         return None
@@ -151,6 +133,7 @@ class Method:
         """An `ops.MaskModule` the mask node calls instead of `mask_op()`, or None."""
         return None
 
+    # --------------------------------------------------------------------------- step time
     def observe(self, states: list[SiteState], context: StepContext) -> None:
         """Read the step's gradients / optimizer update into the per-site state buffers."""
 
@@ -159,24 +142,32 @@ class Method:
         """Block-grid importance (higher is kept), shape `blocks.grid_shape(site.shape, site.block)`."""
         raise NotImplementedError
 
-    def select(self, states: list[SiteState], density: float, scope: str) -> list[torch.Tensor] | None:
-        """Block-grid masks for the group's sites (bool or float), or None for Top_v over
-        `importance` at `density` within `scope`."""
-        return None
+    @torch.no_grad()
+    def select(self, states: list[SiteState], density: float, scope: str,
+               context: MaskContext) -> list[torch.Tensor] | None:
+        """Keep-grids (bool or float) for the group's sites, or None to leave the masks as they are.
+        Default: everything at density >= 1, else Top_v over `importance` within `scope`."""
+        if density >= 1.0:
+            return masking.all_kept(states)
+        return masking.keep_top([self.importance(st) for st in states], states, density, scope)
 
-    def select_at(self, states: list[SiteState], density: float, scope: str,
-                  context: MaskContext) -> list[torch.Tensor] | None:
-        """`select` for methods that need the step or the optimizer (default: `select`)."""
-        return self.select(states, density, scope)
+    def after_step(self, states: list[SiteState], context: StepContext) -> None:
+        """Called at the end of every `prog.step()`, after masks were recomputed (when due)."""
 
     def regularization(self, states: list[SiteState]) -> torch.Tensor | None:
         """The method's term of the loss, or None."""
         return None
 
+    # --------------------------------------------------------------------------- estimates
+    def estimate_options(self) -> dict[str, int] | None:
+        """`{"fisher_examples": n, "fisher_chunk": c}` when masks need `prog.estimate_fisher(...)`
+        before each pruning step (loss modelling), else None."""
+        return None
+
     @torch.no_grad()
     def accept_estimate(self, state: SiteState, grad: torch.Tensor, fisher: torch.Tensor) -> None:
         """Store what `prog.estimate_fisher` measured for a site: the mean gradient and the
-        diagonal empirical Fisher, both shaped like the weight."""
+        diagonal curvature, both shaped like the weight."""
 
 
 def register(cls: type[Method]) -> type[Method]:

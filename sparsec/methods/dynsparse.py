@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from sparsec import blocks, ops
+from sparsec import blocks, masking, ops
 from sparsec.errors import SpecError, TrainingError
-from sparsec.ir import Site
-from sparsec.methods.base import MaskContext, Method, SiteState, register
+from sparsec.methods.base import MaskContext, Method, SiteState, StepContext, register
 from sparsec.schema import Field
+from sparsec.site import Site
 
 NORMS = ("l1", "l2", "linf")
 DECAYS = ("cosine", "constant")
@@ -105,12 +105,10 @@ def explored_fraction(prog) -> float:
     """The explored degrees of freedom (DOF, Dietrich et al. 2022 section 3.1): the fraction of the
     weights of the dynsparse sites that have been active at any point of training."""
     explored = total = 0
-    for site in prog.sites:
-        method = prog._methods[site.group]
-        if not isinstance(method, DynSparse):
+    for state in prog.site_states():
+        if state.site.method != DynSparse.name:
             continue
-        grid = prog._state(site.name).buffers["explored"]
-        full = blocks.expand(grid, site.shape, site.block)
+        full = blocks.expand(state.buffers["explored"], state.site.shape, state.site.block)
         explored += int(torch.count_nonzero(full))
         total += full.numel()
     return explored / total if total else 0.0
@@ -153,7 +151,6 @@ class DynSparse(Method):
     paper = "Dietrich et al. 2022, Algorithm 1, Eq 1, 2, 3"
     scopes = ("local",)
     state = ("explored",)
-    zeroes_pruned = True
     schedule_kinds = ("constant",)  # always sparse: the group's density from step 0
     options = {
         "norm": Field("str", "Block pruning metric, the L^p norm of Eq 1: `l1` (sum |W|, the paper's "
@@ -185,8 +182,8 @@ class DynSparse(Method):
 
     # ----------------------------------------------------------------------------- masks
     @torch.no_grad()
-    def select_at(self, states: list[SiteState], density: float, scope: str,
-                  context: MaskContext) -> list[torch.Tensor]:
+    def select(self, states: list[SiteState], density: float, scope: str,
+               context: MaskContext) -> list[torch.Tensor]:
         decay = str(self.opts["decay"])
         if decay == "cosine" and context.total < 1 and float(self.opts["prune_ratio"]) > 0:
             raise SpecError(["schedule.total: 0 is out of range for method 'dynsparse' with decay "
@@ -196,6 +193,9 @@ class DynSparse(Method):
             return [self._initial(st, density, context) for st in states]
         ratio = prune_ratio_at(context.step, context.total, float(self.opts["prune_ratio"]), decay)
         return [self._update(st, ratio, context) for st in states]
+
+    def after_step(self, states: list[SiteState], context: StepContext) -> None:
+        masking.zero_pruned(states)  # dead weights stay zero
 
     def _initial(self, st: SiteState, density: float, context: MaskContext) -> torch.Tensor:
         """A random block pattern with round(density * n) blocks of each block-size class."""

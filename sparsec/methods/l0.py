@@ -6,9 +6,9 @@ import math
 import torch
 
 from sparsec import blocks, ops
-from sparsec.ir import Site
-from sparsec.methods.base import Method, SiteState, register
+from sparsec.methods.base import MaskContext, Method, SiteState, register
 from sparsec.schema import Field
+from sparsec.site import Site
 
 
 @register
@@ -34,7 +34,6 @@ class L0(Method):
     paper = "Louizos et al. 2017; Sanh et al. 2020, section 4, Eq 3"
     learns_scores = True
     scopes = ("global",)
-    density_target = False
     options = {
         "beta": Field("float", "Temperature b of the hard-concrete distribution (Louizos et al. "
                       "2017 use 2/3).", default=2.0 / 3.0, gt=0),
@@ -66,7 +65,9 @@ class L0(Method):
         shift = beta * math.log(-l / r)
         return lam * sum(torch.sigmoid(s - shift).sum() for s in scores)  # type: ignore[return-value]
 
-    def select(self, states: list[SiteState], density: float, scope: str) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def select(self, states: list[SiteState], density: float, scope: str,
+               context: MaskContext) -> list[torch.Tensor]:
         return [ops.hard_concrete_eval(st.scores.detach(), self.opts["l"], self.opts["r"])  # type: ignore[union-attr]
                 for st in states]
 

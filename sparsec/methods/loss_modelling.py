@@ -5,10 +5,11 @@ from typing import ClassVar
 
 import torch
 
-from sparsec import blocks, ops
-from sparsec.ir import Site
-from sparsec.methods.base import Method, SiteState, register
+from sparsec import blocks, masking, ops
+from sparsec.errors import TrainingError
+from sparsec.methods.base import MaskContext, Method, SiteState, register
 from sparsec.schema import Field
+from sparsec.site import Site
 
 OPTIONS = {
     "fisher_examples": Field("int", "Examples of `train_data()` over which the gradient g and the "
@@ -40,8 +41,6 @@ class _LossModel(Method):
     options = OPTIONS
     state = ("saliency",)
     needs_gradients = True
-    needs_estimate = True
-    prune_only = True
     absolute: ClassVar[bool] = True
 
     def init_state(self, weight: torch.Tensor, site: Site) -> dict[str, torch.Tensor]:
@@ -75,6 +74,28 @@ class _LossModel(Method):
     @torch.no_grad()
     def importance(self, state: SiteState) -> torch.Tensor:
         return state.buffers["saliency"].clone()
+
+    def estimate_options(self) -> dict[str, int]:
+        return {"fisher_examples": int(self.opts["fisher_examples"]),
+                "fisher_chunk": int(self.opts["fisher_chunk"])}
+
+    @torch.no_grad()
+    def select(self, states: list[SiteState], density: float, scope: str,
+               context: MaskContext) -> list[torch.Tensor] | None:
+        """Algorithm 1 only prunes, at its iterations: nothing changes unless the schedule lowers
+        the density; then the kept blocks of smallest saliency go (pruned ones never come back)."""
+        if not context.prunes(density):
+            return None
+        if context.estimated_at < context.step - 1:
+            sites = [st.site.name for st in states]
+            raise TrainingError(
+                f"method {self.name!r} (sites {', '.join(sites[:3])}{', ...' if len(sites) > 3 else ''}) "
+                f"prunes at step {context.step} but has no fresh estimate: call "
+                f"prog.estimate_fisher(examples, loss_fn) after optimizer.step() and before "
+                f"prog.step() whenever prog.estimate_due()")
+        importances = [self.importance(st).masked_fill(~masking.kept_grid(st), float("-inf"))
+                       for st in states]
+        return masking.keep_top(importances, states, density, scope)
 
 
 @register

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from sparsec import blocks, ops
-from sparsec.ir import Site
 from sparsec.methods.base import Method, SiteState, register
 from sparsec.schema import Field
+from sparsec.site import Site
 
 
 @register

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from sparsec import blocks
-from sparsec.ir import Site
+from sparsec import blocks, masking
 from sparsec.methods.base import Method, SiteState, StepContext
 from sparsec.schema import Field
+from sparsec.site import Site
 
 KINDS = ("none", "ema", "platon")
 STATE = ("ema", "unc")
@@ -69,11 +69,10 @@ class SmoothedGradientCriterion(Method):
     """Shared by `pins` and `sensitivity`: a per-weight value read from the step's gradient at
     every `prog.step()`, summed per block, smoothed (`smoothing`), ranked by Top_v. Trained as PINS
     Eq 1-2: dense gradients to every weight (the mask op passes them), pruned weights zeroed at
-    `step()`. Subclasses give `value_of(state, context)`, the per-weight value."""
+    `step()` (`after_step`). Subclasses give `value_of(state, context)`, the per-weight value."""
 
     state = STATE
     needs_gradients = True
-    zeroes_pruned = True
 
     def init_state(self, weight, site):
         return init_state(weight, site)
@@ -95,3 +94,6 @@ class SmoothedGradientCriterion(Method):
     @torch.no_grad()
     def importance(self, state: SiteState) -> torch.Tensor:
         return score(state.buffers, self.opts["smoothing"])
+
+    def after_step(self, states: list[SiteState], context: StepContext) -> None:
+        masking.zero_pruned(states)  # PINS Eq 2: theta <- theta_hat * M

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.methods.base import SiteState, register
+from sparsec.methods.base import MaskContext, SiteState, register
 from sparsec.methods.movement import Movement
 from sparsec.schema import Field
 
@@ -26,7 +26,6 @@ class SoftMovement(Movement):
                "lambda * sum sigmoid(S); density is an outcome (movement pruning section 4)")
     paper = "Sanh et al. 2020, section 4 (soft movement), Eq 2"
     scopes = ("global",)
-    density_target = False
     options = {
         "threshold": Field("float", "tau of M = (S > tau), one value for every site. The paper "
                            "does not give it in the text; 0 is our default (scores start above "
@@ -47,7 +46,9 @@ class SoftMovement(Movement):
         """R(S) = lambda * sum sigmoid(S) (movement pruning section 4)."""
         return lam * sum(torch.sigmoid(s).sum() for s in scores)  # type: ignore[return-value]
 
-    def select(self, states: list[SiteState], density: float, scope: str) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def select(self, states: list[SiteState], density: float, scope: str,
+               context: MaskContext) -> list[torch.Tensor]:
         return [self.threshold_mask(st.scores.detach(), float(self.opts["threshold"]))  # type: ignore[union-attr]
                 for st in states]
 

@@ -1,25 +1,40 @@
-"""sparsec's passes, one per file. `build_pipeline(spec)` lists them in order for a spec."""
+"""sparsec's passes, one per file, and the pipelines they form: explicit ordered lists.
+
+    build_pipeline(spec)        FX: capture -> select -> rewrite (the Program is built from it)
+    build_lowering_pipeline()   FX: the lower stage, on a copy of the rewritten module
+    build_onnx_pipeline()       ONNX: the rewrites of the exported model, before it is checked
+"""
 from __future__ import annotations
 
+from typing import Any
+
+from sparsec.lowering.cost import DEFAULT_MIN_SPEEDUP
+from sparsec.passes.attach_functions import AttachFunctions
 from sparsec.passes.attach_schedule import AttachSchedule
+from sparsec.passes.attention_head_layout import AttentionHeadLayout
 from sparsec.passes.bake_masks import BakeMasks
 from sparsec.passes.choose_sparse_layers import ChooseSparseLayers
+from sparsec.passes.compact_padding import CompactPadding
+from sparsec.passes.drop_softmax_nan_guards import DropSoftmaxNanGuards
 from sparsec.passes.find_sites import FindSites
+from sparsec.passes.fuse_epilogues import FuseEpilogues
 from sparsec.passes.insert_masks import InsertMasks
 from sparsec.passes.lower_block_sparse import LowerBlockSparse
 from sparsec.passes.make_mode_aware import MakeModeAware
+from sparsec.passes.pin_input_dims import PinInputDims
+from sparsec.passes.record_example_inputs import RecordExampleInputs
 from sparsec.passes.select_sites import SelectSites
+from sparsec.pipeline import STAGES, Pass
 
-__all__ = ["AttachSchedule", "BakeMasks", "ChooseSparseLayers", "FindSites", "InsertMasks",
-           "LowerBlockSparse", "MakeModeAware", "SelectSites", "build_pipeline",
-           "build_lowering_pipeline", "STAGES"]
+__all__ = ["AttachFunctions", "AttachSchedule", "AttentionHeadLayout", "BakeMasks",
+           "ChooseSparseLayers", "CompactPadding", "DropSoftmaxNanGuards", "FindSites",
+           "FuseEpilogues", "InsertMasks", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
+           "RecordExampleInputs", "SelectSites", "build_pipeline", "build_lowering_pipeline",
+           "build_onnx_pipeline", "STAGES"]
 
-# --stop-after stages, in order; each pass belongs to one.
-STAGES = ("capture", "select", "rewrite", "train", "lower")
 
-
-def build_pipeline(spec) -> list:
-    """The rewrite pipeline for `spec`: one explicit ordered list."""
+def build_pipeline(spec: Any) -> list[Pass]:
+    """The rewrite pipeline for `spec`: capture's clean-up, site selection, masks, schedule."""
     return [
         MakeModeAware(),
         FindSites(),
@@ -29,11 +44,26 @@ def build_pipeline(spec) -> list:
     ]
 
 
-def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedup: float = 1.5,
-                            block: tuple[int, int] | None = None) -> list:
-    """The lower stage, run on a copy of a rewritten module (Program.lower, export_onnx)."""
+def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedup: float | None = None,
+                            block: tuple[int, int] | None = None) -> list[Pass]:
+    """The lower stage, run on a copy of a rewritten module (Program.lower, export)."""
     return [
         BakeMasks(),
-        ChooseSparseLayers(policy=policy, min_speedup=min_speedup, block=block),
+        ChooseSparseLayers(policy=policy, block=block,
+                           min_speedup=DEFAULT_MIN_SPEEDUP if min_speedup is None else min_speedup),
         LowerBlockSparse(int8=int8),
+    ]
+
+
+def build_onnx_pipeline(static: tuple = (), inputs: tuple = ()) -> list[Pass]:
+    """The ONNX passes over the exported model: `static` input dims (pin_input_dims) and the
+    example inputs' (shape, dtype) (record_example_inputs)."""
+    return [
+        PinInputDims(static=static),
+        DropSoftmaxNanGuards(),
+        AttentionHeadLayout(),
+        FuseEpilogues(),
+        AttachFunctions(),
+        CompactPadding(),
+        RecordExampleInputs(inputs=inputs),
     ]

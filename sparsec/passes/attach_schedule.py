@@ -1,9 +1,10 @@
 """attach_schedule: attach the training-time logic (density schedule per group, distillation) to the IR.
 
-before: masks inserted, masks all ones.  after: GraphInfo.attached holds the schedule and, per
-group, the plan the Program follows at every `step()`: which sites, which method, final density,
-scope; and the spec's [distill] and [self_regularization] tables when given (the Program then
-keeps a frozen dense teacher; the fine-pruning loop keeps the best checkpoint).
+before: masks inserted, masks all ones.  after: GraphInfo.schedule holds the [schedule], and
+GraphInfo.groups per group the plan the Program follows at every `step()`: which sites, which
+method, final density, scope; GraphInfo.training holds the spec's [distill] and
+[self_regularization] tables when given (the Program then keeps a frozen dense teacher; the
+fine-pruning loop keeps the best checkpoint).
 The graph itself is unchanged; the Program reads this plan from the IR alone.
 requires: masks_inserted.  ensures: schedule_attached.
 """
@@ -14,29 +15,15 @@ from typing import Any
 
 import torch.fx as fx
 
-from sparsec.ir import graph_info
+from sparsec.ir import GroupPlan, TrainingTables, graph_info
 from sparsec.pipeline import Pass, PassResult
-
-
-TRAINING_TABLES = ("distill", "self_regularization")
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """What the Program does for one [[prune]] group at each step."""
-
-    index: int
-    method: str
-    density: float
-    scope: str
-    sites: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class AttachSchedule(Pass):
-    schedule: object = None
-    groups: tuple = ()
-    training: Any = None  # the spec's extra tables; those named in TRAINING_TABLES are attached
+    schedule: Any = None        # the spec's ScheduleSpec
+    groups: tuple = ()          # the spec's PruneGroups
+    training: Any = None        # the spec's extra tables: [distill] and [self_regularization] are attached
     name = "attach_schedule"
     stage = "rewrite"
     requires = ("masks_inserted",)
@@ -48,9 +35,11 @@ class AttachSchedule(Pass):
         for group in self.groups:
             sites = tuple(n for n, s in info.sites.items() if s.group == group.index)
             plans.append(GroupPlan(group.index, group.method, group.density, group.scope, sites))
-        info.attached["schedule"] = self.schedule
-        info.attached["groups"] = tuple(plans)
-        for table in TRAINING_TABLES:
-            if self.training and self.training.get(table) is not None:
-                info.attached[table] = dict(self.training[table])
+        info.schedule = self.schedule
+        info.groups = tuple(plans)
+        tables = dict(self.training or {})
+        info.training = TrainingTables(
+            distill=dict(tables["distill"]) if tables.get("distill") is not None else None,
+            self_regularization=(dict(tables["self_regularization"])
+                                 if tables.get("self_regularization") is not None else None))
         return PassResult(gm, modified=False)

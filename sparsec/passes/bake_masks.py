@@ -1,8 +1,9 @@
-"""bake_masks: W <- W * M, then drop masks and scores.
+"""bake_masks: W <- W * M, then drop masks, scores and the methods' training state.
 
 before: `masked = sparsec_ops_apply_mask(fc1_weight, fc1_weight_mask)`; `linear(x, masked, b)`
 after:  `linear(x, fc1_weight, b)` with zeros baked into fc1.weight; no mask or score nodes or
-        attributes remain. Sites stay recorded (roles `weight`, `site_op`) for lowering.
+        attributes remain, nor the methods' per-site state buffers (`fc1.weight_ema`, ...).
+        Sites stay recorded (roles `weight`, `site_op`) for lowering.
 requires: masks_inserted.  ensures: masks_baked.  Run it on a copy (Program.finalize does).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, del_attr, get_attr_value,
-                        graph_info, nodes_with_role)
+                        graph_info, nodes_with_role, state_name)
 from sparsec.pipeline import Pass, PassResult
 
 
@@ -44,8 +45,11 @@ class BakeMasks(Pass):
                 target = str(node.target)
                 gm.graph.erase_node(node)
                 del_attr(gm, target)
+        for site in info.sites.values():
+            method = info.methods.get(site.group)  # type: ignore[arg-type]
+            for key in method.state if method is not None else ():
+                del_attr(gm, state_name(site.name, key))
         info.facts.discard("masks_inserted")
         info.facts.discard("schedule_attached")
-        info.attached.pop("methods", None)
+        info.methods = {}
         return PassResult(gm, modified=bool(masked_nodes))
-

@@ -1,64 +1,27 @@
-"""choose_sparse_layers: decide, per site, whether its block-sparse form pays off.
+"""choose_sparse_layers: decide, per site, whether its sparse form pays off.
 
 before: a baked graph (masks multiplied into the weights).
-after:  the same graph; GraphInfo.attached["lowering"] maps every site to a LayerPlan saying
-        whether lower_block_sparse will rewrite it, in which orientation and block, and why.
-A site is lowered when its op is a linear, or an addmm / matmul whose right operand is the
-weight (GPT-2's Conv1D stores it [in, out]: it is packed transposed), its weight is a float32
-matrix, and the cost model (sparsec.lowering.cost) estimates at least `min_speedup`.
-Convolutions stay dense.
+after:  the same graph; GraphInfo.lowering maps every site to a LayerPlan saying which lowering
+        target would rewrite it (sparsec.lowering.targets: today block_sparse_linear for linear,
+        addmm and matmul sites), in which orientation and block, whether lower_block_sparse will,
+        and why. A site is lowered when a target handles its op and accepts it (the target's
+        match and check), and the policy says so: `cost` when the target's cost model estimates at
+        least `min_speedup`, `always` whenever possible, `never` not at all.
 requires: masks_baked.  ensures: layers_chosen.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
 import torch.fx as fx
 
-from sparsec.ir import Site, get_attr_value, graph_info
-from sparsec.lowering import cost
-from sparsec.passes.find_sites import site_operand
+from sparsec.ir import LayerPlan, graph_info
+from sparsec.lowering import cost, targets
 from sparsec.pipeline import Pass, PassResult
+from sparsec.site import Site
+from sparsec.site_ops import site_node
 
 POLICIES = ("cost", "always", "never")
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What lowering does with one site, and why."""
-
-    site: str
-    op: str                                   # linear | addmm | matmul | conv
-    lower: bool
-    reason: str
-    transposed: bool = False                  # the weight is stored [K, N]
-    block: tuple[int, int] | None = None      # BR, BC of the [N, K] matrix
-    stats: cost.BlockStats | None = None
-    speedup: float | None = None              # the cost model's estimate
-
-    def to_dict(self) -> dict:
-        out = {"site": self.site, "op": self.op, "lowered": self.lower, "reason": self.reason,
-               "transposed": self.transposed, "speedup_estimate": self.speedup}
-        if self.stats is not None:
-            s = self.stats
-            out.update(shape=list(s.shape), block=list(s.block), block_density=s.block_density,
-                       stored=s.stored, blocks_per_row=s.max_per_row)
-        return out
-
-
-def lowering_plans(gm: fx.GraphModule) -> dict[str, LayerPlan]:
-    """The plans choose_sparse_layers recorded (empty before it ran)."""
-    return graph_info(gm).attached.get("lowering", {})
-
-
-def site_node(gm: fx.GraphModule, name: str) -> tuple[fx.Node | None, str]:
-    """The op node consuming site `name`'s weight, or None and why not."""
-    weights = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
-    users = [u for w in weights for u in w.users]
-    if len(users) != 1:
-        return None, f"weight has {len(users)} uses; lowering needs exactly one"
-    return users[0], ""
 
 
 @dataclass(frozen=True)
@@ -76,63 +39,27 @@ class ChooseSparseLayers(Pass):
         if self.policy not in POLICIES:
             raise self.error(f"unknown policy {self.policy!r} (allowed: {', '.join(POLICIES)})")
         info = graph_info(gm)
-        info.attached["lowering"] = {name: self.plan(gm, site) for name, site in info.sites.items()}
+        info.lowering = {name: self.plan(gm, site) for name, site in info.sites.items()}
         return PassResult(gm, modified=False)
 
     def plan(self, gm: fx.GraphModule, site: Site) -> LayerPlan:
         node, why = site_node(gm, site.name)
         if node is None:
             return LayerPlan(site.name, site.op, False, why)
-        found = site_operand(node, gm)
-        kind = found[0] if found else site.op
-        if kind == "conv":
-            return LayerPlan(site.name, kind, False, "convolution: stays dense (the block-sparse op "
-                                                     "covers linears and matmuls)")
-        weight = get_attr_value(gm, site.name)
-        reason = _unsupported(gm, node, kind, found, weight)
-        if reason:
-            return LayerPlan(site.name, kind, False, reason)
-        transposed = kind in ("addmm", "matmul")
-        matrix = weight.detach().t() if transposed else weight.detach()
-        block = self.block or ((site.block[1], site.block[0]) if transposed else site.block)
-        stats = cost.block_stats(matrix, block)
-        speedup = cost.estimated_speedup(stats)
-        facts = (f"{stats.work:.1%} of the dense work: {stats.kept_blocks}/"
-                 f"{stats.grid[0] * stats.grid[1]} blocks of {block[0]}x{block[1]}, "
-                 f"up to {stats.max_per_row} per block row")
+        target = targets.for_kind(site.op)
+        if target is None:
+            kinds = ", ".join(k for t in targets.all_targets() for k in t.kinds)
+            return LayerPlan(site.name, site.op, False, f"no lowering target for {site.op} sites "
+                                                        f"(lowered: {kinds}): stays dense")
+        plan = target.plan(gm, node, site, self.block)
+        if not plan.lower:
+            return plan
+        speedup = plan.speedup or 0.0
         if self.policy == "never":
-            lower, reason = False, "lowering disabled (policy never)"
-        elif self.policy == "always":
-            lower, reason = True, f"policy always; est. {speedup:.1f}x, {facts}"
-        elif speedup >= self.min_speedup:
-            lower, reason = True, f"est. {speedup:.1f}x faster; {facts}"
-        else:
-            lower, reason = False, (f"too dense to gain: est. {speedup:.2f}x < {self.min_speedup}x; "
-                                    f"{facts}")
-        return LayerPlan(site.name, kind, lower, reason, transposed, block, stats, speedup)
-
-
-def _unsupported(gm: fx.GraphModule, node: fx.Node, kind: str, found: tuple[str, int] | None,
-                 weight: torch.Tensor) -> str:
-    """Why this site's op cannot become a block_sparse_linear ('' when it can)."""
-    if found is None:
-        return f"op {node.target} is not a linear, addmm or matmul"
-    if weight.dim() != 2:
-        return f"weight has {weight.dim()} dimensions; the block-sparse op takes a matrix"
-    if weight.dtype != torch.float32:
-        return f"weight is {weight.dtype}; the block-sparse op takes float32"
-    position = found[1]
-    if kind == "matmul" and position != 1:
-        return "weight is the left operand of the matmul (W @ x): stays dense"
-    if kind == "addmm":
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return "addmm with alpha/beta other than 1: stays dense"
-        bias = node.args[0]
-        if not isinstance(bias, fx.Node):
-            return "addmm whose added term is not a tensor: stays dense"
-        value = get_attr_value(gm, str(bias.target)) if bias.op == "get_attr" else bias.meta.get("val")
-        if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.shape[0] != weight.shape[1]:
-            return "addmm whose added term is not a bias vector: stays dense"
-    if kind == "linear" and len(node.args) < 2:
-        return "linear without a positional weight"
-    return ""
+            return replace(plan, lower=False, reason="lowering disabled (policy never)")
+        if self.policy == "always":
+            return replace(plan, reason=f"policy always; est. {speedup:.1f}x, {plan.reason}")
+        if speedup >= self.min_speedup:
+            return replace(plan, reason=f"est. {speedup:.1f}x faster; {plan.reason}")
+        return replace(plan, lower=False, reason=f"too dense to gain: est. {speedup:.2f}x < "
+                                                 f"{self.min_speedup}x; {plan.reason}")

@@ -9,55 +9,14 @@ requires: mode_aware.  ensures: sites_found.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from sparsec.ir import Site, get_attr_value, graph_info
-from sparsec.pipeline import Pass, PassResult, source_line
-
-aten = torch.ops.aten
-F = torch.nn.functional
-
-# op -> (kind, positions where the weight may be)
-SITE_OPS: dict[object, tuple[str, tuple[int, ...]]] = {
-    aten.linear.default: ("linear", (1,)),
-    F.linear: ("linear", (1,)),
-    aten.conv1d.default: ("conv", (1,)),
-    aten.conv2d.default: ("conv", (1,)),
-    aten.conv3d.default: ("conv", (1,)),
-    F.conv1d: ("conv", (1,)),
-    F.conv2d: ("conv", (1,)),
-    F.conv3d: ("conv", (1,)),
-    aten.addmm.default: ("addmm", (2,)),
-    torch.addmm: ("addmm", (2,)),
-    aten.mm.default: ("matmul", (0, 1)),
-    aten.matmul.default: ("matmul", (0, 1)),
-    torch.matmul: ("matmul", (0, 1)),
-    torch.mm: ("matmul", (0, 1)),
-    operator.matmul: ("matmul", (0, 1)),
-}
-
-
-def site_operand(node: fx.Node, gm: fx.GraphModule) -> tuple[str, int] | None:
-    """(kind, argument index) when `node` consumes a parameter as its weight operand."""
-    if node.op != "call_function" or node.target not in SITE_OPS:
-        return None
-    kind, positions = SITE_OPS[node.target]
-    for pos in positions:
-        if pos < len(node.args) and _is_parameter(node.args[pos], gm):
-            return kind, pos
-    return None
-
-
-def _is_parameter(arg: object, gm: fx.GraphModule) -> bool:
-    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-        return False
-    value = get_attr_value(gm, str(arg.target))
-    return isinstance(value, torch.nn.Parameter) and value.dim() >= 2
-
+from sparsec.ir import Site, get_attr_value, graph_info, source_line
+from sparsec.pipeline import Pass, PassResult
+from sparsec.site_ops import site_operand
 
 def merge_get_attrs(gm: fx.GraphModule) -> bool:
     """One get_attr node per target, placed before its first use. A tied parameter (one object

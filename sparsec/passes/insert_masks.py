@@ -19,32 +19,9 @@ import torch
 import torch.fx as fx
 
 from sparsec import methods
-from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, get_attr_value, graph_info,
-                        set_attr_tensor, set_node_info)
+from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, gate_name, get_attr_value,
+                        graph_info, mask_name, scores_name, set_attr_tensor, set_node_info, state_name)
 from sparsec.pipeline import Pass, PassResult
-
-MASK_SUFFIX = "_mask"
-SCORES_SUFFIX = "_scores"
-GATE_SUFFIX = "_gate"
-
-
-def mask_name(site: str) -> str:
-    return site + MASK_SUFFIX
-
-
-def scores_name(site: str) -> str:
-    return site + SCORES_SUFFIX
-
-
-def state_name(site: str, key: str) -> str:
-    """The buffer holding a method's per-site state `key` (e.g. `fc1.weight_ema`)."""
-    return f"{site}_{key}"
-
-
-def gate_name(site: str) -> str:
-    """The submodule a call_module mask node calls (e.g. `fc1.weight_gate`)."""
-    return site + GATE_SUFFIX
-
 
 @dataclass(frozen=True)
 class InsertMasks(Pass):
@@ -57,7 +34,7 @@ class InsertMasks(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         info = graph_info(gm)
         instances = {g.index: methods.get(g.method)(g.options) for g in self.groups}
-        info.attached["methods"] = instances
+        info.methods = instances
         weight_nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
         for name, site in info.sites.items():
             method = instances[site.group]

@@ -18,7 +18,7 @@ import torch.fx as fx
 from sparsec import blocks
 from sparsec.errors import PassError
 from sparsec.ir import ROLE_SITE_OP, ROLE_WEIGHT, graph_info, set_node_info
-from sparsec.passes.find_sites import site_operand
+from sparsec.site_ops import site_operand
 from sparsec.pipeline import Pass, PassResult
 
 

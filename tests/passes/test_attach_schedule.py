@@ -8,7 +8,7 @@ import torch
 from sparsec.errors import PassError
 from sparsec.ir import format_ir, graph_info
 from sparsec.passes import AttachSchedule
-from sparsec.passes.attach_schedule import GroupPlan
+from sparsec.ir import GroupPlan
 from sparsec.pipeline import run_pipeline
 from tests.helpers import make_spec, mlp, mlp_input, rewrite, spec_dict
 
@@ -25,11 +25,11 @@ def _spec():
 def test_plans_and_schedule_attached():
     gm = rewrite(mlp(), (mlp_input(),), _spec(), until="attach_schedule")
     info = graph_info(gm)
-    assert info.attached["groups"] == (
+    assert info.groups == (
         GroupPlan(0, "movement", 0.1, "global", ("fc1.weight", "fc2.weight")),
         GroupPlan(1, "magnitude", 0.5, "local", ("fc3.weight",)),
     )
-    schedule = info.attached["schedule"]
+    schedule = info.schedule
     assert (schedule.kind, schedule.total, schedule.warmup, schedule.cooldown) == ("cubic", 100, 10, 10)
     assert schedule == make_spec(_spec()).schedule
     assert "schedule_attached" in info.facts

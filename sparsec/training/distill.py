@@ -3,13 +3,58 @@ section 6) and PINS self-regularization from the latest best checkpoint (PINS Eq
 
 Both compare output distributions with T^2 * KL(softmax(teacher / T) || softmax(student / T))
 (Hinton et al. 2014), averaged over examples (every position of a sequence output counts as one).
+The spec's [distill] and [self_regularization] tables are declared here.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from sparsec.schema import Field
+from sparsec.spec.registry import Problem, register_check, register_table
+from sparsec.training.losses import logits_of
+
+DISTILL_FIELDS = {
+    "alpha": Field("float", "Weight of the distillation term: the loss is (1 - alpha) * task loss + "
+                   "alpha * T^2 * KL(teacher || student) (movement pruning section 6, 'a linear "
+                   "combination of the training loss and a knowledge distillation loss').",
+                   default=0.9, ge=0, le=1),
+    "temperature": Field("float", "Softmax temperature T of teacher and student (Hinton et al. "
+                         "2014).", default=2.0, gt=0),
+    "teacher": Field("str", "`dense`: the model as it was before rewriting (a frozen copy taken at "
+                     "compile time, in eval mode), the paper's fine-tuned dense BERT.",
+                     default="dense", choices=("dense",)),
+}
+
+SELF_REGULARIZATION_FIELDS = {
+    "lambda": Field("float", "Weight of the self-regularization term lambda * KL(checkpoint || "
+                    "model) added to the loss (PINS Eq 13 adds it with weight 1).", default=1.0, ge=0),
+    "temperature": Field("float", "Softmax temperature of the KL term.", default=1.0, gt=0),
+}
+
+register_table("distill", DISTILL_FIELDS,
+               doc="Distillation from the dense model (movement pruning section 6). The fine-pruning "
+                   "loop trains on `(1 - alpha) * loss + prog.distillation_loss(outputs, *inputs)`; "
+                   "API users do the same (`prog.task_loss_weight` is 1 - alpha). Optional.")
+register_table("self_regularization", SELF_REGULARIZATION_FIELDS,
+               doc="PINS self-regularization (Eq 13, Algorithm 1): the fine-pruning loop adds "
+                   "lambda * KL between the outputs of the latest best checkpoint and the current "
+                   "model; the checkpoint starts as the model before pruning and is refreshed "
+                   "whenever the metric on `eval_data()` improves (every `train.eval_every` steps). "
+                   "Costs a second forward pass per step and a copy of the model "
+                   "(docs/BENCHMARKS.md). API users: `sparsec.training.distill.SelfRegularizer`. Optional.")
+
+
+@register_check("`[self_regularization]` with a `[train]` table needs `train.eval_every >= 1`: the "
+                "checkpoint is refreshed when the evaluation metric improves.")
+def _check_self_regularization(resolved: Mapping[str, Any]) -> list[Problem]:
+    train = resolved.get("train")
+    if resolved.get("self_regularization") is None or train is None or train.get("eval_every") != 0:
+        return []
+    return [("train.eval_every", "0 never evaluates, so [self_regularization] would never refresh its "
+                                 "checkpoint (allowed: an integer, 1 <= x)")]
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -53,8 +98,6 @@ class SelfRegularizer:
     def loss(self, outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """lambda * KL(checkpoint || current) on the logits of `outputs` (the current model's
         outputs on `*args, **kwargs`)."""
-        from sparsec.train import logits_of
-
         with torch.no_grad():
             reference = self.checkpoint(*args, **kwargs)
         return self.lam * distillation_kl(logits_of(outputs), logits_of(reference), self.temperature)

@@ -1,0 +1,198 @@
+"""The whole compile, top to bottom, in one function: `run(job)`.
+
+    spec + model ─> capture ─> FX passes: select, rewrite ─> Program ─> [train]
+        ─> lower: FX lowering passes ─> torch.onnx ─> ONNX passes ─> verify ─> write OUT
+
+`sparsec.compile` runs it up to the Program (`stop_after="rewrite"`, nothing written); the CLI
+(`sparsec compile`) runs all of it with the model file's data and writes the output folder.
+Each stage is one call into the module that owns it:
+
+    capture       sparsec.capture                   FX passes       sparsec.passes (+ sparsec.pipeline)
+    Program       sparsec.program                   train           sparsec.training.loop
+    lower         sparsec.lowering.stage            torch.onnx, ONNX passes, verify   sparsec.export
+    write OUT     sparsec.outdir, sparsec.report
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from sparsec.capture import capture
+from sparsec.ir import GraphInfo, format_ir, graph_info
+from sparsec.modelfile import ModelFile
+from sparsec.passes import STAGES, build_lowering_pipeline, build_onnx_pipeline, build_pipeline
+from sparsec.pipeline import Instruments, Pass, run_pipeline
+from sparsec.program import Program
+from sparsec.spec import Spec
+
+MODEL_FILE = "model.onnx"
+DENSE_FILE = "model.dense.onnx"
+
+
+@dataclass
+class Job:
+    """What to compile, how far, and where to."""
+
+    model: torch.nn.Module
+    spec: Spec
+    example_inputs: tuple
+    example_kwargs: dict = field(default_factory=dict)
+    modelfile: ModelFile | None = None    # data, loss and metric of model.py (the CLI)
+    stop_after: str | None = None          # a stage of STAGES; None runs them all
+    dry_run: bool = False                  # run the FX passes only, write nothing
+    out: Path | None = None                # the output folder (None: nothing written)
+    instruments: Instruments = field(default_factory=Instruments)
+    progress: bool = True
+
+
+@dataclass
+class Outcome:
+    """What a compile produced."""
+
+    module: fx.GraphModule
+    program: Program | None = None
+    train: Any = None                      # sparsec.training.loop.TrainResult
+    metric_dense: float | None = None
+    metric_pruned: float | None = None
+    lowering: dict[str, Any] | None = None  # the report's lowering section
+    report: dict[str, Any] | None = None
+    report_text: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def info(self) -> GraphInfo:
+        return graph_info(self.module)
+
+
+def run(job: Job) -> Outcome:
+    """Compile `job.model` as `job.spec` says, as far as `job.stop_after`."""
+    from sparsec.training.loop import evaluate, fine_prune
+
+    spec, inst, data = job.spec, job.instruments, job.modelfile
+    full = job.stop_after in (None, "train", "lower") and not job.dry_run
+    will_train = full and spec.train is not None and data is not None and data.has("train_data")
+    batch_size, seed = (spec.train.batch_size, spec.train.seed) if spec.train else (32, 0)
+    # The Program shares its weights with the model: measure the dense model before capture.
+    metric_dense = evaluate(job.model, data, batch_size, seed) if full and data is not None else None
+
+    with inst.timed("capture"):
+        gm = capture(job.model, job.example_inputs, job.example_kwargs,
+                     method=spec.capture.method, dynamic=spec.capture.dynamic)
+    inst.record("captured", "fx", lambda: format_ir(gm, "capture"))
+    gm = run_pipeline(gm, passes_until(build_pipeline(spec), job.stop_after), inst)
+    outcome = Outcome(module=gm, metric_dense=metric_dense)
+    if job.dry_run or "schedule_attached" not in graph_info(gm).facts:
+        return _finish(job, outcome)
+
+    prog = outcome.program = Program(gm)
+    prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
+    prog.train(job.model.training)
+    if full and spec.train is not None and not will_train:
+        outcome.notes.append(f"{data.path if data else 'the model'} has no train_data(): skipping [train]")
+    if will_train:
+        outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense)
+    elif full and data is not None:
+        outcome.metric_pruned = evaluate(prog, data, batch_size, seed)
+
+    if job.stop_after in (None, "lower") and job.out is not None:
+        work = _work_folder(job.out)
+        try:
+            outcome.lowering = _lower(prog, job, work)
+            return _finish(job, outcome, files={name: work / name for name in (MODEL_FILE, DENSE_FILE)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _finish(job, outcome)
+
+
+def _lower(prog: Program, job: Job, work: Path) -> dict[str, Any]:
+    """The lower stage: both files, verified, into `work`; returns the report's section."""
+    from sparsec import export
+    from sparsec.bench import bench
+    from sparsec.export.options import ExportOptions
+    from sparsec.lowering import stage
+    from sparsec.report import lowering_section
+
+    table = job.spec.extras["export"]
+    options = ExportOptions.from_spec(table, dynamic=job.spec.capture.dynamic)
+    inst = job.instruments
+    dense = stage.baked_copy(prog.module).eval()
+    lowered = stage.lowered_copy(prog.module, **options.lowering(), instruments=inst)
+    model = export.write_onnx(lowered, work / MODEL_FILE, prog.example_inputs, prog.example_kwargs,
+                              options, reference=dense, instruments=inst)
+    with inst.timed("dense export"):
+        dense_model = export.write_onnx(dense, work / DENSE_FILE, prog.example_inputs,
+                                        prog.example_kwargs, options.dense())
+    timing = None
+    if table["bench"]:
+        with inst.timed("bench"):
+            timing = bench(work / MODEL_FILE, work / DENSE_FILE, repeats=table["bench_repeats"],
+                           batch=table["bench_batch"] or None).to_dict()
+    return lowering_section(int8=options.int8, policy=options.policy,
+                            plans=list(graph_info(lowered).lowering.values()), model=model,
+                            dense=dense_model, folder=work, model_file=MODEL_FILE,
+                            dense_file=DENSE_FILE, bench=timing)
+
+
+def _finish(job: Job, outcome: Outcome, files: dict[str, Path] | None = None) -> Outcome:
+    """The report, and OUT written atomically (when the job has one and is not a dry run)."""
+    from sparsec import outdir
+    from sparsec.inspection import graph_record
+    from sparsec.report import build_report, format_report
+
+    job.instruments.report_timings()
+    if job.out is None or job.dry_run:
+        return outcome
+    info = outcome.info
+    outcome.report = build_report(
+        model_path=job.modelfile.path if job.modelfile else type(job.model).__name__, spec=job.spec,
+        capture_tool=info.capture, sites=list(info.sites.values()), left_out=info.left_out,
+        prog=outcome.program, result=outcome.train, stopped_after=job.stop_after,
+        metric_dense=outcome.metric_dense, metric_pruned=outcome.metric_pruned,
+        lowering=outcome.lowering)
+    outcome.report_text = format_report(outcome.report)
+    outdir.write(job.out, outdir.Contents(
+        spec=job.spec, snapshots=list(job.instruments.snapshots or []),
+        graph=graph_record(outcome.module), sites=list(info.sites.values()),
+        candidates=list(info.candidates.values()), left_out=info.left_out, report=outcome.report,
+        report_text=outcome.report_text, prog=outcome.program, result=outcome.train,
+        files=files or {}))
+    return outcome
+
+
+def _work_folder(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.onnx-", dir=out.parent))
+
+
+# ------------------------------------------------------------------------------- the pipeline
+def passes_until(passes: list[Pass], stage: str | None) -> list[Pass]:
+    """The passes up to and including those of `stage` (all of them for None)."""
+    if stage is None:
+        return list(passes)
+    last = STAGES.index(stage)
+    return [p for p in passes if STAGES.index(p.stage) <= last]
+
+
+def pipeline(spec: Spec, stop_after: str | None = None, dry_run: bool = False) -> list[Pass]:
+    """Every pass a compile of `spec` runs, FX and ONNX, in order (for --print-pipeline and for
+    checking --print-after names)."""
+    front = passes_until(build_pipeline(spec), stop_after)
+    if dry_run or stop_after not in (None, "lower"):
+        return front
+    from sparsec.export.options import ExportOptions
+
+    options = ExportOptions.from_spec(spec.extras["export"], dynamic=spec.capture.dynamic)
+    return front + build_lowering_pipeline(**options.lowering()) + build_onnx_pipeline()
+
+
+def format_pipeline(passes: list[Pass]) -> str:
+    lines = ["pipeline:"]
+    lines += [f"  {i:2d}. [{p.stage}{', ' + p.kind if p.kind != 'fx' else ''}] {p.describe()}"
+              for i, p in enumerate(passes, 1)]
+    return "\n".join(lines)

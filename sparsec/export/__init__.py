@@ -1,0 +1,112 @@
+"""ONNX export of a Program, lowered to sparse ops and verified against PyTorch.
+
+    module --lower stage (bake_masks, choose_sparse_layers, lower_block_sparse)--> lowered GraphModule
+           --torch.onnx (onnx_export.to_onnx: opset 23, the targets' custom translations)--> onnx_ir.Model
+           --ONNX passes (sparsec.passes.build_onnx_pipeline)--> model with model-local functions
+           --write to a temporary name, onnx.checker, onnxruntime vs PyTorch (check.check_file)--> rename
+
+The file is renamed into place only when every check passed; anything that goes wrong is an
+`ExportError` (a user error: one line, exit code 2) that names the file.
+
+    options.py      ExportOptions and the spec's [export] table
+    onnx_export.py  the torch.onnx call
+    check.py        onnx.checker and onnxruntime against PyTorch
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+
+from sparsec.export.check import Check, check_file
+from sparsec.export.onnx_export import example_input_records, static_input_dims, to_onnx
+from sparsec.export.options import ExportError, ExportOptions
+from sparsec.pipeline import Instruments, run_pipeline
+
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "Check", "write_onnx", "export_module"]
+
+
+@dataclass
+class ExportResult:
+    """What export wrote and how it was checked. Path-like: `open(result)` works."""
+
+    path: Path
+    sparse_nodes: int
+    checks: list[Check] = field(default_factory=list)
+    error_vs_dense: float | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kwargs: dict,
+               options: ExportOptions, reference: torch.nn.Module | None = None,
+               instruments: Instruments | None = None) -> ExportResult:
+    """Export `module` (eval mode; lowered or not) to `path` through the ONNX passes, checked;
+    raises ExportError. `instruments` print, time and snapshot the ONNX passes."""
+    from sparsec.lowering import targets
+    from sparsec.passes import build_onnx_pipeline
+
+    start = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    inst = instruments or Instruments()
+    try:
+        with inst.timed("torch.onnx export"):
+            model = to_onnx(module, args, kwargs, options.dynamic)
+        inst.record("exported", "onnx", lambda: _text(model, "torch.onnx export"))
+        passes = build_onnx_pipeline(static=static_input_dims(module),
+                                     inputs=example_input_records(args, kwargs))
+        model = run_pipeline(model, passes, inst)
+        sparse = sum(len(target.onnx_nodes(model)) for target in targets.all_targets())
+        with inst.timed("write and check ONNX"):
+            ir.save(model, str(tmp))
+            checks, error_vs_dense, notes = check_file(tmp, path, module, args, kwargs, options,
+                                                       reference, sparse)
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{path}: ONNX export failed: {type(exc).__name__}: "
+                          f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ExportResult(path=path, sparse_nodes=sparse, checks=checks, error_vs_dense=error_vs_dense,
+                        seconds=time.perf_counter() - start, notes=notes)
+
+
+def _text(model: ir.Model, title: str) -> str:
+    from sparsec.lowering.onnx_graph import format_model
+
+    return format_model(model, title)
+
+
+def export_module(module: fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict,
+                  options: ExportOptions) -> ExportResult:
+    """`prog.export_onnx`: lower a rewritten (masked) module as `options` say and write it."""
+    from sparsec.lowering import stage
+
+    dense = stage.baked_copy(module).eval()
+    if not options.lower:
+        return write_onnx(dense, path, args, kwargs, options)
+    lowered = stage.lowered_copy(module, **options.lowering())
+    return write_onnx(lowered, path, args, kwargs, options, reference=dense)

@@ -1,0 +1,62 @@
+"""torch.onnx's part of the export: a (lowered) GraphModule -> an `onnx_ir.Model`.
+
+The dynamo exporter at sparsec's opset, with the lowering targets' custom translations (each sparse
+op becomes one custom-domain node) and the capture's dynamic dimensions. What sparsec then does to
+the exported graph is the ONNX passes' business (sparsec.passes.build_onnx_pipeline).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from sparsec.capture import dynamic_shapes
+from sparsec.lowering import onnx_graph, targets
+from sparsec.lowering.onnx_op import ONNX_OPSET
+
+
+def to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> ir.Model:
+    """The exported model, with the fact `exported` established for the ONNX passes."""
+    shapes = dynamic_shapes(module, args, kwargs) if dynamic else None
+    # torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
+                                    opset_version=ONNX_OPSET, dynamic_shapes=shapes, verbose=False,
+                                    optimize=True, custom_translation_table=targets.onnx_translation())
+    model = program.model
+    onnx_graph.facts(model).add("exported")
+    return model
+
+
+def static_input_dims(module: torch.nn.Module) -> tuple[tuple[str, tuple[int | None, ...]], ...]:
+    """Per captured input: its dims where capture fixed them (ints) or None where they are dynamic
+    (for the pin_input_dims pass). Empty for modules that are not captured graphs."""
+    if not isinstance(module, fx.GraphModule):
+        return ()
+    out = []
+    for node in module.graph.nodes:
+        fake = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(fake, torch.Tensor):
+            out.append((node.name, tuple(size if isinstance(size, int) else None for size in fake.shape)))
+    return tuple(out)
+
+
+def example_input_records(args: tuple, kwargs: dict) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """(shape, dtype) of every tensor of the example inputs, in the order of the graph's inputs
+    (for the record_example_inputs pass)."""
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return tuple((tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in leaves)
+
+
+def outputs(value: Any) -> list[Any]:
+    """Every tensor of a model output as numpy, in pytree order (ModelOutput included)."""
+    if hasattr(value, "to_tuple"):  # transformers ModelOutput
+        value = value.to_tuple()
+    return [t.detach().cpu().numpy() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]

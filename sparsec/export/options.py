@@ -1,0 +1,83 @@
+"""How a Program is lowered and exported: `ExportOptions` (the options of `prog.export_onnx`) and
+the spec's [export] table, which registers itself here. The [export] keys' defaults are written
+once, in EXPORT_FIELDS; ExportOptions takes them from there."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from sparsec.errors import UserError
+from sparsec.lowering import cost
+from sparsec.schema import Field, default
+from sparsec.spec.registry import register_table
+
+EXPORT_FIELDS = {
+    "int8": Field("bool", "Store the kept blocks as int8 with one float32 scale per block (about 4x "
+                  "smaller than fp32 blocks; the accuracy cost is reported).", default=False),
+    "policy": Field("str", "Which sites become sparse ops: `cost` those the cost model expects to be "
+                    "at least `min_speedup` faster, `always` every site a lowering target accepts, "
+                    "`never` none (a dense file).", default="cost", choices=("cost", "always", "never")),
+    "min_speedup": Field("float", "Estimated speedup a site needs to be lowered (policy `cost`).",
+                         default=cost.DEFAULT_MIN_SPEEDUP, gt=0),
+    "tolerance": Field("float", "Largest allowed max abs error of onnxruntime vs PyTorch, relative "
+                       "to the output scale.", default=1e-4, gt=0),
+    "bench": Field("bool", "Time model.onnx against model.dense.onnx in onnxruntime at the end of "
+                   "`sparsec compile` and put the speedup in the report.", default=True),
+    "bench_repeats": Field("int", "Interleaved timing rounds of that measurement (medians).",
+                           default=30, ge=1),
+    "bench_batch": Field("int", "First dimension of the inputs for that measurement; 0 uses the "
+                         "example inputs' own.", default=0, ge=0),
+}
+
+register_table("export", EXPORT_FIELDS, fill_when_absent=True,
+               doc="The lower stage of `sparsec compile`: model.onnx with sparse custom-domain nodes "
+                   "(`sparsec::BlockSparseLinear`) and model.dense.onnx, both verified against "
+                   "PyTorch. Optional: without it, the defaults below apply.")
+
+
+class ExportError(UserError):
+    """The ONNX file could not be produced or does not match the PyTorch program."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How `prog.export_onnx` lowers and checks (the [export] table's keys plus API-only ones)."""
+
+    lower: bool = True             # False: a dense file (masks baked, zeros stored)
+    int8: bool = default(EXPORT_FIELDS, "int8")
+    policy: str = default(EXPORT_FIELDS, "policy")
+    min_speedup: float = default(EXPORT_FIELDS, "min_speedup")
+    block: tuple[int, int] | None = None   # pack with this block instead of each site's
+    dynamic: bool = True           # dynamic batch / sequence where the model allows
+    verify: bool = True
+    tolerance: float = default(EXPORT_FIELDS, "tolerance")
+    kernel: bool = True            # also verify with sparsec's kernel when it is available
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> "ExportOptions":
+        """From `prog.export_onnx(**options)`; unknown names are a user error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ExportError(f"export_onnx: unknown option {', '.join(unknown)} "
+                              f"(allowed: {', '.join(sorted(known))})")
+        values = dict(options)
+        if values.get("block") is not None:
+            values["block"] = tuple(int(b) for b in values["block"])
+        return cls(**values)
+
+    @classmethod
+    def from_spec(cls, table: Mapping[str, Any], dynamic: bool) -> "ExportOptions":
+        """From the spec's resolved [export] table (every key present) and [capture] dynamic."""
+        return cls(int8=table["int8"], policy=table["policy"], min_speedup=table["min_speedup"],
+                   tolerance=table["tolerance"], dynamic=dynamic)
+
+    def dense(self) -> "ExportOptions":
+        """The options of the dense comparison file: nothing lowered, the same checks."""
+        return ExportOptions(lower=False, dynamic=self.dynamic, verify=self.verify,
+                             tolerance=self.tolerance, kernel=False)
+
+    def lowering(self) -> dict[str, Any]:
+        """Keyword arguments of sparsec.lowering.stage.lowered_copy."""
+        return {"int8": self.int8, "policy": self.policy if self.lower else "never",
+                "min_speedup": self.min_speedup, "block": self.block}

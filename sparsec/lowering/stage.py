@@ -1,0 +1,25 @@
+"""The lower stage on the PyTorch side: copies of a rewritten (masked) GraphModule with the masks
+baked in, and with the sites that pay off rewritten into sparse ops. The module given is never
+changed; the passes are the pipeline's (sparsec.passes.build_lowering_pipeline)."""
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+
+from sparsec.passes import build_lowering_pipeline
+from sparsec.passes.bake_masks import BakeMasks
+from sparsec.pipeline import Instruments, run_pipeline
+
+
+def baked_copy(module: fx.GraphModule, instruments: Instruments | None = None) -> fx.GraphModule:
+    """A copy with W <- W * M and no masks, scores or method state (the finalized model)."""
+    return run_pipeline(copy.deepcopy(module), [BakeMasks()], instruments)
+
+
+def lowered_copy(module: fx.GraphModule, *, int8: bool = False, policy: str = "cost",
+                 min_speedup: float | None = None, block: tuple[int, int] | None = None,
+                 instruments: Instruments | None = None) -> fx.GraphModule:
+    """A baked copy, in eval mode, whose chosen sites are rewritten by their lowering target."""
+    passes = build_lowering_pipeline(int8=int8, policy=policy, min_speedup=min_speedup, block=block)
+    return run_pipeline(copy.deepcopy(module), passes, instruments).eval()

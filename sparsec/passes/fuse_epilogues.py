@@ -1,0 +1,147 @@
+"""fuse_epilogues: fold what follows a BlockSparseLinear into the node (its epilogue).
+
+before: h = BlockSparseLinear(x, ...);  a = Gelu(h)         |  s = Add(h, r)  |  y = LayerNormalization(s', scale, bias)
+after:  a = BlockSparseLinear(x, ..., activation="gelu")   |  s = BlockSparseLinear(x, ..., r)  |  y = BlockSparseLinear(x, ..., r, scale, bias, epsilon)
+Three rules: `fold_gelu` (erf or tanh Gelu into `activation`), `fold_residual` (a same-shape Add of
+the result and another tensor into the `residual` input, either operand order) and
+`fold_layer_norm` (a LayerNormalization over the last axis of a node that already has its
+residual, scale and bias of shape [N], float32 statistics, only its normalised output read, into
+`ln_scale` / `ln_bias` / `epsilon`). The kernel applies the first two where it stores each output
+tile and normalises each row once written; the function body does the same in standard ops
+(sparsec.lowering.onnx_op). The node's output must have no other reader; the fused node takes the
+place of what it absorbs, where every input it reads is available.
+requires: exported.  ensures: epilogues_fused.  Run before attach_functions (variants change).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
+
+from sparsec.lowering import onnx_graph as g
+from sparsec.lowering.onnx_op import ACTIVATIONS, DOMAIN, DOMAIN_VERSION, INPUTS, Variant
+from sparsec.pipeline import Pass, PassResult
+
+_BY_APPROXIMATE = {approximate: name for name, approximate in ACTIVATIONS.items()}
+
+
+def _sparse(op, x):
+    """A BlockSparseLinear node reading x (any other inputs and attributes), output `h`."""
+    return op.BlockSparseLinear(x, _domain=DOMAIN, _allow_other_inputs=True,
+                                _allow_other_attributes=True, _outputs=["h"])
+
+
+def _rebuild(op, node: ir.Node, replaced: ir.Value, *, activation: str | None = None,
+             residual: ir.Value | None = None, layer_norm: tuple[ir.Value, ir.Value, float] | None = None
+             ) -> ir.Value:
+    """The node again with an epilogue added; its output takes `replaced`'s type and shape."""
+    inputs = list(node.inputs) + [None] * (len(INPUTS) - len(node.inputs))
+    attrs = {name: a.value for name, a in node.attributes.items()}
+    if activation:
+        attrs["activation"] = activation
+    if residual is not None:
+        inputs[INPUTS.index("residual")] = residual
+    if layer_norm is not None:
+        inputs[INPUTS.index("ln_scale")], inputs[INPUTS.index("ln_bias")] = layer_norm[:2]
+        attrs["epsilon"] = float(layer_norm[2])
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    out = op.BlockSparseLinear(*inputs, _domain=DOMAIN, _version=DOMAIN_VERSION, **attrs)
+    out.type, out.shape = replaced.type, replaced.shape
+    return out
+
+
+class FoldGelu(RewriteRuleClassBase):
+    def pattern(self, op, x):
+        return op.Gelu(_sparse(op, x), _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, x, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        variant = Variant.of(h.producer())
+        if variant.activation or variant.residual or variant.layer_norm:
+            return result.fail(f"the node already has an epilogue ({variant.overload})")
+        if g.attr(y.producer(), "approximate", "none") not in _BY_APPROXIMATE:
+            return result.fail("Gelu's approximate is neither 'none' nor 'tanh'")
+        return result
+
+    def rewrite(self, op, x, h, y, **_):
+        activation = _BY_APPROXIMATE[g.attr(y.producer(), "approximate", "none")]
+        return _rebuild(op, h.producer(), y, activation=activation)
+
+
+class FoldResidual(RewriteRuleClassBase):
+    def pattern(self, op, x, r):
+        return op.Add(_sparse(op, x), r, _outputs=["y"])
+
+    def check(self, context, x, r, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        variant = Variant.of(h.producer())
+        if variant.residual or variant.layer_norm:
+            return result.fail(f"the node already has a residual ({variant.overload})")
+        if r is h:
+            return result.fail("the Add adds the node's output to itself")
+        if not (g.same_shape(r, h) and g.same_shape(r, y)):
+            return result.fail(f"the residual's shape {g.dims(r)} is not provably the output's {g.dims(h)}")
+        return result
+
+    def rewrite(self, op, x, r, h, y, **_):
+        return _rebuild(op, h.producer(), y, residual=r)
+
+
+class FoldLayerNorm(RewriteRuleClassBase):
+    def pattern(self, op, x, scale, bias):
+        return op.LayerNormalization(_sparse(op, x), scale, bias, _allow_other_attributes=True,
+                                     _outputs=["y"])
+
+    def check(self, context, x, scale, bias, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        node, norm = h.producer(), y.producer()
+        variant = Variant.of(node)
+        if not variant.residual or variant.layer_norm:
+            return result.fail(f"the node must have its residual and no LayerNorm yet ({variant.overload})")
+        if any(o.uses() or o.is_graph_output() for o in norm.outputs[1:]):
+            return result.fail("LayerNormalization's mean or inverse std is read")
+        if g.attr(norm, "stash_type", 1) != 1:
+            return result.fail("LayerNormalization's statistics are not float32 (stash_type)")
+        dims = g.dims(h)
+        if dims is None or g.attr(norm, "axis", -1) not in (-1, len(dims) - 1):
+            return result.fail("LayerNormalization is not over the last axis")
+        n = g.attr(node, "N")
+        for value in (scale, bias):
+            shape = g.dims(value) or (list(value.const_value.shape) if value.const_value is not None else None)
+            if shape != [n]:
+                return result.fail(f"scale or bias is not of shape [{n}]")
+        return result
+
+    def rewrite(self, op, x, scale, bias, h, y, **_):
+        epsilon = g.attr(y.producer(), "epsilon", 1e-5)
+        return _rebuild(op, h.producer(), y, layer_norm=(scale, bias, epsilon))
+
+
+RULES = (FoldGelu.rule(name="fold_gelu"),
+         *FoldResidual.rule(name="fold_residual").commute(),
+         FoldLayerNorm.rule(name="fold_layer_norm"))
+
+
+@dataclass(frozen=True)
+class FuseEpilogues(Pass):
+    name = "fuse_epilogues"
+    kind = "onnx"
+    stage = "lower"
+    requires = ("exported",)
+    ensures = ("epilogues_fused",)
+
+    def run(self, model: ir.Model) -> PassResult:
+        if "functions_attached" in g.facts(model):
+            raise self.error("runs before attach_functions: fusing changes the nodes' variants")
+        return PassResult(model, modified=g.apply_rules(model, RULES) > 0)
+
+    def explain(self, model: ir.Model) -> list[str]:
+        return g.explain_rules(model, RULES)
+
+
+def fuse_epilogues(model: ir.Model) -> int:
+    """Apply the pass's rules to `model` in place; returns how many epilogue steps were folded."""
+    return g.apply_rules(model, RULES)
+

@@ -1,0 +1,50 @@
+"""Which source files belong to the libraries sparsec runs on, and which to the user.
+
+Error messages and IR headers point at the user's own line (the model's forward, model.py), not at
+torch's or sparsec's internals. That is decided by package location, never by a substring of the
+path: a checkout in a folder named `sparsec` or `torch` is still the user's code.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    import torch
+
+    import sparsec
+
+    roots = [Path(torch.__file__).parent, Path(sparsec.__file__).parent]
+    try:
+        import sympy  # torch.export's symbolic shapes run through it
+
+        roots.append(Path(sympy.__file__).parent)
+    except ImportError:
+        pass
+    return tuple(str(root.resolve()) + os.sep for root in roots)
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib() -> tuple[str, tuple[str, ...]]:
+    """The standard library's folder, and the package folders that may lie inside it."""
+    paths = sysconfig.get_paths()
+    packages = tuple(str(Path(paths[key]).resolve()) + os.sep for key in ("purelib", "platlib"))
+    return str(Path(paths["stdlib"]).resolve()) + os.sep, packages
+
+
+def is_library_file(filename: str) -> bool:
+    """True for frames of torch, sparsec, sympy and the standard library (and frozen modules)."""
+    if not filename or filename.startswith("<"):
+        return True
+    try:
+        resolved = str(Path(filename).resolve())
+    except (OSError, RuntimeError):
+        resolved = filename
+    if resolved.startswith(_library_roots()):
+        return True
+    stdlib, packages = _stdlib()
+    return resolved.startswith(stdlib) and not resolved.startswith(packages)

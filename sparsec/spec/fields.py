@@ -1,0 +1,94 @@
+"""The keys of the core tables ([[prune]], [schedule], [train], [capture]): the single place where
+each key's type, default, bounds and documentation are written. `sparsec.spec.model` takes its
+defaults from here, validation checks against them and docs/spec.md is rendered from them."""
+from __future__ import annotations
+
+from sparsec import methods, schedules
+from sparsec.schema import Field
+from sparsec.spec.registry import Derived
+
+
+def prune_fields() -> dict[str, Field]:
+    return {
+        "targets": Field("list[str]", "Sites this group prunes: fnmatch globs (`*`, `?`, `[seq]`) "
+                         "matched against the whole site name, which is the weight's name in "
+                         "`model.named_parameters()` (e.g. `encoder.layer.0.attention.self.query.weight`). "
+                         "A site is a weight consumed by a linear, convolution or matmul. At least one "
+                         "glob."),
+        "exclude": Field("list[str]", "Globs of sites to leave dense even though `targets` matches "
+                         "them (e.g. `[\"*embed*\", \"*classifier*\"]`).", default=[]),
+        "method": Field("str", "The pruning criterion that ranks weights (or blocks); see "
+                        "[Methods](#methods) for each method's paper and its own keys.",
+                        choices=tuple(methods.names())),
+        "density": Field("float", "Final fraction of weights kept, reached at the end of the schedule: "
+                         "0.1 keeps 10% (90% sparsity, the movement-pruning paper's headline setting); "
+                         "1 prunes nothing.", gt=0, le=1),
+        "scope": Field("str", "Where the Top-v selection ranks: `local` keeps `density` of every "
+                       "weight matrix separately; `global` ranks all of the group's sites together, so "
+                       "layers end at different densities (movement pruning section 6, Figure 5 and 6: "
+                       "similar results, global ahead only at very high sparsity).",
+                       default="local", choices=("local", "global")),
+        "block": Field("pair[int]", "Block shape `[rows, cols]` of the weight's matrix view (out x in "
+                       "for a linear); whole blocks are kept or pruned. `[1, 1]` is unstructured; "
+                       "`[32, 32]` is where the block-sparse kernel runs fastest. When the block does "
+                       "not divide the matrix, the last partial blocks are padded.", default=[1, 1]),
+    }
+
+
+
+def schedule_fields() -> dict[str, Field]:
+    return {
+        "kind": Field("str", "Schedule of the density over optimizer steps; see "
+                      "[Schedule kinds](#schedule-kinds).", default="constant",
+                      choices=tuple(schedules.names())),
+        "total": Field("int", "Optimizer steps T covered by the schedule (warm-up, pruning and "
+                       "cool-down). 0 means no step-dependent schedule.", default=0, ge=0),
+        "warmup": Field("int", "Steps t_i at `initial_density` before pruning starts (movement "
+                        "pruning Eq 5).", default=0, ge=0),
+        "cooldown": Field("int", "Steps t_f at the final density at the end of the schedule; a few "
+                          "cool-down steps help at high sparsity (movement pruning section 5, Eq 5).",
+                          default=0, ge=0),
+        "every": Field("int", "Recompute the masks every `every` optimizer steps (Delta t of movement "
+                       "pruning Eq 5); masks are never recomputed inside a forward pass.",
+                       default=1, ge=1),
+        "iterations": Field("int", "Number of pruning iterations pi for iterative schedules (loss "
+                            "modelling, Algorithm 1: linear or exponential steps).", default=1, ge=1),
+        "initial_density": Field("float", "Density v_i at the start of the schedule; 1 is dense (the "
+                                 "papers start from the pre-trained dense model).", default=1.0,
+                                 gt=0, le=1),
+    }
+
+
+TRAIN_FIELDS = {
+    "steps": Field("int", "Optimizer steps of fine-pruning; one step is one `optimizer.step()` "
+                   "followed by one `prog.step()`. Defaults to `schedule.total`; must be at least "
+                   "`schedule.total - schedule.cooldown` so the schedule reaches its final density.",
+                   default=Derived("schedule.total"), ge=1),
+    "batch_size": Field("int", "Examples per optimizer step.", default=32, ge=1),
+    "lr": Field("float", "Learning rate of the model's weights (alpha_W). BERT fine-pruning uses "
+                "about 3e-5.", default=1e-3, gt=0),
+    "score_lr": Field("float", "Learning rate of learned importance scores (alpha_S of movement "
+                      "pruning Eq 4) for methods that learn scores; scores need a far larger rate than "
+                      "the weights (1e-2 in the movement-pruning setup).", default=1e-2, gt=0),
+    "optimizer": Field("str", "`adamw` (Adam with decoupled weight decay), `adam` (weight decay "
+                       "added to the gradient) or `sgd` (with `momentum`).", default="adamw",
+                       choices=("adamw", "adam", "sgd")),
+    "weight_decay": Field("float", "Weight decay coefficient of the optimizer.", default=0.0, ge=0),
+    "momentum": Field("float", "Momentum of `sgd`; ignored by adam and adamw.", default=0.0, ge=0, lt=1),
+    "seed": Field("int", "Seed of every random number generator the loop uses, for reproducible "
+                  "runs and exact resume.", default=0, ge=0),
+    "log_every": Field("int", "Log loss, density and learning rates every n steps.", default=10, ge=1),
+    "eval_every": Field("int", "Evaluate on the model file's `eval_data()` every n steps; 0 "
+                        "evaluates only at the end.", default=0, ge=0),
+    "max_grad_norm": Field("float", "Clip the global gradient norm (weights and scores) to this "
+                           "value; 0 disables clipping.", default=0.0, ge=0),
+}
+
+CAPTURE_FIELDS = {
+    "method": Field("str", "`export` uses `torch.export.export(strict=False)`, which captures "
+                    "transformers models; `symbolic_trace` uses `torch.fx.symbolic_trace`, for plain "
+                    "modules; `auto` tries export first and falls back to symbolic_trace.",
+                    default="auto", choices=("auto", "export", "symbolic_trace")),
+    "dynamic": Field("bool", "Mark the batch and sequence dimensions of the example inputs dynamic, "
+                     "so the program and its ONNX file accept other sizes.", default=True),
+}

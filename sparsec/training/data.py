@@ -1,0 +1,121 @@
+"""The data convention of model.py's `train_data()` / `eval_data()`, and running a model on a batch.
+
+* a torch `Dataset` is wrapped in a `DataLoader` (`[train] batch_size`, shuffled for training with a
+  generator seeded from `[train] seed`); anything else is taken as an iterable of batches;
+* a batch is `(inputs, target)` where `inputs` is a tensor (one positional argument), a tuple or
+  list (positional arguments) or a dict (keyword arguments); or a dict with a `labels` key, Hugging
+  Face style, whose other keys are the model's keyword arguments.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from sparsec.errors import ModelFileError, TrainingError, UserError
+from sparsec.modelfile import ModelFile
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch split into what the model takes and what the loss compares against."""
+
+    args: tuple
+    kwargs: dict
+    target: Any
+
+
+def split_batch(batch: Any) -> Batch:
+    """Apply the data convention: `(inputs, target)` or a dict with `labels`."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TrainingError(f"a dict batch needs a 'labels' key (got keys {sorted(batch)}); "
+                                f"or yield (inputs, target) pairs")
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return Batch((), kwargs, batch["labels"])
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, target = batch
+        if isinstance(inputs, Mapping):
+            return Batch((), dict(inputs), target)
+        if isinstance(inputs, (tuple, list)):
+            return Batch(tuple(inputs), {}, target)
+        return Batch((inputs,), {}, target)
+    raise TrainingError(f"a batch must be (inputs, target) or a dict with 'labels', got {describe(batch)}")
+
+
+def describe(value: Any) -> str:
+    """A short description of a batch or an output, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(describe(v) for v in value[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"{type(value).__name__} of {len(value)} ({inner}{more})"
+    if isinstance(value, Mapping):
+        return "dict {" + ", ".join(f"{k}: {describe(v)}" for k, v in list(value.items())[:6]) + "}"
+    return type(value).__name__
+
+
+def batches(data: Any, batch_size: int, seed: int, shuffle: bool, what: str) -> Iterable:
+    """A re-iterable source of batches for `data` as model.py returned it."""
+    if isinstance(data, IterableDataset):
+        return DataLoader(data, batch_size=batch_size)
+    if isinstance(data, Dataset):
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        return data
+    raise ModelFileError(f"{what} must return a torch Dataset or an iterable of batches, "
+                         f"got {type(data).__name__}")
+
+
+def cycle(modelfile: ModelFile, name: str, batch_size: int, seed: int) -> Iterator[Any]:
+    """Batches of `name()` forever; one-shot iterators (generators) are asked for again."""
+    source = batches(modelfile.call(name), batch_size, seed, shuffle=True, what=f"{name}()")
+    while True:
+        count = 0
+        for batch in source:
+            count += 1
+            yield batch
+        if count == 0:
+            raise TrainingError(f"{modelfile.path}: {name}() gave no batches")
+        if iter(source) is source:
+            source = batches(modelfile.call(name), batch_size, seed, shuffle=True, what=f"{name}()")
+
+
+def batch_size_of(batch: Any) -> int:
+    """Examples in a batch: the first dimension of its target (1 for a scalar target)."""
+    target = split_batch(batch).target
+    if isinstance(target, torch.Tensor) and target.dim() > 0:
+        return int(target.shape[0])
+    return 1
+
+
+def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Examples [start, stop) of a batch of `size` examples, in the batch's own structure (every
+    tensor whose first dimension is `size` is sliced; anything else is kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, start, stop, size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, start, stop, size) for v in batch)
+    return batch
+
+
+def forward(model: torch.nn.Module, batch: Any, step: int | None) -> Any:
+    """Run the model on a batch, reporting the user's shape mistakes as user errors."""
+    parts = split_batch(batch)
+    try:
+        return model(*parts.args, **parts.kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        when = f"at training step {step}" if step is not None else "during evaluation"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TrainingError(f"the model raised {type(exc).__name__} {when} on a batch of "
+                            f"{describe(batch)}: {first} (check the data convention: "
+                            f"(inputs, target) or a dict with 'labels')") from exc
