@@ -129,6 +129,7 @@ def example_feeds(path: str | Path, session: Any, batch: int | None = None, seed
     return feeds
 
 
+DEFAULT_REPEATS = 50  # interleaved rounds of `sparsec bench`
 SETTLE_S = 0.05  # pause before each timed call: the previous session's pool threads stop spinning
 WARM_S = 0.005   # then untimed calls for at least this long (at least one)
 
@@ -198,7 +199,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 
 def bench(model: str | Path, dense: str | Path | None = None, threads: int | None = None,
-          repeats: int = 50, kernel: bool = True, batch: int | None = None) -> BenchResult:
+          repeats: int = DEFAULT_REPEATS, kernel: bool = True, batch: int | None = None) -> BenchResult:
     model = Path(model)
     if not model.is_file():
         raise UserError(f"{model}: no such ONNX file")

@@ -126,8 +126,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from sparsec.bench import bench, format_bench
 
-    result = bench(args.model, dense=args.dense, threads=args.threads, repeats=args.repeats,
-                   kernel=not args.no_kernel, batch=args.batch)
+    result = bench(args.model, dense=args.dense, threads=args.threads,
+                   repeats=args.repeats, kernel=not args.no_kernel, batch=args.batch)
     print(format_bench(result))
     if args.json:
         import json
@@ -137,6 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparsec.bench import DEFAULT_REPEATS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and warnings")
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("model", metavar="MODEL.onnx")
     ben.add_argument("--dense", metavar="DENSE.onnx", help="the dense file (default: MODEL.dense.onnx beside MODEL)")
     ben.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
-    ben.add_argument("--repeats", type=int, default=50, metavar="N", help="interleaved rounds (default 50)")
+    ben.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+                     help=f"interleaved rounds (default {DEFAULT_REPEATS})")
     ben.add_argument("--batch", type=int, metavar="N", help="first input dimension (default: the example inputs')")
     ben.add_argument("--no-kernel", action="store_true", help="do not time sparsec's native kernel")
     ben.add_argument("--json", metavar="FILE", help="also write the results as JSON")

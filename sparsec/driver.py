@@ -30,6 +30,7 @@ from sparsec.passes import STAGES, build_lowering_pipeline, build_onnx_pipeline,
 from sparsec.pipeline import Instruments, Pass, run_pipeline
 from sparsec.program import Program
 from sparsec.spec import Spec
+from sparsec.spec.fields import TRAIN_FIELDS
 
 MODEL_FILE = "model.onnx"
 DENSE_FILE = "model.dense.onnx"
@@ -72,12 +73,15 @@ class Outcome:
 
 def run(job: Job) -> Outcome:
     """Compile `job.model` as `job.spec` says, as far as `job.stop_after`."""
+    from sparsec.training.backend import backend_for
     from sparsec.training.loop import evaluate, fine_prune
 
     spec, inst, data = job.spec, job.instruments, job.modelfile
     full = job.stop_after in (None, "train", "lower") and not job.dry_run
     will_train = full and spec.train is not None and data is not None and data.has("train_data")
-    batch_size, seed = (spec.train.batch_size, spec.train.seed) if spec.train else (32, 0)
+    # without [train], the evaluation batches follow [train]'s defaults
+    batch_size = spec.train.batch_size if spec.train else TRAIN_FIELDS["batch_size"].default
+    seed = spec.train.seed if spec.train else TRAIN_FIELDS["seed"].default
     # The Program shares its weights with the model: measure the dense model before capture.
     metric_dense = evaluate(job.model, data, batch_size, seed) if full and data is not None else None
 
@@ -96,7 +100,8 @@ def run(job: Job) -> Outcome:
     if full and spec.train is not None and not will_train:
         outcome.notes.append(f"{data.path if data else 'the model'} has no train_data(): skipping [train]")
     if will_train:
-        outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense)
+        outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense,
+                                   backend=backend_for(spec.train))
     elif full and data is not None:
         outcome.metric_pruned = evaluate(prog, data, batch_size, seed)
 

@@ -10,7 +10,6 @@ below, so the layout can change in one place.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 

@@ -270,15 +270,57 @@ def roles_of(gm) -> dict[str, str]:
     return {n.name: info.role for n in gm.graph.nodes if (info := node_info(n)) is not None}
 
 
-def run_onnx_pass(onnx_pass, model):
-    """Run one ONNX pass on a ModelProto (as the exporter's onnx_ir model, the `exported` fact
-    established); returns (modified, the rewritten ModelProto)."""
+def run_onnx_pass(onnx_pass, model, facts=("exported",)):
+    """Run one ONNX pass through the pipeline runner on a ModelProto (as an onnx_ir model with
+    `facts` established, verified after the pass); returns (modified, the rewritten ModelProto)."""
     import onnx_ir as ir
 
     from sparsec.lowering import onnx_graph
+    from sparsec.pipeline import run_pipeline
 
     converted = ir.from_proto(model)
-    onnx_graph.facts(converted).update({"exported", "functions_attached"} - set(onnx_pass.ensures)
-                                       if onnx_pass.name == "compact_padding" else {"exported"})
-    result = onnx_pass.run(converted)
-    return result.modified, ir.to_proto(result.module)
+    onnx_graph.facts(converted).update(facts)
+    before = ir.to_proto(converted).SerializeToString()
+    result = run_pipeline(converted, [onnx_pass])
+    after = ir.to_proto(result)
+    return after.SerializeToString() != before, after
+
+
+def apply_rewrite(rewrite, model):
+    """Run a rewrite (a function of an onnx_ir model returning a count) on a ModelProto; returns
+    (count, the rewritten ModelProto)."""
+    import onnx_ir as ir
+
+    converted = ir.from_proto(model)
+    count = rewrite(converted)
+    return count, ir.to_proto(converted)
+
+
+def run_ort(model, feeds: dict) -> list:
+    """Outputs of stock onnxruntime on a ModelProto."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+class Wide(nn.Module):
+    """Linear 96 -> 128 -> ReLU -> Linear 70: shapes for lowering tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(96, 128)
+        self.fc2 = nn.Linear(128, 70)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def lowering_program(density: float, block=(16, 16), model=None, args=None, kwargs=None):
+    """A magnitude-pruned Program (local scope) in eval mode, Wide by default."""
+    import sparsec
+
+    torch.manual_seed(0)
+    model = model or Wide()
+    args = args if args is not None else (torch.randn(5, 96),)
+    spec = spec_dict(["*"], method="magnitude", density=density, scope="local", block=block)
+    return sparsec.compile(model, spec, args, kwargs).eval()

@@ -22,7 +22,7 @@ def test_round_trip_and_layout(n, k, block):
     w, keep = block_sparse_weight(n, k, block, 0.4)
     p = pack(w, block=block)
     br, bc = block
-    rows, cols = -(-n // br), -(-k // bc)
+    rows, _ = -(-n // br), -(-k // bc)
     assert p.values.shape[0] == rows and p.values.shape[2:] == block
     assert p.values.dtype == np.float32 and p.block_cols.dtype == np.int64 and p.row_nnz.dtype == np.int64
     assert p.values.shape[1] == max(1, keep.sum(1).max())

@@ -329,3 +329,58 @@ def test_digits_example_end_to_end(sparsec_cli, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["density"] == pytest.approx(0.1, abs=0.005)
     assert report["metric_dense"] > 0.9 and report["metric_pruned"] > 0.9
+
+
+# ------------------------------------------------------------------ the ONNX stage as passes
+BROADCAST_MODEL = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(x) + x[:, :1]   # a broadcast Add: not a residual the layer can fold
+
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def example_inputs():
+    return torch.randn(4, 64)
+'''
+BROADCAST_SPEC = '''
+[[prune]]
+targets = ["fc.weight"]
+method = "magnitude"
+density = 0.25
+block = [16, 16]
+
+[export]
+policy = "always"
+bench = false
+'''
+
+
+def test_onnx_passes_are_listed_printed_timed_and_explained(sparsec_cli, tmp_path):
+    (tmp_path / "net.py").write_text(BROADCAST_MODEL)
+    (tmp_path / "net.toml").write_text(BROADCAST_SPEC)
+    code, out, err = sparsec_cli("compile", tmp_path / "net.py", "--spec", tmp_path / "net.toml",
+                                 "-o", tmp_path / "out", "--print-pipeline", "--print-after",
+                                 "lower_block_sparse,fuse_epilogues", "--time-passes", "--debug")
+    assert code == 0, err
+    listing = out.split("pipeline:")[1]
+    for name in ("[lower] lower_block_sparse", "[lower, onnx] attention_head_layout",
+                 "[lower, onnx] fuse_epilogues", "[lower, onnx] compact_padding"):
+        assert name in listing
+    assert "# sparsec IR after lower_block_sparse" in out and "block_sparse_linear" in out
+    assert "# sparsec ONNX IR after fuse_epilogues" in out and "sparsec.BlockSparseLinear" in out
+    assert "fuse_epilogues: rule fold_residual did not apply at Add node" in out
+    assert "is not provably the output's" in out
+    assert "torch.onnx export" in out and "attach_functions" in out.split("time per pass and stage:")[1]
+    ir_files = sorted(p.name for p in (tmp_path / "out" / "ir").iterdir())
+    assert "14_attach_functions.onnx.txt" in ir_files

@@ -16,8 +16,7 @@ from sparsec.export import ExportError
 from sparsec.export.check import feeds, relative_error
 from sparsec.export.onnx_export import outputs
 from sparsec.lowering.onnx_op import DOMAIN, OP_TYPE, sparse_nodes, stored_values
-from sparsec.passes import DropSoftmaxNanGuards
-from tests.helpers import run_onnx_pass, spec_dict, zoo_inputs, zoo_model
+from tests.helpers import spec_dict, zoo_inputs, zoo_model
 
 
 class Odd(torch.nn.Module):
@@ -174,50 +173,6 @@ def test_padding_slots_are_not_stored(tmp_path):
     assert compacted >= 1
     assert "Gather" in {n.op_type for n in model.graph}
     assert max(c.error for c in result.checks) < 1e-4
-
-
-def _guarded_attention(fill: float) -> onnx.ModelProto:
-    """Softmax(q @ k + Where(mask, 0, fill)) followed by torch.onnx's NaN guard."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [helper.make_node("Where", ["mask", "zero", "fill"], ["bias"]),
-             helper.make_node("MatMul", ["q", "k"], ["scores"]),
-             helper.make_node("Add", ["scores", "bias"], ["masked"]),
-             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
-             helper.make_node("IsNaN", ["p"], ["nan"]),
-             helper.make_node("Where", ["nan", "zero", "p"], ["p_safe"]),
-             helper.make_node("Identity", ["p_safe"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [4, 8]),
-         helper.make_tensor_value_info("k", TensorProto.FLOAT, [8, 4]),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, [4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
-        initializer=[numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-                     numpy_helper.from_array(np.array(fill, np.float32), "fill")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
-def test_softmax_nan_guard_dropped_only_for_a_finite_mask_bias():
-    finite = _guarded_attention(float(np.finfo(np.float32).min))
-    before = finite.SerializeToString()
-    modified, finite = run_onnx_pass(DropSoftmaxNanGuards(), finite)
-    assert modified
-    assert [n.op_type for n in finite.graph.node] == ["Where", "MatMul", "Add", "Softmax", "Identity"]
-    onnx.checker.check_model(finite, full_check=True)
-    rng = np.random.default_rng(0)
-    mask = rng.random((4, 4)) < 0.5
-    mask[1] = False  # a fully masked row: uniform weights in both graphs, no NaN
-    feed = {"q": rng.standard_normal((4, 8)).astype(np.float32),
-            "k": rng.standard_normal((8, 4)).astype(np.float32), "mask": mask}
-    run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
-    np.testing.assert_array_equal(run(finite.SerializeToString()), run(before))
-
-    minus_inf = _guarded_attention(-np.inf)  # a whole row can become NaN: the guard stays
-    modified, minus_inf = run_onnx_pass(DropSoftmaxNanGuards(), minus_inf)
-    assert not modified
-    assert "IsNaN" in [n.op_type for n in minus_inf.graph.node]
-    assert any("guard stays" in reason for reason in DropSoftmaxNanGuards().explain(ir.from_proto(minus_inf)))
 
 
 def test_dimensions_capture_fixed_are_fixed_in_the_file(tmp_path):

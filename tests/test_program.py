@@ -224,3 +224,16 @@ def test_finalize():
     # the Program itself is untouched and keeps training
     assert prog.weights()["fc1.weight"] is model.fc1.weight
     assert prog.scores()
+
+
+def test_groups_methods_and_site_states_are_public_views_of_the_live_tensors():
+    _, prog = compile_mlp(_spec(method="movement"))
+    (group,) = prog.groups
+    assert group.method == "movement" and group.sites == ("fc1.weight", "fc2.weight", "fc3.weight")
+    assert prog.method(0).name == "movement" and prog.schedule.kind == "cubic"
+    states = prog.site_states(0)
+    assert [st.site.name for st in states] == list(group.sites) == [st.site.name for st in prog.site_states()]
+    st = prog.state_of("fc1.weight")
+    assert st.weight is prog.weights()["fc1.weight"] and st.mask is prog.masks()["fc1.weight"]
+    assert st.scores is prog.scores()["fc1.weight"] and st.buffers == {}
+    assert prog.density_at(0, 0) == 1.0 and prog.density_at(0, 20) == 0.25

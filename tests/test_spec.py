@@ -17,7 +17,7 @@ from sparsec.spec.__main__ import main as spec_main
 from sparsec.errors import SpecError, UserError
 from sparsec.schedules import ScheduleParams
 from sparsec.schema import Field
-from sparsec.spec import (CaptureSpec, PruneGroup, ScheduleSpec, Spec, TrainSpec, format_summary,
+from sparsec.spec import (CaptureSpec, PruneGroup, ScheduleSpec, TrainSpec, format_summary,
                           generate_docs, load_spec, register_table)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,7 +89,7 @@ def test_loss_goes_down_and_density_reaches_the_asked_value():
     model = make_mlp()
     mf = model_file(model, (x[:4],), train_data=lambda: TensorDataset(x, y),
                     eval_data=lambda: TensorDataset(*blobs(48, 1)))
-    dense = evaluate(model, mf)
+    dense = evaluate(model, mf, 32, 0)
     prog, result = run(model, mf, density=0.25, steps=60)
     assert result.steps == 60 and len(result.losses) == 60 and len(result.densities) == 60
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
@@ -123,7 +123,7 @@ def test_restores_train_or_eval_mode():
     fine_prune(prog, mf, train_spec(steps=10, eval_every=5), progress=False)
     assert not prog.training
     prog.train()
-    evaluate(prog, mf)
+    evaluate(prog, mf, 32, 0)
     assert prog.training
 
 

@@ -65,12 +65,22 @@ def verify(model: ir.Model) -> None:
     for value in graph.outputs:
         if id(value) not in defined:
             raise PassError(f"ONNX graph output {value.name!r} is not computed")
+    from sparsec.lowering import targets
+
+    attached = "functions_attached" in facts(model)
+    ours = {id(n): t for t in targets.all_targets() for n in t.onnx_nodes(model)}
     known = {(f.domain, f.name) for f in model.functions.values()}
     for node in graph:
-        if node.domain in STANDARD_DOMAINS or node.domain == "sparsec" or (node.domain, node.op_type) in known:
-            continue
-        raise PassError(f"ONNX node {node.name!r} is of domain {node.domain!r} ({node.op_type}), which "
-                        f"no runtime or function body provides")
+        target = ours.get(id(node))
+        if target is not None:
+            problem = target.check_onnx(node, attached)
+            if not problem and attached and node.overload and (node.domain, node.op_type, node.overload) not in model.functions:
+                problem = f"no function body for overload {node.overload!r}"
+            if problem:
+                raise PassError(f"ONNX node {node.name!r} ({node.op_type}): {problem}")
+        elif node.domain not in STANDARD_DOMAINS and (node.domain, node.op_type) not in known:
+            raise PassError(f"ONNX node {node.name!r} is of domain {node.domain!r} ({node.op_type}), which "
+                            f"no runtime or function body provides")
 
 
 # --------------------------------------------------------------------------------- shape helpers

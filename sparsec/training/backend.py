@@ -62,3 +62,8 @@ class LocalBackend(Backend):
 
     def place(self, prog: torch.nn.Module) -> torch.nn.Module:
         return prog.to(self.device)
+
+
+def backend_for(train: Any) -> Backend:
+    """The backend the spec's [train] table asks for (today: always one CPU process in float32)."""
+    return LocalBackend()

@@ -62,7 +62,7 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, modelfile: ModelFile, batch_size: int = 32, seed: int = 0,
+def evaluate(model: torch.nn.Module, modelfile: ModelFile, batch_size: int, seed: int,
              backend: Backend | None = None) -> float | None:
     """The metric over one pass of `eval_data()` in eval mode, or None without eval_data()."""
     if not modelfile.has("eval_data"):

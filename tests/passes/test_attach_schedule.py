@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from sparsec.errors import PassError
-from sparsec.ir import format_ir, graph_info
+from sparsec.ir import GroupPlan, format_ir, graph_info
 from sparsec.passes import AttachSchedule
-from sparsec.ir import GroupPlan
 from sparsec.pipeline import run_pipeline
 from tests.helpers import make_spec, mlp, mlp_input, rewrite, spec_dict
 

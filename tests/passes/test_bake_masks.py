@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from sparsec.errors import PassError
-from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, ROLE_SITE_OP, ROLE_WEIGHT,
-                        get_attr_value, graph_info, nodes_with_role)
+from sparsec.ir import (
+    ROLE_MASK,
+    ROLE_MASKED_WEIGHT,
+    ROLE_SCORES,
+    ROLE_SITE_OP,
+    ROLE_WEIGHT,
+    get_attr_value,
+    graph_info,
+    nodes_with_role,
+)
 from sparsec.passes import BakeMasks
 from sparsec.pipeline import run_pipeline
 from tests.helpers import cnn, cnn_input, mlp, mlp_input, rewrite, spec_dict

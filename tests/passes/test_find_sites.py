@@ -10,8 +10,17 @@ from sparsec.errors import PassError
 from sparsec.ir import graph_info
 from sparsec.passes import FindSites
 from sparsec.pipeline import run_pipeline
-from tests.helpers import (cnn, cnn_input, ids_input, matmul_tied, mlp, mlp_input, rewrite, zoo_inputs,
-                           zoo_model)
+from tests.helpers import (
+    cnn,
+    cnn_input,
+    ids_input,
+    matmul_tied,
+    mlp,
+    mlp_input,
+    rewrite,
+    zoo_inputs,
+    zoo_model,
+)
 
 
 def _info(model, args, kwargs=None):

@@ -7,8 +7,15 @@ import torch
 
 from sparsec import ops
 from sparsec.errors import PassError
-from sparsec.ir import (ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, get_attr_value, graph_info,
-                        node_info, nodes_with_role)
+from sparsec.ir import (
+    ROLE_MASK,
+    ROLE_MASKED_WEIGHT,
+    ROLE_SCORES,
+    get_attr_value,
+    graph_info,
+    node_info,
+    nodes_with_role,
+)
 from sparsec.passes import InsertMasks
 from sparsec.pipeline import run_pipeline
 from tests.helpers import cnn, cnn_input, make_spec, mlp, mlp_input, rewrite, spec_dict

@@ -7,8 +7,7 @@ import torch
 
 from sparsec.errors import PassError
 from sparsec.ir import ROLE_SITE_OP, ROLE_WEIGHT, graph_info
-from tests.helpers import roles_of
-from tests.helpers import cnn, cnn_input, mlp, mlp_input, rewrite, spec_dict
+from tests.helpers import cnn, cnn_input, mlp, mlp_input, rewrite, roles_of, spec_dict
 
 
 def _select(spec, model=None, args=None):

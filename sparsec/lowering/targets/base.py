@@ -12,6 +12,7 @@ It owns, for its layers:
     check_lowered(gm, plan)  the verifier's hook: what is wrong with a lowered site ('' if nothing)
     onnx_translation()       torch.onnx's custom translation of the op (one custom-domain node)
     onnx_nodes(graph)        the nodes of an exported graph that are this target's
+    check_onnx(node, attached)    the ONNX verifier's hook for one of them
     attach_functions(model)  the model-local ONNX function bodies (standard ops) of those nodes, so
                              the file also runs on stock onnxruntime
 
@@ -51,6 +52,11 @@ class LoweringTarget:
 
     def onnx_nodes(self, graph: Any) -> list[Any]:
         return []
+
+    def check_onnx(self, node: Any, attached: bool) -> str:
+        """The ONNX verifier's hook: what is wrong with one of this target's nodes ('' if nothing);
+        `attached`: the attach_functions pass has run (the node names its function overload)."""
+        return ""
 
     def attach_functions(self, model: Any) -> int:
         return 0
