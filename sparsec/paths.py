@@ -16,9 +16,7 @@ from pathlib import Path
 def _library_roots() -> tuple[str, ...]:
     import torch
 
-    import sparsec
-
-    roots = [Path(torch.__file__).parent, Path(sparsec.__file__).parent]
+    roots = [Path(torch.__file__).parent, Path(__file__).parent]  # torch's package and sparsec's
     try:
         import sympy  # torch.export's symbolic shapes run through it
 

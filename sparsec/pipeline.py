@@ -75,6 +75,32 @@ class Pass:
         return f"{self.name}({opts})" if opts else self.name
 
 
+class OnnxPass(Pass):
+    """A pass over the exported ONNX model (an `onnx_ir.Model`), in the lower stage."""
+
+    kind: ClassVar[str] = "onnx"
+    stage: ClassVar[str] = "lower"
+    requires: ClassVar[tuple[str, ...]] = ("exported",)
+
+
+class RulePass(OnnxPass):
+    """An ONNX pass made of onnxscript rewrite rules (pattern, check with a reason, rewrite):
+    `run` applies them until none applies, `explain` says why they did not apply where they
+    matched the pattern but failed the check."""
+
+    rules: ClassVar[tuple[Any, ...]] = ()
+
+    def run(self, model: Any) -> PassResult:
+        from sparsec.lowering.onnx_graph import apply_rules
+
+        return PassResult(model, modified=apply_rules(model, self.rules) > 0)
+
+    def explain(self, model: Any) -> list[str]:
+        from sparsec.lowering.onnx_graph import explain_rules
+
+        return explain_rules(model, self.rules)
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

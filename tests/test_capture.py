@@ -253,3 +253,21 @@ def test_capture_error_with_one_tool_names_only_that_tool():
     assert "torch.fx.symbolic_trace failed" in message
     assert "torch.export" not in message.split(";")[0]
     assert "if x.sum() > 0:" in message
+
+
+def test_user_code_is_told_from_libraries_by_package_location(tmp_path):
+    """A checkout in a folder named `sparsec` (or `torch`) is still the user's code."""
+    import contextlib
+    import json
+
+    import transformers
+
+    import sparsec
+    from sparsec.paths import is_library_file
+
+    for folder in ("sparsec", "torch"):
+        model = tmp_path / folder / "tests" / "model.py"
+        assert not is_library_file(str(model))
+    assert is_library_file(torch.__file__) and is_library_file(sparsec.__file__)
+    assert is_library_file(contextlib.__file__) and is_library_file(json.__file__)
+    assert not is_library_file(transformers.__file__)  # a model's own source lines are worth showing

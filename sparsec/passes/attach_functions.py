@@ -14,15 +14,12 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from sparsec.lowering import targets
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import OnnxPass, PassResult
 
 
 @dataclass(frozen=True)
-class AttachFunctions(Pass):
+class AttachFunctions(OnnxPass):
     name = "attach_functions"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("functions_attached",)
 
     def run(self, model: ir.Model) -> PassResult:

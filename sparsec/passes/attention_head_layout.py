@@ -28,7 +28,7 @@ from onnx_ir.passes.common import IdentityEliminationPass
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from sparsec.lowering import onnx_graph as g
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import PassResult, RulePass
 
 HEADS_PERM = [0, 2, 1, 3]
 
@@ -170,27 +170,19 @@ class IdentityReshape(RewriteRuleClassBase):
         return op.Identity(x)
 
 
-RULES = (AttentionOnProjections.rule(name="attention_on_projections"),
-         ReshapeOfHeadsView.rule(name="reshape_of_heads_view"))
-
-
 @dataclass(frozen=True)
-class AttentionHeadLayout(Pass):
+class AttentionHeadLayout(RulePass):
     name = "attention_head_layout"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("attention_3d",)
+    rules = (AttentionOnProjections.rule(name="attention_on_projections"),
+             ReshapeOfHeadsView.rule(name="reshape_of_heads_view"))
 
     def run(self, model: ir.Model) -> PassResult:
-        count = g.apply_rules(model, RULES)
-        if count:
-            count += g.apply_rules(model, (IdentityReshape.rule(name="identity_reshape"),))
+        result = super().run(model)
+        if result.modified:  # the Reshapes the rewrite made identities
+            g.apply_rules(model, (IdentityReshape.rule(name="identity_reshape"),))
             IdentityEliminationPass()(model)
-        return PassResult(model, modified=count > 0)
-
-    def explain(self, model: ir.Model) -> list[str]:
-        return g.explain_rules(model, RULES)
+        return result
 
 
 def attention_head_layout(model: ir.Model) -> int:

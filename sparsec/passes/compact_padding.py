@@ -15,14 +15,12 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from sparsec.lowering import onnx_op
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import OnnxPass, PassResult
 
 
 @dataclass(frozen=True)
-class CompactPadding(Pass):
+class CompactPadding(OnnxPass):
     name = "compact_padding"
-    kind = "onnx"
-    stage = "lower"
     requires = ("functions_attached",)
     ensures = ("padding_compacted",)
 

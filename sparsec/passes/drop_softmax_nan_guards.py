@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from sparsec.lowering import onnx_graph as g
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import RulePass
 
 
 def _finite_bias(value: ir.Value | None) -> bool:
@@ -57,19 +57,8 @@ class UnguardedSoftmax(RewriteRuleClassBase):
         return op.Softmax(scores, **attrs)
 
 
-RULES = (UnguardedSoftmax.rule(name="unguarded_softmax"),)
-
-
 @dataclass(frozen=True)
-class DropSoftmaxNanGuards(Pass):
+class DropSoftmaxNanGuards(RulePass):
     name = "drop_softmax_nan_guards"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("nan_guards_dropped",)
-
-    def run(self, model: ir.Model) -> PassResult:
-        return PassResult(model, modified=g.apply_rules(model, RULES) > 0)
-
-    def explain(self, model: ir.Model) -> list[str]:
-        return g.explain_rules(model, RULES)
+    rules = (UnguardedSoftmax.rule(name="unguarded_softmax"),)

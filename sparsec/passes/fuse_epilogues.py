@@ -21,7 +21,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from sparsec.lowering import onnx_graph as g
 from sparsec.lowering.onnx_op import ACTIVATIONS, DOMAIN, DOMAIN_VERSION, INPUTS, Variant
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import PassResult, RulePass
 
 _BY_APPROXIMATE = {approximate: name for name, approximate in ACTIVATIONS.items()}
 
@@ -119,29 +119,21 @@ class FoldLayerNorm(RewriteRuleClassBase):
         return _rebuild(op, h.producer(), y, layer_norm=(scale, bias, epsilon))
 
 
-RULES = (FoldGelu.rule(name="fold_gelu"),
-         *FoldResidual.rule(name="fold_residual").commute(),
-         FoldLayerNorm.rule(name="fold_layer_norm"))
-
-
 @dataclass(frozen=True)
-class FuseEpilogues(Pass):
+class FuseEpilogues(RulePass):
     name = "fuse_epilogues"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("epilogues_fused",)
+    rules = (FoldGelu.rule(name="fold_gelu"),
+             *FoldResidual.rule(name="fold_residual").commute(),
+             FoldLayerNorm.rule(name="fold_layer_norm"))
 
     def run(self, model: ir.Model) -> PassResult:
         if "functions_attached" in g.facts(model):
             raise self.error("runs before attach_functions: fusing changes the nodes' variants")
-        return PassResult(model, modified=g.apply_rules(model, RULES) > 0)
-
-    def explain(self, model: ir.Model) -> list[str]:
-        return g.explain_rules(model, RULES)
+        return super().run(model)
 
 
 def fuse_epilogues(model: ir.Model) -> int:
     """Apply the pass's rules to `model` in place; returns how many epilogue steps were folded."""
-    return g.apply_rules(model, RULES)
+    return g.apply_rules(model, FuseEpilogues.rules)
 

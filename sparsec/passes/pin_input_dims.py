@@ -15,16 +15,13 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import OnnxPass, PassResult
 
 
 @dataclass(frozen=True)
-class PinInputDims(Pass):
+class PinInputDims(OnnxPass):
     static: tuple[tuple[str, tuple[int | None, ...]], ...] = ()   # (input name, dims)
     name = "pin_input_dims"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("inputs_pinned",)
 
     def run(self, model: ir.Model) -> PassResult:

@@ -13,16 +13,13 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from sparsec.lowering.onnx_graph import METADATA_INPUTS
-from sparsec.pipeline import Pass, PassResult
+from sparsec.pipeline import OnnxPass, PassResult
 
 
 @dataclass(frozen=True)
-class RecordExampleInputs(Pass):
+class RecordExampleInputs(OnnxPass):
     inputs: tuple[tuple[tuple[int, ...], str], ...] = ()   # (shape, dtype) per graph input, in order
     name = "record_example_inputs"
-    kind = "onnx"
-    stage = "lower"
-    requires = ("exported",)
     ensures = ("inputs_recorded",)
 
     def run(self, model: ir.Model) -> PassResult:
