@@ -126,7 +126,7 @@ def _lower(prog: Program, job: Job, work: Path) -> dict[str, Any]:
     table = job.spec.extras["export"]
     options = ExportOptions.from_spec(table, dynamic=job.spec.capture.dynamic)
     inst = job.instruments
-    dense = stage.baked_copy(prog.module).eval()
+    dense = stage.dense_copy(prog.module)
     lowered = stage.lowered_copy(prog.module, **options.lowering(), instruments=inst)
     model = export.write_onnx(lowered, work / MODEL_FILE, prog.example_inputs, prog.example_kwargs,
                               options, reference=dense, instruments=inst)

@@ -23,9 +23,7 @@ from sparsec.report import format_layers
 IR_DIR = "ir"
 FX_SUFFIX = ".py.txt"       # the FX IR after capture and after each FX pass
 ONNX_SUFFIX = ".onnx.txt"   # the ONNX IR after export and after each ONNX pass
-MARKERS = ("report.json", "spec.resolved.toml")
-# the FX passes after the Program (sparsec.passes.build_lowering_pipeline); their IR is the lowered copy's
-LOWERING_PASSES = ("bake_masks", "choose_sparse_layers", "lower_block_sparse")  # files that make a folder a sparsec output folder
+MARKERS = ("report.json", "spec.resolved.toml")  # files that make a folder a sparsec output folder
 
 
 # ------------------------------------------------------------------------- written at compile time
@@ -86,7 +84,10 @@ class OutputFolder:
     def program_stage(self) -> str:
         """The last pass that shaped the Program (the rewritten graph that trained), before any
         lowering pass: what `inspect` shows by default and `--diff` compares with the capture."""
-        names = [name for name in self.snapshots((FX_SUFFIX,)) if name not in LOWERING_PASSES]
+        from sparsec.passes import build_lowering_pipeline
+
+        lowering = {p.name for p in build_lowering_pipeline()}  # their IR is the lowered copy's
+        names = [name for name in self.snapshots((FX_SUFFIX,)) if name not in lowering]
         if not names:
             raise UserError(f"{self.path}: no IR snapshots in {IR_DIR}/")
         return names[-1]

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -99,13 +100,23 @@ def load(path: str | os.PathLike) -> ModelFile:
     if not isinstance(model, torch.nn.Module):
         raise ModelFileError(f"{path}: build_model() must return a torch.nn.Module, "
                              f"got {type(model).__name__}")
-    inputs = as_tuple(partial.call("example_inputs"))
-    if not any(isinstance(x, torch.Tensor) for x in inputs) and not partial.has("example_kwargs"):
-        raise ModelFileError(f"{path}: example_inputs() must return a tensor or a tuple of "
-                             f"example arguments, got {type(inputs[0]).__name__ if inputs else 'nothing'}")
+    returned = partial.call("example_inputs")
     kwargs: dict = {}
+    if isinstance(returned, Mapping):  # Hugging Face style: the model's keyword arguments
+        inputs, kwargs = (), dict(returned)
+    else:
+        inputs = as_tuple(returned)
     if partial.has("example_kwargs"):
-        kwargs = partial.call("example_kwargs")
-        if not isinstance(kwargs, dict):
-            raise ModelFileError(f"{path}: example_kwargs() must return a dict, got {type(kwargs).__name__}")
+        extra = partial.call("example_kwargs")
+        if not isinstance(extra, Mapping):
+            raise ModelFileError(f"{path}: example_kwargs() must return a dict, got {type(extra).__name__}")
+        clash = sorted(set(kwargs) & set(extra))
+        if clash:
+            raise ModelFileError(f"{path}: {', '.join(clash)} given by both example_inputs() and example_kwargs()")
+        kwargs.update(extra)
+    leaves = [x for x in (*inputs, *kwargs.values())]
+    if not any(isinstance(x, torch.Tensor) for x in leaves):
+        got = type(returned).__name__ if returned is not None else "None"
+        raise ModelFileError(f"{path}: example_inputs() must return a tensor, a tuple of example "
+                             f"arguments or a dict of keyword arguments holding a tensor, got {got}")
     return ModelFile(path, module, model, inputs, kwargs)

@@ -100,9 +100,10 @@ def test_compile_writes_the_whole_output_folder(compiled):
     irs = sorted(p.name for p in (compiled / "ir").iterdir())
     assert irs[0] == "00_captured.py.txt" and irs[5] == "05_attach_schedule.py.txt"
     # the lowering passes' FX IR, the exported ONNX and the IR after every ONNX pass
-    assert irs[6:9] == ["06_bake_masks.py.txt", "07_choose_sparse_layers.py.txt", "08_lower_block_sparse.py.txt"]
-    assert irs[9] == "09_exported.onnx.txt" and irs[-1] == "16_record_example_inputs.onnx.txt"
-    assert "main_graph" in (compiled / "ir" / "13_fuse_epilogues.onnx.txt").read_text()
+    assert irs[6:10] == ["06_bake_masks.py.txt", "07_choose_sparse_layers.py.txt",
+                         "08_lower_block_sparse.py.txt", "09_safe_views.py.txt"]
+    assert irs[10] == "10_exported.onnx.txt" and irs[-1] == "17_record_example_inputs.onnx.txt"
+    assert "main_graph" in (compiled / "ir" / "14_fuse_epilogues.onnx.txt").read_text()
     assert not list(compiled.parent.glob(".tiny.*")), "no temporary folder left behind"
 
 
@@ -383,4 +384,4 @@ def test_onnx_passes_are_listed_printed_timed_and_explained(sparsec_cli, tmp_pat
     assert "is not provably the output's" in out
     assert "torch.onnx export" in out and "attach_functions" in out.split("time per pass and stage:")[1]
     ir_files = sorted(p.name for p in (tmp_path / "out" / "ir").iterdir())
-    assert "14_attach_functions.onnx.txt" in ir_files
+    assert "15_attach_functions.onnx.txt" in ir_files

@@ -105,7 +105,7 @@ def export_module(module: fx.GraphModule, path: str | os.PathLike, args: tuple, 
     """`prog.export_onnx`: lower a rewritten (masked) module as `options` say and write it."""
     from sparsec.lowering import stage
 
-    dense = stage.baked_copy(module).eval()
+    dense = stage.dense_copy(module)
     if not options.lower:
         return write_onnx(dense, path, args, kwargs, options)
     lowered = stage.lowered_copy(module, **options.lowering())

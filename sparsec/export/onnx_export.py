@@ -11,6 +11,7 @@ import warnings
 from typing import Any
 
 import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
@@ -29,8 +30,12 @@ def to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
                                     opset_version=ONNX_OPSET, dynamic_shapes=shapes, verbose=False,
-                                    optimize=True, custom_translation_table=targets.onnx_translation())
+                                    optimize=False, custom_translation_table=targets.onnx_translation())
     model = program.model
+    # torch.onnx's own optimization minus onnxscript's opset-23 fusions: its RotaryEmbedding fusion
+    # feeds cos/sin caches of batch 1 to a node that needs them at the input's batch, which
+    # onnxruntime refuses for any other batch (Llama); constant folding and clean-up stay.
+    onnxscript.optimizer.optimize_ir(model)
     onnx_graph.facts(model).add("exported")
     return model
 

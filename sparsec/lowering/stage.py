@@ -17,6 +17,12 @@ def baked_copy(module: fx.GraphModule, instruments: Instruments | None = None) -
     return run_pipeline(copy.deepcopy(module), [BakeMasks()], instruments)
 
 
+def dense_copy(module: fx.GraphModule) -> fx.GraphModule:
+    """The lower stage with nothing lowered: the baked model, in eval mode, ready for export (the
+    dense file, and the reference a lowered copy is checked against)."""
+    return lowered_copy(module, policy="never")
+
+
 def lowered_copy(module: fx.GraphModule, *, int8: bool = False, policy: str = "cost",
                  min_speedup: float | None = None, block: tuple[int, int] | None = None,
                  instruments: Instruments | None = None) -> fx.GraphModule:

@@ -24,12 +24,13 @@ from sparsec.passes.make_mode_aware import MakeModeAware
 from sparsec.passes.pin_input_dims import PinInputDims
 from sparsec.passes.record_example_inputs import RecordExampleInputs
 from sparsec.passes.select_sites import SelectSites
+from sparsec.passes.safe_views import SafeViews
 from sparsec.pipeline import STAGES, Pass
 
 __all__ = ["AttachFunctions", "AttachSchedule", "AttentionHeadLayout", "BakeMasks",
            "ChooseSparseLayers", "CompactPadding", "DropSoftmaxNanGuards", "FindSites",
            "FuseEpilogues", "InsertMasks", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
-           "RecordExampleInputs", "SelectSites", "build_pipeline", "build_lowering_pipeline",
+           "RecordExampleInputs", "SafeViews", "SelectSites", "build_pipeline", "build_lowering_pipeline",
            "build_onnx_pipeline", "STAGES"]
 
 
@@ -52,6 +53,7 @@ def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedu
         ChooseSparseLayers(policy=policy, block=block,
                            min_speedup=DEFAULT_MIN_SPEEDUP if min_speedup is None else min_speedup),
         LowerBlockSparse(int8=int8),
+        SafeViews(),
     ]
 
 
