@@ -10,12 +10,11 @@ from __future__ import annotations
 import inspect
 import traceback
 import warnings
-from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
+from sparsec import shapes
 from sparsec.errors import CaptureError
 from sparsec.ir import graph_info
 from sparsec.paths import is_library_file
@@ -29,22 +28,29 @@ def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
             method: str = "auto", dynamic: bool = True) -> fx.GraphModule:
     """Capture `model` as a plain GraphModule whose parameters keep their `named_parameters()` names.
 
-    The returned module shares parameters and buffers with `model`.
+    The returned module shares parameters and buffers with `model`. The batch is always dynamic;
+    with `dynamic`, so are the other dimensions the model really allows (sparsec.shapes). A model
+    that does not run on its example inputs is a CaptureError naming the model's own error.
     """
     example_kwargs = dict(example_kwargs or {})
     _disable_kv_cache(model)
+    dims = shapes.plan(model, example_inputs, example_kwargs, probe=dynamic)
     was_training = model.training
     model.train()
     errors: list[tuple[str, BaseException]] = []
     try:
         if method in ("auto", "export"):
             try:
-                return _via_export(model, example_inputs, example_kwargs, dynamic)
+                gm = _via_export(model, example_inputs, example_kwargs, dims)
+                graph_info(gm).dynamic = dims
+                return gm
             except Exception as exc:  # noqa: BLE001 - reported below with its source line
                 errors.append(("torch.export.export", exc))
         if method in ("auto", "symbolic_trace"):
             try:
-                return _via_symbolic_trace(model)
+                gm = _via_symbolic_trace(model)
+                graph_info(gm).dynamic = dims
+                return gm
             except Exception as exc:  # noqa: BLE001
                 errors.append(("torch.fx.symbolic_trace", exc))
     finally:
@@ -59,33 +65,12 @@ def _disable_kv_cache(model: torch.nn.Module) -> None:
         config.use_cache = False
 
 
-def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Dim.AUTO on every dimension of every tensor input: export keeps the batch and sequence
-    dimensions dynamic where the model allows and specializes the others silently."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return {i: torch.export.Dim.AUTO for i in range(x.dim())}
-        return None
-
-    shapes: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
-        if kind == inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
-        elif kind == inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(pytree.tree_map(spec, v) for v in value)
-        else:
-            shapes[name] = pytree.tree_map(spec, value)
-    return shapes
-
-
-def _via_export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    shapes = dynamic_shapes(model, args, kwargs) if dynamic else None
+def _via_export(model: torch.nn.Module, args: tuple, kwargs: dict, dims: shapes.DynamicDims) -> fx.GraphModule:
+    args, kwargs = shapes.batched_for_capture(args, kwargs)
+    dynamic_shapes = shapes.export_shapes(model, args, kwargs, dims)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     stateful = program.module()
     # A plain GraphModule: the exported module refuses to switch train/eval mode; this one does not.
     gm = fx.GraphModule(stateful, stateful.graph)

@@ -18,8 +18,9 @@ import torch.fx as fx
 
 from sparsec.lowering.cost import BlockStats
 from sparsec.methods.base import Method
-from sparsec.spec.model import ScheduleSpec
+from sparsec.shapes import DynamicDims
 from sparsec.site import Site
+from sparsec.spec.model import ScheduleSpec
 
 __all__ = ["KEY", "Site", "NodeInfo", "GroupPlan", "LayerPlan", "TrainingTables", "GraphInfo",
            "graph_info", "node_info", "set_node_info", "nodes_with_role", "get_attr_value",
@@ -127,6 +128,7 @@ class GraphInfo:
 
     facts: set[str] = field(default_factory=set)       # postconditions established so far
     capture: str = ""                                   # capture: torch.export | torch.fx.symbolic_trace
+    dynamic: DynamicDims | None = None                  # capture: the inputs' dynamic dimensions
     candidates: dict[str, Site] = field(default_factory=dict)  # find_sites: every site found
     left_out: dict[str, str] = field(default_factory=dict)     # find/select_sites: parameter -> why not
     sites: dict[str, Site] = field(default_factory=dict)       # select_sites: chosen, in graph order

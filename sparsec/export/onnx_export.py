@@ -16,21 +16,29 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from sparsec.capture import dynamic_shapes
+from sparsec.ir import graph_info
 from sparsec.lowering import onnx_graph, targets
 from sparsec.lowering.onnx_op import ONNX_OPSET
+from sparsec.shapes import batched_for_capture, export_shapes
 
 
 def to_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> ir.Model:
-    """The exported model, with the fact `exported` established for the ONNX passes."""
-    shapes = dynamic_shapes(module, args, kwargs) if dynamic else None
+    """The exported model, with the fact `exported` established for the ONNX passes. `dynamic`:
+    the dimensions capture found dynamic stay dynamic (sparsec.shapes); else every one is fixed."""
+    dims = graph_info(module).dynamic if dynamic and isinstance(module, fx.GraphModule) else None
+    if dims is not None:
+        args, kwargs = batched_for_capture(args, kwargs)
+    export_dynamic = export_shapes(module, args, kwargs, dims)
+    with torch.no_grad():
+        names = output_names(module(*args, **kwargs))
     # torch.onnx logs a warning per torchvision op it cannot register; torchvision is not used here
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True,
-                                    opset_version=ONNX_OPSET, dynamic_shapes=shapes, verbose=False,
-                                    optimize=False, custom_translation_table=targets.onnx_translation())
+                                    opset_version=ONNX_OPSET, dynamic_shapes=export_dynamic, verbose=False,
+                                    optimize=False, output_names=names,
+                                    custom_translation_table=targets.onnx_translation())
     model = program.model
     # torch.onnx's own optimization minus onnxscript's opset-23 fusions: its RotaryEmbedding fusion
     # feeds cos/sin caches of batch 1 to a node that needs them at the input's batch, which
@@ -58,6 +66,26 @@ def example_input_records(args: tuple, kwargs: dict) -> tuple[tuple[tuple[int, .
     (for the record_example_inputs pass)."""
     leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return tuple((tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in leaves)
+
+
+def output_names(value: Any) -> list[str]:
+    """The names of a model output's tensors, in `outputs` order: a ModelOutput's or dict's keys
+    (`logits`), positions for tuples (`output_0`), joined for nested ones (`past_key_values_0_1`),
+    `output` for a lone tensor."""
+    if hasattr(value, "to_tuple") and hasattr(value, "items"):  # transformers ModelOutput
+        value = dict(value.items())
+    names: list[str] = []
+    for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        name = "_".join(parts) or "output"
+        if parts and isinstance(path[0], pytree.SequenceKey) and len(path) >= 1:
+            name = "output_" + name
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
 
 
 def outputs(value: Any) -> list[Any]:
