@@ -73,17 +73,23 @@ class Outcome:
 
 def run(job: Job) -> Outcome:
     """Compile `job.model` as `job.spec` says, as far as `job.stop_after`."""
+    from sparsec.errors import ModelFileError
     from sparsec.training.backend import backend_for
     from sparsec.training.loop import evaluate, fine_prune
+    from sparsec.training.losses import objective as objective_of
 
     spec, inst, data = job.spec, job.instruments, job.modelfile
     full = job.stop_after in (None, "train", "lower") and not job.dry_run
-    will_train = full and spec.train is not None and data is not None and data.has("train_data")
+    if full and spec.train is not None and data is not None and not data.has("train_data"):
+        raise ModelFileError(f"{data.path}: the spec has a [train] table but {data.path.name} defines no "
+                             f"train_data(): add it, or remove [train] to compile without training")
+    will_train = full and spec.train is not None and data is not None
+    objective = objective_of(data, job.model, job.example_kwargs) if data is not None else None
     # without [train], the evaluation batches follow [train]'s defaults
     batch_size = spec.train.batch_size if spec.train else TRAIN_FIELDS["batch_size"].default
     seed = spec.train.seed if spec.train else TRAIN_FIELDS["seed"].default
     # The Program shares its weights with the model: measure the dense model before capture.
-    metric_dense = evaluate(job.model, data, batch_size, seed) if full and data is not None else None
+    metric_dense = evaluate(job.model, data, batch_size, seed, objective=objective) if full and data is not None else None
 
     with inst.timed("capture"):
         gm = capture(job.model, job.example_inputs, job.example_kwargs,
@@ -97,13 +103,11 @@ def run(job: Job) -> Outcome:
     prog = outcome.program = Program(gm)
     prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
     prog.train(job.model.training)
-    if full and spec.train is not None and not will_train:
-        outcome.notes.append(f"{data.path if data else 'the model'} has no train_data(): skipping [train]")
     if will_train:
         outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense,
-                                   backend=backend_for(spec.train))
+                                   backend=backend_for(spec.train), objective=objective)
     elif full and data is not None:
-        outcome.metric_pruned = evaluate(prog, data, batch_size, seed)
+        outcome.metric_pruned = evaluate(prog, data, batch_size, seed, objective=objective)
 
     if job.stop_after in (None, "lower") and job.out is not None:
         work = _work_folder(job.out)

@@ -17,9 +17,8 @@ import torch
 
 from sparsec.errors import TrainingError
 from sparsec.ir import GroupPlan
-from sparsec.training.data import batch_size_of, forward, slice_batch
-
-LossFn = Callable[[Any, Any], Any]
+from sparsec.training.data import batch_size_of, slice_batch
+from sparsec.training.losses import Objective
 
 
 def estimating_groups(prog: Any) -> list[GroupPlan]:
@@ -102,7 +101,7 @@ def draw_examples(data: Iterator[Any], examples: int, chunk: int) -> list[Any]:
 
 
 @torch.no_grad()
-def mean_loss(prog: torch.nn.Module, chunks: list[Any], loss_fn: LossFn) -> float:
+def mean_loss(prog: torch.nn.Module, chunks: list[Any], objective: Objective) -> float:
     """Mean loss over `chunks` (each weighted by its examples), in eval mode."""
     was_training = prog.training
     prog.eval()
@@ -110,7 +109,7 @@ def mean_loss(prog: torch.nn.Module, chunks: list[Any], loss_fn: LossFn) -> floa
     try:
         for chunk in chunks:
             n = batch_size_of(chunk)
-            total += float(loss_fn(forward(prog, chunk, None), chunk)) * n
+            total += float(objective.loss(objective.forward(prog, chunk, None), chunk)) * n
             weight += n
     finally:
         prog.train(was_training)
@@ -122,16 +121,16 @@ class Iteration:
     """One pruning iteration of a loss-modelling method, measured on its estimate's examples."""
 
     chunks: list[Any]
-    loss_fn: LossFn
+    objective: Objective
     loss_before: float
 
     def finish(self, step: int, prog: Any) -> dict[str, float]:
-        after = mean_loss(prog, self.chunks, self.loss_fn)
+        after = mean_loss(prog, self.chunks, self.objective)
         return {"step": step, "density": prog.density(), "loss_before": self.loss_before,
                 "loss_after": after, "delta_loss": abs(after - self.loss_before)}
 
 
-def before_pruning(prog: Any, data: Iterator[Any], loss_fn: LossFn) -> Iteration | None:
+def before_pruning(prog: Any, data: Iterator[Any], objective: Objective) -> Iteration | None:
     """Before a loss-modelling pruning iteration: estimate g and the diagonal Fisher (Algorithm 1,
     line 6) on fresh examples; None when no iteration is due. Call it after `optimizer.step()` and
     before `prog.step()`; `Iteration.finish` after `prog.step()` gives Delta-L."""
@@ -139,7 +138,7 @@ def before_pruning(prog: Any, data: Iterator[Any], loss_fn: LossFn) -> Iteration
         return None
     opts = options(prog)
     chunks = draw_examples(data, opts["fisher_examples"], opts["fisher_chunk"])
-    estimate_fisher(prog, chunks, lambda chunk: loss_fn(forward(prog, chunk, None), chunk),
+    estimate_fisher(prog, chunks, lambda chunk: objective.loss(objective.forward(prog, chunk, None), chunk),
                     chunk_size=opts["fisher_chunk"])
     # L(theta) with the same per-example weighting as the Delta-L measured after pruning
-    return Iteration(chunks, loss_fn, mean_loss(prog, chunks, loss_fn))
+    return Iteration(chunks, objective, mean_loss(prog, chunks, objective))

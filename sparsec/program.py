@@ -243,12 +243,10 @@ class Program(torch.nn.Module):
     # ------------------------------------------------------------------------------ output
     def finalize(self) -> fx.GraphModule:
         """A plain module with the masks baked into the weights and no scores, masks or method
-        state, in the Program's train/eval mode."""
+        state, in eval mode (call `.train()` on it to fine-tune further)."""
         from sparsec.lowering import stage
 
-        module = stage.baked_copy(self.module)
-        module.train(self.training)
-        return module
+        return stage.baked_copy(self.module).eval()
 
     def lower(self, **options: Any) -> fx.GraphModule:
         """A copy with masks baked and the sites that pay off rewritten into sparse ops

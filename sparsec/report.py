@@ -36,6 +36,7 @@ def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites:
         "steps_trained": result.steps if result is not None else 0,
         "schedule_step": int(prog.step_count) if prog is not None else None,
         "final_loss": result.final_loss if result is not None else None,
+        "objective": result.objective if result is not None else None,
         "train_seconds": round(result.seconds, 2) if result is not None else None,
         "metric_dense": metric_dense,
         "metric_pruned": metric_pruned,
@@ -93,6 +94,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"steps trained {report['steps_trained']}" +
                  (f" in {report['train_seconds']:.1f} s" if report.get("train_seconds") else ""))
     lines.append(f"final loss    {_num(report['final_loss'])}")
+    if report.get("objective"):
+        lines.append(f"loss          {report['objective']}")
     if report.get("metric_dense") is not None or report.get("metric_pruned") is not None:
         lines.append(f"metric        dense {_num(report['metric_dense'])}  "
                      f"pruned {_num(report['metric_pruned'])}")

@@ -385,3 +385,13 @@ def test_onnx_passes_are_listed_printed_timed_and_explained(sparsec_cli, tmp_pat
     assert "torch.onnx export" in out and "attach_functions" in out.split("time per pass and stage:")[1]
     ir_files = sorted(p.name for p in (tmp_path / "out" / "ir").iterdir())
     assert "15_attach_functions.onnx.txt" in ir_files
+
+
+def test_a_train_table_without_train_data_is_an_error_before_any_work(sparsec_cli, tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text("import torch\n"
+                     "def build_model():\n    return torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+                     "def example_inputs():\n    return torch.randn(2, 8)\n")
+    code, _, err = sparsec_cli("compile", model, "--spec", SPEC, "-o", tmp_path / "out")
+    assert_one_error_line(code, err, str(model), "[train]", "train_data()")
+    assert not (tmp_path / "out").exists()

@@ -226,6 +226,16 @@ def test_finalize():
     assert prog.scores()
 
 
+def test_finalize_returns_the_model_in_eval_mode_even_from_a_training_program():
+    _, prog = compile_mlp(_spec(schedule={"kind": "constant"}), p=0.5)   # with dropout
+    prog.train()
+    final = prog.finalize()
+    assert not final.training and not any(m.training for m in final.modules())
+    x = mlp_input(6)
+    torch.testing.assert_close(final(x), final(x), rtol=0, atol=0)    # no dropout draws
+    assert prog.training
+
+
 def test_groups_methods_and_site_states_are_public_views_of_the_live_tensors():
     _, prog = compile_mlp(_spec(method="movement"))
     (group,) = prog.groups

@@ -106,9 +106,11 @@ def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
     return batch
 
 
-def forward(model: torch.nn.Module, batch: Any, step: int | None) -> Any:
-    """Run the model on a batch, reporting the user's shape mistakes as user errors."""
-    parts = split_batch(batch)
+def forward(model: torch.nn.Module, batch: Any, step: int | None, shown: Any = None) -> Any:
+    """Run the model on a batch, reporting the user's shape mistakes as user errors (`shown`: the
+    batch to name in them, when `batch` was rebuilt)."""
+    parts = split_batch(batch) if shown is None else Batch((), dict(batch), None)
+    batch = batch if shown is None else shown
     try:
         return model(*parts.args, **parts.kwargs)
     except UserError:

@@ -27,9 +27,9 @@ from sparsec import estimation
 from sparsec.errors import TrainingError
 from sparsec.modelfile import ModelFile
 from sparsec.training.backend import Backend, LocalBackend
-from sparsec.training.data import batch_size_of, batches, cycle, forward, split_batch
+from sparsec.training.data import batch_size_of, batches, cycle, split_batch
 from sparsec.training.distill import SelfRegularizer
-from sparsec.training.losses import as_loss, loss_fn, metric_fn
+from sparsec.training.losses import Objective, as_loss, objective as objective_of
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TrainResult:
     # loss-modelling pruning iterations: step, density, loss_before, loss_after, delta_loss
     pruning_iterations: list[dict[str, float]] = field(default_factory=list)
     checkpoint_refreshes: int = 0  # self-regularization: times the best checkpoint was replaced
+    objective: str = ""            # which loss was minimised (Objective.description)
 
     @property
     def final_loss(self) -> float | None:
@@ -57,18 +58,19 @@ class TrainResult:
                 "losses": self.losses, "densities": self.densities,
                 "metric_history": [list(item) for item in self.metric_history],
                 "pruning_iterations": self.pruning_iterations,
-                "checkpoint_refreshes": self.checkpoint_refreshes}
+                "checkpoint_refreshes": self.checkpoint_refreshes, "objective": self.objective}
 
 
 # ----------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, modelfile: ModelFile, batch_size: int, seed: int,
-             backend: Backend | None = None) -> float | None:
-    """The metric over one pass of `eval_data()` in eval mode, or None without eval_data()."""
+             backend: Backend | None = None, objective: Objective | None = None) -> float | None:
+    """The objective's metric over one pass of `eval_data()` in eval mode, or None without
+    eval_data()."""
     if not modelfile.has("eval_data"):
         return None
     backend = backend or LocalBackend()
-    metric = metric_fn(modelfile)
+    objective = objective or objective_of(modelfile)
     was_training = model.training
     model.eval()
     total = weight = 0.0
@@ -78,7 +80,7 @@ def evaluate(model: torch.nn.Module, modelfile: ModelFile, batch_size: int, seed
             batch = backend.batch(batch)
             n = batch_size_of(batch)
             with backend.autocast():
-                total += float(metric(forward(model, batch, None), batch)) * n
+                total += float(objective.metric(objective.forward(model, batch, None), batch)) * n
             weight += n
     finally:
         model.train(was_training)
@@ -134,18 +136,20 @@ class _Progress:
 
 
 def fine_prune(prog: Any, modelfile: ModelFile, train: Any, progress: bool = True,
-               dense_metric: float | None = None, backend: Backend | None = None) -> TrainResult:
+               dense_metric: float | None = None, backend: Backend | None = None,
+               objective: Objective | None = None) -> TrainResult:
     """Train `prog` (a sparsec Program) for `train.steps` optimizer steps on `train_data()`,
     pruning as the schedule says; evaluate `eval_data()` after training (and every `eval_every`
-    steps). `backend` places and steps it (default: one CPU process in float32)."""
+    steps). `backend` places and steps it (default: one CPU process in float32); `objective` is
+    the loss and metric (default: model.py's, or cross-entropy and accuracy of the logits)."""
     backend = backend or LocalBackend()
+    objective = objective or objective_of(modelfile)
     torch.manual_seed(train.seed)
-    result = TrainResult(metric_dense=dense_metric)
+    result = TrainResult(metric_dense=dense_metric, objective=objective.description)
     model = backend.place(prog)
     optimizer = make_optimizer(prog, train)
     prog.attach_optimizer(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    task_loss = loss_fn(modelfile)
     data = cycle(modelfile, "train_data", train.batch_size, train.seed)
     estimate_data = cycle(modelfile, "train_data", train.batch_size, train.seed + 1)
     tables = prog.training_tables.self_regularization
@@ -160,15 +164,15 @@ def fine_prune(prog: Any, modelfile: ModelFile, train: Any, progress: bool = Tru
             batch = backend.batch(next(data))
             parts = split_batch(batch)
             with backend.autocast():
-                outputs = forward(model, batch, step)
-                loss = (prog.task_loss_weight * as_loss(task_loss(outputs, batch), step)
+                outputs = objective.forward(model, batch, step)
+                loss = (prog.task_loss_weight * as_loss(objective.loss(outputs, batch), step)
                         + prog.distillation_loss(outputs, *parts.args, **parts.kwargs)
                         + prog.regularization())
                 if self_reg is not None:
                     loss = loss + self_reg.loss(outputs, *parts.args, **parts.kwargs)
             backend.backward(loss)
             backend.step(optimizer, params, train.max_grad_norm)
-            iteration = estimation.before_pruning(prog, (backend.batch(b) for b in estimate_data), task_loss)
+            iteration = estimation.before_pruning(prog, (backend.batch(b) for b in estimate_data), objective)
             prog.step()
             optimizer.zero_grad(set_to_none=True)
             if iteration is not None:
@@ -176,14 +180,14 @@ def fine_prune(prog: Any, modelfile: ModelFile, train: Any, progress: bool = Tru
             result.losses.append(float(loss.detach()))
             result.densities.append(prog.density())
             if train.eval_every and step % train.eval_every == 0 and step < train.steps:
-                metric = evaluate(prog, modelfile, train.batch_size, train.seed, backend)
+                metric = evaluate(prog, modelfile, train.batch_size, train.seed, backend, objective)
                 if metric is not None:
                     result.metric_history.append((step, metric))
                 if self_reg is not None and self_reg.update(prog, metric):
                     result.checkpoint_refreshes += 1
             bar.update(step, result.losses[-1], result.densities[-1], metric)
             result.steps = step
-        result.metric_pruned = evaluate(prog, modelfile, train.batch_size, train.seed, backend)
+        result.metric_pruned = evaluate(prog, modelfile, train.batch_size, train.seed, backend, objective)
         if result.metric_pruned is not None:
             result.metric_history.append((result.steps, result.metric_pruned))
     finally:

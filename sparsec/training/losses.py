@@ -1,17 +1,26 @@
-"""The loss and metric of fine-pruning: model.py's `loss(outputs, batch)` and
-`metric(outputs, batch)`, or the defaults, cross-entropy and accuracy of the logits (the output
-tensor, else `outputs.logits`, else `outputs[0]`) against the target. Targets equal to -100 are
-ignored, as Hugging Face does."""
+"""What fine-pruning minimises and measures: an `Objective` (loss, metric, how a batch reaches the
+model, and a sentence saying which loss it is, for the report). In order of precedence:
+
+1. model.py's `loss(outputs, batch)` and `metric(outputs, batch)`;
+2. the model's own loss (`outputs.loss`, Hugging Face style) when it was captured with `labels`
+   among its example inputs: the batch's labels are passed to the model;
+3. for a causal language model (a transformers *ForCausalLM / *LMHeadModel class), cross-entropy
+   and accuracy of the next token: the logits at position t against the label at t + 1;
+4. cross-entropy and accuracy of the logits (the output tensor, else `outputs.logits`, else
+   `outputs[0]`) against the target.
+Targets equal to -100 are ignored, as Hugging Face does.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from sparsec.errors import TrainingError
 from sparsec.modelfile import ModelFile
-from sparsec.training.data import describe, split_batch
+from sparsec.training.data import describe, forward, split_batch
 
 IGNORE_INDEX = -100  # label value that the default loss and metric skip (as Hugging Face does)
 
@@ -51,10 +60,78 @@ def default_metric(outputs: Any, batch: Any) -> float:
     return float((logits.argmax(-1)[keep] == target[keep]).sum()) / total if total else 0.0
 
 
-def loss_fn(modelfile: ModelFile) -> Callable[[Any, Any], Any]:
-    if modelfile.has("loss"):
-        return lambda outputs, batch: modelfile.call("loss", outputs, batch)
-    return default_loss
+def causal_loss(outputs: Any, batch: Any) -> torch.Tensor:
+    """Cross-entropy of the next token: logits at position t against the label at t + 1."""
+    logits, labels = logits_of(outputs), split_batch(batch).target
+    logits, target = _flat(logits[..., :-1, :], labels[..., 1:] if isinstance(labels, torch.Tensor) else labels)
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+
+def causal_metric(outputs: Any, batch: Any) -> float:
+    """Accuracy of the next token."""
+    logits, labels = logits_of(outputs), split_batch(batch).target
+    logits, target = _flat(logits[..., :-1, :], labels[..., 1:] if isinstance(labels, torch.Tensor) else labels)
+    keep = target != IGNORE_INDEX
+    total = int(keep.sum())
+    return float((logits.argmax(-1)[keep] == target[keep]).sum()) / total if total else 0.0
+
+
+def own_loss(outputs: Any, batch: Any) -> torch.Tensor:
+    """The loss the model computed itself from the labels it was given (`outputs.loss`)."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if loss is None:
+        raise TrainingError(f"the model was captured with labels but returns no loss "
+                            f"({describe(outputs)}): define loss(outputs, batch) in model.py")
+    return loss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss and metric of fine-pruning, and how a batch reaches the model."""
+
+    loss: Callable[[Any, Any], Any]
+    metric: Callable[[Any, Any], Any]
+    description: str
+    labels_to_model: bool = False   # pass the batch's labels to the model (it computes its loss)
+
+    def forward(self, model: torch.nn.Module, batch: Any, step: int | None) -> Any:
+        if not self.labels_to_model:
+            return forward(model, batch, step)
+        parts = split_batch(batch)
+        return forward(model, {**parts.kwargs, "labels": parts.target}, step, batch)
+
+
+def is_causal_lm(model: torch.nn.Module | None) -> bool:
+    """A transformers causal language model (its class among AutoModelForCausalLM's)."""
+    if model is None:
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def objective(modelfile: ModelFile | None, model: torch.nn.Module | None = None,
+              example_kwargs: Mapping[str, Any] | None = None) -> Objective:
+    """The objective for a model file and its model (see the module docstring)."""
+    if modelfile is not None and modelfile.has("loss"):
+        metric = metric_fn(modelfile)
+        return Objective(lambda outputs, batch: modelfile.call("loss", outputs, batch), metric,
+                         f"loss(outputs, batch) of {modelfile.path}")
+    metric = metric_fn(modelfile) if modelfile is not None else default_metric
+    if example_kwargs and "labels" in example_kwargs:
+        return Objective(own_loss, metric, "the model's own loss (outputs.loss): it was captured "
+                         "with labels, and each batch's labels are passed to it", labels_to_model=True)
+    if is_causal_lm(model):
+        name = type(model).__name__
+        own_metric = modelfile is not None and modelfile.has("metric")
+        return Objective(causal_loss, metric if own_metric else causal_metric,
+                         f"cross-entropy of the next token (labels shifted by one: {name} is a "
+                         f"causal language model)")
+    return Objective(default_loss, metric, "cross-entropy of the logits against the target")
 
 
 def metric_fn(modelfile: ModelFile) -> Callable[[Any, Any], Any]:
