@@ -60,8 +60,8 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
                      dry_run=opts.dry_run, out=None if opts.dry_run else out,
                      instruments=instruments, progress=opts.progress)
     outcome = driver.run(job)
-    for note in outcome.notes:
-        print(f"{PROG}: note: {note}", file=sys.stderr)
+    for warning in outcome.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if opts.dry_run:
         stdout.write(format_dry_run(list(outcome.info.sites.values()), outcome.info.left_out) + "\n")
         return None

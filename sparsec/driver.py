@@ -64,7 +64,7 @@ class Outcome:
     lowering: dict[str, Any] | None = None  # the report's lowering section
     report: dict[str, Any] | None = None
     report_text: str = ""
-    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # also in the report
 
     @property
     def info(self) -> GraphInfo:
@@ -106,6 +106,7 @@ def run(job: Job) -> Outcome:
     if will_train:
         outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense,
                                    backend=backend_for(spec.train), objective=objective)
+        outcome.warnings += density_warnings(prog)
     elif full and data is not None:
         outcome.metric_pruned = evaluate(prog, data, batch_size, seed, objective=objective)
 
@@ -117,6 +118,19 @@ def run(job: Job) -> Outcome:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return _finish(job, outcome)
+
+
+def density_warnings(prog: Program, tolerance: float = 0.02) -> list[str]:
+    """One line per group whose masks are more than `tolerance` (2 points) off the density its
+    schedule asks at the current step (a method whose density is an outcome, or too few steps)."""
+    out = []
+    for plan in prog.groups:
+        reached, asked = prog.group_density(plan.index), prog.target_density(plan.index)
+        if abs(reached - asked) > tolerance:
+            out.append(f"prune[{plan.index}] ({plan.method}) ends at density {reached:.3f}, "
+                       f"{abs(reached - asked) * 100:.0f} points {'above' if reached > asked else 'below'} "
+                       f"the {asked:.3f} its schedule asks at step {int(prog.step_count)}")
+    return out
 
 
 def _lower(prog: Program, job: Job, work: Path) -> dict[str, Any]:
@@ -163,7 +177,7 @@ def _finish(job: Job, outcome: Outcome, files: dict[str, Path] | None = None) ->
         capture_tool=info.capture, sites=list(info.sites.values()), left_out=info.left_out,
         prog=outcome.program, result=outcome.train, stopped_after=job.stop_after,
         metric_dense=outcome.metric_dense, metric_pruned=outcome.metric_pruned,
-        lowering=outcome.lowering)
+        lowering=outcome.lowering, warnings=outcome.warnings)
     outcome.report_text = format_report(outcome.report)
     outdir.write(job.out, outdir.Contents(
         spec=job.spec, snapshots=list(job.instruments.snapshots or []),

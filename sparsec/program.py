@@ -122,6 +122,12 @@ class Program(torch.nn.Module):
             total += mask.numel()
         return kept / total if total else 1.0
 
+    def group_density(self, group: int) -> float:
+        """Kept fraction over the sites of one group, read from the masks."""
+        masks = [get_attr_value(self.module, mask_name(name)) for name in self._groups[group].sites]
+        total = sum(m.numel() for m in masks)
+        return sum(int(torch.count_nonzero(m)) for m in masks) / total if total else 1.0
+
     def site_densities(self) -> dict[str, float]:
         return {name: int(torch.count_nonzero(m)) / m.numel() for name, m in self.masks().items()}
 

@@ -18,7 +18,7 @@ def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites:
                  left_out: dict[str, str], prog: Any, result: Any,
                  stopped_after: str | None = None, metric_dense: float | None = None,
                  metric_pruned: float | None = None,
-                 lowering: dict[str, Any] | None = None) -> dict[str, Any]:
+                 lowering: dict[str, Any] | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
     """The report as plain data; `prog` (the Program) is None when compilation stopped before
     masks existed, `result` (the TrainResult) when nothing was trained."""
     achieved = prog.site_densities() if prog is not None else {}
@@ -48,6 +48,7 @@ def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites:
         "left_out": dict(left_out),
         # loss-modelling methods: Delta-L = |L(theta + dtheta) - L(theta)| per pruning iteration
         "pruning_iterations": list(getattr(result, "pruning_iterations", []) or []),
+        "warnings": list(warnings or []),
         **({"lowering": lowering} if lowering is not None else {}),
     }
 
@@ -102,6 +103,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("density") is not None:
         lines.append(f"density       {report['density']:.4f} (asked {_num(report['density_asked'])}), "
                      f"{report['parameters_kept']:,} of {report['parameters_total']:,} site weights kept")
+    lines += [f"warning       {w}" for w in report.get("warnings", [])]
     lines += ["", *format_layers(report["layers"])]
     if report.get("pruning_iterations"):
         lines += ["", "pruning iterations (Delta-L = |L(theta + dtheta) - L(theta)| on the estimate's examples):"]

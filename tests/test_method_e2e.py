@@ -1,6 +1,6 @@
 """Each new method end to end on the small MLP through the public API (compile, the documented
-loop, step, masks, finalize): the density asked is reached (or, for soft_movement and l0, the
-density is an outcome of lambda), bit-exact resume of every stateful method, the clear errors of
+loop, step, masks, finalize): the density asked is reached (soft_movement and l0 through their
+controllers; with `control = "none"` it is an outcome of lambda), bit-exact resume of every stateful method, the clear errors of
 the loop contract, and the specs/ files."""
 from __future__ import annotations
 
@@ -91,11 +91,22 @@ def test_loss_modelling_only_prunes_at_iterations_and_never_regrows():
     assert len(set(densities)) == 5  # dense + 4 iterations of the exponential schedule
 
 
+@pytest.mark.parametrize("method,tolerance", [("soft_movement", 0.0), ("l0", 0.02)])
+def test_controlled_methods_reach_the_asked_density(method, tolerance):
+    """soft_movement's threshold and l0's Lagrangian drive the density to the schedule's."""
+    schedule = {"kind": "cubic", "total": 50, "warmup": 5, "cooldown": 10}
+    prog = compile_(method, schedule, density=0.25, **{"lambda": 0.0})
+    assert prog.density() == 1.0
+    train(prog, optimizer(prog, 0.2), 0, 60)
+    assert abs(prog.density() - 0.25) <= tolerance + 1 / TOTAL
+    assert abs(prog.group_density(0) - prog.target_density(0)) <= tolerance + 1 / TOTAL
+
+
 @pytest.mark.parametrize("method,lam,steps,score_lr", [("soft_movement", 0.005, 60, 0.1), ("l0", 0.01, 60, 0.2)])
-def test_threshold_methods_density_is_an_outcome_of_lambda(method, lam, steps, score_lr):
+def test_without_control_the_density_is_an_outcome_of_lambda(method, lam, steps, score_lr):
     densities = {}
     for value in (0.0, lam):
-        prog = compile_(method, {"kind": "constant"}, density=0.5, **{"lambda": value})
+        prog = compile_(method, {"kind": "constant"}, density=0.5, control="none", **{"lambda": value})
         assert prog.density() == 1.0  # scores start above the threshold
         train(prog, optimizer(prog, score_lr), 0, steps)
         densities[value] = prog.density()

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from sparsec import ops
-from sparsec.training.distill import distillation_kl
 from sparsec.methods import get, smoothing
 from sparsec.methods.l0 import L0
 from sparsec.methods.pins import Pins, applied_update
 from sparsec.methods.sensitivity import Sensitivity
 from sparsec.methods.soft_movement import SoftMovement
+from sparsec.site import Site, SiteState
+from sparsec.training.distill import distillation_kl
 
 S = torch.tensor([[-1.0, 0.5], [2.0, 0.0]])
 
@@ -49,6 +50,22 @@ def test_l0_penalty_uses_the_corrected_expected_l0():
     got = L0.penalty([S], lam, b, l, r)
     hand = lam * sum(1 / (1 + math.exp(-(s - b * math.log(-l / r)))) for s in S.flatten().tolist())
     assert math.isclose(float(got), hand, rel_tol=1e-6)
+
+
+def test_l0_shift_puts_the_expected_density_on_target():
+    """d(S + c) = sum_b |b| sigmoid(S_b + c - b log(-l/r)) / sum_b |b| (Louizos et al. Eq 12), with
+    partial edge blocks weighted by their size; the shift c solves d(S + c) = t."""
+    method = L0({"beta": 2 / 3, "l": -0.1, "r": 1.1})
+    site = Site("w", (3, 5), "linear", block=(2, 2))                  # blocks of 4, 2, 2 and 1 weights
+    scores = torch.tensor([[0.5, -1.0, 2.0], [1.5, -3.0, 0.0]])
+    state = SiteState(site, torch.nn.Parameter(torch.zeros(3, 5)), torch.ones(3, 5), torch.nn.Parameter(scores))
+    sizes = torch.tensor([[4.0, 4.0, 2.0], [2.0, 2.0, 1.0]])
+    shift = (2 / 3) * math.log(0.1 / 1.1)                             # -b log(-l/r) = +1.599
+    by_hand = float((torch.sigmoid(scores - shift) * sizes).sum() / 15)
+    assert float(method.expected_density([state])) == pytest.approx(by_hand, rel=1e-6)
+    c = method.density_shift([state], 0.3)
+    assert float(method.expected_density([state], c)) == pytest.approx(0.3, abs=1e-7)
+    assert float((torch.sigmoid(scores + c - shift) * sizes).sum() / 15) == pytest.approx(0.3, abs=1e-7)
 
 
 def test_l0_score_gradient_is_eq3():

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from sparsec import blocks, ops
+from sparsec import blocks, masking, ops
 from sparsec.methods.base import MaskContext, Method, SiteState, register
 from sparsec.schema import Field
 from sparsec.site import Site
@@ -24,14 +24,26 @@ class L0(Method):
         lambda * sum sigmoid(S - b log(-l / r))
 
     (the paper prints log S; S is already log alpha, see shared/papers/README.md), one term per
-    score (block). The density is an outcome of `lambda`, not a target: the group's `density` and
-    the schedule are not used, and `scope` must be "global" (no ranking between sites).
+    score (block). `control` says what drives the sparsity:
+
+    - `shift` (default): at every mask update all log alphas of the group move by one common
+      value c, found by Newton's method, so that the expected density
+      d(S) = sum_b |b| sigmoid(S_b + c - b log(-l/r)) / sum_b |b|  (|b| the block's weights,
+      Louizos et al. 2017 Eq 12) equals the schedule's density t; the deterministic mask keeps at
+      most t of the weights, those of largest log alpha (as CoFi's deterministic mask, Xia et al.
+      2022). A common shift changes no ranking and no gradient; gates that fell too low come back
+      when the target allows, so the density follows the schedule without the overshoot of an
+      integral (Lagrangian) controller. `lambda` still adds its penalty;
+    - `none`: the paper's penalty `lambda` * E[L0] alone; the density is an outcome of `lambda`
+      (the report warns when it ends far from `density`).
+    Gates are independent per block: no ranking between sites, `scope` must be "global".
     """
 
     name = "l0"
     summary = ("hard-concrete gates sampled in every training forward, deterministic in eval, "
-               "penalty lambda * sum sigmoid(S - b log(-l/r)); density is an outcome (movement pruning section 4, Eq 3)")
-    paper = "Louizos et al. 2017; Sanh et al. 2020, section 4, Eq 3"
+               "penalty lambda * sum sigmoid(S - b log(-l/r)); the expected density held to the "
+               "schedule's by shifting the log alphas (movement pruning section 4, Eq 3)")
+    paper = "Louizos et al. 2017, Eq 12; Sanh et al. 2020, section 4, Eq 3; Xia et al. 2022 (CoFi)"
     learns_scores = True
     scopes = ("global",)
     options = {
@@ -41,8 +53,13 @@ class L0(Method):
                    default=-0.1, lt=0),
         "r": Field("float", "Upper end r > 1 of the stretched interval (Louizos et al.: 1.1).",
                    default=1.1, gt=1),
-        "lambda": Field("float", "lambda_l0 of the expected-L0 penalty; controls the sparsity "
-                        "reached (larger prunes more).", default=0.01, ge=0),
+        "control": Field("str", "What drives the sparsity: `shift` moves the group's log alphas so "
+                         "that the expected density is the schedule's at every mask update (the "
+                         "density asked is reached); `none` leaves it to the penalty `lambda`, so "
+                         "the density is an outcome.", default="shift", choices=("shift", "none")),
+        "lambda": Field("float", "lambda_l0 of the expected-L0 penalty lambda * E[L0] (with "
+                        "`control = \"none\"` it sets the sparsity: larger prunes more).",
+                        default=0.01, ge=0),
         "score_init": Field("float", "Initial log alpha of every gate. 3 makes the deterministic "
                             "mask 1 everywhere (sigmoid(3) > (1 - l)/(r - l)), so training starts "
                             "dense.", default=3.0),
@@ -65,11 +82,55 @@ class L0(Method):
         shift = beta * math.log(-l / r)
         return lam * sum(torch.sigmoid(s - shift).sum() for s in scores)  # type: ignore[return-value]
 
+    def expected_density(self, states: list[SiteState], shift: float = 0.0) -> torch.Tensor:
+        """d(S + shift) = sum_b |b| P(gate_b != 0) / sum_b |b|, P(gate != 0) = sigmoid(S + shift -
+        b log(-l/r)) (Louizos et al. 2017, Eq 12), each block weighted by its number of weights."""
+        return self._density_and_slope(states, shift)[0]
+
+    def _density_and_slope(self, states: list[SiteState], shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = shift - self.opts["beta"] * math.log(-self.opts["l"] / self.opts["r"])
+        kept = slope = torch.zeros((), dtype=torch.float64)
+        total = 0
+        for st in states:
+            sizes = blocks.block_sizes(st.site.shape, st.site.block).to(st.scores.device)  # type: ignore[union-attr]
+            p = torch.sigmoid(st.scores.detach().double() + offset)  # type: ignore[union-attr]
+            kept = kept + (p * sizes).sum()
+            slope = slope + (p * (1 - p) * sizes).sum()
+            total += int(sizes.sum())
+        return kept / total, slope / total
+
+    def density_shift(self, states: list[SiteState], target: float) -> float:
+        """The common shift c of the log alphas with expected density d(S + c) = target: Newton's
+        method inside a bisection bracket (d increases with c)."""
+        low, high, shift = -100.0, 100.0, 0.0
+        for _ in range(100):
+            density, slope = self._density_and_slope(states, shift)
+            gap = float(density) - target
+            if abs(gap) < 1e-7:
+                break
+            if gap > 0:
+                high = shift
+            else:
+                low = shift
+            step = shift - gap / float(slope) if float(slope) > 1e-12 else None
+            shift = step if step is not None and low < step < high else (low + high) / 2
+        return shift
+
     @torch.no_grad()
     def select(self, states: list[SiteState], density: float, scope: str,
                context: MaskContext) -> list[torch.Tensor]:
-        return [ops.hard_concrete_eval(st.scores.detach(), self.opts["l"], self.opts["r"])  # type: ignore[union-attr]
-                for st in states]
+        control = self.opts["control"] == "shift" and density < 1.0
+        if control:
+            shift = self.density_shift(states, density)
+            for st in states:
+                st.scores.add_(shift)  # type: ignore[union-attr]
+        gates = [ops.hard_concrete_eval(st.scores.detach(), self.opts["l"], self.opts["r"])  # type: ignore[union-attr]
+                 for st in states]
+        if not control:
+            return gates
+        # CoFi's deterministic mask: at most the target's share of weights, those of largest log alpha
+        keep = masking.keep_top([st.scores.detach() for st in states], states, density, "global")  # type: ignore[union-attr]
+        return [gate * k.to(gate.dtype) for gate, k in zip(gates, keep)]
 
     def regularization(self, states: list[SiteState]) -> torch.Tensor:
         return self.penalty([st.scores for st in states], float(self.opts["lambda"]),  # type: ignore[misc]
