@@ -7,6 +7,8 @@ This module only parses arguments and prints; the compile itself is sparsec.driv
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 import traceback
 import warnings
@@ -50,15 +52,15 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     if opts.print_pipeline:
         stdout.write(driver.format_pipeline(passes) + "\n")
     out = Path(opts.out) if opts.out else outdir.default_out(opts.model)
-    if not opts.dry_run:
-        outdir.check_replaceable(out)  # fail before the expensive part
+    if not opts.dry_run:  # fail before the expensive part (the driver checks again, under a lock)
+        outdir.check_replaceable(out, None if opts.out else opts.model)
     mf = modelfile.load(opts.model)
     instruments = Instruments(print_after=print_after, time_passes=opts.time_passes,
                               explain=opts.debug, stream=stdout, snapshots=[])
     job = driver.Job(model=mf.model, spec=spec, example_inputs=mf.example_inputs,
                      example_kwargs=mf.example_kwargs, modelfile=mf, stop_after=opts.stop_after,
                      dry_run=opts.dry_run, out=None if opts.dry_run else out,
-                     instruments=instruments, progress=opts.progress)
+                     default_out=not opts.out, instruments=instruments, progress=opts.progress)
     outcome = driver.run(job)
     for warning in outcome.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
@@ -104,6 +106,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           time_passes=args.time_passes, stop_after=args.stop_after,
                           progress=not args.no_progress, debug=getattr(args, "debug", False))
     run_compile(opts)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`sparsec export OUT`: lower and export again from a written folder's state."""
+    from sparsec import driver, modelfile, outdir
+    from sparsec.pipeline import Instruments
+    from sparsec.spec import load_spec
+
+    out = Path(args.out)
+    if outdir.marker(out) is None:
+        raise UserError(f"{out}: not a sparsec output folder (no {outdir.MARKER} marker); pass the "
+                        f"folder that sparsec compile wrote")
+    spec = load_spec(args.spec or out / "spec.resolved.toml")
+    model = args.model or outdir.marker(out).get("model")  # type: ignore[union-attr]
+    if not model or not Path(model).is_file():
+        raise UserError(f"{out}: its model file {model or '(not recorded)'} does not exist; pass --model")
+    instruments = Instruments(time_passes=args.time_passes, explain=getattr(args, "debug", False),
+                              snapshots=[])
+    outcome = driver.export_folder(out, modelfile.load(model), spec, instruments)
+    from sparsec.report import format_lowering
+
+    print("\n".join(format_lowering(outcome.lowering or {})) + f"\n\nwrote {out / driver.MODEL_FILE}")
     return 0
 
 
@@ -164,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     comp.set_defaults(handler=cmd_compile)
 
+    exp = sub.add_parser("export", parents=[common], help="lower and export again from an output folder's state")
+    exp.add_argument("out", metavar="OUT")
+    exp.add_argument("--spec", metavar="SPEC", help="the spec (default: OUT/spec.resolved.toml)")
+    exp.add_argument("--model", metavar="MODEL.py", help="the model file (default: the one OUT was compiled from)")
+    exp.add_argument("--time-passes", action="store_true", help="print each pass's time")
+    exp.set_defaults(handler=cmd_export)
+
     insp = sub.add_parser("inspect", parents=[common], help="show an output folder")
     insp.add_argument("out", metavar="OUT")
     insp.add_argument("--format", choices=("text", "dot", "graphml"), default="text")
@@ -185,15 +217,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def printable(text: str) -> str:
+    """One line for the terminal: terminal escape codes (ANSI colours of torch.onnx's messages)
+    removed, other control characters escaped, whitespace folded."""
+    text = _ANSI.sub("", text)
+    text = "".join(c if c.isprintable() or c in " \t\n" else repr(c)[1:-1] for c in text)
+    return " ".join(text.split())
+
+
 def _error_lines(exc: UserError) -> list[str]:
     if isinstance(exc, SpecError):
-        return [" ".join(line.split()) for line in exc.errors] or ["invalid spec"]
-    return [" ".join(str(exc).split()) or type(exc).__name__]
+        return [printable(line) for line in exc.errors] or ["invalid spec"]
+    return [printable(str(exc)) or type(exc).__name__]
+
+
+def _quiet_libraries() -> None:
+    """Outside --debug, the libraries' own log lines (torch.export's shape notes, onnxscript's,
+    transformers' config warnings) do not reach the user's terminal: sparsec says what matters."""
+    for name in ("torch", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    if not debug:
+        _quiet_libraries()
     with warnings.catch_warnings():
         if not debug:  # torch's deprecation chatter is not the user's business
             warnings.simplefilter("ignore", FutureWarning)
@@ -213,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a bug in sparsec: say so in one line
             if debug:
                 traceback.print_exc()
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = printable((str(exc).strip().splitlines() or [""])[0])[:200]
             print(f"{PROG}: internal error: {type(exc).__name__}: {first} (a bug in sparsec; "
                   f"re-run with --debug for the traceback)", file=sys.stderr)
             return 1

@@ -1,11 +1,13 @@
 """The whole compile, top to bottom, in one function: `run(job)`.
 
-    spec + model ─> capture ─> FX passes: select, rewrite ─> Program ─> [train]
-        ─> lower: FX lowering passes ─> torch.onnx ─> ONNX passes ─> verify ─> write OUT
+    spec + model ─> capture ─> FX passes: select, rewrite ─> Program ─> [train] ─> write OUT
+        ─> lower: FX lowering passes ─> torch.onnx ─> ONNX passes ─> verify ─> ONNX files into OUT
 
 `sparsec.compile` runs it up to the Program (`stop_after="rewrite"`, nothing written); the CLI
-(`sparsec compile`) runs all of it with the model file's data and writes the output folder.
-Each stage is one call into the module that owns it:
+(`sparsec compile`) runs all of it with the model file's data and writes the output folder. The
+training results are written before lowering, so a lowering that fails loses nothing:
+`sparsec export OUT` (`export_folder`) lowers again from OUT's state. Each stage is one call into
+the module that owns it:
 
     capture       sparsec.capture                   FX passes       sparsec.passes (+ sparsec.pipeline)
     Program       sparsec.program                   train           sparsec.training.loop
@@ -14,16 +16,18 @@ Each stage is one call into the module that owns it:
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
 from sparsec.capture import capture
+from sparsec.errors import UserError
 from sparsec.ir import GraphInfo, format_ir, graph_info
 from sparsec.modelfile import ModelFile
 from sparsec.passes import STAGES, build_lowering_pipeline, build_onnx_pipeline, build_pipeline
@@ -48,6 +52,7 @@ class Job:
     stop_after: str | None = None          # a stage of STAGES; None runs them all
     dry_run: bool = False                  # run the FX passes only, write nothing
     out: Path | None = None                # the output folder (None: nothing written)
+    default_out: bool = False              # OUT was not chosen: refuse another model file's OUT
     instruments: Instruments = field(default_factory=Instruments)
     progress: bool = True
 
@@ -88,41 +93,99 @@ def run(job: Job) -> Outcome:
     # without [train], the evaluation batches follow [train]'s defaults
     batch_size = spec.train.batch_size if spec.train else TRAIN_FIELDS["batch_size"].default
     seed = spec.train.seed if spec.train else TRAIN_FIELDS["seed"].default
-    # The Program shares its weights with the model: measure the dense model before capture.
-    metric_dense = evaluate(job.model, data, batch_size, seed, objective=objective) if full and data is not None else None
+    with _claimed(job), _timings_at_end(inst):
+        # The Program shares its weights with the model: measure the dense model before capture.
+        metric_dense = evaluate(job.model, data, batch_size, seed, objective=objective) if full and data else None
 
-    with inst.timed("capture"):
-        gm = capture(job.model, job.example_inputs, job.example_kwargs,
-                     method=spec.capture.method, dynamic=spec.capture.dynamic)
-    inst.record("captured", "fx", lambda: format_ir(gm, "capture"))
-    gm = run_pipeline(gm, passes_until(build_pipeline(spec), job.stop_after), inst)
-    outcome = Outcome(module=gm, metric_dense=metric_dense)
-    if job.dry_run or "schedule_attached" not in graph_info(gm).facts:
-        return _finish(job, outcome)
+        with inst.timed("capture"):
+            gm = capture(job.model, job.example_inputs, job.example_kwargs,
+                         method=spec.capture.method, dynamic=spec.capture.dynamic)
+        inst.record("captured", "fx", lambda: format_ir(gm, "capture"))
+        gm = run_pipeline(gm, passes_until(build_pipeline(spec), job.stop_after), inst)
+        outcome = Outcome(module=gm, metric_dense=metric_dense)
+        if job.dry_run or "schedule_attached" not in graph_info(gm).facts:
+            return _write(job, outcome)
 
-    prog = outcome.program = Program(gm)
-    prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
-    prog.train(job.model.training)
-    if will_train:
-        outcome.train = fine_prune(prog, data, spec.train, progress=job.progress, dense_metric=metric_dense,
-                                   backend=backend_for(spec.train), objective=objective)
+        prog = outcome.program = Program(gm)
+        prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
+        prog.train(job.model.training)
+        if will_train:
+            outcome.train = fine_prune(prog, data, spec.train, progress=job.progress,
+                                       dense_metric=metric_dense, backend=backend_for(spec.train),
+                                       objective=objective)
+        elif full and data is not None:
+            outcome.metric_pruned = evaluate(prog, data, batch_size, seed, objective=objective)
         outcome.warnings += density_warnings(prog)
-    elif full and data is not None:
-        outcome.metric_pruned = evaluate(prog, data, batch_size, seed, objective=objective)
+        _write(job, outcome)                         # the training results first: never lost
 
-    if job.stop_after in (None, "lower") and job.out is not None:
-        work = _work_folder(job.out)
+        if job.stop_after in (None, "lower") and job.out is not None:
+            lower_into(job.out, prog, job.spec, job.instruments, outcome)
+        return outcome
+
+
+def lower_into(out: Path, prog: Program, spec: Spec, instruments: Instruments, outcome: Outcome) -> None:
+    """The lower stage into an OUT that holds the training results: both ONNX files, verified,
+    moved in, and the report's lowering section. A failure is an ExportError that keeps OUT."""
+    from sparsec import outdir
+    from sparsec.report import format_report
+
+    work = _work_folder(out)
+    start = len(instruments.snapshots or [])   # the IR snapshots of the lower stage start here
+    try:
         try:
-            outcome.lowering = _lower(prog, job, work)
-            return _finish(job, outcome, files={name: work / name for name in (MODEL_FILE, DENSE_FILE)})
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return _finish(job, outcome)
+            outcome.lowering = _lower(prog, spec, instruments, work, out)
+        except UserError as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            assert outcome.report is not None
+            outcome.report["lowering_error"] = first
+            outdir.add_files(out, {}, outcome.report, format_report(outcome.report),
+                             list(instruments.snapshots or []), start)
+            raise type(exc)(f"{first}; the training results are kept in {out} (lower again with "
+                            f"`sparsec export {out}`)") from exc
+        assert outcome.report is not None
+        outcome.report.pop("lowering_error", None)
+        outcome.report["lowering"] = outcome.lowering
+        outcome.report_text = format_report(outcome.report)
+        outdir.add_files(out, {name: work / name for name in (MODEL_FILE, DENSE_FILE)}, outcome.report,
+                         outcome.report_text, list(instruments.snapshots or []), start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def export_folder(out: Path, modelfile: ModelFile, spec: Spec, instruments: Instruments) -> Outcome:
+    """`sparsec export OUT`: the Program rebuilt from the model file and the spec, its state loaded
+    from OUT/state.safetensors, and the lower stage run again into OUT."""
+    from safetensors.torch import load_file
+
+    from sparsec import outdir
+    from sparsec.inspection import OutputFolder
+
+    folder = OutputFolder.open(out)
+    with outdir.claim(out), _timings_at_end(instruments):
+        outcome = run(Job(model=modelfile.model, spec=spec, example_inputs=modelfile.example_inputs,
+                          example_kwargs=modelfile.example_kwargs, modelfile=modelfile,
+                          stop_after="rewrite", instruments=instruments))
+        prog = outcome.program
+        if prog is None:
+            raise UserError(f"{out}: the spec selects no sites to lower")
+        state_file = out / "state.safetensors"
+        try:
+            state = load_file(str(state_file))
+            prog.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"{state_file}: does not hold the state of this model and spec ({first}); "
+                            f"pass the --model and --spec the folder was compiled with") from None
+        prog.eval()
+        outcome.report = folder.report()
+        lower_into(out, prog, spec, instruments, outcome)
+        return outcome
 
 
 def density_warnings(prog: Program, tolerance: float = 0.02) -> list[str]:
     """One line per group whose masks are more than `tolerance` (2 points) off the density its
-    schedule asks at the current step (a method whose density is an outcome, or too few steps)."""
+    schedule asks at the current step (a method whose density is an outcome, or too few steps),
+    and one per site pruned to nothing (it computes zeros)."""
     out = []
     for plan in prog.groups:
         reached, asked = prog.group_density(plan.index), prog.target_density(plan.index)
@@ -130,27 +193,31 @@ def density_warnings(prog: Program, tolerance: float = 0.02) -> list[str]:
             out.append(f"prune[{plan.index}] ({plan.method}) ends at density {reached:.3f}, "
                        f"{abs(reached - asked) * 100:.0f} points {'above' if reached > asked else 'below'} "
                        f"the {asked:.3f} its schedule asks at step {int(prog.step_count)}")
+    empty = [name for name, density in prog.site_densities().items() if density == 0.0]
+    if empty:
+        out.append(f"{len(empty)} site{'s are' if len(empty) > 1 else ' is'} pruned to 0% (the layer "
+                   f"outputs only its bias): {', '.join(repr(n) for n in empty[:5])}"
+                   f"{', ...' if len(empty) > 5 else ''}; use scope = \"local\" or a higher density")
     return out
 
 
-def _lower(prog: Program, job: Job, work: Path) -> dict[str, Any]:
-    """The lower stage: both files, verified, into `work`; returns the report's section."""
+def _lower(prog: Program, spec: Spec, inst: Instruments, work: Path, out: Path) -> dict[str, Any]:
+    """Both files, verified, into `work` (named as in `out`); returns the report's section."""
     from sparsec import export
     from sparsec.bench import bench
     from sparsec.export.options import ExportOptions
     from sparsec.lowering import stage
     from sparsec.report import lowering_section
 
-    table = job.spec.extras["export"]
-    options = ExportOptions.from_spec(table, dynamic=job.spec.capture.dynamic)
-    inst = job.instruments
+    table = spec.extras["export"]
+    options = ExportOptions.from_spec(table, dynamic=spec.capture.dynamic)
     dense = stage.dense_copy(prog.module)
     lowered = stage.lowered_copy(prog.module, **options.lowering(), instruments=inst)
     model = export.write_onnx(lowered, work / MODEL_FILE, prog.example_inputs, prog.example_kwargs,
-                              options, reference=dense, instruments=inst)
+                              options, reference=dense, instruments=inst, shown=out / MODEL_FILE)
     with inst.timed("dense export"):
         dense_model = export.write_onnx(dense, work / DENSE_FILE, prog.example_inputs,
-                                        prog.example_kwargs, options.dense())
+                                        prog.example_kwargs, options.dense(), shown=out / DENSE_FILE)
     timing = None
     if table["bench"]:
         with inst.timed("bench"):
@@ -162,13 +229,12 @@ def _lower(prog: Program, job: Job, work: Path) -> dict[str, Any]:
                             dense_file=DENSE_FILE, bench=timing)
 
 
-def _finish(job: Job, outcome: Outcome, files: dict[str, Path] | None = None) -> Outcome:
+def _write(job: Job, outcome: Outcome) -> Outcome:
     """The report, and OUT written atomically (when the job has one and is not a dry run)."""
     from sparsec import outdir
     from sparsec.inspection import graph_record
     from sparsec.report import build_report, format_report
 
-    job.instruments.report_timings()
     if job.out is None or job.dry_run:
         return outcome
     info = outcome.info
@@ -179,13 +245,41 @@ def _finish(job: Job, outcome: Outcome, files: dict[str, Path] | None = None) ->
         metric_dense=outcome.metric_dense, metric_pruned=outcome.metric_pruned,
         lowering=outcome.lowering, warnings=outcome.warnings)
     outcome.report_text = format_report(outcome.report)
+    model_state = finalized_state(outcome.program, job.model) if outcome.program is not None else None
     outdir.write(job.out, outdir.Contents(
         spec=job.spec, snapshots=list(job.instruments.snapshots or []),
         graph=graph_record(outcome.module), sites=list(info.sites.values()),
         candidates=list(info.candidates.values()), left_out=info.left_out, report=outcome.report,
-        report_text=outcome.report_text, prog=outcome.program, result=outcome.train,
-        files=files or {}))
+        report_text=outcome.report_text, prog=outcome.program, model_state=model_state,
+        result=outcome.train, model_file=str(job.modelfile.path) if job.modelfile else ""))
     return outcome
+
+
+def finalized_state(prog: Program, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The finalized weights under the user's model's own state_dict keys (its persistent buffers
+    only, tied weights under every name), so `model.load_state_dict(..., strict=True)` takes them."""
+    final = prog.finalize().state_dict()
+    return {key: final.get(key, value) for key, value in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _claimed(job: Job) -> Iterator[None]:
+    if job.out is None or job.dry_run:
+        yield
+        return
+    from sparsec import outdir
+
+    model_file = str(job.modelfile.path) if job.default_out and job.modelfile else None
+    with outdir.claim(job.out, model_file):
+        yield
+
+
+@contextlib.contextmanager
+def _timings_at_end(instruments: Instruments) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        instruments.report_timings()
 
 
 def _work_folder(out: Path) -> Path:

@@ -23,7 +23,7 @@ from sparsec.report import format_layers
 IR_DIR = "ir"
 FX_SUFFIX = ".py.txt"       # the FX IR after capture and after each FX pass
 ONNX_SUFFIX = ".onnx.txt"   # the ONNX IR after export and after each ONNX pass
-MARKERS = ("report.json", "spec.resolved.toml")  # files that make a folder a sparsec output folder
+MARKER = ".sparsec"  # the file sparsec writes into every output folder (sparsec.outdir)  # files that make a folder a sparsec output folder
 
 
 # ------------------------------------------------------------------------- written at compile time
@@ -68,8 +68,8 @@ class OutputFolder:
         folder = Path(path)
         if not folder.exists():
             raise UserError(f"{folder}: no such output folder (write one with sparsec compile)")
-        if not folder.is_dir() or not all((folder / m).is_file() for m in MARKERS):
-            raise UserError(f"{folder}: not a sparsec output folder (no {' / '.join(MARKERS)}); "
+        if not folder.is_dir() or not (folder / MARKER).is_file() or not (folder / "report.json").is_file():
+            raise UserError(f"{folder}: not a sparsec output folder (no {MARKER} marker or report.json); "
                             f"pass the folder that sparsec compile -o wrote")
         return cls(folder)
 

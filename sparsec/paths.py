@@ -1,4 +1,5 @@
-"""Which source files belong to the libraries sparsec runs on, and which to the user.
+"""Files: which source files belong to the libraries sparsec runs on (and which to the user), and
+the mode of the files sparsec writes.
 
 Error messages and IR headers point at the user's own line (the model's forward, model.py), not at
 torch's or sparsec's internals. That is decided by package location, never by a substring of the
@@ -46,3 +47,15 @@ def is_library_file(filename: str) -> bool:
         return True
     stdlib, packages = _stdlib()
     return resolved.startswith(stdlib) and not resolved.startswith(packages)
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of an ordinary new file: what the umask leaves of 0o666 (temporary files, which
+    sparsec renames into place, are created private)."""
+    return 0o666 & ~umask()

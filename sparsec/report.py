@@ -114,6 +114,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"  {name}: {why}" for name, why in report["left_out"].items()]
     if report.get("lowering"):
         lines += ["", *format_lowering(report["lowering"])]
+    if report.get("lowering_error"):
+        lines += ["", f"lowering failed: {report['lowering_error']}"]
     return "\n".join(lines)
 
 

@@ -395,3 +395,117 @@ def test_a_train_table_without_train_data_is_an_error_before_any_work(sparsec_cl
     code, _, err = sparsec_cli("compile", model, "--spec", SPEC, "-o", tmp_path / "out")
     assert_one_error_line(code, err, str(model), "[train]", "train_data()")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------ the output folder
+def test_a_failed_lowering_keeps_the_training_and_sparsec_export_redoes_it(sparsec_cli, tmp_path, monkeypatch):
+    import sparsec.export as export_module
+    from sparsec.export.options import ExportError
+
+    out = tmp_path / "out"
+    real = export_module.write_onnx
+
+    def broken(*args, **kwargs):
+        raise ExportError("model.onnx: ONNX export failed: a decomposition torch.onnx could not do")
+
+    monkeypatch.setattr(export_module, "write_onnx", broken)
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", out, "--no-progress")
+    assert_one_error_line(code, err, "could not do", f"the training results are kept in {out}",
+                          f"sparsec export {out}")
+    for name in ("state.safetensors", "model.safetensors", "train.json", "report.json", ".sparsec"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps_trained"] == 24 and "could not do" in report["lowering_error"]
+    assert not (out / "model.onnx").exists()
+    assert not list(tmp_path.glob(".out.*")), "no temporary folder left behind"
+
+    monkeypatch.setattr(export_module, "write_onnx", real)
+    code, stdout, err = sparsec_cli("export", out)
+    assert code == 0, err
+    assert (out / "model.onnx").is_file() and (out / "model.dense.onnx").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert "lowering_error" not in report and report["lowering"]["model"]["path"] == "model.onnx"
+    assert report["steps_trained"] == 24   # the training part of the report is the compile's
+    assert "lowering (fp32 blocks" in stdout
+
+
+def test_a_folder_without_sparsecs_marker_is_never_replaced(sparsec_cli, tmp_path):
+    """Even one holding files named like sparsec's (report.json, spec.resolved.toml)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, text in (("report.json", "{}"), ("spec.resolved.toml", ""), ("notes.txt", "keep me")):
+        (out / name).write_text(text)
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", out, "--no-progress")
+    assert_one_error_line(code, err, str(out), "not a sparsec output folder")
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_the_default_out_of_one_model_file_is_not_taken_by_another(sparsec_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other" / TINY.name
+    other.parent.mkdir()
+    other.write_text(TINY.read_text())
+    assert sparsec_cli("compile", TINY, "--spec", SPEC, "--stop-after", "rewrite")[0] == 0
+    code, _, err = sparsec_cli("compile", other, "--spec", SPEC, "--stop-after", "rewrite")
+    assert_one_error_line(code, err, "holds the output of", str(TINY.resolve()), "-o")
+
+
+def test_a_second_compile_to_the_same_out_fails_clearly_while_the_first_holds_it(sparsec_cli, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    with open(tmp_path / ".out.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", out, "--stop-after", "rewrite")
+    assert_one_error_line(code, err, str(out), "another sparsec compile is writing it")
+    assert not out.exists()
+
+
+def test_stale_temporary_folders_of_a_killed_compile_are_removed_and_modes_match(sparsec_cli, tmp_path):
+    out = tmp_path / "out"
+    for stale in (".out.tmp-abc123", ".out.onnx-def456", ".out.old-0a1b2c3d"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "half.bin").write_bytes(b"x")
+    (tmp_path / ".other.tmp-zzz").mkdir()   # another OUT's: not ours to remove
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", out, "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".other.tmp-zzz"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes   # model.onnx is not the private mode of a temp file
+
+
+def test_model_safetensors_loads_strictly_into_the_users_model(sparsec_cli, tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "bert.py").write_text(BERT_MODEL)
+    (tmp_path / "spec.toml").write_text('[[prune]]\ntargets = ["*encoder.layer.*"]\nmethod = "magnitude"\n'
+                                        'density = 0.5\n')
+    code, _, err = sparsec_cli("compile", tmp_path / "bert.py", "--spec", tmp_path / "spec.toml",
+                               "-o", tmp_path / "out", "--stop-after", "rewrite")
+    assert code == 0, err
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import bert  # noqa: PLC0415 - the model file of this test
+    finally:
+        sys.path.pop(0)
+    model = bert.build_model()
+    model.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), strict=True)
+    assert (model.bert.encoder.layer[0].intermediate.dense.weight == 0).float().mean() == 0.5
+
+
+BERT_MODEL = '''
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+
+def build_model():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32))
+
+
+def example_inputs():
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+'''

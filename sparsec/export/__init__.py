@@ -28,6 +28,7 @@ import torch.fx as fx
 from sparsec.export.check import Check, check_file
 from sparsec.export.onnx_export import example_input_records, static_input_dims, to_onnx
 from sparsec.export.options import ExportError, ExportOptions
+from sparsec.paths import file_mode
 from sparsec.pipeline import Instruments, run_pipeline
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "Check", "write_onnx", "export_module"]
@@ -55,14 +56,16 @@ class ExportResult:
 
 def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kwargs: dict,
                options: ExportOptions, reference: torch.nn.Module | None = None,
-               instruments: Instruments | None = None) -> ExportResult:
+               instruments: Instruments | None = None, shown: Path | None = None) -> ExportResult:
     """Export `module` (eval mode; lowered or not) to `path` through the ONNX passes, checked;
-    raises ExportError. `instruments` print, time and snapshot the ONNX passes."""
+    raises ExportError naming `shown` (default: `path`; where the file will end up). `instruments`
+    print, time and snapshot the ONNX passes."""
     from sparsec.lowering import targets
     from sparsec.passes import build_onnx_pipeline
 
     start = time.perf_counter()
     path = Path(path)
+    shown = shown or path
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.name}.")
@@ -79,13 +82,14 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
         sparse = sum(len(target.onnx_nodes(model)) for target in targets.all_targets())
         with inst.timed("write and check ONNX"):
             ir.save(model, str(tmp))
-            checks, error_vs_dense, notes = check_file(tmp, path, module, args, kwargs, options,
+            checks, error_vs_dense, notes = check_file(tmp, shown, module, args, kwargs, options,
                                                        reference, sparse)
+        os.chmod(tmp, file_mode())  # temporary files are private; the file is an ordinary one
         os.replace(tmp, path)
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"{path}: ONNX export failed: {type(exc).__name__}: "
+        raise ExportError(f"{shown}: ONNX export failed: {type(exc).__name__}: "
                           f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
     finally:
         if tmp.exists():

@@ -77,7 +77,7 @@ def _sessions(path: Path, use_kernel: bool) -> tuple[list[tuple[str, Any]], list
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors reach the user as one line of ours, not as ORT's log
+    options.log_severity_level = 4  # errors reach the user as one line of ours, not as ORT's log
     stock = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     sessions, notes = [(STOCK, stock)], []
     if not use_kernel:
@@ -86,7 +86,7 @@ def _sessions(path: Path, use_kernel: bool) -> tuple[list[tuple[str, Any]], list
 
     if runtime.kernel_available():
         kernel_options = ort.SessionOptions()
-        kernel_options.log_severity_level = 3
+        kernel_options.log_severity_level = 4
         sessions.append((KERNEL, runtime.session(str(path), options=kernel_options)))
     else:
         notes.append("native kernel not available: checked on stock onnxruntime only")
