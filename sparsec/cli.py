@@ -21,6 +21,8 @@ from sparsec.pipeline import STAGES
 from sparsec.text import format_table, plural
 
 PROG = "sparsec"
+SET_HELP = ("override a spec key (repeatable): train.steps=40, export.bench=false, "
+            "prune[0].density=0.1, prune.block=[32,32] (every group)")
 
 
 # ------------------------------------------------------------------------------------- compile
@@ -36,6 +38,7 @@ class CompileOptions:
     stop_after: str | None = None
     progress: bool = True
     debug: bool = False
+    overrides: list[str] = field(default_factory=list)
 
 
 def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | None:
@@ -46,7 +49,7 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     from sparsec.spec import load_spec
 
     stdout = stdout or sys.stdout
-    spec = load_spec(opts.spec)
+    spec = load_spec(opts.spec, opts.overrides)
     passes = driver.pipeline(spec, opts.stop_after, opts.dry_run)
     print_after = _check_print_after(opts.print_after, driver.pipeline(spec))
     if opts.print_pipeline:
@@ -66,6 +69,10 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if opts.dry_run:
         stdout.write(format_dry_run(list(outcome.info.sites.values()), outcome.info.left_out) + "\n")
+        for group in spec.groups:
+            if not any(site.group == group.index for site in outcome.info.sites.values()):
+                stdout.write(f"prune[{group.index}].targets {list(group.targets)} select no site: the sites "
+                             f"are the weights listed above\n")
         return None
     stdout.write(outcome.report_text + f"\n\nwrote {out}\n")
     return out
@@ -96,7 +103,7 @@ def format_dry_run(sites: list, left_out: dict[str, str]) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from sparsec.spec import format_summary, load_spec
 
-    print(format_summary(load_spec(args.spec)))
+    print(format_summary(load_spec(args.spec, args.set or [])))
     return 0
 
 
@@ -104,7 +111,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(model=args.model, spec=args.spec, out=args.out, dry_run=args.dry_run,
                           print_after=args.print_after or [], print_pipeline=args.print_pipeline,
                           time_passes=args.time_passes, stop_after=args.stop_after,
-                          progress=not args.no_progress, debug=getattr(args, "debug", False))
+                          progress=not args.no_progress, debug=getattr(args, "debug", False),
+                          overrides=args.set or [])
     run_compile(opts)
     return 0
 
@@ -173,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", parents=[common], help="check a spec and summarize it")
     validate.add_argument("spec", metavar="SPEC")
+    validate.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     validate.set_defaults(handler=cmd_validate)
 
     comp = sub.add_parser("compile", parents=[common], help="capture, rewrite, fine-prune a model")
     comp.add_argument("model", metavar="MODEL.py")
     comp.add_argument("--spec", required=True, metavar="SPEC")
+    comp.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     comp.add_argument("-o", "--out", metavar="OUT", help="output folder (default: out/<model file stem>)")
     comp.add_argument("--dry-run", action="store_true", help="list the sites and stop; write nothing")
     comp.add_argument("--print-after", action="append", metavar="PASS|all",

@@ -101,7 +101,7 @@ def run(job: Job) -> Outcome:
             gm = capture(job.model, job.example_inputs, job.example_kwargs,
                          method=spec.capture.method, dynamic=spec.capture.dynamic)
         inst.record("captured", "fx", lambda: format_ir(gm, "capture"))
-        gm = run_pipeline(gm, passes_until(build_pipeline(spec), job.stop_after), inst)
+        gm = run_pipeline(gm, passes_until(build_pipeline(spec, job.dry_run), job.stop_after), inst)
         outcome = Outcome(module=gm, metric_dense=metric_dense)
         if job.dry_run or "schedule_attached" not in graph_info(gm).facts:
             return _write(job, outcome)
@@ -299,7 +299,7 @@ def passes_until(passes: list[Pass], stage: str | None) -> list[Pass]:
 def pipeline(spec: Spec, stop_after: str | None = None, dry_run: bool = False) -> list[Pass]:
     """Every pass a compile of `spec` runs, FX and ONNX, in order (for --print-pipeline and for
     checking --print-after names)."""
-    front = passes_until(build_pipeline(spec), stop_after)
+    front = passes_until(build_pipeline(spec, dry_run), stop_after)
     if dry_run or stop_after not in (None, "lower"):
         return front
     from sparsec.export.options import ExportOptions

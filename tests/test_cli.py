@@ -509,3 +509,25 @@ def example_inputs():
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 '''
+
+
+def test_dry_run_lists_every_site_when_the_targets_match_nothing(sparsec_cli, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[prune]]\ntargets = ["encoder.*"]\nmethod = "magnitude"\ndensity = 0.5\n')
+    code, out, err = sparsec_cli("compile", TINY, "--spec", spec, "--dry-run")
+    assert code == 0, err
+    assert "0 sites" in out and "fc1.weight: not matched by any [[prune]] targets" in out
+    assert "prune[0].targets ['encoder.*'] select no site" in out
+    code, _, err = sparsec_cli("compile", TINY, "--spec", spec, "-o", tmp_path / "out")
+    assert_one_error_line(code, err, "prune[0].targets", "selected no site", "--dry-run")
+
+
+def test_set_overrides_any_spec_key(sparsec_cli, tmp_path):
+    code, out, err = sparsec_cli("validate", SPEC, "--set", "train.steps=30", "--set", "prune.block=[4, 4]",
+                                 "--set", "export.bench=false")
+    assert code == 0, err
+    assert "train: 30 steps" in out and "4x4 blocks" in out and "bench = false" in out
+    code, _, err = sparsec_cli("validate", SPEC, "--set", "train.steps=abc")
+    assert_one_error_line(code, err, "train.steps: expected an integer, got a string ('abc')")
+    code, _, err = sparsec_cli("validate", SPEC, "--set", "steps")
+    assert_one_error_line(code, err, "--set steps: expected TABLE.KEY=VALUE")

@@ -210,9 +210,10 @@ def test_every_error_is_reported_at_once():
         "schedule.warmup: warmup (5) + cooldown (5) = 10 leaves no steps",
         "train.lr: -1.0 is out of range",
         "train.steps: 3 is less than schedule.total - schedule.cooldown = 5",
+        "train.steps: 3 steps end before pruning starts at schedule.warmup = 5",
         "capture.dynamic: expected true or false, got an integer (1)",
     )
-    assert len(errors) == 11
+    assert len(errors) == 12
     # the options of an invalid method are not flagged on top of the method itself
     assert not any("score_init" in line for line in errors)
     assert str(SpecError(errors)) == "\n".join(errors)

@@ -262,3 +262,36 @@ def test_default_loss_finds_logits_in_model_outputs():
     assert default_metric(logits, (None, ignored)) == 1.0
     with pytest.raises(TrainingError, match="define loss"):
         logits_of("text")
+
+
+def test_a_batch_with_keys_the_graph_was_not_captured_with_says_which(tmp_path):
+    """BERT captured with input_ids and attention_mask, trained on batches that add token_type_ids."""
+    from sparsec.cli import main
+
+    model = tmp_path / "model.py"
+    model.write_text(
+        "import torch\n"
+        "from transformers import BertConfig, BertForSequenceClassification\n"
+        "def build_model():\n"
+        "    return BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,\n"
+        "        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16))\n"
+        "def example_inputs():\n"
+        "    ids = torch.ones(2, 6, dtype=torch.long)\n"
+        "    return {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}\n"
+        "def train_data():\n"
+        "    ids = torch.ones(4, 6, dtype=torch.long)\n"
+        "    return [{'input_ids': ids, 'attention_mask': torch.ones_like(ids),\n"
+        "             'token_type_ids': torch.zeros_like(ids), 'labels': torch.zeros(4, dtype=torch.long)}]\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[prune]]\ntargets = ["*encoder.layer.*"]\nmethod = "magnitude"\ndensity = 0.5\n'
+                    '[train]\nsteps = 2\n')
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["compile", str(model), "--spec", str(spec), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert code == 2
+    line = err.getvalue().strip()
+    assert "captured with the keyword inputs attention_mask, input_ids" in line
+    assert "also gives token_type_ids: add them to example_inputs()" in line

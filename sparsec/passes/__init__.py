@@ -34,12 +34,13 @@ __all__ = ["AttachFunctions", "AttachSchedule", "AttentionHeadLayout", "BakeMask
            "build_onnx_pipeline", "STAGES"]
 
 
-def build_pipeline(spec: Any) -> list[Pass]:
-    """The rewrite pipeline for `spec`: capture's clean-up, site selection, masks, schedule."""
+def build_pipeline(spec: Any, dry_run: bool = False) -> list[Pass]:
+    """The rewrite pipeline for `spec`: capture's clean-up, site selection, masks, schedule. A dry
+    run lists the sites even when a group selects none (that is when it is needed)."""
     return [
         MakeModeAware(),
         FindSites(),
-        SelectSites(groups=spec.groups),
+        SelectSites(groups=spec.groups, require_sites=not dry_run),
         InsertMasks(groups=spec.groups),
         AttachSchedule(schedule=spec.schedule, groups=spec.groups, training=spec.extras),
     ]

@@ -29,6 +29,7 @@ def _matches(name: str, patterns: Sequence[str]) -> str | None:
 @dataclass(frozen=True)
 class SelectSites(Pass):
     groups: tuple = ()
+    require_sites: bool = True    # a group that selects nothing is an error (not in a dry run)
     name = "select_sites"
     stage = "select"
     requires = ("sites_found",)
@@ -63,7 +64,8 @@ class SelectSites(Pass):
                                        density=group.density, scope=group.scope, block=block,
                                        padding=blocks.padding(site.shape, block))
             chosen[name] = group.index
-        self._check_every_group_selects(info)
+        if self.require_sites:
+            self._check_every_group_selects(info)
         for node in gm.graph.nodes:
             if node.op == "get_attr" and str(node.target) in info.sites:
                 set_node_info(node, ROLE_WEIGHT, str(node.target))

@@ -31,7 +31,8 @@ def prune_fields() -> dict[str, Field]:
         "block": Field("pair[int]", "Block shape `[rows, cols]` of the weight's matrix view (out x in "
                        "for a linear); whole blocks are kept or pruned. `[1, 1]` is unstructured; "
                        "`[32, 32]` is where the block-sparse kernel runs fastest. When the block does "
-                       "not divide the matrix, the last partial blocks are padded.", default=[1, 1]),
+                       "not divide the matrix, the last partial blocks are padded. At most 1024 "
+                       "per side.", default=[1, 1], le=1024),
     }
 
 

@@ -64,6 +64,46 @@ def _check_cubic(resolved: Mapping[str, Any]) -> list[Problem]:
                                 f"warmup + cooldown < total = {total})")]
 
 
+@register_check("`linear` and `exponential` schedules over `total >= 1` steps need "
+                "`warmup + cooldown < total` (else no iteration falls between them).")
+def _check_iterative_span(resolved: Mapping[str, Any]) -> list[Problem]:
+    schedule = resolved.get("schedule") or {}
+    if schedule.get("kind") not in ("linear", "exponential") or not schedule.get("total"):
+        return []
+    total, warmup, cooldown = schedule["total"], schedule.get("warmup"), schedule.get("cooldown")
+    if warmup is None or cooldown is None or warmup + cooldown < total:
+        return []
+    return [("schedule.warmup", f"warmup ({warmup}) + cooldown ({cooldown}) = {warmup + cooldown} "
+                                f"leaves no steps for the pruning iterations (allowed for kind "
+                                f"{schedule['kind']!r}: warmup + cooldown < total = {total})")]
+
+
+@register_check("A schedule that prunes after a warm-up needs `train.steps > schedule.warmup`, or "
+                "training ends before the first pruning step.")
+def _check_train_passes_warmup(resolved: Mapping[str, Any]) -> list[Problem]:
+    train, schedule = resolved.get("train") or {}, resolved.get("schedule") or {}
+    steps, warmup = train.get("steps"), schedule.get("warmup")
+    if steps is None or not warmup or schedule.get("kind") == "constant" or steps > warmup:
+        return []
+    return [("train.steps", f"{steps} steps end before pruning starts at schedule.warmup = {warmup}, "
+                            f"so nothing would be pruned (allowed: an integer, {warmup + 1} <= x)")]
+
+
+@register_check("`soft_movement` with `control = \"none\"` needs `score_init > threshold`, so that "
+                "training starts dense.")
+def _check_soft_movement_start(resolved: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    for i, group in enumerate(resolved.get("prune") or []):
+        if group.get("method") != "soft_movement" or group.get("control") != "none":
+            continue
+        init, threshold = group.get("score_init"), group.get("threshold")
+        if init is not None and threshold is not None and init <= threshold:
+            problems.append((f"prune[{i}].score_init", f"{init:g} is not above threshold = {threshold:g}: "
+                                                       f"every weight would be pruned at step 0 "
+                                                       f"(allowed: score_init > threshold)"))
+    return problems
+
+
 @register_check("`schedule.every <= schedule.total` when `total > 0`.")
 def _check_every(resolved: Mapping[str, Any]) -> list[Problem]:
     schedule = resolved.get("schedule") or {}

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from sparsec.errors import SpecError
 from sparsec.schema import Field
@@ -19,14 +21,22 @@ from sparsec.spec.registry import CORE_TABLES, Derived, Extra, TableDef, checks,
 from sparsec.spec.values import check_value, describe, show, suggestion
 
 
-def load_spec(source: str | os.PathLike | Mapping[str, Any] | Spec) -> Spec:
+def load_spec(source: str | os.PathLike | Mapping[str, Any] | Spec, overrides: Sequence[str] = ()) -> Spec:
     """Read and validate a spec: a TOML file path, or a dict of the same shape (a Spec passes
-    through). Raises SpecError listing every problem, one line each."""
-    if isinstance(source, Spec):
+    through), with `overrides` ("train.steps=40", the CLI's --set) applied first. Raises SpecError
+    listing every problem, one line each."""
+    if isinstance(source, Spec) and not overrides:
         return source
+    if isinstance(source, Spec):
+        source = source.to_dict()
     label, raw = _read_source(source)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     report = _Report(label)
-    resolved = _validate(raw, report)
+    try:
+        resolved = _validate(raw, report)
+    except RecursionError:
+        raise SpecError([f"{label}: arrays or tables nested too deeply"]) from None
     report.raise_if_any()
     return _build(resolved, label)
 
@@ -46,6 +56,43 @@ class _Report:
             raise SpecError(self.lines)
 
 
+_OVERRIDE = re.compile(r"^(?P<table>[A-Za-z_][\w-]*)(?:\[(?P<index>\d+)\])?\.(?P<key>[A-Za-z_][\w-]*)=(?P<value>.*)$", re.S)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `raw` with each "table.key=value" (or "array[i].key=value", or "array.key=value"
+    for every entry) set; the value is read as TOML (`40`, `false`, `[32, 32]`, `"x"`), or taken as
+    a string when it is not TOML. The result is validated as any spec."""
+    out = copy.deepcopy(dict(raw))
+    problems = []
+    for item in overrides:
+        match = _OVERRIDE.match(item)
+        if match is None:
+            problems.append(f"--set {item}: expected TABLE.KEY=VALUE (e.g. train.steps=40 or "
+                            f"prune[0].density=0.1)")
+            continue
+        table, index, key, text = match["table"], match["index"], match["key"], match["value"].strip()
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except (tomllib.TOMLDecodeError, RecursionError):
+            value = text
+        target = out.setdefault(table, [{}] if index is not None else {})
+        if isinstance(target, list):
+            entries = target if index is None else target[int(index):int(index) + 1]
+            if not entries or not all(isinstance(e, dict) for e in entries):
+                problems.append(f"--set {item}: [[{table}]] has {len(target)} entr{'y' if len(target) == 1 else 'ies'}")
+                continue
+            for entry in entries:
+                entry[key] = value
+        elif isinstance(target, dict) and index is None:
+            target[key] = value
+        else:
+            problems.append(f"--set {item}: {table} is not an array of tables")
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
 def _read_source(source: Any) -> tuple[str, Mapping[str, Any]]:
     if isinstance(source, Mapping):
         return DICT_SOURCE, source
@@ -55,16 +102,33 @@ def _read_source(source: Any) -> tuple[str, Mapping[str, Any]]:
     return label, _read_toml(label)
 
 
+MAX_SPEC_BYTES = 1 << 20   # a spec is a few hundred bytes; more is not a spec
+
+
 def _read_toml(label: str) -> dict[str, Any]:
+    """The TOML of a regular file of at most MAX_SPEC_BYTES (never a FIFO or a device, which could
+    block or never end), UTF-8 without a byte-order mark, nested no deeper than Python can parse."""
     path = Path(label)
-    if path.is_dir():
-        raise SpecError([f"{label}: is a directory, not a TOML spec file"])
-    if not path.exists():
-        raise SpecError([f"{label}: no such file"])
     try:
-        data = path.read_bytes()
+        info = path.stat()
+    except FileNotFoundError:
+        raise SpecError([f"{label}: no such file"]) from None
     except OSError as error:
         raise SpecError([f"{label}: cannot read ({error.strerror or error})"]) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SpecError([f"{label}: is a directory, not a TOML spec file"])
+    if not stat.S_ISREG(info.st_mode):
+        raise SpecError([f"{label}: is not a regular file (a pipe or a device); give a TOML spec file"])
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError([f"{label}: cannot read ({error.strerror or error})"]) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([f"{label}: is larger than {MAX_SPEC_BYTES >> 20} MiB, too large for a spec"])
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise SpecError([f"{label}: starts with a UTF-8 byte-order mark (BOM), which TOML does not "
+                         f"allow; save the file as UTF-8 without BOM"])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -73,6 +137,8 @@ def _read_toml(label: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError([f"{label}: TOML syntax error: {error}"]) from None
+    except RecursionError:
+        raise SpecError([f"{label}: arrays or tables nested too deeply"]) from None
 
 
 def _validate(raw: Mapping[str, Any], report: _Report) -> dict[str, Any]:

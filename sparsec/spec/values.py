@@ -31,9 +31,14 @@ def _check_str(spec_field: Field, value: Any, path: str) -> tuple[Any, list[Prob
     return value, _choice_problems(spec_field, value, path)
 
 
+INT_LIMIT = 2 ** 63   # integers go to torch and numpy as int64
+
+
 def _check_int(spec_field: Field, value: Any, path: str) -> tuple[Any, list[Problem]]:
     if isinstance(value, bool) or not isinstance(value, int):
         return value, _expected(spec_field, value, path)
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        return value, [(path, f"{show(value)} does not fit a 64-bit integer (allowed: {spec_field.allowed()})")]
     return value, _choice_problems(spec_field, value, path) + _range_problems(spec_field, value, path)
 
 
@@ -75,7 +80,8 @@ def _check_int_pair(spec_field: Field, value: Any, path: str) -> tuple[Any, list
         return value, [(path, f"expected {allowed}, got {describe(value)}")]
     in_range = all(x >= 1 and not _range_problems(spec_field, x, path) for x in value)
     if not in_range:
-        return value, [(path, f"{show(value)} is out of range (allowed: {allowed}, each >= 1)")]
+        bound = f"1 <= each <= {spec_field.le:g}" if spec_field.le is not None else "each >= 1"
+        return value, [(path, f"{show(value)} is out of range (allowed: {allowed}, {bound})")]
     return list(value), []
 
 

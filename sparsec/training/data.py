@@ -117,7 +117,26 @@ def forward(model: torch.nn.Module, batch: Any, step: int | None, shown: Any = N
         raise
     except Exception as exc:
         when = f"at training step {step}" if step is not None else "during evaluation"
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        hint = _keys_hint(model, parts) or ("check the data convention: (inputs, target) or a dict "
+                                            "with 'labels'")
         raise TrainingError(f"the model raised {type(exc).__name__} {when} on a batch of "
-                            f"{describe(batch)}: {first} (check the data convention: "
-                            f"(inputs, target) or a dict with 'labels')") from exc
+                            f"{describe(batch)}: {first} ({hint})") from exc
+
+
+def _keys_hint(model: torch.nn.Module, parts: Batch) -> str:
+    """When the batch's keyword inputs are not the ones the Program was captured with, which
+    differ and what to do; '' when they are the same (or the model is not a Program)."""
+    captured = getattr(model, "example_kwargs", None)
+    if not isinstance(captured, dict) or (not captured and not parts.kwargs):
+        return ""
+    extra, missing = sorted(set(parts.kwargs) - set(captured)), sorted(set(captured) - set(parts.kwargs))
+    if not extra and not missing:
+        return ""
+    said = [f"the graph was captured with the keyword inputs {', '.join(sorted(captured)) or 'none'}"]
+    if extra:
+        said.append(f"the batch also gives {', '.join(extra)}: add them to example_inputs() / "
+                    f"example_kwargs() to capture them, or leave them out of the batches")
+    if missing:
+        said.append(f"the batch lacks {', '.join(missing)}: every batch must give them")
+    return "; ".join(said)
