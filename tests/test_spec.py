@@ -274,7 +274,7 @@ def test_shipped_specs_validate(path):
         return  # the other papers' set-ups (loss modelling's MLP, PINS' rates) differ; tests/test_method_e2e.py
     assert spec.schedule.kind == "cubic" and spec.schedule.warmup > 0 and spec.schedule.cooldown > 0
     assert [g.density for g in spec.groups] == [0.1]
-    assert spec.groups[0].targets == ("encoder.layer.*",)
+    assert spec.groups[0].targets == ("*encoder.layer.*",)
     assert spec.train is not None and spec.train.lr == 3e-5
 
 
@@ -343,7 +343,7 @@ def test_format_summary():
     text = format_summary(load_spec(ROOT / "specs" / "movement.toml"))
     assert "1 prune group" in text
     assert "prune[0]: movement, density 0.1 (90% sparse), local scope, unstructured" in text
-    assert "targets encoder.layer.*" in text
+    assert "targets *encoder.layer.*" in text
     assert "schedule: cubic over 20000 steps" in text
     assert "train: 20000 steps" in text and "(scores 0.01)" in text
     text = format_summary(load_spec(spec_with({"block": [32, 32]})))
