@@ -8,9 +8,11 @@ same run, file sizes and one row per sparse node (shape, block, density, storage
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -200,9 +202,31 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def bench(model: str | Path, dense: str | Path | None = None, threads: int | None = None,
           repeats: int = DEFAULT_REPEATS, kernel: bool = True, batch: int | None = None) -> BenchResult:
+    """Time the sparse file (and the dense one) in onnxruntime. A file that is not a readable ONNX
+    model onnxruntime can load and run on its example inputs is a UserError naming it."""
+    if repeats < 1 or (batch is not None and batch < 1) or (threads is not None and threads < 1):
+        raise UserError(f"--repeats, --batch and --threads must be at least 1 (got {repeats}, {batch}, "
+                        f"{threads})")
     model = Path(model)
     if not model.is_file():
         raise UserError(f"{model}: no such ONNX file")
+    with _file_errors(model):
+        return _bench(model, dense, threads, repeats, kernel, batch)
+
+
+@contextlib.contextmanager
+def _file_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # onnx, onnx_ir and onnxruntime raise their own types on a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"{path}: not an ONNX model sparsec can time ({type(exc).__name__}: {first})") from exc
+
+
+def _bench(model: Path, dense: str | Path | None, threads: int | None, repeats: int, kernel: bool,
+           batch: int | None) -> BenchResult:
     if dense is None:
         sibling = model.with_name(model.name.removesuffix(".onnx") + ".dense.onnx")
         dense = sibling if sibling.is_file() else None

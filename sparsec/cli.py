@@ -169,6 +169,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparsec.bench import DEFAULT_REPEATS
 
@@ -217,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben = sub.add_parser("bench", parents=[common], help="time a block-sparse ONNX file against its dense export")
     ben.add_argument("model", metavar="MODEL.onnx")
     ben.add_argument("--dense", metavar="DENSE.onnx", help="the dense file (default: MODEL.dense.onnx beside MODEL)")
-    ben.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
-    ben.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+    ben.add_argument("--threads", type=_positive, metavar="N", help="onnxruntime intra-op threads")
+    ben.add_argument("--repeats", type=_positive, default=DEFAULT_REPEATS, metavar="N",
                      help=f"interleaved rounds (default {DEFAULT_REPEATS})")
-    ben.add_argument("--batch", type=int, metavar="N", help="first input dimension (default: the example inputs')")
+    ben.add_argument("--batch", type=_positive, metavar="N", help="first input dimension (default: the example inputs')")
     ben.add_argument("--no-kernel", action="store_true", help="do not time sparsec's native kernel")
     ben.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ben.set_defaults(handler=cmd_bench)

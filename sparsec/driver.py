@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.capture import capture
-from sparsec.errors import UserError
+from sparsec.errors import CaptureError, UserError
 from sparsec.ir import GraphInfo, format_ir, graph_info
 from sparsec.modelfile import ModelFile
 from sparsec.passes import STAGES, build_lowering_pipeline, build_onnx_pipeline, build_pipeline
@@ -97,7 +97,7 @@ def run(job: Job) -> Outcome:
         # The Program shares its weights with the model: measure the dense model before capture.
         metric_dense = evaluate(job.model, data, batch_size, seed, objective=objective) if full and data else None
 
-        with inst.timed("capture"):
+        with inst.timed("capture"), _naming(data):
             gm = capture(job.model, job.example_inputs, job.example_kwargs,
                          method=spec.capture.method, dynamic=spec.capture.dynamic)
         inst.record("captured", "fx", lambda: format_ir(gm, "capture"))
@@ -272,6 +272,17 @@ def _claimed(job: Job) -> Iterator[None]:
     model_file = str(job.modelfile.path) if job.default_out and job.modelfile else None
     with outdir.claim(job.out, model_file):
         yield
+
+
+@contextlib.contextmanager
+def _naming(modelfile: ModelFile | None) -> Iterator[None]:
+    """A capture error names the model file it is about."""
+    try:
+        yield
+    except CaptureError as exc:
+        if modelfile is None or str(exc).startswith(str(modelfile.path)):
+            raise
+        raise CaptureError(f"{modelfile.path}: {exc}") from exc
 
 
 @contextlib.contextmanager

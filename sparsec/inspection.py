@@ -74,7 +74,12 @@ class OutputFolder:
         return cls(folder)
 
     def report(self) -> dict[str, Any]:
-        return _read_json(self.path / "report.json")
+        report = _read_json(self.path / "report.json")
+        keys = {"site", "shape", "block", "asked_density", "density", "kept", "parameters"}
+        layers = report.get("layers", []) if isinstance(report, dict) else None
+        if not isinstance(layers, list) or not all(isinstance(x, dict) and keys <= set(x) for x in layers):
+            raise UserError(f"{self.path / 'report.json'}: is not a sparsec report")
+        return report
 
     def snapshots(self, suffixes: tuple[str, ...] = (FX_SUFFIX, ONNX_SUFFIX)) -> dict[str, Path]:
         """Stage name -> IR file, in pipeline order (`captured` first); FX and ONNX by default."""
@@ -98,23 +103,27 @@ class OutputFolder:
         if not snapshots:
             raise UserError(f"{self.path}: no IR snapshots in {IR_DIR}/")
         if stage is None:
-            return snapshots[self.program_stage()].read_text()
+            return snapshots[self.program_stage()].read_text(errors="replace")
         if stage not in snapshots:
             raise UserError(f"{self.path}: no IR after {stage!r} (stages: {', '.join(snapshots)})")
-        return snapshots[stage].read_text()
+        return snapshots[stage].read_text(errors="replace")
 
     def graph(self) -> nx.DiGraph:
         path = self.path / "graph.json"
         if not path.is_file():
             raise UserError(f"{self.path}: no graph.json (was this folder written by an older sparsec?)")
-        return to_networkx(_read_json(path))
+        record = _read_json(path)
+        try:
+            return to_networkx(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}: is not a sparsec graph record ({type(exc).__name__}: {exc})") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot be read as JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{path}: cannot be read as JSON ({type(exc).__name__})") from exc
 
 
 # -------------------------------------------------------------------------------------- graphs
@@ -160,6 +169,7 @@ def to_graphml(graph: nx.DiGraph) -> str:
 # --------------------------------------------------------------------------------- the command
 def inspect_text(folder: OutputFolder, stage: str | None = None, diff: bool = False) -> str:
     """What `sparsec inspect` prints: the IR (or a diff) and the per-layer density table."""
+    report = folder.report()
     if diff:
         snapshots = folder.snapshots()
         first = list(snapshots)[0]
@@ -172,7 +182,6 @@ def inspect_text(folder: OutputFolder, stage: str | None = None, diff: bool = Fa
     text = folder.ir(stage)
     if stage is not None:
         return text
-    report = folder.report()
     table = "\n".join(format_layers(report.get("layers", [])))
     density = report.get("density")
     summary = f"density {density:.4f} (asked {report.get('density_asked') or 0:.4f})" if density is not None else \

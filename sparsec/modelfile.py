@@ -6,11 +6,12 @@ Every problem is reported as a ModelFileError naming the file and the function.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparsec.errors import ModelFileError
+from sparsec.errors import ModelFileError, UserError
 
 REQUIRED = ("build_model", "example_inputs")
 OPTIONAL = ("example_kwargs", "train_data", "eval_data", "loss", "metric")
@@ -46,10 +47,33 @@ class ModelFile:
         fn = self.function(name)
         if fn is None:
             raise ModelFileError(f"{self.path}: {name}() is not defined")
-        try:
+        with user_code(self.path, f"{name}()"):
             return fn(*args)
-        except Exception as exc:  # the user's code: show their message, not our traceback
-            raise ModelFileError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def user_code(path: Path, where: str) -> Iterator[None]:
+    """Run model.py's code: its exceptions, and its attempts to end the process (sys.exit,
+    os._exit, which would otherwise exit silently, with code 0), become one ModelFileError line."""
+    real_exit = os._exit
+
+    def refuse_exit(code: int) -> None:
+        raise ModelFileError(f"{path}: {where} called os._exit({code}); model.py must return, not "
+                             f"end the process")
+
+    os._exit = refuse_exit  # type: ignore[assignment]
+    try:
+        yield
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise ModelFileError(f"{path}: {where} called sys.exit({exc.code!r}); model.py must return, "
+                             f"not end the process") from None
+    except Exception as exc:  # the user's code: show their message, not our traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelFileError(f"{path}: {where} raised {type(exc).__name__}: {first}") from exc
+    finally:
+        os._exit = real_exit  # type: ignore[assignment]
 
 
 def import_file(path: str | os.PathLike) -> ModuleType:
@@ -67,11 +91,11 @@ def import_file(path: str | os.PathLike) -> ModuleType:
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:
-        raise ModelFileError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+        with user_code(path, "importing it"):
+            try:
+                spec.loader.exec_module(module)
+            except SyntaxError as exc:
+                raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
     finally:
         if sys.path and sys.path[0] == folder:
             sys.path.pop(0)

@@ -29,7 +29,7 @@ from sparsec.modelfile import ModelFile
 from sparsec.training.backend import Backend, LocalBackend
 from sparsec.training.data import batch_size_of, batches, cycle, split_batch
 from sparsec.training.distill import SelfRegularizer
-from sparsec.training.losses import Objective, as_loss, objective as objective_of
+from sparsec.training.losses import Objective, as_loss, as_metric, objective as objective_of
 
 
 @dataclass
@@ -80,7 +80,8 @@ def evaluate(model: torch.nn.Module, modelfile: ModelFile, batch_size: int, seed
             batch = backend.batch(batch)
             n = batch_size_of(batch)
             with backend.autocast():
-                total += float(objective.metric(objective.forward(model, batch, None), batch)) * n
+                value = objective.metric(objective.forward(model, batch, None), batch)
+                total += as_metric(value, f"{modelfile.path}: metric(outputs, batch)") * n
             weight += n
     finally:
         model.train(was_training)
@@ -165,7 +166,7 @@ def fine_prune(prog: Any, modelfile: ModelFile, train: Any, progress: bool = Tru
             parts = split_batch(batch)
             with backend.autocast():
                 outputs = objective.forward(model, batch, step)
-                loss = (prog.task_loss_weight * as_loss(objective.loss(outputs, batch), step)
+                loss = (prog.task_loss_weight * as_loss(objective.loss(outputs, batch), step, objective.description)
                         + prog.distillation_loss(outputs, *parts.args, **parts.kwargs)
                         + prog.regularization())
                 if self_reg is not None:

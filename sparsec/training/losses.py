@@ -40,10 +40,25 @@ def logits_of(outputs: Any) -> torch.Tensor:
 
 
 def _flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, C] and class indices [N], checked: a target outside 0..C-1 (other than the
+    ignored -100) is the user's mistake, named as such rather than a crash inside cross_entropy."""
     if not isinstance(target, torch.Tensor):
         raise TrainingError(f"the default loss needs a tensor target, got {describe(target)}: "
                             f"define loss(outputs, batch) in model.py")
-    return logits.reshape(-1, logits.shape[-1]), target.reshape(-1).long()
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TrainingError(f"the default loss needs class indices as targets, got {target.dtype} "
+                            f"values: define loss(outputs, batch) in model.py for other targets")
+    classes = logits.shape[-1]
+    flat = target.reshape(-1).long()
+    if logits.numel() // max(classes, 1) != flat.numel():
+        raise TrainingError(f"the logits {list(logits.shape)} and the targets {list(target.shape)} do "
+                            f"not pair up (one target per row of {classes} logits): define loss(outputs, "
+                            f"batch) in model.py")
+    bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= classes))
+    if bool(bad.any()):
+        raise TrainingError(f"a target is {int(flat[bad][0])}, outside the {classes} classes of the "
+                            f"logits (0..{classes - 1}, or {IGNORE_INDEX} to ignore a position)")
+    return logits.reshape(-1, classes), flat
 
 
 def default_loss(outputs: Any, batch: Any) -> torch.Tensor:
@@ -140,13 +155,23 @@ def metric_fn(modelfile: ModelFile) -> Callable[[Any, Any], Any]:
     return default_metric
 
 
-def as_loss(value: Any, step: int) -> torch.Tensor:
-    """Check what loss() returned: a finite scalar tensor that depends on the parameters."""
+def as_metric(value: Any, where: str) -> float:
+    """What metric() returned, as a float: a number or a one-element tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TrainingError(f"{where} must return a number (higher is better), got {describe(value)}")
+    return float(value)
+
+
+def as_loss(value: Any, step: int, origin: str = "the loss") -> torch.Tensor:
+    """Check what the loss returned (`origin` names it): a finite scalar tensor that depends on
+    the parameters."""
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise TrainingError(f"loss(outputs, batch) must return a scalar tensor, got {describe(value)}")
+        raise TrainingError(f"{origin} must return a scalar tensor, got {describe(value)}")
     if not torch.isfinite(value):
-        raise TrainingError(f"the loss is {float(value)} at training step {step}: lower [train] lr "
-                            f"or set [train] max_grad_norm")
+        raise TrainingError(f"the loss ({origin}) is {float(value.detach())} at training step {step}: lower "
+                            f"[train] lr or set [train] max_grad_norm")
     if not value.requires_grad:
-        raise TrainingError("the loss does not depend on the model's parameters (no gradient)")
+        raise TrainingError(f"the loss ({origin}) does not depend on the model's parameters (no gradient)")
     return value
