@@ -9,11 +9,13 @@ nothing at link time. Headers are looked up in this order:
 3. Debian trixie's `libonnxruntime-dev`, fetched once with `apt-get download` into the cache using a
    private apt state directory (the system's apt configuration is not touched), then `dpkg-deb -x`.
 
+`--sanitize` builds a library instrumented with AddressSanitizer and UBSan (for the fuzz tests).
+
 The library lands in `$SPARSEC_CACHE_DIR/kernel/<key>/libsparsec_ort.so` (default cache:
 `$XDG_CACHE_HOME/sparsec` or `~/.cache/sparsec`); the key hashes the sources, flags, compiler and
 header, so any change rebuilds. Builds write a temporary file and rename it into place.
 
-    python -m sparsec.runtime.build [--force]
+    python -m sparsec.runtime.build [--force] [--sanitize]
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ LIBRARY_NAME = "libsparsec_ort.so"
 # [128, 768] x [3072, 768]^T, 32x32 blocks: best 0.139-0.141 -> 0.132-0.137 ms.
 FLAGS = ("-O3", "-mtune=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
          "-DORT_API_MANUAL_INIT")
+# `--sanitize`: AddressSanitizer and UndefinedBehaviorSanitizer, every report fatal. The library is
+# for tests (tests/test_kernel_sanitized.py): it runs only with the sanitizer runtime preloaded into
+# the process (`sanitizer_preload`), and it is cached apart from the normal one.
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
 HEADER = "onnxruntime_c_api.h"
 SYSTEM_INCLUDE_DIRS = (
     "/usr/include/onnxruntime",
@@ -171,11 +177,11 @@ def fetch_debian_headers(dest: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # build
 
-def _cache_key(cxx_identity: str, headers: Headers) -> str:
+def _cache_key(cxx_identity: str, headers: Headers, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for src in sources():
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
-    h.update("\0".join(FLAGS).encode() + b"\0" + cxx_identity.encode() + b"\0")
+    h.update("\0".join(flags).encode() + b"\0" + cxx_identity.encode() + b"\0")
     h.update((headers.include_dir / HEADER).read_bytes())
     return h.hexdigest()[:16]
 
@@ -188,12 +194,14 @@ def _first_error(output: str) -> str:
     return lines[0] if lines else "(no compiler output)"
 
 
-def build(force: bool = False) -> BuildInfo:
-    """Build (or reuse) the kernel library; raises BuildError with the reason when it cannot."""
+def build(force: bool = False, sanitize: bool = False) -> BuildInfo:
+    """Build (or reuse) the kernel library; raises BuildError with the reason when it cannot.
+    `sanitize` builds the ASan/UBSan-instrumented library instead (see SANITIZE_FLAGS)."""
     cxx = find_compiler()
     identity = _compiler_identity(cxx)
     headers = find_headers()
-    out_dir = cache_dir() / "kernel" / _cache_key(identity, headers)
+    flags = FLAGS + SANITIZE_FLAGS if sanitize else FLAGS
+    out_dir = cache_dir() / "kernel" / _cache_key(identity, headers, flags)
     library = out_dir / LIBRARY_NAME
     if library.is_file() and not force:
         return BuildInfo(library, headers, identity, built=False)
@@ -202,7 +210,7 @@ def build(force: bool = False) -> BuildInfo:
     fd, tmp_name = tempfile.mkstemp(prefix=LIBRARY_NAME + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
     tmp = Path(tmp_name)
-    cmd = [cxx, *FLAGS, f"-I{headers.include_dir}", f"-I{KERNEL_DIR}",
+    cmd = [cxx, *flags, f"-I{headers.include_dir}", f"-I{KERNEL_DIR}",
            *(str(s) for s in sources() if s.suffix == ".cc"), "-o", str(tmp)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -219,6 +227,22 @@ def build(force: bool = False) -> BuildInfo:
     return BuildInfo(library, headers, identity, built=True)
 
 
+def sanitizer_preload() -> list[Path]:
+    """The sanitizer runtimes a process must LD_PRELOAD to load the `sanitize` library."""
+    cxx = find_compiler()
+    found = []
+    for name in ("libasan.so", "libubsan.so"):
+        try:
+            out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            raise BuildError(f"compiler {cxx} does not run: {err}") from None
+        if not out or not Path(out).is_file():
+            raise BuildError(f"{cxx} has no {name} (install the compiler's sanitizer runtime)")
+        found.append(Path(out).resolve())
+    return found
+
+
 def library_isa(library: Path) -> str:
     """The instruction set the library picks on this machine (it loads without onnxruntime)."""
     lib = ctypes.CDLL(str(library))
@@ -229,9 +253,12 @@ def library_isa(library: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsec.runtime.build", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached library exists")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="build the ASan/UBSan-instrumented library (tests; load it with the sanitizer "
+                             "runtimes in LD_PRELOAD)")
     args = parser.parse_args(argv)
     try:
-        info = build(force=args.force)
+        info = build(force=args.force, sanitize=args.sanitize)
     except BuildError as err:
         print(f"sparsec kernel: not built: {err}")
         return 1
@@ -239,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sparsec kernel: {state} {info.library}")
     print(f"  headers: {info.headers.include_dir} ({info.headers.origin})")
     print(f"  compiler: {info.compiler}")
-    print(f"  isa on this machine: {library_isa(info.library)}")
+    if args.sanitize:
+        print(f"  load with: LD_PRELOAD={':'.join(str(p) for p in sanitizer_preload())} "
+              f"ASAN_OPTIONS=detect_leaks=0 SPARSEC_KERNEL_LIB={info.library}")
+    else:
+        print(f"  isa on this machine: {library_isa(info.library)}")
     return 0
 
 

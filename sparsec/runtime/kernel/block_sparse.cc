@@ -46,7 +46,15 @@ FloatBuffer zeroed_floats(size_t n) {
   return FloatBuffer(static_cast<float*>(p));
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// a * b, or -1 when either is negative or the product does not fit an int64.
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out)) return -1;
+  return out;
+}
 
 // Columns of block row r that exist in Y (the last block row may be cut by N).
 int64_t valid_cols(const PackedWeight& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
@@ -80,8 +88,20 @@ Isa select_isa() {
 }
 
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out) {
-  if (N <= 0 || K <= 0) return "attributes N and K must be positive";
-  if (in.BR <= 0 || in.BC <= 0) return "values must have a non-empty block shape [R, S, BR, BC]";
+  // Every size below is bounded before it is used to index or allocate: a crafted node (N or K of
+  // 2^63 - 1, a block of 2^40 rows) gets an error, not an overflow.
+  if (N <= 0 || K <= 0 || N > kMaxDim || K > kMaxDim) {
+    return "attributes N and K must be in [1, " + std::to_string(kMaxDim) + "], got N=" + std::to_string(N) +
+           ", K=" + std::to_string(K);
+  }
+  if (in.BR <= 0 || in.BC <= 0 || in.BR > kMaxBlock || in.BC > kMaxBlock) {
+    return "values must have a block shape [BR, BC] in [1, " + std::to_string(kMaxBlock) + "], got [" +
+           std::to_string(in.BR) + ", " + std::to_string(in.BC) + "]";
+  }
+  if (in.S < 0 || in.S > ceil_div(K, in.BC) || checked_mul(checked_mul(checked_mul(in.R, in.S), in.BR), in.BC) < 0) {
+    return "values has " + std::to_string(in.S) + " slots per block row; at most ceil(K / BC) = " +
+           std::to_string(ceil_div(K, in.BC));
+  }
   if (in.R != ceil_div(N, in.BR)) {
     return "values has " + std::to_string(in.R) + " block rows, but N=" + std::to_string(N) +
            " with BR=" + std::to_string(in.BR) + " needs " + std::to_string(ceil_div(N, in.BR));
@@ -107,12 +127,14 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
   out.R = in.R;
   out.BR = in.BR;
   out.BC = in.BC;
-  out.BRp = (in.BR + 15) / 16 * 16;
+  out.BRp = ceil_div(in.BR, 16) * 16;
   out.NBc = nbc;
   out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
   for (int64_t r = 0; r < in.R; ++r) out.row_start[r + 1] = out.row_start[r] + in.row_nnz[r];
   const int64_t kept = out.row_start[in.R];
-  out.blocks = zeroed_floats(static_cast<size_t>(kept * in.BC * out.BRp));
+  const int64_t floats = checked_mul(checked_mul(kept, in.BC), out.BRp);
+  if (floats < 0 || floats > kMaxPackedFloats) return "the packed weight would be too large";
+  out.blocks = zeroed_floats(static_cast<size_t>(floats));
   out.cols.assign(static_cast<size_t>(kept), 0);
 
   const float* vf = static_cast<const float*>(in.values);

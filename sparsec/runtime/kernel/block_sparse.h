@@ -53,6 +53,11 @@ struct BlockInputs {
   int64_t R = 0, S = 0, BR = 0, BC = 0;
 };
 
+// Bounds of what a node may describe: 2^40 features, blocks of up to 4096 x 4096, 2^36 packed floats.
+constexpr int64_t kMaxDim = int64_t(1) << 40;
+constexpr int64_t kMaxBlock = 4096;
+constexpr int64_t kMaxPackedFloats = int64_t(1) << 36;
+
 // Validates the inputs against N and K and fills `out`. Returns an error message, empty on success.
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
 

@@ -182,10 +182,14 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     auto k = std::make_unique<Kernel>();
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "N", &k->N));
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "K", &k->K));
-    if (k->N <= 0 || k->K <= 0) return fail("attributes N and K must be positive");
+    if (k->N <= 0 || k->K <= 0 || k->N > sparsec::kMaxDim || k->K > sparsec::kMaxDim) {
+      return fail("attributes N and K must be in [1, 2^40], got N=" + std::to_string(k->N) + ", K=" +
+                  std::to_string(k->K));
+    }
     SPARSEC_RETURN_IF_ERROR(read_activation(info, k->act));
     OrtStatus* eps = g_ort->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon);
     if (eps != nullptr) g_ort->ReleaseStatus(eps);  // absent: the default
+    if (!(k->epsilon >= 0.0f) || k->epsilon > 1.0f) return fail("attribute epsilon must be in [0, 1]");
     k->isa = sparsec::select_isa();
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
