@@ -26,6 +26,7 @@ def sanitized():
     return library, preload
 
 
+@pytest.mark.slow  # building the instrumented library takes ~40 s
 def test_malformed_and_valid_nodes_under_asan_and_ubsan(sanitized):
     library, preload = sanitized
     env = dict(os.environ, SPARSEC_KERNEL_LIB=str(library), LD_PRELOAD=":".join(map(str, preload)),
