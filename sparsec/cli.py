@@ -18,7 +18,7 @@ from typing import TextIO
 
 from sparsec.errors import SpecError, UserError
 from sparsec.pipeline import STAGES
-from sparsec.text import format_table, plural
+from sparsec.text import EscapingStream, escaped, format_table, plural
 
 PROG = "sparsec"
 SET_HELP = ("override a spec key (repeatable): train.steps=40, export.bench=false, "
@@ -66,7 +66,7 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
                      default_out=not opts.out, instruments=instruments, progress=opts.progress)
     outcome = driver.run(job)
     for warning in outcome.warnings:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        print(f"{PROG}: warning: {printable(warning)}", file=sys.stderr)
     if opts.dry_run:
         stdout.write(format_dry_run(list(outcome.info.sites.values()), outcome.info.left_out) + "\n")
         for group in spec.groups:
@@ -243,9 +243,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def printable(text: str) -> str:
     """One line for the terminal: terminal escape codes (ANSI colours of torch.onnx's messages)
     removed, other control characters escaped, whitespace folded."""
-    text = _ANSI.sub("", text)
-    text = "".join(c if c.isprintable() or c in " \t\n" else repr(c)[1:-1] for c in text)
-    return " ".join(text.split())
+    return " ".join(escaped(_ANSI.sub("", text)).split())
 
 
 def _error_lines(exc: UserError) -> list[str]:
@@ -271,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+        stdout, sys.stdout = sys.stdout, EscapingStream(sys.stdout)  # type: ignore[assignment]
         try:
             return args.handler(args)
         except UserError as exc:
@@ -289,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: internal error: {type(exc).__name__}: {first} (a bug in sparsec; "
                   f"re-run with --debug for the traceback)", file=sys.stderr)
             return 1
+        finally:
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -145,6 +145,31 @@ def test_spec_values_that_would_fail_later_are_refused_now(tmp_path, patch, frag
     assert "\x1b" not in err   # a control character in a name is printed escaped
 
 
+def test_names_with_control_characters_print_escaped(tmp_path):
+    """A module named with an ANSI code (nn.Module.add_module allows it) prints as text in the
+    dry-run list, the report, its tables and report.txt: never as a terminal escape."""
+    model = tmp_path / "model.py"
+    model.write_text(
+        "import torch\n"
+        "def build_model():\n"
+        "    m = torch.nn.Sequential()\n"
+        "    m.add_module('fc\\x1b[31mred\\u202e', torch.nn.Linear(32, 32))\n"
+        "    m.add_module('out', torch.nn.Linear(32, 4))\n"
+        "    return m\n"
+        "def example_inputs():\n    return torch.randn(2, 32)\n"
+        "def train_data():\n    return [(torch.randn(8, 32), torch.arange(8) % 4)] * 2\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[prune]]\ntargets = ["*"]\nmethod = "magnitude"\ndensity = 0.5\nblock = [16, 16]\n'
+                    '[train]\nsteps = 2\n[export]\nbench = false\n')
+    for extra in (["--dry-run"], ["-o", tmp_path / "out", "--no-progress"]):
+        code, out, err = run("compile", model, "--spec", spec, *extra)
+        assert code == 0, err
+        assert "fc\\x1b[31mred\\u202e.weight" in out
+        assert "\x1b" not in out + err and "\u202e" not in out + err
+    report = (tmp_path / "out" / "report.txt").read_text()
+    assert "\x1b" not in report and "fc\\x1b[31mred" in report
+
+
 # ---------------------------------------------------------------------------- bad model files
 GOOD_PARTS = {
     "header": "import os, sys, torch\n",

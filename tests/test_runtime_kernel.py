@@ -421,3 +421,22 @@ def test_layer_norm_overload_and_bad_inputs(kernel_library):
     scale.CopyFrom(onnx.numpy_helper.from_array(np.ones(63, np.float32), "ln.scale"))
     with pytest.raises(Exception, match="ln_scale must be float \\[N=64\\]"):
         kernel_session(bad).run(None, {"x": inputs((3, 40)), "r": inputs((3, 64))})
+
+
+@pytest.mark.parametrize("n,k,block", [(64, 48, (16, 16)), (70, 45, (16, 16))], ids=["divisible", "padded"])
+def test_a_width_other_than_k_is_refused(kernel_library, n, k, block):
+    """X's last dim must be K on both paths, including widths whose size divides into blocks
+    (X [2, 2K] read as [4, K] answered [4, N] before the function body checked it)."""
+    packed, b = make_layer(n, k, block, 0.5)
+    model = onnx_op.single_layer_model(packed, b)
+    model.graph.input[0].type.tensor_type.shape.dim[-1].dim_param = "width"  # let any width through
+    stock, kernel = stock_session(model), kernel_session(model)
+    x = inputs((2, k))
+    for sess in (stock, kernel):
+        check(sess.run(None, {"x": x})[0], x, packed, b)
+    for width in (2 * k, k // 2 + 1, k - 1, k + 1, 3 * k):
+        bad = inputs((2, width))
+        with pytest.raises(Exception, match="X_last_dim_must_equal_K"):
+            stock.run(None, {"x": bad})
+        with pytest.raises(Exception, match=f"X must be \\[..., K={k}\\]"):
+            kernel.run(None, {"x": bad})

@@ -170,12 +170,22 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     col_blocks = b.op("Div", b.op("Sub", b.op("Add", k, bc), one), bc)
     pad_k = b.op("Sub", b.op("Mul", col_blocks, bc), k)
     rows_br = b.op("Mul", rows, br)
-    blocked = b.op("Concat", minus_one, col_blocks, bc, axis=0)
+    # X's last dimension must be K, or the node fails: X [2, 2K] would otherwise be read as
+    # [4, K] and answer [4, N]. Shape checks alone do not hold (onnxruntime's optimizer rewrites a
+    # reshape's leading dims to -1, trusting the declared shapes), so the check is a value: a
+    # one-element tensor indexed by |width - K|, out of bounds (an error naming this node) unless
+    # the widths agree. Its value, 0, is added to the block count that reshapes X, so no optimizer
+    # drops it. Cost: four scalar ops per call where onnxruntime cannot fold X's shape.
+    differs = b.op("Abs", b.op("Sub", b.op("Shape", "X", start=-1), k))
+    guard = b.op("Gather", zero, differs)
+    b.nodes[-1].name = "X_last_dim_must_equal_K"
+    blocked = b.op("Concat", minus_one, b.op("Add", col_blocks, guard), bc, axis=0)
 
     # [..., K] -> [M, NBc, BC], padding K to NBc*BC only when BC does not divide K. The condition
     # depends on constants only, so onnxruntime folds the If and keeps one branch.
     x3 = f"x_blocked_{len(b.nodes)}"
-    padded = [helper.make_node("Reshape", ["X", b.op("Concat", minus_one, k, axis=0)], [x3 + "_2d"]),
+    padded = [helper.make_node("Reshape", ["X", b.op("Concat", minus_one, b.op("Add", k, guard), axis=0)],
+                               [x3 + "_2d"]),
               helper.make_node("Pad", [x3 + "_2d", b.op("Concat", zero, zero, zero, pad_k, axis=0)], [x3 + "_pad"]),
               helper.make_node("Reshape", [x3 + "_pad", blocked], [x3 + "_padded"])]
     b.nodes.append(helper.make_node(
