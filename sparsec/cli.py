@@ -7,6 +7,7 @@ This module only parses arguments and prints; the compile itself is sparsec.driv
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import re
 import sys
@@ -14,7 +15,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sparsec.errors import SpecError, UserError
 from sparsec.pipeline import STAGES
@@ -39,17 +40,30 @@ class CompileOptions:
     progress: bool = True
     debug: bool = False
     overrides: list[str] = field(default_factory=list)
+    resume: bool = False
 
 
 def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | None:
     """`sparsec compile`: load the spec and model.py, run the driver, print what it made.
     Returns OUT (None for a dry run)."""
+    from sparsec.spec import load_spec
+    from sparsec.training import distributed
+
+    spec = load_spec(opts.spec, opts.overrides)
+    # under torchrun: one process group for the whole compile; rank 0 prints and writes OUT
+    started_group = distributed.init_from_env(spec.train.device if spec.train else "cpu")
+    try:
+        main = distributed.is_main()
+        return _compile(opts, spec, (stdout or sys.stdout) if main else io.StringIO(), main)
+    finally:
+        if started_group:
+            distributed.shutdown()
+
+
+def _compile(opts: CompileOptions, spec: Any, stdout: TextIO, main: bool) -> Path | None:
     from sparsec import driver, modelfile, outdir
     from sparsec.pipeline import Instruments
-    from sparsec.spec import load_spec
 
-    stdout = stdout or sys.stdout
-    spec = load_spec(opts.spec, opts.overrides)
     passes = driver.pipeline(spec, opts.stop_after, opts.dry_run)
     print_after = _check_print_after(opts.print_after, driver.pipeline(spec))
     if opts.print_pipeline:
@@ -63,8 +77,11 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     job = driver.Job(model=mf.model, spec=spec, example_inputs=mf.example_inputs,
                      example_kwargs=mf.example_kwargs, modelfile=mf, stop_after=opts.stop_after,
                      dry_run=opts.dry_run, out=None if opts.dry_run else out,
-                     default_out=not opts.out, instruments=instruments, progress=opts.progress)
+                     default_out=not opts.out, instruments=instruments, progress=opts.progress,
+                     resume=opts.resume)
     outcome = driver.run(job)
+    if not main:   # rank 0 says what was done
+        return None
     for warning in outcome.warnings:
         print(f"{PROG}: warning: {printable(warning)}", file=sys.stderr)
     if opts.dry_run:
@@ -112,7 +129,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           print_after=args.print_after or [], print_pipeline=args.print_pipeline,
                           time_passes=args.time_passes, stop_after=args.stop_after,
                           progress=not args.no_progress, debug=getattr(args, "debug", False),
-                          overrides=args.set or [])
+                          overrides=args.set or [], resume=args.resume)
     run_compile(opts)
     return 0
 
@@ -207,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--stop-after", choices=STAGES, metavar="STAGE",
                       help=f"stop after a stage ({', '.join(STAGES)}) and write what exists")
     comp.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    comp.add_argument("--resume", action="store_true",
+                      help="continue an interrupted fine-pruning run from its newest checkpoint "
+                           "(train.checkpoint_every) next to OUT")
     comp.set_defaults(handler=cmd_compile)
 
     exp = sub.add_parser("export", parents=[common], help="lower and export again from an output folder's state")

@@ -17,6 +17,7 @@ the module that owns it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from sparsec.pipeline import Instruments, Pass, run_pipeline
 from sparsec.program import Program
 from sparsec.spec import Spec
 from sparsec.spec.fields import TRAIN_FIELDS
+from sparsec.training import checkpoint
 
 MODEL_FILE = "model.onnx"
 DENSE_FILE = "model.dense.onnx"
@@ -55,6 +57,7 @@ class Job:
     default_out: bool = False              # OUT was not chosen: refuse another model file's OUT
     instruments: Instruments = field(default_factory=Instruments)
     progress: bool = True
+    resume: bool = False                   # continue from the newest checkpoint next to OUT
 
 
 @dataclass
@@ -77,8 +80,10 @@ class Outcome:
 
 
 def run(job: Job) -> Outcome:
-    """Compile `job.model` as `job.spec` says, as far as `job.stop_after`."""
+    """Compile `job.model` as `job.spec` says, as far as `job.stop_after`. Under torchrun every
+    process trains its share and only rank 0 writes OUT and lowers."""
     from sparsec.errors import ModelFileError
+    from sparsec.training import distributed
     from sparsec.training.backend import backend_for
     from sparsec.training.loop import evaluate, fine_prune
     from sparsec.training.losses import objective as objective_of
@@ -89,13 +94,21 @@ def run(job: Job) -> Outcome:
         raise ModelFileError(f"{data.path}: the spec has a [train] table but {data.path.name} defines no "
                              f"train_data(): add it, or remove [train] to compile without training")
     will_train = full and spec.train is not None and data is not None
+    resume = _checkpoint_to_resume(job, will_train)
+    if not distributed.is_main():
+        job = dataclasses.replace(job, out=None, progress=False)   # rank 0 writes OUT
+    backend = backend_for(spec.train) if will_train else None
     objective = objective_of(data, job.model, job.example_kwargs) if data is not None else None
     # without [train], the evaluation batches follow [train]'s defaults
     batch_size = spec.train.batch_size if spec.train else TRAIN_FIELDS["batch_size"].default
     seed = spec.train.seed if spec.train else TRAIN_FIELDS["seed"].default
     with _claimed(job), _timings_at_end(inst):
-        # The Program shares its weights with the model: measure the dense model before capture.
-        metric_dense = evaluate(job.model, data, batch_size, seed, objective=objective) if full and data else None
+        # The Program shares its weights with the model: measure the dense model before capture
+        # (where it will train, then back to the CPU, where the example inputs are).
+        metric_dense = None
+        if full and data and resume is None:
+            with _on(job.model, backend.device if backend is not None else None):
+                metric_dense = evaluate(job.model, data, batch_size, seed, backend, objective)
 
         with inst.timed("capture"), _naming(data):
             gm = capture(job.model, job.example_inputs, job.example_kwargs,
@@ -110,17 +123,62 @@ def run(job: Job) -> Outcome:
         prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
         prog.train(job.model.training)
         if will_train:
-            outcome.train = fine_prune(prog, data, spec.train, progress=job.progress,
-                                       dense_metric=metric_dense, backend=backend_for(spec.train),
-                                       objective=objective)
+            workdir = checkpoint.working_folder(job.out) if job.out is not None else None
+            if workdir is not None and resume is None:
+                shutil.rmtree(workdir, ignore_errors=True)   # a fresh run: no older checkpoints
+            try:
+                outcome.train = fine_prune(prog, data, spec.train, progress=job.progress,
+                                           dense_metric=metric_dense, backend=backend, objective=objective,
+                                           workdir=workdir, resume=resume,
+                                           fingerprint=checkpoint.training_fingerprint(spec))
+            except BaseException:
+                if workdir is not None and checkpoint.latest(workdir) is None:
+                    shutil.rmtree(workdir, ignore_errors=True)   # nothing to resume from
+                raise
+            outcome.metric_dense = outcome.train.metric_dense
+            outcome.warnings += outcome.train.notes
+            prog.to("cpu")   # lowering and export run on the CPU
         elif full and data is not None:
             outcome.metric_pruned = evaluate(prog, data, batch_size, seed, objective=objective)
         outcome.warnings += density_warnings(prog)
         _write(job, outcome)                         # the training results first: never lost
+        if will_train and job.out is not None:
+            shutil.rmtree(checkpoint.working_folder(job.out), ignore_errors=True)
 
         if job.stop_after in (None, "lower") and job.out is not None:
             lower_into(job.out, prog, job.spec, job.instruments, outcome)
         return outcome
+
+
+def _checkpoint_to_resume(job: Job, will_train: bool) -> Any:
+    """The newest checkpoint next to OUT when `job.resume` (a UserError when there is none)."""
+    if not job.resume:
+        return None
+    if not will_train:
+        raise UserError("--resume continues a fine-pruning run: the spec needs a [train] table and "
+                        "the model file a train_data()")
+    if job.out is None:
+        raise UserError("--resume needs the output folder that the interrupted run wrote to (-o)")
+    out = job.out
+    folder = checkpoint.working_folder(out)
+    found = checkpoint.latest(folder)
+    if found is None:
+        raise UserError(f"{out}: no checkpoint to resume from in {folder} (set train.checkpoint_every "
+                        f"to write them)")
+    return checkpoint.load(found)
+
+
+@contextlib.contextmanager
+def _on(model: torch.nn.Module, device: torch.device | None) -> Iterator[None]:
+    """`model` on `device` for the block, then back on the CPU (None or the CPU: no move)."""
+    if device is None or device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 def lower_into(out: Path, prog: Program, spec: Spec, instruments: Instruments, outcome: Outcome) -> None:
@@ -251,8 +309,18 @@ def _write(job: Job, outcome: Outcome) -> Outcome:
         graph=graph_record(outcome.module), sites=list(info.sites.values()),
         candidates=list(info.candidates.values()), left_out=info.left_out, report=outcome.report,
         report_text=outcome.report_text, prog=outcome.program, model_state=model_state,
-        result=outcome.train, model_file=str(job.modelfile.path) if job.modelfile else ""))
+        result=outcome.train, model_file=str(job.modelfile.path) if job.modelfile else "",
+        train_state=outcome.train.final if outcome.train is not None else None,
+        files=_training_logs(job.out)))
     return outcome
+
+
+def _training_logs(out: Path) -> dict[str, Path]:
+    """train.jsonl and tensorboard/ from the working folder next to OUT, to be moved into OUT."""
+    from sparsec.training.log import JSONL, TENSORBOARD
+
+    folder = checkpoint.working_folder(out)
+    return {name: folder / name for name in (JSONL, TENSORBOARD) if (folder / name).exists()}
 
 
 def finalized_state(prog: Program, model: torch.nn.Module) -> dict[str, torch.Tensor]:

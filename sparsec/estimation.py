@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from sparsec.errors import TrainingError
 from sparsec.ir import GroupPlan
@@ -75,12 +76,27 @@ def estimate_fisher(prog: Any, examples: Iterable[Any], loss_fn: Callable[[Any],
             loss_sum += float(loss.detach())
     finally:
         prog.train(was_training)
+    count, loss_sum = _summed_over_processes(grad_sum + fisher_sum, count, loss_sum)
     if count == 0:
         raise TrainingError("estimate_fisher: got no examples")
     for i, st in enumerate(states):
         prog.method(st.site.group).accept_estimate(st, grad_sum[i] / count, fisher_sum[i] / count)
     prog.estimate_step.fill_(int(prog.step_count))
     return loss_sum / count
+
+
+def _summed_over_processes(tensors: list[torch.Tensor], count: int, loss_sum: float,
+                           device: torch.device | None = None) -> tuple[int, float]:
+    """Under an initialised process group of several processes (torchrun), the sums of every
+    process's estimate (in place) and counts, so every process selects from the same g and G."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return count, loss_sum
+    for t in tensors:
+        dist.all_reduce(t)
+    device = tensors[0].device if tensors else (device or torch.device("cpu"))
+    totals = torch.tensor([float(count), loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return int(totals[0].item()), float(totals[1].item())
 
 
 # ------------------------------------------------------------------ in the fine-pruning loop
@@ -113,6 +129,7 @@ def mean_loss(prog: torch.nn.Module, chunks: list[Any], objective: Objective) ->
             weight += n
     finally:
         prog.train(was_training)
+    weight, total = _summed_over_processes([], int(weight), total, next(prog.parameters()).device)
     return total / weight
 
 

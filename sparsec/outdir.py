@@ -18,6 +18,9 @@ process), and removes the temporary siblings a killed compile left behind.
     OUT/graph.json              the final graph's nodes (with sparsec roles) and edges
     OUT/sites.json              sites, candidates and the weights left out with the reason
     OUT/state.safetensors       Program.state_dict(): weights, scores, masks, schedule position
+    OUT/train_state.safetensors the optimizer's tensors, random generators (sparsec.training.checkpoint)
+    OUT/train_state.json        the rest of the training state: with state.safetensors, enough to resume
+    OUT/train.json, train.jsonl the history of training (train.jsonl: one line per step, as it ran)
     OUT/model.safetensors       the finalized model's state_dict (masks baked in)
     OUT/report.json, report.txt the compile report
     OUT/loss.png                loss and density per step (only when matplotlib is installed)
@@ -45,7 +48,7 @@ import torch
 
 from sparsec.errors import UserError
 from sparsec.inspection import IR_DIR, MARKER, ir_file_name
-from sparsec.paths import file_mode, umask
+from sparsec.paths import file_mode, save_tensors, umask
 from sparsec.pipeline import Snapshot
 from sparsec.site import Site
 from sparsec.spec import Spec
@@ -68,6 +71,7 @@ class Contents:
     result: Any = None                     # sparsec.training.loop.TrainResult
     model_file: str = ""                   # the model file, recorded in the marker
     files: dict[str, Path] = dataclasses.field(default_factory=dict)  # name in OUT -> file to move in
+    train_state: Any = None                # checkpoint.Payload of the end of training
 
 
 def default_out(model_path: str | Path) -> Path:
@@ -218,11 +222,17 @@ def _fill(folder: Path, c: Contents) -> None:
         save_tensors(c.prog.state_dict(), folder / "state.safetensors")
         save_tensors(c.model_state if c.model_state is not None else c.prog.finalize().state_dict(),
                      folder / "model.safetensors")
+    if c.train_state is not None:
+        from sparsec.training import checkpoint
+
+        save_tensors(c.train_state.tensors, folder / checkpoint.TENSORS_FILE)
+        _write_json(folder / checkpoint.JSON_FILE, c.train_state.meta)
     if c.result is not None and c.result.losses:
         _write_json(folder / "train.json", c.result.to_dict())
         plot_loss(c.result, folder / "loss.png")
     for name, source in c.files.items():
-        os.chmod(source, file_mode())
+        if source.is_file():
+            os.chmod(source, file_mode())
         shutil.move(str(source), str(folder / name))
     _write_json(folder / "report.json", c.report)
     (folder / "report.txt").write_text(c.report_text + "\n")
@@ -236,16 +246,6 @@ def _site(site: Site) -> dict[str, Any]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors needs contiguous tensors that share no storage: save private copies."""
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in state.items()
-               if isinstance(t, torch.Tensor)}
-    save_file(tensors, str(path), metadata={"format": "pt", "writer": "sparsec"})
-    os.chmod(path, file_mode())  # safetensors writes it private
 
 
 def plot_loss(result: Any, path: Path) -> bool:

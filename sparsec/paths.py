@@ -1,5 +1,5 @@
-"""Files: which source files belong to the libraries sparsec runs on (and which to the user), and
-the mode of the files sparsec writes.
+"""Files: which source files belong to the libraries sparsec runs on (and which to the user), the
+mode of the files sparsec writes, and how it writes tensors (safetensors).
 
 Error messages and IR headers point at the user's own line (the model's forward, model.py), not at
 torch's or sparsec's internals. That is decided by package location, never by a substring of the
@@ -11,6 +11,7 @@ import functools
 import os
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,3 +60,14 @@ def file_mode() -> int:
     """The mode of an ordinary new file: what the umask leaves of 0o666 (temporary files, which
     sparsec renames into place, are created private)."""
     return 0o666 & ~umask()
+
+
+def save_tensors(state: dict[str, Any], path: Path) -> None:
+    """safetensors needs contiguous tensors that share no storage: save private copies."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in state.items()
+               if isinstance(t, torch.Tensor)}
+    save_file(tensors, str(path), metadata={"format": "pt", "writer": "sparsec"})
+    os.chmod(path, file_mode())  # safetensors writes it private

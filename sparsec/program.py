@@ -76,6 +76,14 @@ class Program(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Program:
+        """`.to()`, `.cuda()`, `.half()` reach the distillation teacher too (it is kept out of the
+        submodules so that it stays out of parameters() and state_dict())."""
+        super()._apply(fn, *args, **kwargs)
+        if self._teacher is not None:
+            self._teacher._apply(fn, *args, **kwargs)
+        return self
+
     @property
     def groups(self) -> tuple[GroupPlan, ...]:
         """One plan per [[prune]] group: its index, method, final density, scope and sites."""

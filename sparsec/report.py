@@ -38,6 +38,7 @@ def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites:
         "final_loss": result.final_loss if result is not None else None,
         "objective": result.objective if result is not None else None,
         "train_seconds": round(result.seconds, 2) if result is not None else None,
+        "resumed_from": result.resumed_from if result is not None else None,
         "metric_dense": metric_dense,
         "metric_pruned": metric_pruned,
         "density_asked": asked,
@@ -93,7 +94,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("stopped_after"):
         lines.append(f"stopped after {report['stopped_after']}")
     lines.append(f"steps trained {report['steps_trained']}" +
-                 (f" in {report['train_seconds']:.1f} s" if report.get("train_seconds") else ""))
+                 (f" in {report['train_seconds']:.1f} s" if report.get("train_seconds") else "") +
+                 (f" (resumed after step {report['resumed_from']})" if report.get("resumed_from") else ""))
     lines.append(f"final loss    {_num(report['final_loss'])}")
     if report.get("objective"):
         lines.append(f"loss          {report['objective']}")

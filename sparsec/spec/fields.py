@@ -65,12 +65,31 @@ TRAIN_FIELDS = {
                    "followed by one `prog.step()`. Defaults to `schedule.total`; must be at least "
                    "`schedule.total - schedule.cooldown` so the schedule reaches its final density.",
                    default=Derived("schedule.total"), ge=1),
-    "batch_size": Field("int", "Examples per optimizer step.", default=32, ge=1),
+    "batch_size": Field("int", "Examples per forward pass of one process. An optimizer step sees "
+                        "`batch_size * accumulate * processes` examples.", default=32, ge=1),
+    "accumulate": Field("int", "Micro-batches whose gradients are accumulated into one optimizer "
+                        "step. `steps`, the schedule, the learning-rate schedule and `prog.step()` "
+                        "all count optimizer steps, not micro-batches.", default=1, ge=1),
     "lr": Field("float", "Learning rate of the model's weights (alpha_W). BERT fine-pruning uses "
                 "about 3e-5.", default=1e-3, gt=0),
     "score_lr": Field("float", "Learning rate of learned importance scores (alpha_S of movement "
                       "pruning Eq 4) for methods that learn scores; scores need a far larger rate than "
                       "the weights (1e-2 in the movement-pruning setup).", default=1e-2, gt=0),
+    "lr_schedule": Field("str", "Learning-rate schedule of the weights: `constant`, or `linear` / "
+                         "`cosine` decay to 0 at `steps` (torch's LambdaLR); each after `warmup_steps` "
+                         "of linear warm-up from 0. `linear` with a warm-up is the BERT fine-pruning "
+                         "recipe of the movement-pruning paper (Appendix A).", default="constant",
+                         choices=("constant", "linear", "cosine")),
+    "warmup_steps": Field("int", "Optimizer steps of linear learning-rate warm-up (from 0 to `lr`).",
+                          default=0, ge=0),
+    "score_lr_schedule": Field("str", "Learning-rate schedule of the scores (see `lr_schedule`).",
+                               default=Derived("train.lr_schedule"),
+                               choices=("constant", "linear", "cosine")),
+    "score_warmup_steps": Field("int", "Warm-up steps of the scores' learning rate.",
+                                default=Derived("train.warmup_steps"), ge=0),
+    "freeze": Field("list[str]", "Globs of parameter names that do not train (movement pruning "
+                    "freezes the embeddings, section 5: `[\"*embeddings*\"]`). Each glob must match "
+                    "a parameter; a frozen site is still pruned by its method.", default=[]),
     "optimizer": Field("str", "`adamw` (Adam with decoupled weight decay), `adam` (weight decay "
                        "added to the gradient) or `sgd` (with `momentum`).", default="adamw",
                        choices=("adamw", "adam", "sgd")),
@@ -83,6 +102,24 @@ TRAIN_FIELDS = {
                         "evaluates only at the end.", default=0, ge=0),
     "max_grad_norm": Field("float", "Clip the global gradient norm (weights and scores) to this "
                            "value; 0 disables clipping.", default=0.0, ge=0),
+    "device": Field("str", "Where training runs: `auto` (CUDA when available, else the CPU), `cpu`, "
+                    "`cuda` or `cuda:N`. Under torchrun each process takes the GPU of its local "
+                    "rank. The Program, its masks, scores and teacher, and every batch move together.",
+                    default="auto"),
+    "precision": Field("str", "`fp32`, or autocast to `bf16` or `fp16` for the forward pass (fp16 "
+                       "with a gradient scaler). Weights, masks and scores stay float32 and masks "
+                       "are computed exactly.", default="fp32", choices=("fp32", "bf16", "fp16")),
+    "checkpoint_every": Field("int", "Write a checkpoint (everything needed to resume bit-exactly: "
+                              "Program state, optimizer, learning-rate schedulers, gradient scaler, "
+                              "random generators, data position) every n optimizer steps; "
+                              "`sparsec compile --resume` continues from the last one. 0: only at "
+                              "the end, into OUT.", default=0, ge=0),
+    "tensorboard": Field("bool", "Also log loss, density, learning rates and metric to TensorBoard "
+                         "(OUT/tensorboard) when `torch.utils.tensorboard` can be imported; the "
+                         "same values always go to OUT/train.jsonl.", default=False),
+    "check_ranks": Field("bool", "Under torchrun, compare a hash of every mask across processes "
+                         "after every mask update and stop on the first difference (also "
+                         "`SPARSEC_CHECK_RANKS=1`).", default=False),
 }
 
 CAPTURE_FIELDS = {

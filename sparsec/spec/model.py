@@ -67,8 +67,14 @@ class TrainSpec:
 
     steps: int                  # required (defaults to schedule.total when resolved)
     batch_size: int = default(TRAIN_FIELDS, "batch_size")
+    accumulate: int = default(TRAIN_FIELDS, "accumulate")
     lr: float = default(TRAIN_FIELDS, "lr")
     score_lr: float = default(TRAIN_FIELDS, "score_lr")
+    lr_schedule: str = default(TRAIN_FIELDS, "lr_schedule")
+    warmup_steps: int = default(TRAIN_FIELDS, "warmup_steps")
+    score_lr_schedule: str = "constant"   # resolved from lr_schedule when absent
+    score_warmup_steps: int = 0           # resolved from warmup_steps when absent
+    freeze: tuple[str, ...] = ()
     optimizer: str = default(TRAIN_FIELDS, "optimizer")
     weight_decay: float = default(TRAIN_FIELDS, "weight_decay")
     momentum: float = default(TRAIN_FIELDS, "momentum")
@@ -76,9 +82,19 @@ class TrainSpec:
     log_every: int = default(TRAIN_FIELDS, "log_every")
     eval_every: int = default(TRAIN_FIELDS, "eval_every")
     max_grad_norm: float = default(TRAIN_FIELDS, "max_grad_norm")
+    device: str = default(TRAIN_FIELDS, "device")
+    precision: str = default(TRAIN_FIELDS, "precision")
+    checkpoint_every: int = default(TRAIN_FIELDS, "checkpoint_every")
+    tensorboard: bool = default(TRAIN_FIELDS, "tensorboard")
+    check_ranks: bool = default(TRAIN_FIELDS, "check_ranks")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "freeze", tuple(self.freeze))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["freeze"] = list(self.freeze)
+        return out
 
 
 @dataclass(frozen=True)

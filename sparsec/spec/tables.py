@@ -1,6 +1,7 @@
 """The core tables of the spec and the rules across their keys."""
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from sparsec import methods, schedules
@@ -127,6 +128,28 @@ def _check_train_covers_schedule(resolved: Mapping[str, Any]) -> list[Problem]:
     return [("train.steps", f"{steps} is less than schedule.total - schedule.cooldown = {needed}: the "
                             f"schedule would not reach its final density (allowed: an integer, "
                             f"{needed} <= x; lower schedule.total or raise train.steps)")]
+
+
+@register_check("`train.device` is `auto`, `cpu`, `cuda` or `cuda:N`.")
+def _check_device(resolved: Mapping[str, Any]) -> list[Problem]:
+    device = (resolved.get("train") or {}).get("device")
+    if not isinstance(device, str) or re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", device):
+        return []
+    return [("train.device", f"{device!r} is not a device (allowed: 'auto', 'cpu', 'cuda' or 'cuda:N')")]
+
+
+@register_check("`train.warmup_steps` and `train.score_warmup_steps` are at most `train.steps`.")
+def _check_lr_warmup(resolved: Mapping[str, Any]) -> list[Problem]:
+    train = resolved.get("train") or {}
+    steps = train.get("steps")
+    problems = []
+    for key in ("warmup_steps", "score_warmup_steps"):
+        value = train.get(key)
+        if isinstance(steps, int) and isinstance(value, int) and value > steps:
+            problems.append((f"train.{key}", f"{value} is more than train.steps = {steps}: the learning "
+                                             f"rate would never finish warming up (allowed: an "
+                                             f"integer, 0 <= x <= {steps})"))
+    return problems
 
 
 @register_check("Every `[[prune]]` group has at least one non-empty glob in `targets`.")

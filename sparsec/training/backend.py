@@ -5,65 +5,201 @@ forward, loss (+ distillation, regularization), backward, optimizer.step(), prog
 zero_grad(). A backend owns what differs between machines and process layouts:
 
     place(prog)              move the Program (weights, masks, scores, teacher) where it trains and
-                             return the module the loop calls (a wrapper, for data parallelism)
+                             return the module the loop calls (a DDP wrapper, for data parallelism)
     batch(batch)             move one batch there
     autocast()               the precision context of the forward pass
     backward(loss)           loss.backward() (scaled, for fp16)
-    step(optimizer, params, max_grad_norm)   clip and take the optimizer step
-    is_main                  whether this process writes outputs and shows progress
+    no_sync(module)          the context of a micro-batch that accumulates without all-reducing
+    step(optimizer, params, max_grad_norm)   unscale, clip and take the optimizer step
+    is_main, rank, world     whether this process writes outputs and shows progress; its place
     reduce_sum(values)       sums of evaluation statistics over processes
+    all_reduce(tensors)      sums of tensors over processes, in place
+    gather(value)            every process's value (the random generators, for checkpoints)
+    after_mask_update(prog)  after a prog.step() that recomputed masks (the cross-process check)
+    state_dict()             the gradient scaler's state, for checkpoints
 
-`LocalBackend` is one process on the CPU in float32: everything sparsec does today. GPU, mixed
-precision and torch.distributed backends implement the same methods.
+`LocalBackend` is one process, on the CPU or one GPU, in float32 or with autocast to bfloat16 /
+float16 (with a gradient scaler). `DistributedBackend` is one of several processes under torchrun,
+with DistributedDataParallel (sparsec.training.distributed: the process group, the mask check).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
+
+from sparsec.errors import TrainingError
+from sparsec.training import distributed
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`[train] device` as a torch.device: `auto` is CUDA when available (the GPU of the local rank
+    under torchrun), else the CPU. Asking for CUDA where there is none is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError(f"train.device = {name!r}, but CUDA is not available here (torch "
+                            f"{torch.__version__}); use device = \"cpu\" or \"auto\"")
+    device = torch.device(name)
+    if device.index is None:
+        device = torch.device("cuda", local_rank or 0)
+    if device.index >= torch.cuda.device_count():
+        raise TrainingError(f"train.device = {name!r}, but this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+    return device
 
 
 class Backend:
     name = "backend"
-    device = torch.device("cpu")
+
+    def __init__(self, device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.precision = precision
+        if precision not in ("fp32", *DTYPES):
+            raise ValueError(f"unknown precision {precision!r}")
+        if precision == "fp16" and self.device.type == "cpu" and not _cpu_fp16_autocast():
+            raise TrainingError("train.precision = \"fp16\" needs a GPU here (this torch has no "
+                                "float16 autocast on the CPU); use \"bf16\"")
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     def place(self, prog: torch.nn.Module) -> torch.nn.Module:
-        raise NotImplementedError
+        return prog.to(self.device)
 
     def batch(self, batch: Any) -> Any:
         return pytree.tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, batch)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def no_sync(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
              max_grad_norm: float) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
 
     @property
     def is_main(self) -> bool:
         return True
 
+    rank, world = 0, 1
+
     def reduce_sum(self, values: list[float]) -> list[float]:
         return values
 
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        return None
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value`, in rank order (a collective under torchrun)."""
+        return [value]
+
+    def after_mask_update(self, prog: Any) -> None:
+        """Called after every `prog.step()` that recomputed masks."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _cpu_fp16_autocast() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return torch.ones(2, 2) @ torch.ones(2, 2) is not None
+    except RuntimeError:
+        return False
+
 
 class LocalBackend(Backend):
-    """One process, the CPU, float32."""
+    """One process, on the CPU or one GPU."""
 
     name = "local"
 
+
+class DistributedBackend(Backend):
+    """One process of several: DDP around the Program, gradients all-reduced by DDP, evaluation
+    statistics and Fisher estimates all-reduced here, masks checked across processes on request."""
+
+    name = "ddp"
+
+    def __init__(self, train: Any):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        super().__init__(resolve_device(train.device, local_rank), train.precision)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.check = bool(train.check_ranks) or os.environ.get(distributed.CHECK_ENV, "").strip() not in ("", "0")
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return dist.get_rank()
+
+    @property
+    def world(self) -> int:  # type: ignore[override]
+        return dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     def place(self, prog: torch.nn.Module) -> torch.nn.Module:
-        return prog.to(self.device)
+        prog.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Masks and method state are computed identically on every process: no buffer broadcast
+        # (which would also hide a divergence). Some parameters may get no gradient in a step
+        # (a pooler a loss does not use): find_unused_parameters.
+        return DistributedDataParallel(prog, device_ids=ids, broadcast_buffers=False,
+                                       find_unused_parameters=True)
+
+    def no_sync(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            dist.all_reduce(t)
+
+    def gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def after_mask_update(self, prog: Any) -> None:
+        if self.check:
+            distributed.check_masks(prog)
 
 
 def backend_for(train: Any) -> Backend:
-    """The backend the spec's [train] table asks for (today: always one CPU process in float32)."""
-    return LocalBackend()
+    """The backend the spec's [train] table asks for: DistributedBackend under torchrun (an
+    initialised process group of more than one process), else LocalBackend."""
+    if distributed.active():
+        return distributed.DistributedBackend(train)
+    return LocalBackend(resolve_device(train.device), train.precision)

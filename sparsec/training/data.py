@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from sparsec.errors import ModelFileError, TrainingError, UserError
 from sparsec.modelfile import ModelFile
@@ -59,31 +60,85 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
-def batches(data: Any, batch_size: int, seed: int, shuffle: bool, what: str) -> Iterable:
-    """A re-iterable source of batches for `data` as model.py returned it."""
+def batches(data: Any, batch_size: int, seed: int, shuffle: bool, what: str, rank: int = 0,
+            world: int = 1) -> Iterable:
+    """A re-iterable source of batches for `data` as model.py returned it: this process's share
+    of them when there are `world` processes (a DistributedSampler for a shuffled Dataset, else
+    every `world`-th batch starting at `rank`)."""
     if isinstance(data, IterableDataset):
-        return DataLoader(data, batch_size=batch_size)
+        return _Shard(DataLoader(data, batch_size=batch_size), rank, world)
     if isinstance(data, Dataset):
+        if world > 1 and shuffle:
+            sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+            return DataLoader(data, batch_size=batch_size, sampler=sampler)
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return _Shard(DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator), rank, world)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
-        return data
+        return _Shard(data, rank, world)
     raise ModelFileError(f"{what} must return a torch Dataset or an iterable of batches, "
                          f"got {type(data).__name__}")
 
 
-def cycle(modelfile: ModelFile, name: str, batch_size: int, seed: int) -> Iterator[Any]:
-    """Batches of `name()` forever; one-shot iterators (generators) are asked for again."""
-    source = batches(modelfile.call(name), batch_size, seed, shuffle=True, what=f"{name}()")
-    while True:
-        count = 0
-        for batch in source:
-            count += 1
-            yield batch
-        if count == 0:
-            raise TrainingError(f"{modelfile.path}: {name}() gave no batches")
-        if iter(source) is source:
-            source = batches(modelfile.call(name), batch_size, seed, shuffle=True, what=f"{name}()")
+class _Shard:
+    """Every `world`-th item of `source` from `rank` (all of it for one process)."""
+
+    def __init__(self, source: Iterable, rank: int, world: int):
+        self.source, self.rank, self.world = source, rank, world
+        # a generator: ask model.py again for the next epoch (a DataLoader is re-iterable, and
+        # iter() on one would draw from its generator)
+        self.one_shot = not isinstance(source, DataLoader) and iter(source) is source
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.world == 1:
+            return iter(self.source)
+        return itertools.islice(iter(self.source), self.rank, None, self.world)
+
+
+class Stream:
+    """The batches of model.py's `name()` forever, for this process: one-shot iterables
+    (generators) are asked for again each epoch. `position` counts the batches given, the data
+    position of a checkpoint; `skip(n)` fast-forwards a fresh stream to it (by drawing the batches,
+    so a resumed run sees exactly the batches an uninterrupted one would)."""
+
+    def __init__(self, modelfile: ModelFile, name: str, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1):
+        self.modelfile, self.name = modelfile, name
+        self.args = (batch_size, seed, True, f"{name}()", rank, world)
+        self.position = 0
+        self.epoch = 0
+        self._batches = self._forever()
+
+    def _source(self) -> Iterable:
+        return batches(self.modelfile.call(self.name), *self.args)
+
+    def _forever(self) -> Iterator[Any]:
+        source = self._source()
+        while True:
+            sampler = getattr(source, "sampler", None)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(self.epoch)
+            count = 0
+            for batch in source:
+                count += 1
+                yield batch
+            if count == 0:
+                raise TrainingError(f"{self.modelfile.path}: {self.name}() gave no batches"
+                                    + (" for this process" if self.args[-1] > 1 else ""))
+            self.epoch += 1
+            if getattr(source, "one_shot", False):
+                source = self._source()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._batches)
+        self.position += 1
+        return batch
+
+    def skip(self, count: int) -> None:
+        for _ in range(count):
+            next(self)
 
 
 def batch_size_of(batch: Any) -> int:
