@@ -4,8 +4,9 @@ The fine-pruning loop (sparsec.training.loop) follows the Program's contract on 
 forward, loss (+ distillation, regularization), backward, optimizer.step(), prog.step(),
 zero_grad(). A backend owns what differs between machines and process layouts:
 
-    place(prog)              move the Program (weights, masks, scores, teacher) where it trains and
-                             return the module the loop calls (a DDP wrapper, for data parallelism)
+    place(prog, probe)       move the Program (weights, masks, scores, teacher) where it trains and
+                             return the module the loop calls (a DDP wrapper, for data parallelism;
+                             `probe()` is the loss of the first batch, to find unused parameters)
     batch(batch)             move one batch there
     autocast()               the precision context of the forward pass
     backward(loss)           loss.backward() (scaled, for fp16)
@@ -25,8 +26,9 @@ with DistributedDataParallel (sparsec.training.distributed: the process group, t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,7 @@ from sparsec.errors import TrainingError
 from sparsec.training import distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DDP_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -71,7 +74,9 @@ class Backend:
                                 "float16 autocast on the CPU); use \"bf16\"")
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
-    def place(self, prog: torch.nn.Module) -> torch.nn.Module:
+    def place(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None = None) -> torch.nn.Module:
+        """`probe()`, when given, is the loss of the first batch: a backend that must know which
+        parameters get gradients may run it (and restores the random generators after)."""
         return prog.to(self.device)
 
     def batch(self, batch: Any) -> Any:
@@ -166,14 +171,35 @@ class DistributedBackend(Backend):
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def place(self, prog: torch.nn.Module) -> torch.nn.Module:
+    def place(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None = None) -> torch.nn.Module:
         prog.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Masks and method state are computed identically on every process: no buffer broadcast
-        # (which would also hide a divergence). Some parameters may get no gradient in a step
-        # (a pooler a loss does not use): find_unused_parameters.
-        return DistributedDataParallel(prog, device_ids=ids, broadcast_buffers=False,
-                                       find_unused_parameters=True)
+        # Masks and method state are computed identically on every process: no buffer sync in
+        # forward (which would also hide a divergence).
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
+                          else {"broadcast_buffers": False})
+        return DistributedDataParallel(prog, device_ids=ids, find_unused_parameters=self._unused(prog, probe),
+                                       **no_buffer_sync)
+
+    def _unused(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None) -> bool:
+        """Whether some trainable parameter gets no gradient from the loss (a pooler the loss does
+        not use): DDP must then look for unused parameters every step. Decided on the first batch
+        by every process together; without a probe, assume so."""
+        if probe is None:
+            return True
+        generators = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        try:
+            self.backward(probe())
+            unused = any(p.grad is None for p in prog.parameters() if p.requires_grad)
+        finally:
+            for p in prog.parameters():
+                p.grad = None
+            torch.set_rng_state(generators[0])
+            if generators[1] is not None:
+                torch.cuda.set_rng_state(generators[1], self.device)
+        flag = torch.tensor([float(unused)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def no_sync(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
@@ -201,5 +227,5 @@ def backend_for(train: Any) -> Backend:
     """The backend the spec's [train] table asks for: DistributedBackend under torchrun (an
     initialised process group of more than one process), else LocalBackend."""
     if distributed.active():
-        return distributed.DistributedBackend(train)
+        return DistributedBackend(train)
     return LocalBackend(resolve_device(train.device), train.precision)

@@ -107,6 +107,7 @@ class Stream:
         self.position = 0
         self.epoch = 0
         self._batches = self._forever()
+        self._peeked: list[Any] = []
 
     def _source(self) -> Iterable:
         return batches(self.modelfile.call(self.name), *self.args)
@@ -132,9 +133,15 @@ class Stream:
         return self
 
     def __next__(self) -> Any:
-        batch = next(self._batches)
+        batch = self._peeked.pop() if self._peeked else next(self._batches)
         self.position += 1
         return batch
+
+    def peek(self) -> Any:
+        """The next batch, left in the stream."""
+        if not self._peeked:
+            self._peeked.append(next(self._batches))
+        return self._peeked[0]
 
     def skip(self, count: int) -> None:
         for _ in range(count):

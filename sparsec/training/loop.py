@@ -163,18 +163,26 @@ class _Run:
         self.backend, self.objective, self.workdir, self.fingerprint = backend, objective, workdir, fingerprint
         for param in prog.parameters():  # gradients left over from build_model() or earlier use
             param.grad = None
-        self.model = backend.place(prog)
+        rank, world = backend.rank, backend.world
+        self.data = Stream(modelfile, "train_data", train.batch_size, train.seed, rank, world)
+        self.estimate_data = Stream(modelfile, "train_data", train.batch_size, train.seed + 1, rank, world)
+        self.model = backend.place(prog, probe=self.first_loss)
         self.optimizer = make_optimizer(prog, train)
         self.scheduler = lr.scheduler(self.optimizer, train)
         prog.attach_optimizer(self.optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        rank, world = backend.rank, backend.world
-        self.data = Stream(modelfile, "train_data", train.batch_size, train.seed, rank, world)
-        self.estimate_data = Stream(modelfile, "train_data", train.batch_size, train.seed + 1, rank, world)
         tables = prog.training_tables.self_regularization
         self.self_reg = SelfRegularizer(prog, tables["lambda"], tables["temperature"]) if tables else None
         self.result = TrainResult(objective=objective.description)
         self.start = 1
+
+    def first_loss(self) -> torch.Tensor:
+        """The training loss of the next batch (left in the stream), for the backend's probe."""
+        batch = self.backend.batch(self.data.peek())
+        with self.backend.autocast():
+            outputs = self.objective.forward(self.prog, batch, 1)
+            return as_loss(self.objective.loss(outputs, batch), 1, self.objective.description) + \
+                self.prog.regularization()
 
     def resume_from(self, restored: checkpoint.Restored) -> None:
         restored.restore(self.prog, self.optimizer, self.scheduler, self.backend, self.self_reg, rng=False)
