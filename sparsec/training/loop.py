@@ -28,7 +28,7 @@ from sparsec.errors import TrainingError, UserError
 from sparsec.modelfile import ModelFile
 from sparsec.training import checkpoint, lr
 from sparsec.training.backend import Backend, LocalBackend, backend_for
-from sparsec.training.data import Stream, batch_size_of, batches, split_batch
+from sparsec.training.data import Stream, batch_size_of, batches
 from sparsec.training.distill import SelfRegularizer
 from sparsec.training.log import Progress, StepLog
 from sparsec.training.losses import Objective, as_loss, as_metric, objective as objective_of
@@ -241,17 +241,17 @@ class _Run:
         loss_sum = 0.0
         for micro in range(train.accumulate):
             batch = backend.batch(next(self.data))
-            parts = split_batch(batch)
+            args, kwargs = objective.inputs(batch)
             last = micro == train.accumulate - 1
             with (contextlib.nullcontext() if last else backend.no_sync(self.model)):
                 with backend.autocast():
                     outputs = objective.forward(self.model, batch, step)
                     loss = (prog.task_loss_weight * as_loss(objective.loss(outputs, batch), step,
                                                             objective.description)
-                            + prog.distillation_loss(outputs, *parts.args, **parts.kwargs)
+                            + prog.distillation_loss(outputs, *args, **kwargs)
                             + prog.regularization())
                     if self.self_reg is not None:
-                        loss = loss + self.self_reg.loss(outputs, *parts.args, **parts.kwargs)
+                        loss = loss + self.self_reg.loss(outputs, *args, **kwargs)
                     loss = loss / train.accumulate
                 backend.backward(loss)
             loss_sum += float(loss.detach())

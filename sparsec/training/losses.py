@@ -117,6 +117,14 @@ class Objective:
         parts = split_batch(batch)
         return forward(model, {**parts.kwargs, "labels": parts.target}, step, batch)
 
+    def inputs(self, batch: Any) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the model gets for `batch` (the labels too when
+        it computes its own loss): what a teacher or a checkpoint must be called with."""
+        parts = split_batch(batch)
+        if self.labels_to_model:
+            return (), {**parts.kwargs, "labels": parts.target}
+        return parts.args, parts.kwargs
+
 
 def is_causal_lm(model: torch.nn.Module | None) -> bool:
     """A transformers causal language model (its class among AutoModelForCausalLM's)."""

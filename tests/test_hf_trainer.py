@@ -1,0 +1,73 @@
+"""SparsecTrainer: a Hugging Face Trainer script fine-prunes a small BERT with movement pruning,
+resumes from a Trainer checkpoint to the same state as an uninterrupted run, and writes a normal
+`save_pretrained` folder with the zeros baked in that `from_pretrained` reloads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
+
+from sparsec.integrations.hf import SparsecTrainer  # noqa: E402
+
+STEPS = 20
+SPEC = {"prune": [{"targets": ["*encoder.layer.*"], "method": "movement", "density": 0.25, "block": [8, 8],
+                   "scope": "global"}],
+        "schedule": {"kind": "cubic", "total": STEPS, "warmup": 2, "cooldown": 4}}
+
+
+class Sentences(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(1, 60, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": int(ids[0] % 2)}
+
+
+def bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32, num_labels=2))
+
+
+def trainer(folder, model=None) -> SparsecTrainer:
+    args = TrainingArguments(output_dir=str(folder), max_steps=STEPS, per_device_train_batch_size=8,
+                             learning_rate=1e-3, save_strategy="steps", save_steps=10, logging_steps=5,
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    return SparsecTrainer(model or bert(), SPEC, args=args, train_dataset=Sentences(), score_learning_rate=5e-2)
+
+
+def test_trainer_prunes_resumes_and_saves_a_normal_folder(tmp_path):
+    first = trainer(tmp_path / "run")
+    first.train()
+    prog = first.program
+    assert int(prog.step_count) == STEPS
+    masks = prog.masks()
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.25 * sum(m.numel() for m in masks.values()))
+    assert first.objective.labels_to_model  # the model's own loss, labels passed through
+    groups = first.optimizer.param_groups
+    assert groups[-1]["params"] == prog.score_parameters() and groups[-1]["weight_decay"] == 0.0
+
+    # resume from the step-10 checkpoint: the same end as the uninterrupted run
+    second = trainer(tmp_path / "run")
+    second.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-10"))
+    assert int(second.program.step_count) == STEPS
+    resumed = second.program.state_dict()
+    assert all(torch.equal(resumed[name], value) for name, value in prog.state_dict().items())
+
+    # save_pretrained / from_pretrained: zeros baked in, same logits as the finalized program
+    model = first.finalize_into()
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
+    batch = {k: torch.stack([Sentences()[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        want = prog.finalize()(**batch, labels=torch.zeros(4, dtype=torch.long)).logits
+        torch.testing.assert_close(reloaded(**batch).logits, want, rtol=1e-5, atol=1e-6)
+    weight = reloaded.bert.encoder.layer[0].attention.self.query.weight
+    site = "bert.encoder.layer.0.attention.self.query.weight"
+    assert bool((weight[masks[site] == 0] == 0).all()) and bool((weight[masks[site] == 1] != 0).all())
