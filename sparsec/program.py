@@ -180,6 +180,14 @@ class Program(torch.nn.Module):
         for plan in self._groups:
             self._methods[plan.index].after_step(self.site_states(plan.index), context)
 
+    def step_reads_parameters(self) -> bool:
+        """Whether the next `step()` reads or writes weights, scores, gradients or the optimizer's
+        state: a method observes every step or acts after it, or the masks are recomputed. (A
+        sharded trainer gathers them whole only then.)"""
+        if (int(self.step_count) + 1) % self._schedule.every == 0:
+            return True
+        return any(m.observes() or m.acts_after_step() for m in self._methods.values())
+
     @torch.no_grad()
     def update_masks(self) -> None:
         """Recompute every group's masks at the schedule's current density."""

@@ -3,8 +3,9 @@
 For movement, magnitude (global), pins, lm and dynsparse, every mask update is checked across the
 two processes (SPARSEC_CHECK_RANKS=1 stops the run on the first difference), the density is reached
 and OUT is written once. The check itself is shown to catch a difference. A run killed with SIGKILL
-and resumed on two processes ends bit-identical to an uninterrupted one on two processes. CUDA (NCCL)
-is tested where a GPU is present."""
+and resumed on two processes ends bit-identical to an uninterrupted one on two processes. The same
+runs under FSDP2 (`parallel = "fsdp"`) end bit-identical to DDP's, killed and resumed included.
+CUDA (NCCL) is tested where a GPU is present."""
 from __future__ import annotations
 
 import contextlib
@@ -79,19 +80,45 @@ def torchrun(*args: object, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`runs(method, parallel)`: the folder of a finished 2-process run (run once per module)."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def run(method: str, parallel: str) -> Path:
+        if (method, parallel) not in done:
+            folder = tmp_path_factory.mktemp(f"{method}-{parallel}")
+            model, spec = write_case(folder / "case", method, parallel=parallel)
+            out = folder / "out"
+            proc = torchrun(model, "--spec", spec, "-o", out)
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+            assert stdout.count("wrote ") == 1 and "steps trained 20" in stdout  # rank 0 alone reports
+            assert sorted(p.name for p in folder.iterdir()) == ["case", "out"]  # one OUT, no leftovers
+            done[method, parallel] = out
+        return done[method, parallel]
+    return run
+
+
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_keep_identical_masks_and_write_out_once(method, tmp_path):
-    model, spec = write_case(tmp_path / "case", method)
-    out = tmp_path / "out"
-    proc = torchrun(model, "--spec", spec, "-o", out)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert stdout.count("wrote ") == 1 and "steps trained 20" in stdout  # rank 0 alone reports
+def test_two_processes_keep_identical_masks_and_write_out_once(method, runs):
+    out = runs(method, "ddp")
     report = json.loads((out / "report.json").read_text())
     assert report["density"] == pytest.approx(0.25, abs=0.01) and report["warnings"] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case", "out"]  # no second OUT, no leftovers
     losses = [json.loads(line)["loss"] for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
+
+
+@pytest.mark.parametrize("method", ["movement", "dynsparse", pytest.param("pins", marks=pytest.mark.slow),
+                                    pytest.param("lm", marks=pytest.mark.slow)])
+def test_fsdp_trains_exactly_as_ddp(method, runs):
+    """FSDP2 shards parameters, gradients and optimizer state; sparsec gathers them whole for
+    prog.step() (mask updates, pins' optimizer update, dynsparse's moment resets, lm's estimates)
+    and checkpoints. On two gloo processes the reduction is the same average as DDP's, so every
+    tensor of the run (weights, scores, masks, method state, optimizer state) is bit-identical."""
+    ddp, fsdp = runs(method, "ddp"), runs(method, "fsdp")
+    assert_same_training(ddp, fsdp)
+    assert json.loads((fsdp / "train_state.json").read_text())["layout"] == "fsdp"
 
 
 def _diverge(rank: int, world: int, store: str, result: str) -> None:
@@ -122,13 +149,10 @@ def test_the_mask_check_stops_on_a_difference(tmp_path):
             in message
 
 
-def test_killed_and_resumed_on_two_processes_is_bit_identical(tmp_path):
-    model, spec = write_case(tmp_path / "plain", "movement", checkpoint_every=5)
-    proc = torchrun(model, "--spec", spec, "-o", tmp_path / "a")
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-
-    slow_model, slow_spec = write_case(tmp_path / "slow", "movement", delay=0.004, checkpoint_every=5)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_killed_and_resumed_on_two_processes_is_bit_identical(parallel, tmp_path, runs):
+    slow_model, slow_spec = write_case(tmp_path / "slow", "movement", delay=0.004, checkpoint_every=5,
+                                       parallel=parallel)
     out = tmp_path / "b"
     ready = checkpoint.working_folder(out) / "step-0000010"
     proc = torchrun(slow_model, "--spec", slow_spec, "-o", out)
@@ -143,7 +167,7 @@ def test_killed_and_resumed_on_two_processes_is_bit_identical(tmp_path):
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed after step 10" in stdout
-    assert_same_training(tmp_path / "a", out)
+    assert_same_training(runs("movement", "ddp"), out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

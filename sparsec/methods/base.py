@@ -107,6 +107,11 @@ class Method:
         return cls.observe is not Method.observe
 
     @classmethod
+    def acts_after_step(cls) -> bool:
+        """True when the method overrides `after_step`."""
+        return cls.after_step is not Method.after_step
+
+    @classmethod
     def regularizes(cls) -> bool:
         """True when the method overrides `regularization` (the Program skips it otherwise)."""
         return cls.regularization is not Method.regularization

@@ -120,6 +120,12 @@ TRAIN_FIELDS = {
     "check_ranks": Field("bool", "Under torchrun, compare a hash of every mask across processes "
                          "after every mask update and stop on the first difference (also "
                          "`SPARSEC_CHECK_RANKS=1`).", default=False),
+    "parallel": Field("str", "How processes under torchrun share the work: `ddp` (every process "
+                      "holds the whole model; DistributedDataParallel all-reduces the gradients) or "
+                      "`fsdp` (FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded "
+                      "across processes between steps, gathered for each forward and backward pass; "
+                      "fp32 or bf16). Masks are identical on every process either way. One process: "
+                      "no effect.", default="ddp", choices=("ddp", "fsdp")),
 }
 
 CAPTURE_FIELDS = {

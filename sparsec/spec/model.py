@@ -87,6 +87,7 @@ class TrainSpec:
     checkpoint_every: int = default(TRAIN_FIELDS, "checkpoint_every")
     tensorboard: bool = default(TRAIN_FIELDS, "tensorboard")
     check_ranks: bool = default(TRAIN_FIELDS, "check_ranks")
+    parallel: str = default(TRAIN_FIELDS, "parallel")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "freeze", tuple(self.freeze))

@@ -138,6 +138,15 @@ def _check_device(resolved: Mapping[str, Any]) -> list[Problem]:
     return [("train.device", f"{device!r} is not a device (allowed: 'auto', 'cpu', 'cuda' or 'cuda:N')")]
 
 
+@register_check('`train.parallel = "fsdp"` trains in `fp32` or `bf16`.')
+def _check_sharded_precision(resolved: Mapping[str, Any]) -> list[Problem]:
+    train = resolved.get("train") or {}
+    if train.get("parallel") == "fsdp" and train.get("precision") == "fp16":
+        return [("train.precision", "'fp16' needs a gradient scaler, which sparsec does not run over "
+                                    "sharded gradients: with parallel = 'fsdp' use 'bf16' or 'fp32'")]
+    return []
+
+
 @register_check("`train.warmup_steps` and `train.score_warmup_steps` are at most `train.steps`.")
 def _check_lr_warmup(resolved: Mapping[str, Any]) -> list[Problem]:
     train = resolved.get("train") or {}

@@ -18,10 +18,17 @@ zero_grad(). A backend owns what differs between machines and process layouts:
     gather(value)            every process's value (the random generators, for checkpoints)
     after_mask_update(prog)  after a prog.step() that recomputed masks (the cross-process check)
     state_dict()             the gradient scaler's state, for checkpoints
+    whole(prog, optimizer)   the context in which the Program's own code (prog.step(), estimates,
+                             checkpoints) sees whole parameters, gradients and optimizer state
+    evaluator(placed, prog)  the module evaluation calls
+    release(prog)            after training: the Program back to plain parameters
 
 `LocalBackend` is one process, on the CPU or one GPU, in float32 or with autocast to bfloat16 /
 float16 (with a gradient scaler). `DistributedBackend` is one of several processes under torchrun,
 with DistributedDataParallel (sparsec.training.distributed: the process group, the mask check).
+`ShardedBackend` is the same with FSDP2 (`fully_shard`, `[train] parallel = "fsdp"`): parameters,
+gradients and optimizer state sharded across the processes between steps
+(sparsec.training.fullview gathers them whole where the Program needs them).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
 from sparsec.errors import TrainingError
-from sparsec.training import distributed
+from sparsec.training import distributed, fullview
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DDP_OPTIONS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
@@ -131,6 +138,19 @@ class Backend:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def whole(self, prog: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+              grads: bool = True, needed: bool = True) -> contextlib.AbstractContextManager:
+        """The context in which code written for whole tensors (prog.step(), the loss-modelling
+        estimates, checkpoints) runs; nothing to do where every process holds whole parameters."""
+        return contextlib.nullcontext()
+
+    def evaluator(self, placed: torch.nn.Module, prog: torch.nn.Module) -> torch.nn.Module:
+        """The module that evaluation calls: the Program itself, where its parameters are whole."""
+        return prog
+
+    def release(self, prog: torch.nn.Module) -> None:
+        """After training: leave `prog` with plain parameters (it is written and lowered next)."""
+
 
 def _cpu_fp16_autocast() -> bool:
     try:
@@ -223,9 +243,80 @@ class DistributedBackend(Backend):
             distributed.check_masks(prog)
 
 
+class _Root(torch.nn.Module):
+    """The module FSDP2 shards: the Program as its only child, so that fully_shard's hooks and
+    class change stay on this wrapper and the Program stays a Program."""
+
+    def __init__(self, prog: torch.nn.Module):
+        super().__init__()
+        self.program = prog
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.program(*args, **kwargs)
+
+
+class ShardedBackend(DistributedBackend):
+    """One process of several with FSDP2 (`fully_shard`): each process keeps a shard of every
+    parameter, its gradient and its optimizer state (the optimizer's memory divided by the number
+    of processes); the forward pass gathers the parameters, the backward pass reduce-scatters the
+    gradients. The Program is one flat graph, so it is one FSDP unit: all its parameters are
+    gathered for the forward and backward passes (kept gathered in between, so that
+    `prog.regularization()` sees them), and released after. The Program's own code runs on whole
+    tensors through `whole()`."""
+
+    name = "fsdp"
+
+    def __init__(self, train: Any):
+        self.check_precision(train.precision)
+        super().__init__(train)
+        self._placed: Any = None
+
+    @staticmethod
+    def check_precision(precision: str) -> None:
+        if precision == "fp16":
+            raise TrainingError("train.parallel = \"fsdp\" trains in fp32 or bf16 (no gradient scaler "
+                                "for sharded gradients here); use precision = \"bf16\", or parallel = \"ddp\"")
+
+    def place(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None = None) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        prog.to(self.device)
+        # Sharding draws from the random generators (the device mesh's set-up): keep them as they
+        # were, so that a run under fsdp draws what the same run under ddp does.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self._placed = fully_shard(_Root(prog), reshard_after_forward=False)
+        return self._placed
+
+    @contextlib.contextmanager
+    def no_sync(self, module: torch.nn.Module):  # type: ignore[override]
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+
+    def whole(self, prog: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+              grads: bool = True, needed: bool = True) -> contextlib.AbstractContextManager:
+        if not needed:
+            return contextlib.nullcontext()
+        if self._placed is not None:
+            self._placed.reshard()   # after an evaluation the parameters may still be gathered
+        return fullview.whole(prog, optimizer, grads)
+
+    def evaluator(self, placed: torch.nn.Module, prog: torch.nn.Module) -> torch.nn.Module:
+        return placed
+
+    def release(self, prog: torch.nn.Module) -> None:
+        if self._placed is not None:
+            self._placed.reshard()
+        fullview.release(prog)
+        self._placed = None
+
+
 def backend_for(train: Any) -> Backend:
-    """The backend the spec's [train] table asks for: DistributedBackend under torchrun (an
-    initialised process group of more than one process), else LocalBackend."""
+    """The backend the spec's [train] table asks for: under torchrun (an initialised process group
+    of more than one process) DistributedBackend, or ShardedBackend with `parallel = "fsdp"`; else
+    LocalBackend."""
     if distributed.active():
-        return DistributedBackend(train)
+        return ShardedBackend(train) if train.parallel == "fsdp" else DistributedBackend(train)
     return LocalBackend(resolve_device(train.device), train.precision)

@@ -44,8 +44,9 @@ TENSORS_FILE = "train_state.safetensors"
 JSON_FILE = "train_state.json"
 FORMAT = 1
 KEEP = 2  # checkpoints kept in the working folder
-# [train] keys that do not change what training computes: a resumed run may change them
-NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "log_every", "tensorboard", "check_ranks")
+# [train] keys that do not change what training computes (`parallel` only within rounding, and
+# resuming under another layout says so): a resumed run may change them
+NEUTRAL_TRAIN_KEYS = ("checkpoint_every", "log_every", "tensorboard", "check_ranks", "parallel")
 
 
 def working_folder(out: Path) -> Path:
@@ -170,7 +171,7 @@ def capture(step: int, prog: Any, optimizer: torch.optim.Optimizer, scheduler: A
         "format": FORMAT, "step": step, "optimizer": opt_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "backend": backend.state_dict(), "rng": rng_meta, "positions": positions,
-        "history": history, "spec": fingerprint, "world": len(rng),
+        "history": history, "spec": fingerprint, "world": len(rng), "layout": backend.name,
     }
     if self_reg is not None:
         tensors.update(_prefixed("self_regularization", self_reg.checkpoint.state_dict()))

@@ -65,13 +65,15 @@ def batches(data: Any, batch_size: int, seed: int, shuffle: bool, what: str, ran
     """A re-iterable source of batches for `data` as model.py returned it: this process's share
     of them when there are `world` processes (a DistributedSampler for a shuffled Dataset, else
     every `world`-th batch starting at `rank`)."""
+    # Every DataLoader gets its own generator: iterating one then never draws from the global
+    # generator (which the model's dropout uses), whatever the process layout.
+    generator = torch.Generator().manual_seed(seed)
     if isinstance(data, IterableDataset):
-        return _Shard(DataLoader(data, batch_size=batch_size), rank, world)
+        return _Shard(DataLoader(data, batch_size=batch_size, generator=generator), rank, world)
     if isinstance(data, Dataset):
         if world > 1 and shuffle:
             sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-            return DataLoader(data, batch_size=batch_size, sampler=sampler)
-        generator = torch.Generator().manual_seed(seed)
+            return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator)
         return _Shard(DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator), rank, world)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
         return _Shard(data, rank, world)

@@ -148,6 +148,11 @@ def _check_resumable(resume: checkpoint.Restored, fingerprint: dict[str, Any], b
     if differs:
         raise UserError(f"{resume.folder}: was written with another spec ({differs} differs); resume "
                         f"with the spec it was trained with, or start again without --resume")
+    layout = resume.payload.meta.get("layout")
+    if layout is not None and layout != backend.name:
+        resume.notes.append(f"resumed with {backend.name} from a checkpoint written with {layout}: "
+                            f"gradients are reduced in another order, so the run is not bit-identical "
+                            f"to an uninterrupted one")
     if resume.payload.meta.get("world", 1) != backend.world:
         resume.notes.append(f"resumed on {backend.world} process(es) from a checkpoint of "
                             f"{resume.payload.meta.get('world')}: the data is sharded differently, so "
@@ -172,7 +177,8 @@ class _Run:
         prog.attach_optimizer(self.optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         tables = prog.training_tables.self_regularization
-        self.self_reg = SelfRegularizer(prog, tables["lambda"], tables["temperature"]) if tables else None
+        with backend.whole(prog, grads=False, needed=bool(tables)):
+            self.self_reg = SelfRegularizer(prog, tables["lambda"], tables["temperature"]) if tables else None
         self.result = TrainResult(objective=objective.description)
         self.start = 1
 
@@ -185,7 +191,8 @@ class _Run:
                 self.prog.regularization()
 
     def resume_from(self, restored: checkpoint.Restored) -> None:
-        restored.restore(self.prog, self.optimizer, self.scheduler, self.backend, self.self_reg, rng=False)
+        with self.backend.whole(self.prog, self.optimizer, grads=False):
+            restored.restore(self.prog, self.optimizer, self.scheduler, self.backend, self.self_reg, rng=False)
         positions = restored.payload.meta["positions"]
         scale = restored.payload.meta.get("world", 1) / self.backend.world
         self.data.skip(int(positions["train"] * scale))
@@ -221,12 +228,13 @@ class _Run:
                     payload = self.payload(step)
                     if backend.is_main and self.workdir is not None:
                         checkpoint.save(self.workdir, payload)
-            result.metric_pruned = evaluate(prog, self.modelfile, train.batch_size, train.seed, backend,
-                                            self.objective)
+            result.metric_pruned = evaluate(backend.evaluator(self.model, prog), self.modelfile,
+                                            train.batch_size, train.seed, backend, self.objective)
             if result.metric_pruned is not None:
                 result.metric_history.append((result.steps, result.metric_pruned))
             result.seconds = time.perf_counter() - started
             result.final = self.payload(result.steps)
+            backend.release(prog)
         finally:
             bar.close()
             if log is not None:
@@ -258,23 +266,28 @@ class _Run:
         rates = [float(group["lr"]) for group in self.optimizer.param_groups]
         backend.step(self.optimizer, self.params, train.max_grad_norm)
         self.scheduler.step()
-        iteration = estimation.before_pruning(prog, (backend.batch(b) for b in self.estimate_data), objective)
-        prog.step()
+        with backend.whole(prog, self.optimizer, needed=prog.estimate_due() or prog.step_reads_parameters()):
+            iteration = estimation.before_pruning(prog, (backend.batch(b) for b in self.estimate_data),
+                                                  objective)
+            prog.step()
+            if iteration is not None:   # Delta-L of the iteration, on the same examples
+                result.pruning_iterations.append(iteration.finish(step, prog))
         if int(prog.step_count) % prog.schedule.every == 0:
             backend.after_mask_update(prog)
         self.optimizer.zero_grad(set_to_none=True)
-        if iteration is not None:
-            result.pruning_iterations.append(iteration.finish(step, prog))
         result.losses.append(loss_sum)
         result.densities.append(prog.density())
         result.lrs.append(rates)
         metric = None
         if train.eval_every and step % train.eval_every == 0 and step < train.steps:
-            metric = evaluate(prog, self.modelfile, train.batch_size, train.seed, backend, objective)
+            metric = evaluate(backend.evaluator(self.model, prog), self.modelfile, train.batch_size,
+                              train.seed, backend, objective)
             if metric is not None:
                 result.metric_history.append((step, metric))
-            if self.self_reg is not None and self.self_reg.update(prog, metric):
-                result.checkpoint_refreshes += 1
+            if self.self_reg is not None:
+                with backend.whole(prog, grads=False):
+                    if self.self_reg.update(prog, metric):
+                        result.checkpoint_refreshes += 1
         return metric
 
     def payload(self, step: int) -> checkpoint.Payload:
@@ -282,5 +295,6 @@ class _Run:
         random generators)."""
         rng = self.backend.gather(checkpoint.rng_state())
         positions = {"train": self.data.position, "estimate": self.estimate_data.position}
-        return checkpoint.capture(step, self.prog, self.optimizer, self.scheduler, self.backend,
-                                  self.self_reg, positions, self.result.history(), self.fingerprint, rng)
+        with self.backend.whole(self.prog, self.optimizer, grads=False):
+            return checkpoint.capture(step, self.prog, self.optimizer, self.scheduler, self.backend,
+                                      self.self_reg, positions, self.result.history(), self.fingerprint, rng)

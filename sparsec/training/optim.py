@@ -49,5 +49,6 @@ def frozen(prog: Any, globs: tuple[str, ...] | list[str]) -> Iterator[list[str]]
     try:
         yield sorted(chosen)
     finally:
+        now = dict(prog.module.named_parameters())   # a sharded trainer may have replaced them
         for name, p in chosen.items():
-            p.requires_grad_(before[name])
+            now.get(name, p).requires_grad_(before[name])
