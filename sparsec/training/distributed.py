@@ -14,7 +14,15 @@ evaluation metric is summed over processes.
 
 Under an initialised process group the Python API works the same way: wrap the Program in
 `DistributedDataParallel(prog, broadcast_buffers=False)`, call `prog.step()` on the Program itself,
-and `prog.estimate_fisher` all-reduces its estimates by itself.
+and `prog.estimate_fisher` all-reduces its estimates by itself. With FSDP2, shard a module that
+holds the Program and run the Program's own calls on whole tensors:
+
+    root = fully_shard(Root(prog), reshard_after_forward=False)   # Root.forward calls prog
+    ...; loss.backward(); optimizer.step()
+    with sparsec.training.fullview.whole(prog, optimizer):
+        prog.step()
+
+(`sparsec.training.backend.ShardedBackend` is exactly that.)
 """
 from __future__ import annotations
 
