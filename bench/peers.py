@@ -1,0 +1,167 @@
+"""Side by side, each engine alone in its own process: dense onnxruntime, onnxruntime's dynamic INT8
+quantization of the dense model, sparsec's file in fp32 and INT8 on sparsec's kernel and on stock
+onnxruntime (function bodies), and DeepSparse when a Python that holds it is given.
+
+    .venv/bin/python bench/peers.py [--model bert|linear] [--rounds 5] [--repeats 20] [--threads 2]
+                                    [--deepsparse-python /path/to/venv/bin/python] [--out DIR]
+
+`bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
+128, every encoder linear pruned to density 0.1 in 32x32 blocks by local magnitude (block rows keep
+unequal counts, as trained masks do). `linear`: one Linear 768 -> 3072 on [128, 768], the same
+density and blocks.
+
+Every measurement is a fresh process that loads one file into one session, warms up, and times
+`--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every
+other round), so no other session's spinning threads share the cores and slow drifts of the
+machine hit every engine alike. The table gives the median over rounds and the spread over
+processes (min-max), which shows when one engine's time is bimodal between processes. Each
+engine's output on the timed input is compared with the PyTorch program (fp32 within 1e-4 of the
+output scale; INT8's error is reported).
+
+DeepSparse 1.8 (end of life) installs from the registry as `deepsparse==1.8.0` on Python 3.11: a
+benchmark-only peer, never a dependency of sparsec. It runs the dense file with the pruned zeros.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "_peer_worker.py"
+BLOCK = (32, 32)
+DENSITY = 0.1
+
+
+def build(kind: str):
+    """(model, args, kwargs) of the benchmark model, unpruned."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = torch.nn.Sequential(torch.nn.Linear(768, 3072)).eval()
+        return model, (torch.randn(128, 768, generator=torch.Generator().manual_seed(1)),), {}
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig()).eval()
+    ids = torch.randint(0, 30000, (1, 128), generator=torch.Generator().manual_seed(1))
+    return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def export_files(kind: str, out: Path) -> dict[str, Path]:
+    """Prune with sparsec, export the fp32 and INT8 sparse files and the dense file, quantize the
+    dense one with onnxruntime; the PyTorch reference output goes to reference.npy."""
+    import sparsec
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, args, kwargs = build(kind)
+    targets = ["0.weight"] if kind == "linear" else ["encoder.layer.*.weight"]
+    spec = {"prune": [{"targets": targets, "method": "magnitude", "density": DENSITY, "scope": "local",
+                       "block": list(BLOCK)}]}
+    prog = sparsec.compile(model, spec, args, kwargs)
+    prog.eval()
+    files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
+             "dense": out / "dense.onnx", "dense_int8": out / "dense.ortint8.onnx"}
+    prog.export_onnx(files["sparse_fp32"], policy="always")
+    prog.export_onnx(files["sparse_int8"], policy="always", int8=True)
+    prog.export_onnx(files["dense"], lower=False)
+    quantize_dynamic(str(files["dense"]), str(files["dense_int8"]), weight_type=QuantType.QInt8)
+    with torch.no_grad():
+        result = prog.finalize()(*args, **kwargs)
+    reference = result if isinstance(result, torch.Tensor) else result[0]
+    np.save(out / "reference.npy", reference.numpy())
+    import onnx
+
+    names = [i.name for i in onnx.load(str(files["dense"]), load_external_data=False).graph.input]
+    feeds = {name: t.numpy() for name, t in zip(names, args)} if args else \
+        {k: v.numpy() for k, v in kwargs.items() if k in names}
+    np.savez(out / "feeds.npz", **feeds)
+    return files
+
+
+ENGINES = {  # name: (file key, runtime)
+    "dense onnxruntime fp32": ("dense", "stock"),
+    "onnxruntime dynamic INT8 (dense)": ("dense_int8", "stock"),
+    "sparsec fp32, kernel": ("sparse_fp32", "kernel"),
+    "sparsec fp32, stock onnxruntime": ("sparse_fp32", "stock"),
+    "sparsec INT8, kernel": ("sparse_int8", "kernel"),
+    "sparsec INT8, stock onnxruntime": ("sparse_int8", "stock"),
+}
+DEEPSPARSE = "DeepSparse 1.8 (dense file with zeros)"
+
+
+def measure(engine: str, file: Path, runtime: str, out: Path, args: argparse.Namespace, tag: str) -> dict:
+    python = args.deepsparse_python if runtime == "deepsparse" else sys.executable
+    result = out / f"{tag}.json"
+    command = [python, str(WORKER), "--runtime", runtime, "--file", str(file), "--feeds",
+               str(out / "feeds.npz"), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--result", str(result)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("bert", "linear"), default="bert")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--deepsparse-python", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    files = export_files(args.model, out)
+    engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items()}
+    if args.deepsparse_python:
+        engines[DEEPSPARSE] = (files["dense"], "deepsparse")
+    reference = np.load(out / "reference.npy")
+    scale = float(np.abs(reference).max()) or 1.0
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    for r in range(args.rounds):
+        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        for name in order:
+            file, runtime = engines[name]
+            runs[name].append(measure(name, file, runtime, out, args, f"r{r}-{list(engines).index(name)}"))
+            print(f"round {r + 1}/{args.rounds} {name}: "
+                  f"{runs[name][-1].get('median_ms', runs[name][-1].get('error'))}", flush=True)
+    rows, summary = [], {}
+    dense_ms = statistics.median(x["median_ms"] for x in runs["dense onnxruntime fp32"] if "median_ms" in x)
+    for name, results in runs.items():
+        ok = [x for x in results if "median_ms" in x]
+        if not ok:
+            rows.append((name, "-", "-", "-", "-", results[0].get("error", "")))
+            summary[name] = {"error": results[0].get("error")}
+            continue
+        times = [x["median_ms"] for x in ok]
+        output = np.load(ok[0]["output"])
+        error = float(np.abs(output.reshape(reference.shape) - reference).max()) / scale \
+            if output.size == reference.size else float("nan")
+        median = statistics.median(times)
+        rows.append((name, f"{median:.2f}", f"{min(times):.2f}-{max(times):.2f}", f"{dense_ms / median:.2f}x",
+                     f"{error:.1e}", ok[0].get("note", "")))
+        summary[name] = {"median_ms": median, "per_process_ms": times, "speedup": dense_ms / median,
+                         "error_rel": error}
+    print(f"\nmachine: {machine()}")
+    print(f"model: {args.model}, density {DENSITY} in {BLOCK[0]}x{BLOCK[1]} blocks (local magnitude), "
+          f"{args.threads} threads, {args.rounds} processes per engine x {args.repeats} timed calls\n")
+    print("| engine | median ms | per-process min-max | vs dense fp32 | max error / output scale | note |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    (out / "peers.json").write_text(json.dumps({"machine": machine(), "model": args.model,
+                                                "threads": args.threads, "engines": summary}, indent=1))
+    print(f"\nwrote {out / 'peers.json'}")
+
+
+if __name__ == "__main__":
+    main()
