@@ -8,7 +8,9 @@ onnxruntime (function bodies), and DeepSparse when a Python that holds it is giv
 `bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
 128, every encoder linear pruned to density 0.1 in 32x32 blocks by local magnitude (block rows keep
 unequal counts, as trained masks do). `linear`: one Linear 768 -> 3072 on [128, 768], the same
-density and blocks.
+density and blocks. `conv3x3`, `conv1x1`, `conv3x3_deep`: ResNet-50-shaped convolutions at batch 1
+(64->64 3x3 and 256->64 1x1 on 56x56, 256->256 3x3 on 14x14), lowered through im2col onto the
+block-sparse linear (sparsec.lowering.targets.conv).
 
 Every measurement is a fresh process that loads one file into one session, warms up, and times
 `--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every
@@ -38,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_peer_worker.py"
+# ResNet-50-shaped convolutions (batch 1): in, out, kernel, image side
+CONVS = {"conv3x3": (64, 64, 3, 56), "conv1x1": (256, 64, 1, 56), "conv3x3_deep": (256, 256, 3, 14)}
 BLOCK = (32, 32)
 DENSITY = 0.1
 
@@ -45,6 +49,10 @@ DENSITY = 0.1
 def build(kind: str):
     """(model, args, kwargs) of the benchmark model, unpruned."""
     torch.manual_seed(0)
+    if kind in CONVS:
+        c_in, c_out, k, size = CONVS[kind]
+        model = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)).eval()
+        return model, (torch.randn(1, c_in, size, size, generator=torch.Generator().manual_seed(1)),), {}
     if kind == "linear":
         model = torch.nn.Sequential(torch.nn.Linear(768, 3072)).eval()
         return model, (torch.randn(128, 768, generator=torch.Generator().manual_seed(1)),), {}
@@ -62,7 +70,7 @@ def export_files(kind: str, out: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model, args, kwargs = build(kind)
-    targets = ["0.weight"] if kind == "linear" else ["encoder.layer.*.weight"]
+    targets = ["0.weight"] if kind == "linear" or kind in CONVS else ["encoder.layer.*.weight"]
     spec = {"prune": [{"targets": targets, "method": "magnitude", "density": DENSITY, "scope": "local",
                        "block": list(BLOCK)}]}
     prog = sparsec.compile(model, spec, args, kwargs)
@@ -111,7 +119,7 @@ def measure(engine: str, file: Path, runtime: str, out: Path, args: argparse.Nam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("bert", "linear"), default="bert")
+    parser.add_argument("--model", choices=("bert", "linear", *CONVS), default="bert")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -57,6 +57,11 @@ class ChooseSparseLayers(Pass):
         speedup = plan.speedup or 0.0
         if self.policy == "never":
             return replace(plan, lower=False, reason="lowering disabled (policy never)")
+        if plan.speedup is None:    # the target cannot say whether it pays: only on request
+            if self.policy == "always":
+                return replace(plan, reason=f"policy always; no speed estimate, {plan.reason}")
+            return replace(plan, lower=False, reason=f"no speed estimate for {plan.op} layers: lowered "
+                                                     f"only with policy = always; {plan.reason}")
         if self.policy == "always":
             return replace(plan, reason=f"policy always; est. {speedup:.1f}x, {plan.reason}")
         if speedup >= self.min_speedup:

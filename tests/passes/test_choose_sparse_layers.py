@@ -21,8 +21,10 @@ def test_unstructured_masks_never_pay_off():
     assert not any(p.lower for p in plans.values())
 
 
-def test_convolutions_stay_dense():
-    prog = _prog(0.1, block=(1, 1), model=cnn(), args=(cnn_input(),))
-    plans = graph_info(prog.lower(policy="always")).lowering
-    assert plans["conv1.weight"].lower is False
-    assert plans["conv1.weight"].reason.startswith("no lowering target for conv sites")
+def test_layers_without_a_speed_estimate_are_lowered_only_on_request():
+    prog = _prog(0.1, block=(4, 4), model=cnn(), args=(cnn_input(),))
+    plan = graph_info(prog.lower()).lowering["conv1.weight"]       # a conv: no speed estimate
+    assert plan.lower is False
+    assert plan.reason.startswith("no speed estimate for conv layers: lowered only with policy = always")
+    plan = graph_info(prog.lower(policy="always")).lowering["conv1.weight"]
+    assert plan.lower and plan.reason.startswith("policy always; no speed estimate")

@@ -1,0 +1,94 @@
+"""The block-sparse convolution target (sparsec.lowering.targets.conv): conv2d through channels-last
+im2col onto the block-sparse linear, in PyTorch and in ONNX (kernel and stock onnxruntime), at
+another batch and image size; lowered only on request; unsupported convolutions stay dense with a
+reason."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import sparsec
+from sparsec.ir import graph_info
+
+
+class Convs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.strided = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.pointwise = torch.nn.Conv2d(64, 48, 1)
+        self.dilated = torch.nn.Conv2d(48, 64, (3, 5), dilation=2, padding=(2, 4), bias=False)
+        self.grouped = torch.nn.Conv2d(64, 64, 3, padding=1, groups=4)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.strided(x))
+        x = torch.relu(self.pointwise(x))
+        x = self.grouped(self.dilated(x))
+        return self.fc(x.mean((2, 3)))
+
+
+SITES = ["strided.weight", "pointwise.weight", "dilated.weight", "grouped.weight"]
+
+
+@pytest.fixture(scope="module")
+def prog():
+    torch.manual_seed(0)
+    spec = {"prune": [{"targets": SITES, "method": "magnitude", "density": 0.25, "block": [16, 16]}]}
+    program = sparsec.compile(Convs().eval(), spec, (torch.randn(2, 3, 20, 20),))
+    return program.eval()
+
+
+def test_lowered_convolutions_compute_what_the_dense_ones_do(prog):
+    lowered = prog.lower(policy="always")
+    plans = graph_info(lowered).lowering
+    assert [name for name in SITES if plans[name].lower] == SITES[:3]
+    assert "groups = 4" in plans["grouped.weight"].reason and not plans["grouped.weight"].lower
+    assert "3x5 kernel unfolded" in plans["dilated.weight"].reason
+    dense = prog.finalize()
+    for shape in ((2, 3, 20, 20), (1, 3, 17, 23)):        # odd sizes: every tap's slice length
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), dense(x), rtol=0, atol=1e-5)
+    assert not any(n.target == torch.ops.aten.conv2d.default and n.args[1].target in SITES[:3]
+                   for n in lowered.graph.nodes if n.op == "call_function")
+
+
+def test_the_onnx_file_runs_on_the_kernel_and_on_stock_onnxruntime(prog, tmp_path):
+    result = prog.export_onnx(tmp_path / "convs.onnx", policy="always")
+    assert result.checks and all(check.error < 1e-4 for check in result.checks)
+    x = torch.randn(3, 3, 26, 18)
+    with torch.no_grad():
+        expected = prog.finalize()(x).numpy()
+    session = ort.InferenceSession(str(tmp_path / "convs.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    dense = tmp_path / "convs.dense.onnx"
+    prog.export_onnx(dense, lower=False)
+    assert (tmp_path / "convs.onnx").stat().st_size < dense.stat().st_size
+
+
+def test_convolutions_are_lowered_only_on_request(prog):
+    plans = graph_info(prog.lower()).lowering          # policy cost
+    for name in SITES[:3]:
+        assert not plans[name].lower
+        assert "no speed estimate for conv layers: lowered only with policy = always" in plans[name].reason
+    assert not any(p.lower for p in graph_info(prog.lower(policy="never")).lowering.values())
+
+
+def test_conv1d_stays_dense_with_a_reason():
+    class Wave(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(16, 32, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    spec = {"prune": [{"targets": ["conv.weight"], "method": "magnitude", "density": 0.25, "block": [16, 16]}]}
+    prog = sparsec.compile(Wave().eval(), spec, (torch.randn(2, 16, 40),))
+    plan = graph_info(prog.lower(policy="always")).lowering["conv.weight"]
+    assert not plan.lower and "not a 2-D convolution" in plan.reason
