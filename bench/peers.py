@@ -124,12 +124,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--deepsparse-python", default=None)
+    parser.add_argument("--engines", default="", help="comma-separated words: only the engines whose "
+                        "names contain one (dense onnxruntime fp32 is always run: it is the reference)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
     out.mkdir(parents=True, exist_ok=True)
     files = export_files(args.model, out)
-    engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items()}
+    words = [w.strip() for w in args.engines.split(",") if w.strip()]
+    engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items()
+               if not words or name == "dense onnxruntime fp32" or any(w in name for w in words)}
     if args.deepsparse_python:
         engines[DEEPSPARSE] = (files["dense"], "deepsparse")
     reference = np.load(out / "reference.npy")
