@@ -42,8 +42,11 @@ def num(value: Any, fmt: str = ".4f") -> str:
     return "-" if not isinstance(value, (int, float)) else format(value, fmt)
 
 
-def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:  # type: ignore[assignment]
-    """An HTML table; cells are already HTML (escape text with `esc`)."""
+def table(header: list[str] | None, rows: list[list[str]], numeric: set[int] = frozenset()) -> str:  # type: ignore[assignment]
+    """An HTML table (no header row for None); cells are already HTML (escape text with `esc`)."""
+    if header is None:
+        return "<table><tbody>" + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                                          for row in rows) + "</tbody></table>"
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
@@ -102,7 +105,7 @@ def summary(run: Run) -> str:
         rows.append(["stopped after", esc(r["stopped_after"])])
     if r.get("objective"):
         rows.append(["loss", esc(r["objective"])])
-    out = table(["", ""], rows)
+    out = table(None, rows)
     out += "".join(f"<p class='warn'>warning: {esc(w)}</p>" for w in r.get("warnings", []))
     if r.get("left_out"):
         out += f"<details><summary>{len(r['left_out'])} weights left out</summary>"
@@ -129,18 +132,25 @@ def layers(run: Run) -> str:
 
 def masks(run: Run) -> str:
     found, source = run.masks()
-    blocks = {layer["site"]: layer.get("block") or [1, 1] for layer in run.layers()}
-    figures = []
-    for site, mask in found.items():
-        pic = maskpics.picture(mask, blocks.get(site, [1, 1]))
-        uri = maskpics.data_uri(maskpics.png(pic))
-        rows, cols = pic.grid.shape
-        scale = max(1, min(340 // max(rows, cols, 1), 24))
-        figures.append(f"<figure class='mask'><img alt='mask of {esc(site)}' src='{uri}' "
-                       f"width='{cols * scale}' height='{rows * scale}'><p><b>{esc(site)}</b> "
-                       f"{esc('x'.join(map(str, mask.shape)))}</p><p>{esc(pic.caption())}</p></figure>")
-    return (f"<p>Dark: kept, white: pruned (grey: a cell partly kept). From the {esc(source)}.</p>"
-            f"<div class='masks'>{''.join(figures)}</div>")
+    out = [f"<p>Dark: kept, white: pruned (grey: a cell partly kept). From the {esc(source)}.</p>"]
+    for group in group_layers(run.layers()):
+        figures = [_mask_figure(layer["site"], part, found[layer["site"]], layer.get("block") or [1, 1])
+                   for part, layer in group.layers if layer["site"] in found]
+        if figures:
+            out.append(f"<h3>{esc(group.block)}</h3><div class='masks'>{''.join(figures)}</div>")
+    missing = [layer["site"] for layer in run.layers() if layer["site"] not in found]
+    if missing:
+        out.append(f"<p class='nodata'>No mask stored for {esc(', '.join(missing))}.</p>")
+    return "\n".join(out)
+
+
+def _mask_figure(site: str, part: str, mask: Any, block: list[int]) -> str:
+    pic = maskpics.picture(mask, block)
+    rows, cols = pic.grid.shape
+    scale = max(1, min(340 // max(rows, cols, 1), 24))
+    return (f"<figure class='mask'><img alt='mask of {esc(site)}' src='{maskpics.data_uri(maskpics.png(pic))}' "
+            f"width='{cols * scale}' height='{rows * scale}'><p><b>{esc(part)}</b> {esc(site)} "
+            f"{esc('x'.join(map(str, mask.shape)))}</p><p>{esc(pic.caption())}</p></figure>")
 
 
 def lowering(run: Run) -> str:

@@ -63,6 +63,9 @@ def curves(c: Curves) -> str:
             label = "weights" if i == 0 else ("scores" if i == 1 and groups == 2 else f"group {i}")
             axes[2].plot(c.steps[:len(values)], [v if v is not None else float("nan") for v in values],
                          label=label, linewidth=1)
+        rates = [v for r in c.lrs for v in r if v > 0]
+        if rates and max(rates) / min(rates) > 20:   # weights and scores often differ by 10-100x
+            axes[2].set_yscale("log")
         axes[2].legend(frameon=False, fontsize=8)
         axes[2].set_title("learning rates")
     else:
