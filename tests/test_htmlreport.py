@@ -214,6 +214,9 @@ def test_inspect_html_writes_elsewhere_with_links_back(bert_out, tmp_path, spars
     assert f"wrote {target}" in out
     links = re.findall(r"href='([^'#]+)'", target.read_text())
     assert links and all((target.parent / link).resolve().is_file() for link in links)
+    code, _, err = sparsec_cli("inspect", bert_out, "--html", "-o", tmp_path)    # a folder
+    assert code == 2 and "cannot be written" in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"]                # no temporary left
 
 
 def test_inspect_svg_marks_masks_scores_and_sparse_ops(bert_out, sparsec_cli, monkeypatch):
@@ -235,6 +238,18 @@ def test_inspect_svg_marks_masks_scores_and_sparse_ops(bert_out, sparsec_cli, mo
     rows = graph.layers_of(marked)
     assert all(rows[a] < rows[b] for a, b in marked.edges)              # every edge points down
     assert len(set(positions.values())) == len(positions)               # no two nodes overlap
+
+
+def test_inspect_svg_with_graphviz_when_installed(digits_outs, sparsec_cli):
+    if shutil.which("dot") is None:
+        pytest.skip("graphviz's dot is not installed (apt-get install graphviz); the layered layout is tested above")
+    code, out, err = sparsec_cli("inspect", digits_outs[0], "--format", "svg")
+    assert code == 0, err
+    text = "".join(ET.fromstring(out).itertext())   # graphviz writes '-' as &#45;
+    lowering = json.loads((digits_outs[0] / "report.json").read_text())["lowering"]["layers"]
+    lowered = sum(layer["lowered"] for layer in lowering)
+    assert lowered >= 1 and "legend: lowered to a block-sparse op" in text
+    assert text.count("[sparse_op]") == lowered
 
 
 # ------------------------------------------------------------------------------- comparisons

@@ -38,25 +38,24 @@ class MaskPicture:
 
 
 def as_matrix(mask: np.ndarray) -> np.ndarray:
-    """The mask as a 2-D 0/1 float array: rows are outputs, columns everything else."""
+    """The mask as a 2-D 0/1 float32 array (sums of float32 ones are exact far beyond any
+    block): rows are outputs, columns everything else."""
     mask = np.asarray(mask)
     if mask.ndim == 0:
-        return mask.reshape(1, 1).astype(np.float64)
+        return (mask.reshape(1, 1) != 0).astype(np.float32)
     if mask.ndim == 1:
-        return (mask.reshape(1, -1) != 0).astype(np.float64)
-    return (mask.reshape(mask.shape[0], -1) != 0).astype(np.float64)
+        return (mask.reshape(1, -1) != 0).astype(np.float32)
+    return (mask.reshape(mask.shape[0], -1) != 0).astype(np.float32)
 
 
 def _pool(matrix: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Mean over `rows x cols` tiles (zero-padded at the edges, the mean taken over real entries)."""
-    n, k = matrix.shape
-    pn, pk = math.ceil(n / rows) * rows, math.ceil(k / cols) * cols
-    padded = np.zeros((pn, pk))
-    present = np.zeros((pn, pk))
-    padded[:n, :k], present[:n, :k] = matrix, 1.0
-    sums = padded.reshape(pn // rows, rows, pk // cols, cols).sum(axis=(1, 3))
-    counts = present.reshape(pn // rows, rows, pk // cols, cols).sum(axis=(1, 3))
-    return sums / np.maximum(counts, 1.0)
+    """Mean over `rows x cols` tiles; the tiles of the last row and column may be smaller (the
+    mean is over the entries they have)."""
+    starts_r, starts_c = np.arange(0, matrix.shape[0], rows), np.arange(0, matrix.shape[1], cols)
+    sums = np.add.reduceat(np.add.reduceat(matrix, starts_r, axis=0), starts_c, axis=1)
+    sizes_r = np.minimum(rows, matrix.shape[0] - starts_r)
+    sizes_c = np.minimum(cols, matrix.shape[1] - starts_c)
+    return sums / np.outer(sizes_r, sizes_c)
 
 
 def picture(mask: np.ndarray, block: tuple[int, int] | list[int] = (1, 1), max_cells: int = MAX_CELLS) -> MaskPicture:
@@ -64,14 +63,11 @@ def picture(mask: np.ndarray, block: tuple[int, int] | list[int] = (1, 1), max_c
     larger than `max_cells` on a side)."""
     matrix = as_matrix(mask)
     br, bc = (max(1, int(block[0])), max(1, int(block[1]))) if len(block) == 2 else (1, 1)
-    blocks = _pool(matrix, br, bc)
-    factor = max(1, math.ceil(max(blocks.shape) / max_cells))
-    if factor > 1:
-        # weight each block by its real size when averaging cells (edge blocks can be partial)
-        grid = _pool(matrix, br * factor, bc * factor)
-    else:
-        grid = blocks
-    kept = int(matrix.sum())
+    blocks = (math.ceil(matrix.shape[0] / br), math.ceil(matrix.shape[1] / bc))
+    factor = max(1, math.ceil(max(blocks) / max_cells))
+    rows, cols = br * factor, bc * factor
+    grid = matrix if rows == cols == 1 else _pool(matrix, rows, cols)
+    kept = int(np.count_nonzero(matrix))
     return MaskPicture(grid=grid, block=(br, bc), factor=factor, kept=kept, total=matrix.size)
 
 
