@@ -59,12 +59,15 @@ def _with_dot(dot: str, graph: nx.DiGraph, name: str) -> str:
 
 
 def layers_of(graph: nx.DiGraph) -> dict[str, int]:
-    """Node -> its row: the longest path from an input, except that an input or constant (no
-    predecessors) sits just above its first user instead of all of them in the first row."""
+    """Node -> its row: the longest path from an input, except that what does not depend on an
+    input (weights, masks, scores and the masked weights made of them) sits as late as its first
+    user allows, next to where it is used rather than all in the first rows."""
     depth = {node: level for level, nodes in enumerate(nx.topological_generations(graph)) for node in nodes}
-    for node in graph.nodes:
+    inputs = [n for n, d in graph.nodes(data=True) if d.get("op") == "placeholder"]
+    fed = set(inputs).union(*(nx.descendants(graph, n) for n in inputs)) if inputs else set()
+    for node in reversed(list(nx.topological_sort(graph))):
         users = [depth[user] for user in graph.successors(node)]
-        if graph.in_degree(node) == 0 and users:
+        if node not in fed and users:
             depth[node] = min(users) - 1
     return depth
 
@@ -99,7 +102,7 @@ def _layered(graph: nx.DiGraph) -> str:
                            width=0.6, node_size=900, node_shape="s")
     nx.draw_networkx_nodes(graph, positions, ax=axis, node_color=colours, node_shape="s", node_size=900,
                            edgecolors="#555555", linewidths=0.5)
-    labels = {n: escaped(f"{n}\n{_short(graph.nodes[n].get('target', ''))}") for n in graph.nodes}
+    labels = {n: escaped(f"{_tail(n)}\n{_short(graph.nodes[n].get('target', ''))}") for n in graph.nodes}
     nx.draw_networkx_labels(graph, positions, labels=labels, ax=axis, font_size=6)
     for role, label in LEGEND.items():
         axis.scatter([], [], color=COLOURS[role], marker="s", label=label)
@@ -107,6 +110,11 @@ def _layered(graph: nx.DiGraph) -> str:
     axis.set_axis_off()
     fig.tight_layout()
     return to_svg(fig)
+
+
+def _tail(name: str, width: int = 22) -> str:
+    """The end of a long node name (`...layer_0_attention_self_query_weight_mask` -> its last characters)."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def _short(target: str) -> str:
