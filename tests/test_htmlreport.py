@@ -313,6 +313,20 @@ def test_inspect_html_on_an_older_folder(digits_outs, tmp_path, sparsec_cli):
     assert code == 2 and "no such output folder" in err
 
 
+def test_lowering_table_shows_measured_per_layer_times_when_recorded(digits_outs, tmp_path):
+    from sparsec.htmlreport.page import lowering
+    from sparsec.htmlreport.run import Run
+
+    folder = tmp_path / "measured"
+    shutil.copytree(digits_outs[0], folder)
+    assert "est. speedup" in lowering(Run.open(folder)) and "measured speedup" not in lowering(Run.open(folder))
+    report = json.loads((folder / "report.json").read_text())
+    report["lowering"]["layers"][0]["measured"] = {"dense_ms": 0.25, "sparse_ms": 0.05, "speedup": 5.0}
+    (folder / "report.json").write_text(json.dumps(report))
+    html = lowering(Run.open(folder))
+    assert "measured speedup" in html and ">0.250<" in html and ">0.050<" in html and ">5.00<" in html
+
+
 # ------------------------------------------------------------------------------- the browser
 def _chromium() -> str:
     """The chromium binary; installed from Debian's registry when missing (root only), else skip."""

@@ -155,22 +155,30 @@ def _mask_figure(site: str, part: str, mask: Any, block: list[int]) -> str:
 
 def lowering(run: Run) -> str:
     section = run.lowering()
-    measured = any(layer.get("speedup_measured") is not None for layer in section.get("layers", []))
+    layers = section.get("layers", [])
+    # per-layer times measured on the target runtime (recorded by newer versions as `measured`)
+    measured = any(isinstance(layer.get("measured"), dict) for layer in layers)
     rows = []
-    for layer in section.get("layers", []):
+    for layer in layers:
         state = "<span class='lowered'>block-sparse</span>" if layer.get("lowered") else "<span class='dense'>dense</span>"
         row = [esc(layer.get("site")), state, esc("x".join(map(str, layer.get("block") or [])) or "-"),
                num(layer.get("block_density"), ".3f"), num(layer.get("speedup_estimate"), ".2f")]
         if measured:
-            row.append(num(layer.get("speedup_measured"), ".2f"))
-        rows.append(row + [esc(layer.get("reason", ""))])
+            times = layer.get("measured") if isinstance(layer.get("measured"), dict) else {}
+            row += [num(times.get("dense_ms"), ".3f"), num(times.get("sparse_ms"), ".3f"),
+                    num(times.get("speedup"), ".2f")]
+        why = esc(layer.get("reason", ""))
+        if layer.get("basis") and not isinstance(layer.get("measured"), dict):
+            why += f" <span class='dense'>({esc(layer['basis'])})</span>"
+        rows.append(row + [why])
     header = ["site", "lowered to", "block", "block density", "est. speedup"] + \
-        (["measured speedup"] if measured else []) + ["why"]
-    out = f"<p>{'int8' if section.get('int8') else 'fp32'} blocks, policy {esc(section.get('policy', '-'))}.</p>"
-    out += table(header, rows, {3, 4, 5} if measured else {3, 4}) if rows else "<p>No sites.</p>"
+        (["dense ms", "sparse ms", "measured speedup"] if measured else []) + ["why"]
+    target = f", target {esc(section['target'])}" if section.get("target") else ""
+    out = f"<p>{'int8' if section.get('int8') else 'fp32'} blocks, policy {esc(section.get('policy', '-'))}{target}.</p>"
+    out += table(header, rows, {3, 4, 5, 6, 7} if measured else {3, 4}) if rows else "<p>No sites.</p>"
     if not measured:
-        out += ("<p class='nodata'>Per-layer speedups are the cost model's estimates; this version "
-                "measures only the whole model (below).</p>")
+        out += ("<p class='nodata'>Per-layer speedups are the cost model's estimates (no per-layer "
+                "times recorded in this folder); the whole model's measured latency is below.</p>")
     out += _checks(section)
     out += _bench(section.get("bench"))
     return out

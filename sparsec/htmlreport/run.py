@@ -46,8 +46,10 @@ class Run:
     def open(cls, path: str | Path) -> Run:
         """A sparsec output folder (its marker or its report.json must be there)."""
         folder = Path(path)
-        if not folder.is_dir():
+        if not folder.exists():
             raise UserError(f"{folder}: no such output folder (write one with sparsec compile)")
+        if not folder.is_dir():
+            raise UserError(f"{folder}: is not a folder; pass the folder that sparsec compile -o wrote")
         if not (folder / MARKER).is_file() and not (folder / "report.json").is_file():
             raise UserError(f"{folder}: not a sparsec output folder (no {MARKER} marker or report.json); "
                             f"pass the folder that sparsec compile -o wrote")
