@@ -192,9 +192,12 @@ def _decode(png: bytes) -> np.ndarray:
 def test_compile_writes_a_self_contained_report(bert_out):
     page = (bert_out / "report.html").read_text()
     found = sections(page)
-    assert "No data" not in page, re.findall(r"No data[^<]*", page)
+    assert "No data" not in page and "Not drawn" not in page, re.findall(r"No[^<]*", page)
     assert not re.search(r"""(src|href)=['"](https?:|//)""", page) and "<script" not in page
     assert page.count("<svg") >= 2                           # the curves and the per-layer bars
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    referenced = set(re.findall(r'(?:url\(#|href="#)([^)"]+)', page))
+    assert referenced and all(ids.count(name) == 1 for name in referenced)   # clip paths, markers: no collision
     report = json.loads((bert_out / "report.json").read_text())
     sites = [layer["site"] for layer in report["layers"]]
     assert len(sites) == 12 and found["masks"].count("<img") == 12
@@ -270,17 +273,18 @@ def test_compare_two_folders_text_and_html(digits_outs, sparsec_cli, tmp_path):
     code, out, err = sparsec_cli("inspect", p10, p30, "--html", "-o", target)
     assert code == 0, err
     page = target.read_text()
-    assert page.count("<svg") == 2 and "p10" in page and "p30" in page and "No data" not in page
+    assert page.count("<svg") == 2 and "p10" in page and "p30" in page
+    assert not re.search("No data|Not drawn", page)
     code, _, err = sparsec_cli("inspect", p10, p30, "--format", "svg")
     assert code == 2 and "several folders are compared" in err
 
 
 def test_digits_reports_and_a_folder_stopped_before_lowering(digits_outs):
     p10, p30 = digits_outs
-    assert "No data" not in (p10 / "report.html").read_text()
+    assert not re.search("No data|Not drawn", (p10 / "report.html").read_text())
     found = sections((p30 / "report.html").read_text())
     assert "No data: compilation stopped after train" in found["lowering"]
-    assert "No data" not in found["masks"] + found["curves"] + found["layers"]
+    assert not re.search("No data|Not drawn", found["masks"] + found["curves"] + found["layers"])
 
 
 def test_inspect_html_on_an_older_folder(digits_outs, tmp_path, sparsec_cli):

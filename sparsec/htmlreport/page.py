@@ -26,7 +26,7 @@ text-align:left;vertical-align:top}th{background:#f6f6f6}td.num{text-align:right
 .nodata{color:#777;font-style:italic}.warn{color:#a50026}.chart svg{max-width:100%;height:auto}
 .masks{display:flex;flex-wrap:wrap;gap:18px}.mask{max-width:360px}.mask img{image-rendering:pixelated;
 image-rendering:crisp-edges;border:1px solid #999;max-width:340px;max-height:340px}.mask p{font-size:12px;margin:4px 0}
-code{font-size:12px}nav a{margin-right:12px;font-size:13px}.lowered{color:#1a7f37}.dense{color:#777}
+code{font-size:12px}nav a{margin-right:12px;font-size:13px}.lowered{color:#1a7f37;white-space:nowrap}.dense{color:#777;white-space:nowrap}.muted{color:#777}
 """
 SECTIONS = [("summary", "Run"), ("curves", "Training curves"), ("layers", "Remaining weights per layer"),
             ("masks", "Masks"), ("lowering", "Lowering"), ("files", "Files"), ("pipeline", "Pipeline")]
@@ -60,7 +60,7 @@ def section(key: str, title: str, draw: Callable[[], str]) -> str:
     except NoData as exc:
         body = f"<p class='nodata'>No data: {esc(exc)}</p>"
     except Exception as exc:  # noqa: BLE001 - a picture never costs the rest of the page (or the compile)
-        body = (f"<p class='nodata'>No data: this section could not be drawn from this folder's files "
+        body = (f"<p class='nodata'>Not drawn: this section failed on this folder's files "
                 f"({esc(type(exc).__name__)}: {esc(exc)})</p>")
     return f"<section id='{key}' data-section='{key}'><h2>{esc(title)}</h2>\n{body}\n</section>"
 
@@ -169,7 +169,7 @@ def lowering(run: Run) -> str:
                     num(times.get("speedup"), ".2f")]
         why = esc(layer.get("reason", ""))
         if layer.get("basis") and not isinstance(layer.get("measured"), dict):
-            why += f" <span class='dense'>({esc(layer['basis'])})</span>"
+            why += f" <span class='muted'>({esc(layer['basis'])})</span>"
         rows.append(row + [why])
     header = ["site", "lowered to", "block", "block density", "est. speedup"] + \
         (["dense ms", "sparse ms", "measured speedup"] if measured else []) + ["why"]
@@ -228,7 +228,7 @@ def pipeline(run: Run, where: Path) -> str:
     for index, (stage, path) in enumerate(run.snapshots().items()):
         link = os.path.relpath(path, where)
         kind = "ONNX" if path.name.endswith(".onnx.txt") else "FX"
-        items.append(f"<li><a href='{esc(Path(link).as_posix())}'>{esc(stage)}</a> <span class='dense'>"
+        items.append(f"<li><a href='{esc(Path(link).as_posix())}'>{esc(stage)}</a> <span class='muted'>"
                      f"({kind}, {path.stat().st_size / 1e3:.1f} kB)</span></li>")
     return ("<p>The IR after capture and after every pass, in order (the files in <code>ir/</code>):</p>"
             f"<ol start='0'>{''.join(items)}</ol>")

@@ -15,8 +15,8 @@ from sparsec.text import escaped
 ASKED, REACHED = "#bbbbbb", "#2166ac"
 
 
-STYLE = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-         "svg.hashsalt": "sparsec"}
+# svg.hashsalt stays unset: each figure's clip-path ids are then unique within the page
+STYLE = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False}
 
 
 def pyplot() -> Any:
