@@ -22,6 +22,7 @@ from sparsec.pipeline import STAGES
 from sparsec.text import EscapingStream, escaped, format_table, plural
 
 PROG = "sparsec"
+COMPARISON_HTML = "sparsec-comparison.html"
 SET_HELP = ("override a spec key (repeatable): train.steps=40, export.bench=false, "
             "prune[0].density=0.1, prune.block=[32,32] (every group)")
 
@@ -71,9 +72,12 @@ def _compile(opts: CompileOptions, spec: Any, stdout: TextIO, main: bool) -> Pat
     out = Path(opts.out) if opts.out else outdir.default_out(opts.model)
     if not opts.dry_run:  # fail before the expensive part (the driver checks again, under a lock)
         outdir.check_replaceable(out, None if opts.out else opts.model)
+    from sparsec.progress import StageLine
+
     mf = modelfile.load(opts.model)
     instruments = Instruments(print_after=print_after, time_passes=opts.time_passes,
-                              explain=opts.debug, stream=stdout, snapshots=[])
+                              explain=opts.debug, stream=stdout, snapshots=[],
+                              stages=StageLine(enabled=opts.progress and main))
     job = driver.Job(model=mf.model, spec=spec, example_inputs=mf.example_inputs,
                      example_kwargs=mf.example_kwargs, modelfile=mf, stop_after=opts.stop_after,
                      dry_run=opts.dry_run, out=None if opts.dry_run else out,
@@ -148,8 +152,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = args.model or outdir.marker(out).get("model")  # type: ignore[union-attr]
     if not model or not Path(model).is_file():
         raise UserError(f"{out}: its model file {model or '(not recorded)'} does not exist; pass --model")
+    from sparsec.progress import StageLine
+
     instruments = Instruments(time_passes=args.time_passes, explain=getattr(args, "debug", False),
-                              snapshots=[])
+                              snapshots=[], stages=StageLine(enabled=not args.no_progress))
     outcome = driver.export_folder(out, modelfile.load(model), spec, instruments)
     from sparsec.report import format_lowering
 
@@ -160,11 +166,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sparsec.inspection import OutputFolder, inspect_graph, inspect_text
 
-    folder = OutputFolder.open(args.out)
+    if len(args.out) > 1:
+        return _inspect_several(args)
+    if args.html:
+        from sparsec.htmlreport import write_report
+
+        print(f"wrote {write_report(args.out[0], args.output)}")
+        return 0
+    folder = OutputFolder.open(args.out[0])
     if args.format == "text":
         text = inspect_text(folder, stage=args.stage, diff=args.diff)
+    elif args.format == "svg":
+        from sparsec.htmlreport.graph import folder_svg
+
+        text = folder_svg(folder)
     else:
         text = inspect_graph(folder, args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _inspect_several(args: argparse.Namespace) -> int:
+    """`sparsec inspect OUT1 OUT2 ...`: the runs side by side (a table, or --html a page)."""
+    from sparsec.htmlreport.compare import compare_text, write_comparison
+    from sparsec.htmlreport.run import Run
+
+    if args.format != "text" or args.stage or args.diff:
+        raise UserError("--format, --stage and --diff show one folder; several folders are compared "
+                        "(a table, or --html a page)")
+    if args.html:
+        print(f"wrote {write_comparison(args.out, args.output or COMPARISON_HTML)}")
+        return 0
+    text = compare_text([Run.open(out) for out in args.out])
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}")
@@ -234,11 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--spec", metavar="SPEC", help="the spec (default: OUT/spec.resolved.toml)")
     exp.add_argument("--model", metavar="MODEL.py", help="the model file (default: the one OUT was compiled from)")
     exp.add_argument("--time-passes", action="store_true", help="print each pass's time")
+    exp.add_argument("--no-progress", action="store_true", help="no stage line on the terminal")
     exp.set_defaults(handler=cmd_export)
 
-    insp = sub.add_parser("inspect", parents=[common], help="show an output folder")
-    insp.add_argument("out", metavar="OUT")
-    insp.add_argument("--format", choices=("text", "dot", "graphml"), default="text")
+    insp = sub.add_parser("inspect", parents=[common],
+                          help="show an output folder, its HTML report, or several folders side by side")
+    insp.add_argument("out", metavar="OUT", nargs="+", help="an output folder (several: compare them)")
+    insp.add_argument("--format", choices=("text", "dot", "graphml", "svg"), default="text",
+                      help="text (the IR and densities), or the rewritten graph as dot, graphml or svg")
+    insp.add_argument("--html", action="store_true",
+                      help=f"write the HTML report (default OUT/report.html; several folders: a "
+                           f"comparison, default ./{COMPARISON_HTML})")
     insp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     insp.add_argument("--diff", action="store_true", help="unified diff of the captured vs final IR")
     insp.add_argument("--stage", metavar="NAME", help="the IR after this pass (or 'captured')")

@@ -17,7 +17,7 @@ import networkx as nx
 import torch.fx as fx
 
 from sparsec.errors import UserError
-from sparsec.ir import ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, node_info
+from sparsec.ir import ROLE_MASK, ROLE_MASKED_WEIGHT, ROLE_SCORES, ROLE_SITE_OP, node_info
 from sparsec.report import format_layers
 
 IR_DIR = "ir"
@@ -135,10 +135,13 @@ def to_networkx(record: dict[str, Any]) -> nx.DiGraph:
     return graph
 
 
+ROLE_SPARSE_OP = "sparse_op"  # a site op that lowering made block-sparse (marked from the report)
 _DOT_STYLE = {  # role -> DOT attributes that make masks and scores stand out
     ROLE_MASK: 'shape=box, style=filled, fillcolor="#f4a582"',
     ROLE_SCORES: 'shape=box, style=filled, fillcolor="#92c5de"',
     ROLE_MASKED_WEIGHT: 'shape=octagon, style=filled, fillcolor="#fddbc7"',
+    ROLE_SITE_OP: 'shape=ellipse, style=filled, fillcolor="#d9f0d3"',
+    ROLE_SPARSE_OP: 'shape=ellipse, style=filled, fillcolor="#5aae61"',
 }
 _OP_SHAPE = {"placeholder": "invhouse", "output": "house", "get_attr": "note"}
 

@@ -23,7 +23,10 @@ process), and removes the temporary siblings a killed compile left behind.
     OUT/train.json, train.jsonl the history of training (train.jsonl: one line per step, as it ran)
     OUT/model.safetensors       the finalized model's state_dict (masks baked in)
     OUT/report.json, report.txt the compile report
-    OUT/loss.png                loss and density per step (only when matplotlib is installed)
+    OUT/report.html             the report with pictures (self-contained: curves, per-layer densities,
+                                masks, lowering, files, links to ir/); `sparsec inspect OUT --html`
+                                writes it again
+    OUT/loss.png                loss and density per step
     OUT/model.onnx              the lowered model (block-sparse ops), verified against PyTorch
     OUT/model.dense.onnx        the same model exported dense, for comparison
     OUT/.sparsec                the marker: sparsec wrote this folder, for this model file
@@ -47,6 +50,7 @@ import tomli_w
 import torch
 
 from sparsec.errors import UserError
+from sparsec.htmlreport import write_report
 from sparsec.inspection import IR_DIR, MARKER, ir_file_name
 from sparsec.paths import file_mode, save_tensors, umask
 from sparsec.pipeline import Snapshot
@@ -150,7 +154,7 @@ def write(out: str | Path, contents: Contents) -> Path:
     """Write `contents` to OUT atomically; returns OUT."""
     out = Path(out)
     check_replaceable(out)
-    write_atomically(out, lambda folder: _fill(folder, contents))
+    write_atomically(out, lambda folder: _fill(folder, contents, out.name))
     return out
 
 
@@ -168,6 +172,7 @@ def add_files(out: Path, files: dict[str, Path], report: dict[str, Any], report_
         os.replace(source, out / name)
     _replace_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _replace_text(out / "report.txt", report_text + "\n")
+    write_report(out)
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -207,7 +212,7 @@ def write_atomically(out: Path, build: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _fill(folder: Path, c: Contents) -> None:
+def _fill(folder: Path, c: Contents, name: str) -> None:
     _write_json(folder / MARKER, {"writer": "sparsec", "model": str(Path(c.model_file).resolve())
                                   if c.model_file else None})
     (folder / "spec.resolved.toml").write_bytes(tomli_w.dumps(c.spec.to_dict()).encode())
@@ -236,6 +241,7 @@ def _fill(folder: Path, c: Contents) -> None:
         shutil.move(str(source), str(folder / name))
     _write_json(folder / "report.json", c.report)
     (folder / "report.txt").write_text(c.report_text + "\n")
+    write_report(folder, name=name)   # last: it pictures everything above
 
 
 def _site(site: Site) -> dict[str, Any]:
@@ -248,15 +254,11 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def plot_loss(result: Any, path: Path) -> bool:
-    """loss.png: loss and density per step; skipped (False) when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot_loss(result: Any, path: Path) -> None:
+    """loss.png: loss and density per step."""
+    from sparsec.htmlreport.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    plt = pyplot()
     steps = range(1, len(result.losses) + 1)
     fig, loss_axis = plt.subplots(figsize=(7, 4))
     loss_axis.plot(steps, result.losses, color="tab:blue", linewidth=0.8)
@@ -269,4 +271,3 @@ def plot_loss(result: Any, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True

@@ -129,6 +129,7 @@ class Instruments:
     stream: TextIO = field(default_factory=lambda: sys.stdout)
     snapshots: list[Snapshot] | None = None     # the IR after every pass, when a list is given
     timings: dict[str, float] = field(default_factory=dict)
+    stages: Any = None                          # a sparsec.progress.StageLine shown while stages run
 
     def wants_print(self, name: str) -> bool:
         return "all" in self.print_after or name in self.print_after
@@ -162,11 +163,15 @@ class _Timer:
         self.instruments, self.name = instruments, name
 
     def __enter__(self) -> None:
+        if self.instruments.stages is not None:
+            self.instruments.stages.start(self.name)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         timings = self.instruments.timings
         timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
+        if self.instruments.stages is not None:
+            self.instruments.stages.stop()
 
 
 @dataclass(frozen=True)
@@ -213,9 +218,15 @@ def run_pipeline(module: Any, passes: list[Pass], instruments: Instruments | Non
         if inst.explain:
             for reason in p.explain(module):
                 inst.stream.write(f"{p.name}: {reason}\n")
-        start = time.perf_counter()
-        result = p.run(module)
-        inst.timings[p.name] = inst.timings.get(p.name, 0.0) + time.perf_counter() - start
+        if inst.stages is not None:
+            inst.stages.start(p.name)
+        try:
+            start = time.perf_counter()
+            result = p.run(module)
+            inst.timings[p.name] = inst.timings.get(p.name, 0.0) + time.perf_counter() - start
+        finally:
+            if inst.stages is not None:
+                inst.stages.stop()
         if p.in_place and result.module is not module:
             raise PassError(f"pass {p.name}: declared in-place but returned a new module")
         if not p.in_place and result.module is module:
