@@ -200,3 +200,14 @@ def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual):
         scale = float(zt.abs().max())
         np.testing.assert_allclose(got, zt.numpy(), atol=2e-5 * scale, rtol=0)
         np.testing.assert_allclose(stock, zt.numpy(), atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512"])
+def test_dispatch_follows_the_cap(lib, monkeypatch, cap):
+    """SPARSEC_KERNEL_ISA caps the INT8 path as it caps the fp32 one (VNNI needed for avx512)."""
+    lib.SparsecKernelIsaInt8.restype = ctypes.c_char_p
+    monkeypatch.delenv("SPARSEC_KERNEL_ISA", raising=False)
+    best = lib.SparsecKernelIsaInt8().decode()
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", cap)
+    order = list(ISAS)
+    assert lib.SparsecKernelIsaInt8().decode() == order[min(order.index(cap), order.index(best))]
