@@ -284,9 +284,10 @@ class Program(torch.nn.Module):
         """Lower and export to ONNX, verified against PyTorch on the example inputs (those given
         to `sparsec.compile` unless others are passed); returns a path-like ExportResult.
         Options (sparsec.export.ExportOptions): `lower` (default True; False writes the dense
-        form), `int8` (INT8 blocks with per-block scales), `policy` (cost | always | never),
-        `min_speedup`, `block`, `dynamic` (dynamic batch/sequence, default True), `verify`
-        (default True), `tolerance` (1e-4, relative to the output scale), `kernel` (also verify
+        form), `int8` (INT8 compute: int8 blocks with per-row scales, inputs quantized per row),
+        `policy` (cost | always | never), `min_speedup`, `block`, `dynamic` (dynamic batch/sequence,
+        default True), `verify` (default True), `tolerance` (1e-4, relative to the output scale;
+        `int8_tolerance`, 1e-2, with int8), `kernel` (also verify
         with sparsec's native kernel when available)."""
         from sparsec.export import export_module
         from sparsec.export.options import ExportOptions

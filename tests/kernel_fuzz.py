@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsec import runtime
 from sparsec.lowering import onnx_op
-from sparsec.lowering.block_format import PackedBlocks, pack, random_keep, reference
+from sparsec.lowering.block_format import PackedBlocks, int8_reference, pack, random_keep, reference
 from test_runtime_kernel import epilogue_reference  # tests/ is sys.path[0] when run as a script
 
 INT64_MAX = 2**63 - 1
@@ -49,17 +49,20 @@ class Layer:
     residual: bool = False
     layer_norm: tuple[np.ndarray, np.ndarray] | None = None
     skip_ln_scale: bool = False
+    int8_compute: bool = False  # compute="int8": per-row scales [N], activations quantized in the kernel
 
 
 def layer(n: int = 70, k: int = 45, block: tuple[int, int] = (16, 16), density: float = 0.4, *,
-          int8: bool = False, seed: int = 0) -> Layer:
+          int8: bool | str = False, seed: int = 0) -> Layer:
+    """`int8`: True for int8 storage (per-block scales), "compute" for INT8 compute (per-row)."""
     rng = np.random.default_rng(seed)
     keep = random_keep(n, k, block, density, seed=seed)
     keep[0] = False  # an empty block row
     keep[-1] = True  # a full one, also cut by N when it does not divide
     w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
-    p = pack(w, keep, block, int8=int8)
-    return Layer(p.values, p.block_cols, p.row_nnz, n, k, p.scales, rng.standard_normal(n).astype(np.float32))
+    p = pack(w, keep, block, int8=bool(int8), per_row=int8 == "compute")
+    return Layer(p.values, p.block_cols, p.row_nnz, n, k, p.scales, rng.standard_normal(n).astype(np.float32),
+                 int8_compute=int8 == "compute")
 
 
 def model_of(lay: Layer) -> onnx.ModelProto:
@@ -76,6 +79,8 @@ def model_of(lay: Layer) -> onnx.ModelProto:
                              bias="bias" if lay.bias is not None else None,
                              scales="W.scales" if lay.scales is not None else None,
                              residual="r" if lay.residual else None, layer_norm=ln, name="fuzzed")
+    if lay.int8_compute and "compute" not in lay.attrs:  # as an attribute: the kernel sees any inputs
+        node.attribute.append(helper.make_attribute("compute", "int8"))
     for attr in list(node.attribute):
         if attr.name in lay.attrs:
             node.attribute.remove(attr)
@@ -154,10 +159,12 @@ def _extra_slot(lay: Layer) -> None:
 
 def _huge_block(lay: Layer) -> None:
     lay.n, lay.k = 5000, 2
-    lay.values = np.zeros((1, 1, 5000, 2), np.float32)
+    lay.values = np.zeros((1, 1, 5000, 2), lay.values.dtype)
     lay.block_cols = np.zeros((1, 1), np.int64)
     lay.row_nnz = np.ones(1, np.int64)
     lay.bias = None
+    if lay.scales is not None:
+        lay.scales = np.ones(5000 if lay.int8_compute else (1, 1), np.float32)
 
 
 def _no_scales(lay: Layer) -> None:
@@ -206,6 +213,33 @@ MALFORMED_INT8: list[tuple[str, Callable[[Layer], None], str]] = [
     ("scales wrong shape", _arr("scales", lambda a: a[:, :-1]), "scales must be"),
     ("scales float64", _arr("scales", lambda a: a.astype(np.float64)), "(?i)scales must be|type"),
 ]
+
+
+def _per_block_scales(lay: Layer) -> None:
+    lay.scales = np.ones(lay.block_cols.shape, np.float32)
+
+
+def _float_values(lay: Layer) -> None:
+    lay.values = lay.values.astype(np.float32)
+
+
+def _k_too_long(lay: Layer) -> None:
+    lay.n, lay.k = 3, (1 << 16) + 8
+    lay.values = np.ones((1, 17, 3, 4096), np.int8)
+    lay.block_cols = np.arange(17, dtype=np.int64)[None, :]
+    lay.row_nnz = np.full(1, 17, np.int64)
+    lay.scales, lay.bias = np.ones(3, np.float32), None
+
+
+MALFORMED_INT8_COMPUTE: list[tuple[str, Callable[[Layer], None], str]] = [
+    ("compute int8 without scales", _no_scales, "int8 values need the scales"),
+    ("compute int8, scales per block", _per_block_scales, r"compute=int8 needs scales float \[N"),
+    ("compute int8, scales one short", _arr("scales", lambda a: a[:-1]), r"compute=int8 needs scales float \[N"),
+    ("compute int8, scales float64", _arr("scales", lambda a: a.astype(np.float64)), "(?i)scales|type"),
+    ("compute int8, float values", _float_values, "compute=int8 needs int8 values"),
+    ("compute int4", _set(compute="int4"), "unknown compute"),
+    ("compute int8, K > 2^16", _k_too_long, "K <= 65536"),
+]
 RUN_TIME: list[tuple[str, Callable[[Layer], np.ndarray], str]] = [
     ("X wrong width", lambda lay: x_for(lay)[:, :-1], "X must be"),
     ("X a scalar", lambda lay: np.array(1.0, dtype=np.float32), "X must be"),
@@ -225,17 +259,21 @@ def expect_error(name: str, fn: Callable[[], object], pattern: str, failures: li
 
 def malformed_cases(failures: list[str]) -> int:
     count = 0
-    for int8, cases in ((False, MALFORMED), (True, MALFORMED + MALFORMED_INT8)):
+    for int8, cases in ((False, MALFORMED), (True, MALFORMED + MALFORMED_INT8),
+                        ("compute", MALFORMED + MALFORMED_INT8_COMPUTE)):
         for fed in ((), ("W.values", "W.block_cols", "W.row_nnz", "W.scales", "bias")):
             for name, edit, pattern in cases:
                 lay = layer(int8=int8)
-                if not int8 and "scales" in name:
+                if not int8 and "scales" in name or name == "one slot too many" and int8 == "compute":
                     continue
                 lay.fed = tuple(f for f in fed if f != "W.scales" or int8)
                 edit(lay)
                 lay.fed = tuple(f for f in lay.fed if (f != "W.scales" or lay.scales is not None)
                                 and (f != "bias" or lay.bias is not None))
-                label = f"{name} ({'int8' if int8 else 'fp32'}, weights {'fed' if fed else 'constant'})"
+                kind = {False: "fp32", True: "int8", "compute": "int8 compute"}[int8]
+                if int8 == "compute":  # the compute mode's own checks may speak first
+                    pattern = f"{pattern}|compute=int8 needs"
+                label = f"{name} ({kind}, weights {'fed' if fed else 'constant'})"
                 expect_error(label, lambda: run(lay, x_for(lay)), pattern, failures)
                 count += 1
     for name, make_x, pattern in RUN_TIME:
@@ -259,7 +297,7 @@ def valid_cases(isa: str, failures: list[str]) -> int:
     os.environ["SPARSEC_KERNEL_ISA"] = isa
     count = 0
     for (n, k), block in VALID:
-        for int8 in (False, True):
+        for int8 in (False, True, "compute"):
             lay = layer(n, k, block, 0.35, int8=int8, seed=n + k)
             p = PackedBlocks(lay.values, lay.block_cols, lay.row_nnz, lay.scales, n, k)
             for fed in ((), ("W.values", "W.block_cols", "W.row_nnz")):
@@ -268,7 +306,7 @@ def valid_cases(isa: str, failures: list[str]) -> int:
                     for threads in (1, 2):
                         x = x_for(lay, rows, seed=rows)
                         got = run(lay, x, threads=threads)
-                        want = reference(x, p, lay.bias)
+                        want = int8_reference(x, p, lay.bias)[1] if int8 == "compute" else reference(x, p, lay.bias)
                         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
                             failures.append(f"valid {n}x{k} {block} int8={int8} fed={bool(fed)} rows={rows} "
                                             f"threads={threads} isa={isa}: wrong result")

@@ -7,8 +7,10 @@ bodies inlined) and, where sparsec's native kernel is available, with the kernel
   declares dynamic (batch + 1, every other dynamic dimension - 1, or + 1 from 1; `other_inputs`),
   so a file that answers with a wrong shape or wrong values at another batch, sequence length or
   image size is refused;
-- fp32 must match within `tolerance` relative to the output scale (max(1, max |y|)); a value that
-  is not finite (NaN, inf) must be the same value in both, and output shapes must be equal.
+- fp32 must match within `tolerance` relative to the output scale (max(1, max |y|)), INT8 compute
+  within `int8_tolerance` (both sides quantize each layer's input per row, and where their fp32
+  inputs differ in the last bit a rounding tie can land one step apart); a value that is not finite
+  (NaN, inf) must be the same value in both, and output shapes must be equal.
 
 With a dense `reference` (the finalized program) the lowered program is also compared with it: an
 fp32 lowering must match it, an INT8 one records its error.
@@ -150,10 +152,10 @@ def check_file(path: Path, shown: Path, module: torch.nn.Module, args: tuple, kw
                                   f"{_first_line(exc)}") from exc
             error = relative_error(got, want)
             checks.append(Check(runtime, error, shapes))
-            if error > options.tolerance:
+            if error > options.file_tolerance:
                 raise ExportError(f"{shown}: {runtime} output differs from PyTorch by {error:.3g} on "
                                   f"inputs {_describe(shapes)} (relative to the output scale; allowed "
-                                  f"{options.tolerance}; NaN, inf or a shape that differs count as "
+                                  f"{options.file_tolerance}; NaN, inf or a shape that differs count as "
                                   f"infinitely far)")
     return checks, error_vs_dense, notes
 

@@ -12,8 +12,14 @@ from sparsec.schema import Field, default
 from sparsec.spec.registry import register_table
 
 EXPORT_FIELDS = {
-    "int8": Field("bool", "Store the kept blocks as int8 with one float32 scale per block (about 4x "
-                  "smaller than fp32 blocks; the accuracy cost is reported).", default=False),
+    "int8": Field("bool", "INT8 compute: the kept blocks as int8 with one float32 scale per output "
+                  "row (about 4x smaller than fp32 blocks), each layer's input quantized per row to "
+                  "uint8 at run time and the products summed in int32 (kernel and function body "
+                  "alike); the accuracy cost against fp32 is reported, and onnxruntime is checked "
+                  "against the INT8 PyTorch program within `int8_tolerance`.", default=False),
+    "int8_tolerance": Field("float", "With `int8`: largest allowed max abs error of onnxruntime vs "
+                            "the INT8 PyTorch program, relative to the output scale (a rounding "
+                            "tie can move one quantized input by one step).", default=1e-2, gt=0),
     "policy": Field("str", "Which sites become sparse ops: `cost` those the cost model expects to be "
                     "at least `min_speedup` faster, `always` every site a lowering target accepts, "
                     "`never` none (a dense file).", default="cost", choices=("cost", "always", "never")),
@@ -51,6 +57,7 @@ class ExportOptions:
     dynamic: bool = True           # dynamic batch / sequence where the model allows
     verify: bool = True
     tolerance: float = default(EXPORT_FIELDS, "tolerance")
+    int8_tolerance: float = default(EXPORT_FIELDS, "int8_tolerance")
     kernel: bool = True            # also verify with sparsec's kernel when it is available
 
     @classmethod
@@ -70,12 +77,17 @@ class ExportOptions:
     def from_spec(cls, table: Mapping[str, Any], dynamic: bool) -> "ExportOptions":
         """From the spec's resolved [export] table (every key present) and [capture] dynamic."""
         return cls(int8=table["int8"], policy=table["policy"], min_speedup=table["min_speedup"],
-                   tolerance=table["tolerance"], dynamic=dynamic)
+                   tolerance=table["tolerance"], int8_tolerance=table["int8_tolerance"], dynamic=dynamic)
 
     def dense(self) -> "ExportOptions":
         """The options of the dense comparison file: nothing lowered, the same checks."""
         return ExportOptions(lower=False, dynamic=self.dynamic, verify=self.verify,
                              tolerance=self.tolerance, kernel=False)
+
+    @property
+    def file_tolerance(self) -> float:
+        """The allowed error of onnxruntime vs the (lowered) PyTorch program for this file."""
+        return self.int8_tolerance if self.int8 and self.lower else self.tolerance
 
     def lowering(self) -> dict[str, Any]:
         """Keyword arguments of sparsec.lowering.stage.lowered_copy."""

@@ -7,8 +7,10 @@ stored in slots s < row_nnz[r] (ascending block column) of
     values[r, s, i, j] = W[r*BR + i, c*BC + j]    with c = block_cols[r, s]
 
 and S = max(row_nnz) slots per row (at least 1); slots s >= row_nnz[r] are padding with zero values
-and block column 0. INT8 storage keeps `values` as int8 with one symmetric scale per block,
-scale = max|block| / 127, so the block is values * scale.
+and block column 0. INT8 blocks keep `values` as int8 with symmetric scales, scale = max|w| / 127:
+one per block (`scales` [R, S], storage only: the kernel dequantizes them when it loads) or one per
+output row (`scales` [N], over the row's kept weights: INT8 compute, where activations are
+quantized per row at run time and products summed in int32; `int8_reference` is that arithmetic).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class PackedBlocks:
     values: np.ndarray          # float32 [R, S, BR, BC], or int8 when `scales` is set
     block_cols: np.ndarray      # int64 [R, S]
     row_nnz: np.ndarray         # int64 [R]
-    scales: np.ndarray | None   # float32 [R, S] for INT8 storage
+    scales: np.ndarray | None   # float32 [R, S] (INT8 per block) or [N] (INT8 per output row)
     N: int
     K: int
 
@@ -39,6 +41,11 @@ class PackedBlocks:
     @property
     def int8(self) -> bool:
         return self.scales is not None
+
+    @property
+    def row_scales(self) -> bool:
+        """INT8 with one scale per output row (the layout INT8 compute needs)."""
+        return self.scales is not None and self.scales.ndim == 1
 
     @property
     def kept_blocks(self) -> int:
@@ -74,9 +81,10 @@ def _tiles(weight: np.ndarray, block: tuple[int, int]) -> np.ndarray:
 
 
 def pack(weight: torch.Tensor | np.ndarray, keep_blocks: torch.Tensor | np.ndarray | None = None,
-         block: tuple[int, int] = (32, 32), int8: bool = False) -> PackedBlocks:
+         block: tuple[int, int] = (32, 32), int8: bool = False, per_row: bool = False) -> PackedBlocks:
     """Pack a dense weight [N, K]. `keep_blocks` (bool [R, NBc]) says which blocks to keep; blocks it
-    drops are dropped even when nonzero. Without it, a block is kept when any element is nonzero."""
+    drops are dropped even when nonzero. Without it, a block is kept when any element is nonzero.
+    `int8`: int8 values with one scale per block, or per output row with `per_row`."""
     w = np.asarray(_as_numpy(weight), dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"pack expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
@@ -102,7 +110,13 @@ def pack(weight: torch.Tensor | np.ndarray, keep_blocks: torch.Tensor | np.ndarr
     values = np.ascontiguousarray(values, dtype=np.float32)
 
     scales = None
-    if int8:
+    if int8 and per_row:
+        row_max = np.abs(values).max(axis=(1, 3), initial=0.0).reshape(-1)[:w.shape[0]]   # [N]
+        scales = (row_max / 127.0).astype(np.float32)
+        padded = np.ones(rows * br, np.float32)
+        padded[:w.shape[0]] = np.where(scales > 0, scales, 1.0)
+        values = np.clip(np.rint(values / padded.reshape(rows, 1, br, 1)), -127, 127).astype(np.int8)
+    elif int8:
         scales = (np.abs(values).max(axis=(2, 3)) / 127.0).astype(np.float32)
         divisor = np.where(scales > 0, scales, 1.0)[:, :, None, None]
         values = np.clip(np.rint(values / divisor), -127, 127).astype(np.int8)
@@ -113,6 +127,11 @@ def dequantized_values(packed: PackedBlocks) -> np.ndarray:
     """values as float32 (INT8 blocks times their scales)."""
     if packed.scales is None:
         return packed.values.astype(np.float32, copy=False)
+    if packed.row_scales:
+        rows, _, br, _ = packed.values.shape
+        padded = np.zeros(rows * br, np.float32)
+        padded[:packed.N] = packed.scales
+        return packed.values.astype(np.float32) * padded.reshape(rows, 1, br, 1)
     return packed.values.astype(np.float32) * packed.scales[:, :, None, None]
 
 
@@ -137,6 +156,35 @@ def reference(x: np.ndarray | torch.Tensor, packed: PackedBlocks, bias: np.ndarr
     if bias is not None:
         y = y + np.asarray(_as_numpy(bias), dtype=np.float64)
     return y.astype(np.float32)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """INT8 compute's activation quantization of x [M, K] (float32), per row like ONNX's
+    DynamicQuantizeLinear per tensor: (xq uint8 [M, K], scale float32 [M], zero point int64 [M])."""
+    x = np.asarray(x, dtype=np.float32)
+    lo = np.minimum(x.min(axis=1, initial=0.0), 0).astype(np.float32)
+    hi = np.maximum(x.max(axis=1, initial=0.0), 0).astype(np.float32)
+    scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    q = np.clip(np.rint(x / scale[:, None]) + zero[:, None], 0, 255)
+    return q.astype(np.uint8), scale, zero.astype(np.int64)
+
+
+def int8_reference(x: np.ndarray, packed: PackedBlocks, bias: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 compute of BlockSparseLinear (per-row weight scales): (acc int64 [M, N], the exact
+    sums sum_k (xq - zero) * wq, and y float32 [M, N] = scale_x * scale_w * acc + bias)."""
+    if not packed.row_scales:
+        raise ValueError("int8_reference needs INT8 values with one scale per output row")
+    q, sx, zero = quantize_rows(np.asarray(x, np.float32).reshape(-1, packed.K))
+    wq = unpack(PackedBlocks(packed.values.astype(np.float32), packed.block_cols, packed.row_nnz, None,
+                             packed.N, packed.K)).astype(np.int64)
+    acc = (q.astype(np.int64) - zero[:, None]) @ wq.T
+    y = acc.astype(np.float64) * (sx.astype(np.float64)[:, None] * packed.scales.astype(np.float64)[None, :])
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return acc, y.astype(np.float32)
 
 
 def random_keep(n: int, k: int, block: tuple[int, int], density: float, seed: int = 0,

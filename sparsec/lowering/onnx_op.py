@@ -9,7 +9,8 @@ blocked-ELL (see block_format):
              6 residual float [..., N], the shape of Y (optional)
              7 ln_scale float [N], 8 ln_bias float [N] (optional, together)
     attrs    N, K (ints); activation (string, optional): "gelu" (erf) or "gelu_tanh";
-             epsilon (float, with ln_scale)
+             epsilon (float, with ln_scale); compute (string, optional): "int8" for INT8 compute,
+             with int8 values and scales float [N] (one per output row)
     output   Y float [..., N] = Z = activation(X @ W^T + bias) + residual,
              or LayerNormalization(Z, ln_scale, ln_bias, axis=-1, epsilon) with ln_scale
 
@@ -35,6 +36,12 @@ If nodes (their conditions depend on constants only) and every shape computed fr
 the values' shape, so for divisible shapes no Pad or Slice runs and only the output's leading dims
 are read at run time. Padding slots have zero values, so row_nnz is not needed. No ScatterND (its
 reduction="add" is wrong with 2 threads in onnxruntime 1.32).
+
+INT8 compute (overloads "int8dq_...", attribute compute="int8") does in standard ops what the kernel
+does (sparsec/runtime/kernel/block_sparse.h): X [M, K] quantized per row to uint8 with a zero
+point (the formula of DynamicQuantizeLinear, per row: ReduceMin/ReduceMax, Round, Clip, Cast),
+the same gather, MatMulInteger(uint8, int8) -> int32 [R, M, BR], minus zero point x the weights'
+column sums (ReduceSum of the int8 values) in int32, then Cast and the two scales in float32.
 """
 from __future__ import annotations
 
@@ -70,41 +77,51 @@ ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # activation attribute -> G
 class Variant:
     """Which optional inputs and epilogue one node uses; names its function overload."""
 
-    int8: bool = False
+    int8: bool = False             # int8 values (per-block scales: dequantized, fp32 math)
     bias: bool = False
     activation: str = ""           # "" | "gelu" | "gelu_tanh"
     residual: bool = False
     layer_norm: bool = False       # LayerNorm over the last axis, with ln_scale and ln_bias
+    int8_compute: bool = False     # int8 values, per-row scales, activations quantized per row
 
     def __post_init__(self) -> None:
+        if self.int8_compute and not self.int8:
+            raise ValueError(f"{OP} INT8 compute needs int8 values")
         if self.activation and self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown {OP} activation {self.activation!r} (allowed: {', '.join(ACTIVATIONS)})")
 
     @property
     def overload(self) -> str:
-        return ("int8" if self.int8 else "fp32") + ("_bias" if self.bias else "") + \
+        precision = "int8dq" if self.int8_compute else "int8" if self.int8 else "fp32"
+        return precision + ("_bias" if self.bias else "") + \
             (f"_{self.activation}" if self.activation else "") + ("_residual" if self.residual else "") + \
             ("_ln" if self.layer_norm else "")
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        match = re.fullmatch(r"(fp32|int8)(_bias)?(?:_(gelu_tanh|gelu))?(_residual)?(_ln)?", name)
+        match = re.fullmatch(r"(fp32|int8dq|int8)(_bias)?(?:_(gelu_tanh|gelu))?(_residual)?(_ln)?", name)
         if match is None:
             raise ValueError(f"unknown {OP} overload {name!r}")
-        return cls(match[1] == "int8", bool(match[2]), match[3] or "", bool(match[4]), bool(match[5]))
+        return cls(match[1] != "fp32", bool(match[2]), match[3] or "", bool(match[4]), bool(match[5]),
+                   match[1] == "int8dq")
 
     @classmethod
     def of(cls, node: onnx.NodeProto | ir.Node) -> "Variant":
         """The variant a node uses, from which optional inputs it has (a NodeProto or an onnx_ir Node)."""
         if isinstance(node, onnx.NodeProto):
             present = [i < len(node.input) and node.input[i] != "" for i in range(len(INPUTS))]
-            activation = next((helper.get_attribute_value(a).decode() for a in node.attribute
-                               if a.name == "activation"), "")
+            strings = {a.name: helper.get_attribute_value(a).decode() for a in node.attribute
+                       if a.name in ("activation", "compute")}
+            activation, compute = strings.get("activation", ""), strings.get("compute", "")
         else:
             present = [i < len(node.inputs) and node.inputs[i] is not None for i in range(len(INPUTS))]
-            attr = node.attributes.get("activation")
+            attr, mode = node.attributes.get("activation"), node.attributes.get("compute")
             activation = attr.as_string() if attr is not None else ""
-        return cls(present[5], present[4], activation if activation != "none" else "", present[6], present[7])
+            compute = mode.as_string() if mode is not None else ""
+        if compute not in ("", "fp32", "int8"):
+            raise ValueError(f"unknown {OP} compute {compute!r} (allowed: fp32, int8)")
+        return cls(present[5], present[4], activation if activation != "none" else "", present[6], present[7],
+                   compute == "int8")
 
     def inputs(self) -> list[str]:
         """The function's formal inputs: positional, so earlier optional slots stay ("" when absent)."""
@@ -144,9 +161,23 @@ class _Body:
         return self.op("Reshape", out, self.ints([1]))
 
 
-def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
+def _branch(name: str, nodes: list[onnx.NodeProto], output: str, dtype: int = TensorProto.FLOAT) -> onnx.GraphProto:
     """A subgraph for an If branch (reads outer-scope names, returns `output`)."""
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, dtype, None)])
+
+
+def _quantize_rows(b: _Body, x2: str) -> tuple[str, str, str]:
+    """X [M, K] -> (uint8 [M, K], scale float [M, 1], zero point float [M, 1]): DynamicQuantizeLinear's
+    formula per row, as the kernel computes it (block_sparse.h)."""
+    zero_f, one_f, top = (b.op("Constant", value_float=v) for v in (0.0, 1.0, 255.0))
+    axis = b.ints([-1])
+    lo = b.op("Min", b.op("ReduceMin", x2, axis, keepdims=1), zero_f)
+    hi = b.op("Max", b.op("ReduceMax", x2, axis, keepdims=1), zero_f)
+    scale = b.op("Div", b.op("Sub", hi, lo), top)
+    scale = b.op("Where", b.op("Greater", scale, zero_f), scale, one_f)
+    zp = b.op("Clip", b.op("Round", b.op("Div", b.op("Neg", lo), scale)), zero_f, top)
+    q = b.op("Clip", b.op("Add", b.op("Round", b.op("Div", x2, scale)), zp), zero_f, top)
+    return b.op("Cast", q, to=TensorProto.UINT8), scale, zp
 
 
 def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
@@ -158,7 +189,7 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     k, n = b.attr_as_1d("K"), b.attr_as_1d("N")
 
     weight = "values"
-    if variant.int8:
+    if variant.int8 and not variant.int8_compute:
         scale = b.op("Unsqueeze", "scales", b.ints([2, 3]))
         weight = b.op("Mul", b.op("Cast", "values", to=TensorProto.FLOAT), scale)
     # Every shape below but the last comes from attributes and the (constant) values' shape, so
@@ -180,24 +211,37 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     guard = b.op("Gather", zero, differs)
     b.nodes[-1].name = "X_last_dim_must_equal_K"
     blocked = b.op("Concat", minus_one, b.op("Add", col_blocks, guard), bc, axis=0)
+    x_in, x_type = "X", TensorProto.FLOAT
+    if variant.int8_compute:
+        x2 = b.op("Reshape", "X", b.op("Concat", minus_one, b.op("Add", k, guard), axis=0))
+        x_in, x_scale, x_zero = _quantize_rows(b, x2)
+        x_type = TensorProto.UINT8
 
     # [..., K] -> [M, NBc, BC], padding K to NBc*BC only when BC does not divide K. The condition
     # depends on constants only, so onnxruntime folds the If and keeps one branch.
     x3 = f"x_blocked_{len(b.nodes)}"
-    padded = [helper.make_node("Reshape", ["X", b.op("Concat", minus_one, b.op("Add", k, guard), axis=0)],
+    padded = [helper.make_node("Reshape", [x_in, b.op("Concat", minus_one, b.op("Add", k, guard), axis=0)],
                                [x3 + "_2d"]),
               helper.make_node("Pad", [x3 + "_2d", b.op("Concat", zero, zero, zero, pad_k, axis=0)], [x3 + "_pad"]),
               helper.make_node("Reshape", [x3 + "_pad", blocked], [x3 + "_padded"])]
     b.nodes.append(helper.make_node(
         "If", [b.op("Equal", pad_k, zero)], [x3],
-        then_branch=_branch("k_divisible", [helper.make_node("Reshape", ["X", blocked], [x3 + "_same"])], x3 + "_same"),
-        else_branch=_branch("k_padded", padded, x3 + "_padded")))
+        then_branch=_branch("k_divisible", [helper.make_node("Reshape", [x_in, blocked], [x3 + "_same"])], x3 + "_same",
+                            x_type),
+        else_branch=_branch("k_padded", padded, x3 + "_padded", x_type)))
     xg = b.op("Gather", x3, "block_cols", axis=1)                                   # [M, R, S, BC]
     xg = b.op("Reshape", xg, b.op("Concat", minus_one, rows, b.op("Mul", slots, bc), axis=0))  # [M, R, S*BC]
     xg = b.op("Transpose", xg, perm=[1, 0, 2])                                      # [R, M, S*BC]
     wt = b.op("Transpose", weight, perm=[0, 1, 3, 2])                               # [R, S, BC, BR]
     wt = b.op("Reshape", wt, b.op("Concat", rows, minus_one, br, axis=0))           # [R, S*BC, BR]
-    yr = b.op("MatMul", xg, wt)                                                     # [R, M, BR]
+    if variant.int8_compute:
+        yr = b.op("MatMulInteger", xg, wt)                                          # int32 [R, M, BR]
+        colsum = b.op("ReduceSum", b.op("Cast", "values", to=TensorProto.INT32), b.ints([1, 3]), keepdims=0)
+        zp = b.op("Unsqueeze", b.op("Cast", x_zero, to=TensorProto.INT32), b.ints([0]))  # [1, M, 1]
+        yr = b.op("Sub", yr, b.op("Mul", zp, b.op("Unsqueeze", colsum, b.ints([1]))))  # exact, int32
+        yr = b.op("Cast", yr, to=TensorProto.FLOAT)
+    else:
+        yr = b.op("MatMul", xg, wt)                                                 # [R, M, BR]
     y = b.op("Transpose", yr, perm=[1, 0, 2])                                       # [M, R, BR]
     # [M, R, BR] holds [M, N] when BR divides N; else the last block row's extra columns are cut.
     ys = f"y_cut_{len(b.nodes)}"
@@ -207,6 +251,8 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
         "If", [b.op("Equal", rows_br, n)], [ys],
         then_branch=_branch("n_divisible", [helper.make_node("Identity", [y], [ys + "_same"])], ys + "_same"),
         else_branch=_branch("n_cut", cut, ys + "_cut")))
+    if variant.int8_compute:
+        ys = b.op("Mul", b.op("Mul", b.op("Reshape", ys, b.op("Concat", minus_one, n, axis=0)), x_scale), "scales")
     y = b.op("Reshape", ys, b.op("Concat", b.op("Shape", "X", start=0, end=-1), n, axis=0))  # [..., N]
     if variant.bias:
         y = b.op("Add", y, "bias")
@@ -223,7 +269,7 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     b.nodes[-1].output[0] = "Y"  # the last node computed y
 
     attributes = ["N", "K"] + (["activation"] if variant.activation else []) + \
-        (["epsilon"] if variant.layer_norm else [])
+        (["epsilon"] if variant.layer_norm else []) + (["compute"] if variant.int8_compute else [])
     fn = helper.make_function(DOMAIN, OP, variant.inputs(), ["Y"], b.nodes,
                               [helper.make_opsetid("", opset)], attributes=attributes,
                               doc_string=f"{OP} ({variant.overload}): Y = LayerNorm?(act(X @ W^T + bias) + "
@@ -235,13 +281,16 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
 def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n: int, k: int, *,
               bias: str | None = None, scales: str | None = None, activation: str = "",
               residual: str | None = None, layer_norm: tuple[str, str, float] | None = None,
-              name: str | None = None) -> onnx.NodeProto:
+              name: str | None = None, int8_compute: bool = False) -> onnx.NodeProto:
     """A BlockSparseLinear node; its overload follows from which optional inputs are given.
-    `layer_norm`: (ln_scale, ln_bias, epsilon) to normalise each output row."""
-    variant = Variant(bool(scales), bool(bias), activation, bool(residual), layer_norm is not None)
+    `layer_norm`: (ln_scale, ln_bias, epsilon) to normalise each output row. `int8_compute`: the
+    scales are per output row [N] and the layer runs in INT8 (attribute compute="int8")."""
+    variant = Variant(bool(scales), bool(bias), activation, bool(residual), layer_norm is not None, int8_compute)
     ln_scale, ln_bias, epsilon = layer_norm or ("", "", None)
     inputs = [x, values, block_cols, row_nnz, bias or "", scales or "", residual or "", ln_scale, ln_bias]
     attrs: dict = {"activation": activation} if activation else {}
+    if int8_compute:
+        attrs["compute"] = "int8"
     if layer_norm is not None:
         attrs["epsilon"] = float(epsilon)
     node = helper.make_node(OP, inputs[:len(variant.inputs())], [output], name=name, domain=DOMAIN,
@@ -320,7 +369,8 @@ def _schema() -> OpSchema:
         type_constraints=[("T", ["tensor(float)"], "activations"),
                           ("V", ["tensor(float)", "tensor(int8)"], "fp32 or int8 blocks")],
         attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, "output features"),
-                    OpSchema.Attribute("K", OpSchema.AttrType.INT, "input features")])
+                    OpSchema.Attribute("K", OpSchema.AttrType.INT, "input features"),
+                    OpSchema.Attribute("compute", OpSchema.AttrType.STRING, "fp32 or int8", required=False)])
 
 
 @functools.lru_cache(maxsize=1)
@@ -330,9 +380,12 @@ def _onnxscript_op():
     return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP, _schema())
 
 
-def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0, k: int = 0):
+def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0, k: int = 0,
+              int8_compute: bool = False):
     """torch.onnx's translation of one `sparsec::block_sparse_linear` call: a single custom-domain
     node (its function body is attached by the attach_functions pass)."""
+    if int8_compute:
+        return _onnxscript_op()(x, values, block_cols, row_nnz, bias, scales, N=n, K=k, compute="int8")
     return _onnxscript_op()(x, values, block_cols, row_nnz, bias, scales, N=n, K=k)
 
 
@@ -399,7 +452,7 @@ def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, 
                      scales="W.scales" if packed.scales is not None else None, activation=activation,
                      residual="r" if residual else None,
                      layer_norm=("ln.scale", "ln.bias", layer_norm[2]) if layer_norm is not None else None,
-                     name=name)
+                     name=name, int8_compute=packed.row_scales)
     if layer_norm is not None:
         inits += [numpy_helper.from_array(np.asarray(layer_norm[0], np.float32), "ln.scale"),
                   numpy_helper.from_array(np.asarray(layer_norm[1], np.float32), "ln.bias")]

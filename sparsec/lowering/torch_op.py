@@ -9,6 +9,10 @@ GraphModule still runs in PyTorch and can be compared with the dense program. It
 The reference implementation gathers the input's column blocks named by `block_cols` and contracts
 them with the blocks in one einsum; padding entries hold zero blocks, so they add nothing and
 `row_nnz` is not needed to get the right answer.
+
+`int8_compute` (int8 values, `scales` [n] per output row) computes what the kernel's INT8 path
+computes (sparsec/runtime/kernel/block_sparse.h): each input row quantized to uint8 with a zero
+point, the integer sums exactly (float64 holds them), then the two scales and the bias in float32.
 """
 from __future__ import annotations
 
@@ -20,25 +24,52 @@ OP_NAME = "sparsec::block_sparse_linear"
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, block_cols: torch.Tensor,
                         row_nnz: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
-                        n: int, k: int) -> torch.Tensor:
+                        n: int, k: int, int8_compute: bool = False) -> torch.Tensor:
     """Y = X @ W^T + bias with W [n, k] given as padded blocked-ELL blocks."""
-    blocks_ = dequantize(values, scales)
-    r, s, br, bc = blocks_.shape
     lead = x.shape[:-1]
-    rows = x.reshape(-1, k).to(blocks_.dtype)
-    cols = -(-k // bc)
-    if cols * bc != k:
-        rows = torch.nn.functional.pad(rows, (0, cols * bc - k))
-    gathered = rows.reshape(rows.shape[0], cols, bc)[:, block_cols.reshape(-1)]
-    gathered = gathered.reshape(rows.shape[0], r, s, bc)
-    y = torch.einsum("mrsj,rsij->mri", gathered, blocks_).reshape(rows.shape[0], r * br)[:, :n]
+    if int8_compute:
+        if scales is None or values.dtype != torch.int8:
+            raise ValueError("int8_compute needs int8 values and per-row scales")
+        q, x_scale = quantize_rows(x.reshape(-1, k).to(torch.float32))
+        acc = _gathered_product(q, values.to(torch.float64), block_cols, n, k)  # exact integers
+        y = acc.to(torch.float32) * (x_scale[:, None] * scales[None, :])
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, n).to(x.dtype).contiguous()
+    blocks_ = dequantize(values, scales)
+    y = _gathered_product(x.reshape(-1, k).to(blocks_.dtype), blocks_, block_cols, n, k)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, n).to(x.dtype).contiguous()
 
 
+def _gathered_product(rows: torch.Tensor, blocks_: torch.Tensor, block_cols: torch.Tensor, n: int, k: int
+                      ) -> torch.Tensor:
+    """rows [M, k] @ W^T [k, n] with W's blocks `blocks_` [R, S, BR, BC] at `block_cols`."""
+    r, s, br, bc = blocks_.shape
+    cols = -(-k // bc)
+    if cols * bc != k:
+        rows = torch.nn.functional.pad(rows, (0, cols * bc - k))
+    gathered = rows.reshape(rows.shape[0], cols, bc)[:, block_cols.reshape(-1)]
+    gathered = gathered.reshape(rows.shape[0], r, s, bc)
+    return torch.einsum("mrsj,rsij->mri", gathered, blocks_).reshape(rows.shape[0], r * br)[:, :n]
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [M, K] float32 -> (xq - zero point as float64 [M, K], scale float32 [M]): per row,
+    DynamicQuantizeLinear's uint8 formula (round half to even), as the kernel computes it."""
+    zero = torch.zeros((), dtype=torch.float32)
+    lo = torch.minimum(rows.amin(dim=1), zero) if rows.shape[1] else zero.expand(rows.shape[0])
+    hi = torch.maximum(rows.amax(dim=1), zero) if rows.shape[1] else zero.expand(rows.shape[0])
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(rows / scale[:, None]) + zp[:, None], 0, 255)
+    return (q - zp[:, None]).to(torch.float64), scale
+
+
 @block_sparse_linear.register_fake
-def _(x, values, block_cols, row_nnz, bias, scales, n, k):
+def _(x, values, block_cols, row_nnz, bias, scales, n, k, int8_compute=False):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -46,6 +77,11 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor | None) -> torch.Tenso
     """fp32 blocks: `values` as is; INT8 blocks: values * scale of their block."""
     if scales is None:
         return values
+    if scales.dim() == 1:  # one per output row
+        r, _, br, _ = values.shape
+        padded = torch.ones(r * br, dtype=torch.float32)
+        padded[:scales.shape[0]] = scales
+        return values.to(torch.float32) * padded.reshape(r, 1, br, 1)
     return values.to(torch.float32) * scales[:, :, None, None]
 
 

@@ -6,7 +6,8 @@ after:  `linear = torch.ops.sparsec.block_sparse_linear.default(x, fc1_weight_va
         fc1_weight_block_cols, fc1_weight_row_nnz, fc1_bias, None, 256, 64)`; the packed tensors
         (sparsec.lowering.block_format, padded blocked-ELL) are buffers named after the site
         (`fc1.weight_values`, ...) and the dense weight is gone. With `int8`, values are int8 with
-        one float32 scale per block (`fc1.weight_scales`).
+        one float32 scale per output row (`fc1.weight_scales` [N]) and the call computes in INT8
+        (its last argument, int8_compute=True).
 What a site becomes is its target's business (sparsec.lowering.targets, `LoweringTarget.lower`);
 sites that choose_sparse_layers kept dense are left as they are.
 requires: layers_chosen.  ensures: lowered.
@@ -30,7 +31,7 @@ class LowerBlockSparse(Pass):
     requires = ("layers_chosen",)
     ensures = ("lowered",)
 
-    int8: bool = False          # int8 blocks with a float32 scale per block
+    int8: bool = False          # INT8 compute: int8 blocks, a float32 scale per output row
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         plans = [p for p in graph_info(gm).lowering.values() if p.lower]

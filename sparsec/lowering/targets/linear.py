@@ -4,7 +4,8 @@
     match    a linear(x, W, b), an addmm(b, x, W) with a bias vector (GPT-2's Conv1D, W stored
              [in, out]: packed transposed) or a matmul(x, W) whose right operand is the weight
     check    W is a float32 matrix, addmm has alpha = beta = 1
-    pack     padded blocked-ELL (sparsec.lowering.block_format), fp32 or INT8 blocks
+    pack     padded blocked-ELL (sparsec.lowering.block_format), fp32 blocks, or INT8 blocks with
+             one scale per output row computed in INT8 (the node's compute="int8")
     torch op sparsec.lowering.torch_op.block_sparse_linear (runs in PyTorch: a lowered program
              can be compared with the dense one)
     ONNX     one BlockSparseLinear node (sparsec.lowering.onnx_op.translate) with a model-local
@@ -85,7 +86,7 @@ class BlockSparseLinearTarget(LoweringTarget):
         weight = get_attr_value(gm, plan.site).detach()
         matrix = weight.t().contiguous() if plan.transposed else weight
         assert plan.block is not None
-        packed = block_format.pack(matrix, block=plan.block, int8=int8)
+        packed = block_format.pack(matrix, block=plan.block, int8=int8, per_row=int8)
         x, bias = _operands(node, plan.op)
         tensors = {part: torch.from_numpy(getattr(packed, part)) for part in PACKED}
         if packed.scales is not None:
@@ -99,7 +100,7 @@ class BlockSparseLinearTarget(LoweringTarget):
                 set_node_info(getters[part], ROLE_WEIGHT, plan.site, part)
             call = gm.graph.call_function(self.torch_op(), (
                 x, getters["values"], getters["block_cols"], getters["row_nnz"], bias,
-                getters.get("scales"), int(matrix.shape[0]), int(matrix.shape[1])))
+                getters.get("scales"), int(matrix.shape[0]), int(matrix.shape[1]), bool(int8)))
         call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
         set_node_info(call, ROLE_SITE_OP, plan.site, self.name)
         node.replace_all_uses_with(call)

@@ -22,17 +22,11 @@
 #include <new>
 #include <thread>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SPARSEC_X86 1
-#define SPARSEC_AVX512 __attribute__((target("avx512f,fma")))
-#define SPARSEC_AVX2 __attribute__((target("avx2,fma")))
-#define SPARSEC_INLINE inline __attribute__((always_inline))
-#else
-#define SPARSEC_X86 0
-#endif
+#include "block_sparse_internal.h"
 
 namespace sparsec {
+
+using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.h
 
 void FreeDeleter::operator()(float* p) const { std::free(p); }
 
@@ -44,16 +38,6 @@ FloatBuffer zeroed_floats(size_t n) {
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, bytes);
   return FloatBuffer(static_cast<float*>(p));
-}
-
-// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
-
-// a * b, or -1 when either is negative or the product does not fit an int64.
-int64_t checked_mul(int64_t a, int64_t b) {
-  int64_t out = 0;
-  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out)) return -1;
-  return out;
 }
 
 // Columns of block row r that exist in Y (the last block row may be cut by N).
@@ -87,7 +71,7 @@ Isa select_isa() {
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
-std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out) {
+std::string check_block_inputs(const BlockInputs& in, int64_t N, int64_t K) {
   // Every size below is bounded before it is used to index or allocate: a crafted node (N or K of
   // 2^63 - 1, a block of 2^40 rows) gets an error, not an overflow.
   if (N <= 0 || K <= 0 || N > kMaxDim || K > kMaxDim) {
@@ -121,7 +105,13 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
       }
     }
   }
+  return {};
+}
 
+std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out) {
+  std::string error = check_block_inputs(in, N, K);
+  if (!error.empty()) return error;
+  const int64_t nbc = ceil_div(K, in.BC);
   out.N = N;
   out.K = K;
   out.R = in.R;
@@ -162,7 +152,7 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
 // Epilogue, scalar: the reference the vector versions follow (and what the AVX2 path applies to
 // each stored tile).
 
-namespace {
+namespace detail {
 
 float activate_scalar(float v, Activation act) {
   switch (act) {
@@ -187,6 +177,10 @@ void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncol
     }
   }
 }
+
+}  // namespace detail
+
+namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Scalar fallback: same packed layout, plain loops (the compiler may auto-vectorise for the base ISA).
@@ -222,70 +216,6 @@ void block_rows_scalar(const PackedWeight& w, int64_t r0, int64_t r1, const floa
 
 #if SPARSEC_X86
 
-// ------------------------------------------------------------------------------------------------
-// AVX-512: a tile is MR rows x NV zmm (16 floats each) of one block row, NV <= 4.
-
-SPARSEC_AVX512 SPARSEC_INLINE __mmask16 lane_mask16(int64_t n) {
-  if (n >= 16) return static_cast<__mmask16>(0xFFFF);
-  if (n <= 0) return 0;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-
-// exp(x): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error
-// below 2e-7), times 2^n. Inputs are clamped to where float neither overflows nor flushes.
-SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 = hi + lo
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// gelu(v) = v * Phi(v) = max(v, 0) - |v| * erfc(z) / 2 with z = |v| / sqrt(2) (Phi(v) is
-// 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 below; this form keeps the negative tail accurate, no
-// 1 - erf cancellation). erfc(z) ~ q(z)^-16, q a degree-6 polynomial (Abramowitz & Stegun 7.1.28,
-// absolute error <= 3e-7), for z clamped to 4 (erfc(4) < 2e-8); 1 / q^16 is a reciprocal estimate
-// r refined by one Newton step, r (2 - q r), folded into the last multiply-add.
-SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
-  const __m512 a = _mm512_abs_ps(v);
-  const __m512 z = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.70710678118654752f)), _mm512_set1_ps(4.0f));
-  __m512 q = _mm512_set1_ps(0.0000430638f);
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0092705272f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0422820123f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0705230784f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f));
-  q = _mm512_mul_ps(q, q);  // q^2
-  q = _mm512_mul_ps(q, q);  // q^4
-  q = _mm512_mul_ps(q, q);  // q^8
-  q = _mm512_mul_ps(q, q);  // q^16, at most ~6e7 (z <= 4)
-  const __m512 r = _mm512_rcp14_ps(q);
-  const __m512 newton = _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f));               // 2 - q r
-  const __m512 half_a_r = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.5f)), r);  // |v| r / 2
-  return _mm512_fnmadd_ps(half_a_r, newton, _mm512_max_ps(v, _mm512_setzero_ps()));
-}
-
-// gelu_tanh(v) = v * (1 + tanh(u)) / 2 = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3).
-SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_tanh512(__m512 v) {
-  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v), _mm512_set1_ps(-1.5957691216057308f));
-  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
-}
-
-SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
-  if (act == Activation::kGelu) return gelu512(v);
-  if (act == Activation::kGeluTanh) return gelu_tanh512(v);
-  return v;
-}
 
 template <int NV, int MR>
 SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int64_t mr, int64_t ncols,
@@ -759,21 +689,6 @@ constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay with
 constexpr int64_t kMaxPanelFloats = 4 << 20;  // 16 MB: larger inputs read X in place
 constexpr int64_t kSerialMacs = 1 << 20;     // below ~1M multiply-adds (~5 us on one core), no threads
 
-// Boundaries splitting block rows into `groups` runs of about equal cost.
-std::vector<int64_t> balanced_groups(const PackedWeight& w, int64_t groups) {
-  int64_t total = 0;
-  for (int64_t r = 0; r < w.R; ++r) total += w.cost(r);
-  std::vector<int64_t> start{0};
-  int64_t acc = 0;
-  for (int64_t r = 0; r < w.R; ++r) {
-    acc += w.cost(r);
-    const int64_t g = static_cast<int64_t>(start.size());
-    if (g < groups && acc * groups >= total * g && r + 1 < w.R) start.push_back(r + 1);
-  }
-  start.push_back(w.R);
-  return start;
-}
-
 // ------------------------------------------------------------------------------------------------
 // LayerNorm epilogue: each row of Y normalised in place, once every task has written it (a task
 // owns a group of block rows, not whole rows). Two passes over the row (mean, then the centred
@@ -840,6 +755,35 @@ void layer_norm_task(void* data, size_t t) {
   }
 }
 
+
+// Whether copying X into the packed panel pays for itself (measured, BERT shapes, 2 threads):
+// only for 16-row register tiles (BR = 16) whose input rows are a multiple of 4 KB apart, where
+// the 16 rows a tile reads fall into one L1 set and evict each other (16x16 blocks, K = 3072:
+// 191 vs 268 us). Elsewhere reading X in place is faster (32x32, K = 768: 41 vs 55 us).
+bool panel_pays(const PackedWeight& w) {
+  return w.BRp == 16 && (w.K * static_cast<int64_t>(sizeof(float))) % 4096 == 0;
+}
+
+}  // namespace
+
+namespace detail {
+
+std::vector<int64_t> balanced_groups(const std::vector<int64_t>& row_start, int64_t groups) {
+  const int64_t rows = static_cast<int64_t>(row_start.size()) - 1;
+  auto cost = [&](int64_t r) { return row_start[r + 1] - row_start[r] + 1; };
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) total += cost(r);
+  std::vector<int64_t> start{0};
+  int64_t acc = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc += cost(r);
+    const int64_t g = static_cast<int64_t>(start.size());
+    if (g < groups && acc * groups >= total * g && r + 1 < rows) start.push_back(r + 1);
+  }
+  start.push_back(rows);
+  return start;
+}
+
 void layer_norm_rows(const Epilogue& ep, float* y, int64_t M, int64_t N, Isa isa, ParallelFor parallel_for,
                      void* runner_state) {
   // Up to 8 tasks, each at most ~256 KB of Y.
@@ -853,15 +797,7 @@ void layer_norm_rows(const Epilogue& ep, float* y, int64_t M, int64_t N, Isa isa
   parallel_for(runner_state, layer_norm_task, tasks, &job);
 }
 
-// Whether copying X into the packed panel pays for itself (measured, BERT shapes, 2 threads):
-// only for 16-row register tiles (BR = 16) whose input rows are a multiple of 4 KB apart, where
-// the 16 rows a tile reads fall into one L1 set and evict each other (16x16 blocks, K = 3072:
-// 191 vs 268 us). Elsewhere reading X in place is faster (32x32, K = 768: 41 vs 55 us).
-bool panel_pays(const PackedWeight& w) {
-  return w.BRp == 16 && (w.K * static_cast<int64_t>(sizeof(float))) % 4096 == 0;
-}
-
-}  // namespace
+}  // namespace detail
 
 void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                          Isa isa, ParallelFor parallel_for, void* runner_state) {
@@ -874,7 +810,7 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Epilogue ep = epilogue;
   ep.y = y;
-  Job job{&w, x, ep, y, M, rows_per_task, balanced_groups(w, groups), isa};
+  Job job{&w, x, ep, y, M, rows_per_task, balanced_groups(w.row_start, groups), isa};
 #if SPARSEC_X86
   // The packed panel lives in buffers of the calling thread, reused across calls (no per-call
   // allocation once they have grown); pool threads only read and fill them during this call.

@@ -47,7 +47,8 @@ struct PackedWeight {
 struct BlockInputs {
   const void* values = nullptr;
   bool int8 = false;
-  const float* scales = nullptr;  // [R, S] (int8 only)
+  const float* scales = nullptr;  // [R, S] (int8 storage: dequantized when packed)
+  const float* row_scales = nullptr;  // [N] (INT8 compute: one scale per output row)
   const int64_t* block_cols = nullptr;
   const int64_t* row_nnz = nullptr;
   int64_t R = 0, S = 0, BR = 0, BC = 0;
@@ -57,6 +58,9 @@ struct BlockInputs {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
 constexpr int64_t kMaxBlock = 4096;
 constexpr int64_t kMaxPackedFloats = int64_t(1) << 36;
+
+// Validates the inputs against N and K (every index and size bounded) without reading the values.
+std::string check_block_inputs(const BlockInputs& in, int64_t N, int64_t K);
 
 // Validates the inputs against N and K and fills `out`. Returns an error message, empty on success.
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
@@ -81,5 +85,53 @@ struct Epilogue {
 // Y[M, N] = LayerNorm?(act(X[M, K] @ W^T + bias) + residual). X, Y and residual are dense row-major.
 void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y,
                          int64_t M, Isa isa, ParallelFor parallel_for, void* runner_state);
+
+// ------------------------------------------------------------------------------------------------
+// INT8 compute (block_sparse_int8.cc). Weights: symmetric int8, one float32 scale per output row
+// (sw[n]); X is quantized per row at each call to u8 with a zero point, as ONNX's
+// DynamicQuantizeLinear does for a whole tensor: lo = min(0, min X[m]), hi = max(0, max X[m]),
+// sx = (hi - lo) / 255 (1 when 0), zx = round(-lo / sx), xq = clamp(round(X / sx) + zx, 0, 255),
+// rounding half to even. Then, exactly in int32,
+//     acc[m, n] = sum_k xq[m, k] * wq[n, k] - zx[m] * colsum[n],   colsum[n] = sum_k wq[n, k]
+// and Y = sx[m] * sw[n] * acc + bias, followed by the fp32 epilogue (activation, residual, LayerNorm).
+// |acc| <= 255 * 128 * K < 2^31 for K <= kMaxInt8K, so no sum overflows.
+
+struct ByteDeleter {
+  void operator()(int8_t* p) const;
+};
+using ByteBuffer = std::unique_ptr<int8_t[], ByteDeleter>;
+
+constexpr int64_t kMaxInt8K = int64_t(1) << 16;
+
+// Kept blocks as in PackedWeight, each stored [BCq][BRp][4] int8: for a group of 4 consecutive
+// reduction indices, the 4 weights of each output row are one 32-bit lane (the operand layout of
+// vpdpbusd). BC is padded to 4 * BCq, BR to BRp, and weights at columns >= K are zero.
+struct PackedInt8 {
+  int64_t N = 0, K = 0, R = 0, BR = 0, BC = 0;
+  int64_t BRp = 0;  // BR rounded up to 16
+  int64_t BCq = 0;  // ceil(BC / 4)
+  int64_t NBc = 0;  // ceil(K / BC)
+  ByteBuffer blocks;
+  std::vector<int64_t> cols;       // [kept] first input column of each kept block
+  std::vector<int64_t> row_start;  // [R + 1]
+  // Per output row, indexed r * BRp + i (padded rows are zero), 64 entries of slack for vector loads.
+  std::vector<float> scales;
+  std::vector<int32_t> colsum;
+
+  const int8_t* block(int64_t b) const { return blocks.get() + b * BCq * BRp * 4; }
+};
+
+// Best instruction set for INT8 compute: kAvx512 needs AVX-512 VNNI (and BW), kAvx2 AVX2; capped
+// like select_isa (SPARSEC_KERNEL_ISA).
+Isa select_isa_int8();
+// kAvx512 / kAvx2 / kScalar when this CPU can run that INT8 path.
+bool isa_int8_supported(Isa isa);
+
+// Validates (check_block_inputs, int8 values, row_scales set, K <= kMaxInt8K) and packs.
+std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, PackedInt8& out);
+
+// Y[M, N] as above. With `raw` set, writes acc (int32 [M, N]) there and leaves Y alone (tests).
+void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
+                              Isa isa, ParallelFor parallel_for, void* runner_state, int32_t* raw = nullptr);
 
 }  // namespace sparsec

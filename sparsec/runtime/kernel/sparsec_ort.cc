@@ -4,8 +4,11 @@
 // 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
 // 5 scales float [R, S] (optional); 6 residual float, Y's shape (optional); 7 ln_scale float [N]
 // and 8 ln_bias float [N] (optional). Attributes N, K, activation (string, optional: "gelu" |
-// "gelu_tanh"), epsilon (float, optional, default 1e-5). Output Y float [..., N] =
+// "gelu_tanh"), epsilon (float, optional, default 1e-5), compute (string, optional: "fp32" |
+// "int8"). Output Y float [..., N] =
 // Z = activation(X @ W^T + bias) + residual, or LayerNorm(Z) * ln_scale + ln_bias with ln_scale.
+// compute = "int8": values int8 and scales float [N] (one per output row); X is quantized per row
+// inside the kernel and the products are summed in int32 (block_sparse.h, block_sparse_int8.cc).
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <exception>
 #include <memory>
 #include <string>
@@ -75,15 +79,24 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 // Checks the weight inputs' types and shapes and points `in` at their data.
+// `int8_compute`: scales are per output row, float [N]; else per block, float [R, S].
 OrtStatus* describe_blocks(const TensorView& values, const TensorView& cols, const TensorView& nnz,
-                           const TensorView* scales, sparsec::BlockInputs& in) {
+                           const TensorView* scales, int64_t N, bool int8_compute, sparsec::BlockInputs& in) {
   if (values.shape.size() != 4) return fail("values must be [R, S, BR, BC], got " + shape_str(values.shape));
   in.R = values.shape[0];
   in.S = values.shape[1];
   in.BR = values.shape[2];
   in.BC = values.shape[3];
   in.values = values.data;
-  if (values.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+  if (int8_compute) {
+    if (values.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return fail("compute=int8 needs int8 values");
+    if (scales == nullptr) return fail("int8 values need the scales input");
+    if (scales->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scales->shape != std::vector<int64_t>{N}) {
+      return fail("compute=int8 needs scales float [N=" + std::to_string(N) + "], got " + shape_str(scales->shape));
+    }
+    in.int8 = true;
+    in.row_scales = static_cast<const float*>(scales->data);
+  } else if (values.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
     if (scales == nullptr) return fail("int8 values need the scales input");
     if (scales->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || scales->shape != std::vector<int64_t>{in.R, in.S}) {
       return fail("scales must be float [R, S], got " + shape_str(scales->shape));
@@ -104,8 +117,14 @@ OrtStatus* describe_blocks(const TensorView& values, const TensorView& cols, con
   return nullptr;
 }
 
+// The weight of one node, packed for the fp32 path or for INT8 compute.
+struct Weight {
+  sparsec::PackedWeight fp32;
+  sparsec::PackedInt8 int8;
+};
+
 // `inputs` holds one OrtValue per op input (null where absent). Packs the weight into `out`.
-OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, sparsec::PackedWeight& out) {
+OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, bool int8_compute, Weight& out) {
   TensorView values, cols, nnz, scales;
   SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kValues], values));
   SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBlockCols], cols));
@@ -113,8 +132,9 @@ OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K,
   const bool has_scales = inputs[kScales] != nullptr;
   if (has_scales) SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kScales], scales));
   sparsec::BlockInputs in;
-  SPARSEC_RETURN_IF_ERROR(describe_blocks(values, cols, nnz, has_scales ? &scales : nullptr, in));
-  const std::string error = sparsec::pack_weight(in, N, K, out);
+  SPARSEC_RETURN_IF_ERROR(describe_blocks(values, cols, nnz, has_scales ? &scales : nullptr, N, int8_compute, in));
+  const std::string error = int8_compute ? sparsec::pack_weight_int8(in, N, K, out.int8)
+                                         : sparsec::pack_weight(in, N, K, out.fp32);
   return error.empty() ? nullptr : fail(error);
 }
 
@@ -124,7 +144,8 @@ struct Kernel {
   sparsec::Activation act = sparsec::Activation::kNone;
   float epsilon = 1e-5f;
   sparsec::Isa isa = sparsec::Isa::kScalar;
-  std::unique_ptr<sparsec::PackedWeight> constant;  // packed once when the weights are initializers
+  bool int8_compute = false;
+  std::unique_ptr<Weight> constant;  // packed once when the weights are initializers
 };
 
 // The weight inputs when they are all constant initializers, else false (they are packed per call).
@@ -151,6 +172,21 @@ bool constant_weight_inputs(const OrtKernelInfo* info, const OrtValue** inputs) 
     inputs[index] = value;
   }
   return true;
+}
+
+// An optional string attribute: its value, or `fallback` when absent.
+OrtStatus* string_attribute(const OrtKernelInfo* info, const char* attr, const char* fallback, std::string& out) {
+  size_t size = 0;
+  OrtStatus* status = g_ort->KernelInfoGetAttribute_string(info, attr, nullptr, &size);
+  if (status != nullptr) {  // absent
+    g_ort->ReleaseStatus(status);
+    out = fallback;
+    return nullptr;
+  }
+  out.assign(size, '\0');
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_string(info, attr, out.data(), &size));
+  out.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+  return nullptr;
 }
 
 // The optional string attribute "activation": absent, "" or "none", "gelu", "gelu_tanh".
@@ -190,11 +226,17 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     OrtStatus* eps = g_ort->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon);
     if (eps != nullptr) g_ort->ReleaseStatus(eps);  // absent: the default
     if (!(k->epsilon >= 0.0f) || k->epsilon > 1.0f) return fail("attribute epsilon must be in [0, 1]");
-    k->isa = sparsec::select_isa();
+    std::string compute_mode;
+    SPARSEC_RETURN_IF_ERROR(string_attribute(info, "compute", "fp32", compute_mode));
+    if (compute_mode != "fp32" && compute_mode != "int8") {
+      return fail("unknown compute \"" + compute_mode + "\" (allowed: fp32, int8)");
+    }
+    k->int8_compute = compute_mode == "int8";
+    k->isa = k->int8_compute ? sparsec::select_isa_int8() : sparsec::select_isa();
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
-      k->constant = std::make_unique<sparsec::PackedWeight>();
-      SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k->N, k->K, *k->constant));
+      k->constant = std::make_unique<Weight>();
+      SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k->N, k->K, k->int8_compute, *k->constant));
     }
     *kernel = k.release();
     return nullptr;
@@ -242,11 +284,12 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
     return fail("X must be [..., K=" + std::to_string(k.K) + "], got " + shape_str(x.shape));
   }
 
-  const sparsec::PackedWeight* weight = k.constant.get();
-  sparsec::PackedWeight per_call;
+  const Weight* weight = k.constant.get();
+  std::unique_ptr<Weight> per_call;
   if (weight == nullptr) {
-    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, per_call));
-    weight = &per_call;
+    per_call = std::make_unique<Weight>();
+    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, k.int8_compute, *per_call));
+    weight = per_call.get();
   }
 
   sparsec::Epilogue epilogue;
@@ -274,8 +317,13 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   if (M == 0) return nullptr;
   void* y = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
-  sparsec::block_sparse_linear(*weight, static_cast<const float*>(x.data), epilogue, static_cast<float*>(y), M, k.isa,
-                               ort_parallel_for, context);
+  if (k.int8_compute) {
+    sparsec::block_sparse_linear_int8(weight->int8, static_cast<const float*>(x.data), epilogue, static_cast<float*>(y),
+                                      M, k.isa, ort_parallel_for, context);
+  } else {
+    sparsec::block_sparse_linear(weight->fp32, static_cast<const float*>(x.data), epilogue, static_cast<float*>(y), M,
+                                 k.isa, ort_parallel_for, context);
+  }
   return nullptr;
 }
 
@@ -386,6 +434,44 @@ SPARSEC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 
 // For diagnostics (ctypes): the instruction set the kernel would use now, and the API it was built for.
 SPARSEC_EXPORT const char* SparsecKernelIsa() { return sparsec::isa_name(sparsec::select_isa()); }
+SPARSEC_EXPORT const char* SparsecKernelIsaInt8() { return sparsec::isa_name(sparsec::select_isa_int8()); }
+
+// For tests (ctypes), without onnxruntime: one INT8-compute layer on instruction set `isa` (0 scalar,
+// 1 avx2, 2 avx512 VNNI), single-threaded. Writes the exact int32 sums (block_sparse.h: acc) to
+// `raw` [M, N] and Y = sx * sw * acc + bias to `y` [M, N]. Returns 0, or 1 with a message in `error`
+// (2 when this CPU lacks `isa`).
+SPARSEC_EXPORT int SparsecInt8Linear(const int8_t* values, const float* scales, const int64_t* block_cols,
+                                     const int64_t* row_nnz, const int64_t* dims, const float* x, const float* bias,
+                                     int64_t M, int isa, int32_t* raw, float* y, char* error, size_t error_size) {
+  try {
+    // dims: R, S, BR, BC, N, K
+    const auto isa_value = static_cast<sparsec::Isa>(isa);
+    if (isa < 0 || isa > 2 || !sparsec::isa_int8_supported(isa_value)) return 2;
+    sparsec::BlockInputs in;
+    in.values = values;
+    in.int8 = true;
+    in.row_scales = scales;
+    in.block_cols = block_cols;
+    in.row_nnz = row_nnz;
+    in.R = dims[0];
+    in.S = dims[1];
+    in.BR = dims[2];
+    in.BC = dims[3];
+    sparsec::PackedInt8 w;
+    std::string message = sparsec::pack_weight_int8(in, dims[4], dims[5], w);
+    if (message.empty()) {
+      sparsec::Epilogue ep;
+      ep.bias = bias;
+      sparsec::block_sparse_linear_int8(w, x, ep, y, M, isa_value, nullptr, nullptr, raw);
+      sparsec::block_sparse_linear_int8(w, x, ep, y, M, isa_value, nullptr, nullptr, nullptr);
+      return 0;
+    }
+    std::snprintf(error, error_size, "%s", message.c_str());
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+  }
+  return 1;
+}
 SPARSEC_EXPORT int SparsecKernelHeaderApiVersion() { return ORT_API_VERSION; }
 
 }  // extern "C"

@@ -1,0 +1,550 @@
+// INT8 compute for the block-sparse linear layer (see block_sparse.h for the arithmetic).
+//
+// A call first quantizes X per row into a u8 buffer (rows ldx bytes apart, zero beyond K, so the
+// last group of 4 reduction indices of a block may read past K or into the next block: those
+// bytes meet zero weights). Then tasks (rows x groups of block rows, as in the fp32 path) walk
+// the kept blocks:
+//   AVX-512 VNNI  a tile of MR rows x NV zmm (16 outputs each); per group of 4 reduction indices,
+//                 NV weight loads and, per row, one 32-bit broadcast of 4 input bytes and NV
+//                 vpdpbusd (u8 x s8, 4 products summed into each int32 lane; no saturation, and
+//                 no int32 overflow while K <= kMaxInt8K).
+//   AVX2          widening, not vpmaddubsw: vpmaddubsw adds two u8 x s8 products into an int16
+//                 with saturation (2 * 255 * 127 = 64770 > 32767, so it would clip), while here
+//                 4 weights are sign-extended to int16 (vpmovsxbw), 4 input bytes zero-extended
+//                 and broadcast, and vpmaddwd adds two int16 products into an int32: exact
+//                 (|sum| <= 2 * 255 * 128). A tile is MR = 2 rows x 16 outputs.
+//   scalar        the reference: the same sums in int32.
+// Each path subtracts zx[m] * colsum[n] in int32, converts to float once, scales by sx[m] * sw[n],
+// adds the bias and runs the fp32 epilogue.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "block_sparse.h"
+#include "block_sparse_internal.h"
+
+#if SPARSEC_X86
+#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#endif
+
+namespace sparsec {
+
+using namespace detail;  // NOLINT
+
+void ByteDeleter::operator()(int8_t* p) const { std::free(p); }
+
+bool isa_int8_supported(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return true;
+#if SPARSEC_X86
+    case Isa::kAvx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2");
+    case Isa::kAvx512:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+    default: return false;
+  }
+}
+
+Isa select_isa_int8() {
+  Isa best = Isa::kScalar;
+  if (isa_int8_supported(Isa::kAvx512)) {
+    best = Isa::kAvx512;
+  } else if (isa_int8_supported(Isa::kAvx2)) {
+    best = Isa::kAvx2;
+  }
+  const Isa cap = select_isa();  // the fp32 choice, capped by SPARSEC_KERNEL_ISA
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, PackedInt8& out) {
+  if (!in.int8 || in.row_scales == nullptr) return "INT8 compute needs int8 values and float scales [N]";
+  std::string error = check_block_inputs(in, N, K);
+  if (!error.empty()) return error;
+  if (K > kMaxInt8K) {
+    return "INT8 compute needs K <= " + std::to_string(kMaxInt8K) + " (exact int32 sums), got K=" + std::to_string(K);
+  }
+  out.N = N;
+  out.K = K;
+  out.R = in.R;
+  out.BR = in.BR;
+  out.BC = in.BC;
+  out.BRp = ceil_div(in.BR, 16) * 16;
+  out.BCq = ceil_div(in.BC, 4);
+  out.NBc = ceil_div(K, in.BC);
+  const int64_t padded_rows = checked_mul(in.R, out.BRp);
+  if (padded_rows < 0 || padded_rows > kMaxPackedFloats) return "the packed weight would be too large";
+  out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
+  for (int64_t r = 0; r < in.R; ++r) out.row_start[r + 1] = out.row_start[r] + in.row_nnz[r];
+  const int64_t kept = out.row_start[in.R];
+  const int64_t bytes = checked_mul(checked_mul(kept, out.BCq * 4), out.BRp);
+  if (bytes < 0 || bytes > 4 * kMaxPackedFloats) return "the packed weight would be too large";
+  const size_t alloc = static_cast<size_t>((std::max<int64_t>(bytes, 1) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, alloc);
+  if (p == nullptr) throw std::bad_alloc();
+  std::memset(p, 0, alloc);
+  out.blocks = ByteBuffer(static_cast<int8_t*>(p));
+  out.cols.assign(static_cast<size_t>(kept), 0);
+  out.scales.assign(static_cast<size_t>(padded_rows + 64), 0.0f);
+  out.colsum.assign(static_cast<size_t>(padded_rows + 64), 0);
+  for (int64_t r = 0; r < in.R; ++r) {
+    for (int64_t i = 0; i < in.BR && r * in.BR + i < N; ++i) out.scales[r * out.BRp + i] = in.row_scales[r * in.BR + i];
+  }
+
+  const int8_t* vq = static_cast<const int8_t*>(in.values);
+  for (int64_t r = 0; r < in.R; ++r) {
+    for (int64_t s = 0; s < in.row_nnz[r]; ++s) {
+      const int64_t rs = r * in.S + s;
+      const int64_t b = out.row_start[r] + s;
+      const int64_t k0 = in.block_cols[rs] * in.BC;
+      out.cols[b] = k0;
+      int8_t* dst = out.blocks.get() + b * out.BCq * out.BRp * 4;
+      const int64_t src0 = rs * in.BR * in.BC;
+      const int64_t jn = std::min(in.BC, K - k0);  // columns beyond K stay zero
+      for (int64_t i = 0; i < in.BR; ++i) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < jn; ++j) {
+          const int8_t v = vq[src0 + i * in.BC + j];
+          dst[((j / 4) * out.BRp + i) * 4 + (j % 4)] = v;
+          sum += v;
+        }
+        out.colsum[r * out.BRp + i] += sum;
+      }
+    }
+  }
+  return {};
+}
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Quantized input: X per row as u8 (see block_sparse.h), with its scales and zero points.
+
+struct QuantizedX {
+  const uint8_t* data = nullptr;
+  int64_t ld = 0;  // bytes between rows
+  const float* scale = nullptr;
+  const int32_t* zero = nullptr;
+};
+
+// Row scale and zero point from the row's min and max (both already folded with 0).
+void row_params(float lo, float hi, float& scale, int32_t& zero) {
+  scale = (hi - lo) / 255.0f;
+  if (!(scale > 0.0f) || !std::isfinite(scale)) scale = 1.0f;  // all zeros (or NaN/inf: garbage, but bounded)
+  const float z = std::nearbyint(-lo / scale);
+  zero = static_cast<int32_t>(std::min(255.0f, std::max(0.0f, std::isnan(z) ? 0.0f : z)));
+}
+
+void quantize_row_scalar(const float* x, int64_t K, uint8_t* q, float& scale, int32_t& zero) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    lo = std::min(lo, x[k]);
+    hi = std::max(hi, x[k]);
+  }
+  row_params(lo, hi, scale, zero);
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = std::nearbyint(x[k] / scale) + static_cast<float>(zero);
+    q[k] = static_cast<uint8_t>(std::isnan(v) ? 0.0f : std::min(255.0f, std::max(0.0f, v)));
+  }
+}
+
+#if SPARSEC_X86
+SPARSEC_VNNI void quantize_row_avx512(const float* x, int64_t K, uint8_t* q, float& scale, int32_t& zero) {
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  const __mmask16 tail = lane_mask16(K - k);
+  const __m512 vt = _mm512_maskz_loadu_ps(tail, x + k);  // zeros outside the row: 0 is in [lo, hi]
+  lo = _mm512_min_ps(lo, vt);
+  hi = _mm512_max_ps(hi, vt);
+  row_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), scale, zero);
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512i z = _mm512_set1_epi32(zero);
+  const __m512i zero_i = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  for (k = 0; k < K; k += 16) {
+    const __mmask16 m = lane_mask16(K - k);
+    // cvtps rounds with MXCSR's mode: nearest, ties to even (like std::nearbyint above).
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), s)), z);
+    v = _mm512_min_epi32(_mm512_max_epi32(v, zero_i), top);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(v));
+  }
+}
+#endif
+
+struct QuantizeJob {
+  const float* x;
+  int64_t M, K, ld, rows_per_task;
+  uint8_t* q;
+  float* scale;
+  int32_t* zero;
+  bool vector;
+};
+
+void quantize_task(void* data, size_t t) {
+  const QuantizeJob& job = *static_cast<const QuantizeJob*>(data);
+  const int64_t m0 = static_cast<int64_t>(t) * job.rows_per_task;
+  const int64_t m1 = std::min(job.M, m0 + job.rows_per_task);
+  for (int64_t m = m0; m < m1; ++m) {
+    uint8_t* q = job.q + m * job.ld;
+#if SPARSEC_X86
+    if (job.vector) {
+      quantize_row_avx512(job.x + m * job.K, job.K, q, job.scale[m], job.zero[m]);
+    } else {
+      quantize_row_scalar(job.x + m * job.K, job.K, q, job.scale[m], job.zero[m]);
+    }
+#else
+    quantize_row_scalar(job.x + m * job.K, job.K, q, job.scale[m], job.zero[m]);
+#endif
+    std::memset(q + job.K, 0, static_cast<size_t>(job.ld - job.K));
+  }
+}
+
+int64_t valid_cols(const PackedInt8& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
+
+// ------------------------------------------------------------------------------------------------
+// Scalar reference.
+
+void block_rows_scalar(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
+                       const Epilogue& ep, float* y, int32_t* raw) {
+  int32_t acc[64];
+  for (int64_t m = 0; m < rows; ++m) {
+    const uint8_t* xm = xq.data + m * xq.ld;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 64) {
+        const int64_t width = std::min<int64_t>(64, ncols_row - o0);
+        std::fill(acc, acc + width, 0);
+        for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+          const int8_t* wb = w.block(b);
+          const uint8_t* xb = xm + w.cols[b];
+          for (int64_t q = 0; q < w.BCq; ++q) {
+            for (int64_t i = 0; i < width; ++i) {
+              const int8_t* wi = wb + ((q * w.BRp) + o0 + i) * 4;
+              for (int t = 0; t < 4; ++t) acc[i] += static_cast<int32_t>(xb[4 * q + t]) * wi[t];
+            }
+          }
+        }
+        const int64_t col = r * w.BR + o0, pcol = r * w.BRp + o0;
+        for (int64_t i = 0; i < width; ++i) acc[i] -= xq.zero[m] * w.colsum[pcol + i];
+        if (raw != nullptr) {
+          std::copy(acc, acc + width, raw + m * w.N + col);
+          continue;
+        }
+        float* ym = y + m * w.N + col;
+        for (int64_t i = 0; i < width; ++i) {
+          ym[i] = static_cast<float>(acc[i]) * (xq.scale[m] * w.scales[pcol + i]) + (ep.bias ? ep.bias[col + i] : 0.0f);
+        }
+        finish_tile_scalar(ep, ym, 1, width, w.N);
+      }
+    }
+  }
+}
+
+#if SPARSEC_X86
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512 VNNI.
+
+template <int NV> struct Tiles8;
+template <> struct Tiles8<1> { static constexpr int kSmall = 4, kBig = 16; };
+template <> struct Tiles8<2> { static constexpr int kSmall = 4, kBig = 12; };
+template <> struct Tiles8<3> { static constexpr int kSmall = 2, kBig = 8; };
+template <> struct Tiles8<4> { static constexpr int kSmall = 2, kBig = 6; };
+
+inline int32_t load4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Rows of the tile at or beyond `mr` re-read row mr-1 and are not stored.
+template <int NV, int MR>
+SPARSEC_VNNI void tile_vnni(const PackedInt8& w, int64_t r, int64_t o0, int64_t ncols, const QuantizedX& xq,
+                            int64_t mr, const Epilogue& ep, float* y, int32_t* raw) {
+  const uint8_t* rows[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) rows[m] = xq.data + (m < mr ? m : mr - 1) * xq.ld;
+  __m512i acc[MR][NV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_si512();
+  }
+  const int64_t step = w.BRp * 4;
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int8_t* wb = w.block(b) + o0 * 4;
+    const int64_t k0 = w.cols[b];
+    const int64_t qn = std::min(w.BCq, ceil_div(w.K - k0, 4));  // groups wholly beyond K add nothing
+    for (int64_t q = 0; q < qn; ++q) {
+      __m512i wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_si512(wb + q * step + 64 * v);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_set1_epi32(load4(rows[m] + k0 + 4 * q));
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], xv, wv[v]);
+      }
+    }
+  }
+
+  const int64_t col = r * w.BR + o0, pcol = r * w.BRp + o0;
+  __mmask16 mask[NV];
+  __m512i colsum[NV];
+  __m512 wscale[NV], bias[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    mask[v] = lane_mask16(ncols - 16 * v);
+    colsum[v] = _mm512_loadu_si512(w.colsum.data() + pcol + 16 * v);
+    wscale[v] = _mm512_loadu_ps(w.scales.data() + pcol + 16 * v);
+    bias[v] = ep.bias ? _mm512_maskz_loadu_ps(mask[v], ep.bias + col + 16 * v) : _mm512_setzero_ps();
+  }
+  const float* res = ep.residual ? ep.residual + (y + col - ep.y) : nullptr;
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    if (m >= mr) break;
+    const __m512i zp = _mm512_set1_epi32(xq.zero[m]);
+    const __m512 xs = _mm512_set1_ps(xq.scale[m]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512i exact = _mm512_sub_epi32(acc[m][v], _mm512_mullo_epi32(zp, colsum[v]));
+      if (raw != nullptr) {
+        _mm512_mask_storeu_epi32(raw + m * w.N + col + 16 * v, mask[v], exact);
+        continue;
+      }
+      __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(xs, wscale[v]), bias[v]);
+      out = activate512(out, ep.act);
+      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * w.N + 16 * v));
+      _mm512_mask_storeu_ps(y + m * w.N + col + 16 * v, mask[v], out);
+    }
+  }
+}
+
+template <int NV>
+void tile_fit_vnni(const PackedInt8& w, int64_t r, int64_t o0, int64_t ncols, const QuantizedX& xq, int64_t mr,
+                   const Epilogue& ep, float* y, int32_t* raw) {
+  if (mr == 1) {
+    tile_vnni<NV, 1>(w, r, o0, ncols, xq, mr, ep, y, raw);
+  } else if (mr <= Tiles8<NV>::kSmall) {
+    tile_vnni<NV, Tiles8<NV>::kSmall>(w, r, o0, ncols, xq, mr, ep, y, raw);
+  } else {
+    tile_vnni<NV, Tiles8<NV>::kBig>(w, r, o0, ncols, xq, mr, ep, y, raw);
+  }
+}
+
+int64_t tile_height_vnni(int64_t nv) {
+  switch (nv) {
+    case 1: return Tiles8<1>::kBig;
+    case 2: return Tiles8<2>::kBig;
+    case 3: return Tiles8<3>::kBig;
+    default: return Tiles8<4>::kBig;
+  }
+}
+
+void block_rows_vnni(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
+                     const Epilogue& ep, float* y, int32_t* raw) {
+  const int64_t height = tile_height_vnni(std::min<int64_t>(4, w.BRp / 16));
+  for (int64_t m = 0; m < rows; m += height) {
+    const int64_t mr = std::min(height, rows - m);
+    QuantizedX xt{xq.data + m * xq.ld, xq.ld, xq.scale + m, xq.zero + m};
+    float* ym = y + m * w.N;
+    int32_t* rm = raw ? raw + m * w.N : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 64) {
+        const int64_t ncols = std::min<int64_t>(64, ncols_row - o0);
+        switch ((ncols + 15) / 16) {
+          case 1: tile_fit_vnni<1>(w, r, o0, ncols, xt, mr, ep, ym, rm); break;
+          case 2: tile_fit_vnni<2>(w, r, o0, ncols, xt, mr, ep, ym, rm); break;
+          case 3: tile_fit_vnni<3>(w, r, o0, ncols, xt, mr, ep, ym, rm); break;
+          default: tile_fit_vnni<4>(w, r, o0, ncols, xt, mr, ep, ym, rm); break;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: MR rows x 16 outputs. acc[m][u] holds outputs 4u..4u+3 as two int32 partial sums each
+// (reduction indices 0-1 and 2-3 of each group of 4); they are added pairwise at the store.
+
+template <int MR>
+SPARSEC_AVX2 void tile_avx2(const PackedInt8& w, int64_t r, int64_t o0, int64_t ncols, const QuantizedX& xq,
+                            int64_t mr, const Epilogue& ep, float* y, int32_t* raw) {
+  const uint8_t* rows[MR];
+  for (int m = 0; m < MR; ++m) rows[m] = xq.data + (m < mr ? m : mr - 1) * xq.ld;
+  __m256i acc[MR][4];
+  for (int m = 0; m < MR; ++m) {
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_si256();
+  }
+  const int64_t step = w.BRp * 4;
+  for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b) {
+    const int8_t* wb = w.block(b) + o0 * 4;
+    const int64_t k0 = w.cols[b];
+    const int64_t qn = std::min(w.BCq, ceil_div(w.K - k0, 4));
+    for (int64_t q = 0; q < qn; ++q) {
+      __m256i wv[4];
+      for (int u = 0; u < 4; ++u) {
+        wv[u] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wb + q * step + 16 * u)));
+      }
+      for (int m = 0; m < MR; ++m) {
+        // 4 input bytes -> 4 int16, repeated in each 64-bit lane (the 4 weights of one output).
+        const __m128i x16 = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(load4(rows[m] + k0 + 4 * q)));
+        const __m256i xv = _mm256_broadcastq_epi64(x16);
+        for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_add_epi32(acc[m][u], _mm256_madd_epi16(xv, wv[u]));
+      }
+    }
+  }
+
+  const int64_t col = r * w.BR + o0, pcol = r * w.BRp + o0;
+  const int64_t width = std::min<int64_t>(16, ncols);
+  for (int m = 0; m < MR; ++m) {
+    if (m >= mr) break;
+    alignas(32) int32_t exact[16];
+    for (int h = 0; h < 2; ++h) {
+      // hadd: [o0 o1 o4 o5 | o2 o3 o6 o7] of this half; the permute restores o0..o7.
+      const __m256i pairs = _mm256_hadd_epi32(acc[m][2 * h], acc[m][2 * h + 1]);
+      const __m256i sums = _mm256_permute4x64_epi64(pairs, 0xD8);
+      const __m256i cs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.colsum.data() + pcol + 8 * h));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(exact + 8 * h),
+                         _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_set1_epi32(xq.zero[m]), cs)));
+    }
+    if (raw != nullptr) {
+      std::copy(exact, exact + width, raw + m * w.N + col);
+      continue;
+    }
+    float* ym = y + m * w.N + col;
+    for (int64_t i = 0; i < width; ++i) {
+      ym[i] = static_cast<float>(exact[i]) * (xq.scale[m] * w.scales[pcol + i]) + (ep.bias ? ep.bias[col + i] : 0.0f);
+    }
+  }
+  if (raw == nullptr) finish_tile_scalar(ep, y + col, std::min<int64_t>(mr, MR), width, w.N);
+}
+
+void block_rows_avx2(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
+                     const Epilogue& ep, float* y, int32_t* raw) {
+  for (int64_t m = 0; m < rows; m += 2) {
+    const int64_t mr = std::min<int64_t>(2, rows - m);
+    QuantizedX xt{xq.data + m * xq.ld, xq.ld, xq.scale + m, xq.zero + m};
+    float* ym = y + m * w.N;
+    int32_t* rm = raw ? raw + m * w.N : nullptr;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ncols_row = valid_cols(w, r);
+      for (int64_t o0 = 0; o0 < ncols_row; o0 += 16) {
+        const int64_t ncols = std::min<int64_t>(16, ncols_row - o0);
+        if (mr == 1) {
+          tile_avx2<1>(w, r, o0, ncols, xt, mr, ep, ym, rm);
+        } else {
+          tile_avx2<2>(w, r, o0, ncols, xt, mr, ep, ym, rm);
+        }
+      }
+    }
+  }
+}
+
+#endif  // SPARSEC_X86
+
+// ------------------------------------------------------------------------------------------------
+// Work split, as in the fp32 path.
+
+struct Job {
+  const PackedInt8* w;
+  QuantizedX xq;
+  Epilogue ep;
+  float* y;
+  int32_t* raw;
+  int64_t M, rows_per_task;
+  std::vector<int64_t> group_start;
+  Isa isa;
+};
+
+void run_task(void* data, size_t t) {
+  const Job& job = *static_cast<const Job*>(data);
+  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
+  const int64_t g = static_cast<int64_t>(t) % groups;
+  const int64_t m0 = (static_cast<int64_t>(t) / groups) * job.rows_per_task;
+  const int64_t rows = std::min(job.rows_per_task, job.M - m0);
+  const int64_t r0 = job.group_start[g], r1 = job.group_start[g + 1];
+  if (rows <= 0 || r0 >= r1) return;
+  const PackedInt8& w = *job.w;
+  const QuantizedX xq{job.xq.data + m0 * job.xq.ld, job.xq.ld, job.xq.scale + m0, job.xq.zero + m0};
+  float* y = job.y + m0 * w.N;
+  int32_t* raw = job.raw ? job.raw + m0 * w.N : nullptr;
+  switch (job.isa) {
+#if SPARSEC_X86
+    case Isa::kAvx512: block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw); break;
+    case Isa::kAvx2: block_rows_avx2(w, r0, r1, xq, rows, job.ep, y, raw); break;
+#endif
+    default: block_rows_scalar(w, r0, r1, xq, rows, job.ep, y, raw); break;
+  }
+}
+
+constexpr int64_t kTasksPerCore = 4;
+constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
+constexpr int64_t kTaskInputBytes = 256 * 1024;
+constexpr int64_t kSerialMacs = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32
+
+}  // namespace
+
+void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
+                              Isa isa, ParallelFor parallel_for, void* runner_state, int32_t* raw) {
+  if (M <= 0 || w.R == 0) return;
+  // Quantized rows: room for the 4-byte groups that run past the last block, rounded to 64 bytes,
+  // and never a multiple of 4 KB apart (tile rows would share L1 sets).
+  int64_t ld = (w.NBc * w.BC + 4 + 63) / 64 * 64;
+  if (ld % 4096 == 0) ld += 64;
+  thread_local std::vector<uint8_t> q_data;
+  thread_local std::vector<float> q_scale;
+  thread_local std::vector<int32_t> q_zero;
+  if (q_data.size() < static_cast<size_t>(M * ld)) q_data.resize(static_cast<size_t>(M * ld));
+  if (q_scale.size() < static_cast<size_t>(M)) {
+    q_scale.resize(static_cast<size_t>(M));
+    q_zero.resize(static_cast<size_t>(M));
+  }
+  const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
+  const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
+#if SPARSEC_X86
+  const bool vector = isa == Isa::kAvx512;
+#else
+  const bool vector = false;
+#endif
+  const int64_t q_rows = std::max<int64_t>(1, (64 * 1024) / w.K);
+  QuantizeJob qjob{x, M, w.K, ld, q_rows, q_data.data(), q_scale.data(), q_zero.data(), vector};
+  const size_t q_tasks = static_cast<size_t>(ceil_div(M, q_rows));
+  if (threads && q_tasks > 1) {
+    parallel_for(runner_state, quantize_task, q_tasks, &qjob);
+  } else {
+    for (size_t t = 0; t < q_tasks; ++t) quantize_task(&qjob, t);
+  }
+
+  const int64_t input_rows = std::max<int64_t>(1, kTaskInputBytes / ld);
+  const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, input_rows), kRowQuantum) * kRowQuantum);
+  const int64_t row_tasks = ceil_div(M, rows_per_task);
+  static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
+  const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
+  Epilogue ep = epilogue;
+  ep.y = y;
+  Job job{&w, QuantizedX{q_data.data(), ld, q_scale.data(), q_zero.data()}, ep, y, raw, M,
+          rows_per_task, balanced_groups(w.row_start, groups), isa};
+  const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
+  if (total == 1 || !threads) {
+    for (size_t t = 0; t < total; ++t) run_task(&job, t);
+  } else {
+    parallel_for(runner_state, run_task, total, &job);
+  }
+  if (raw == nullptr && ep.ln_scale != nullptr) {
+    layer_norm_rows(ep, y, M, w.N, isa, threads ? parallel_for : nullptr, runner_state);
+  }
+}
+
+}  // namespace sparsec

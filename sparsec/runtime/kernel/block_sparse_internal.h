@@ -1,0 +1,112 @@
+// Internal to the kernel sources (not the ORT glue's business): instruction-set macros, the AVX-512
+// epilogue helpers and the pieces of block_sparse.cc that the INT8 path (block_sparse_int8.cc) reuses.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "block_sparse.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPARSEC_X86 1
+#define SPARSEC_AVX512 __attribute__((target("avx512f,fma")))
+#define SPARSEC_AVX2 __attribute__((target("avx2,fma")))
+#define SPARSEC_INLINE inline __attribute__((always_inline))
+#else
+#define SPARSEC_X86 0
+#endif
+
+namespace sparsec {
+namespace detail {
+
+// ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// a * b, or -1 when either is negative or the product does not fit an int64.
+inline int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &out)) return -1;
+  return out;
+}
+
+// Boundaries splitting block rows into `groups` runs of about equal cost; block row r costs its
+// kept blocks (row_start[r + 1] - row_start[r]) plus one (the epilogue).
+std::vector<int64_t> balanced_groups(const std::vector<int64_t>& row_start, int64_t groups);
+
+float activate_scalar(float v, Activation act);
+// Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).
+void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy);
+// LayerNorm of each finished row of Y [M, N] in place (ep.ln_scale set), possibly in parallel.
+void layer_norm_rows(const Epilogue& ep, float* y, int64_t M, int64_t N, Isa isa, ParallelFor parallel_for,
+                     void* runner_state);
+
+#if SPARSEC_X86
+// ------------------------------------------------------------------------------------------------
+// AVX-512: a tile is MR rows x NV zmm (16 floats each) of one block row, NV <= 4.
+
+SPARSEC_AVX512 SPARSEC_INLINE __mmask16 lane_mask16(int64_t n) {
+  if (n >= 16) return static_cast<__mmask16>(0xFFFF);
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// exp(x): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error
+// below 2e-7), times 2^n. Inputs are clamped to where float neither overflows nor flushes.
+SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 = hi + lo
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// gelu(v) = v * Phi(v) = max(v, 0) - |v| * erfc(z) / 2 with z = |v| / sqrt(2) (Phi(v) is
+// 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 below; this form keeps the negative tail accurate, no
+// 1 - erf cancellation). erfc(z) ~ q(z)^-16, q a degree-6 polynomial (Abramowitz & Stegun 7.1.28,
+// absolute error <= 3e-7), for z clamped to 4 (erfc(4) < 2e-8); 1 / q^16 is a reciprocal estimate
+// r refined by one Newton step, r (2 - q r), folded into the last multiply-add.
+SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
+  const __m512 a = _mm512_abs_ps(v);
+  const __m512 z = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.70710678118654752f)), _mm512_set1_ps(4.0f));
+  __m512 q = _mm512_set1_ps(0.0000430638f);
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0092705272f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0422820123f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0705230784f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f));
+  q = _mm512_mul_ps(q, q);  // q^2
+  q = _mm512_mul_ps(q, q);  // q^4
+  q = _mm512_mul_ps(q, q);  // q^8
+  q = _mm512_mul_ps(q, q);  // q^16, at most ~6e7 (z <= 4)
+  const __m512 r = _mm512_rcp14_ps(q);
+  const __m512 newton = _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f));               // 2 - q r
+  const __m512 half_a_r = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.5f)), r);  // |v| r / 2
+  return _mm512_fnmadd_ps(half_a_r, newton, _mm512_max_ps(v, _mm512_setzero_ps()));
+}
+
+// gelu_tanh(v) = v * (1 + tanh(u)) / 2 = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3).
+SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_tanh512(__m512 v) {
+  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v), _mm512_set1_ps(-1.5957691216057308f));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
+}
+
+SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
+  if (act == Activation::kGelu) return gelu512(v);
+  if (act == Activation::kGeluTanh) return gelu_tanh512(v);
+  return v;
+}
+#endif  // SPARSEC_X86
+
+}  // namespace detail
+}  // namespace sparsec

@@ -1,0 +1,213 @@
+"""INT8 compute (`compute = "int8"`): each kernel path (AVX-512 VNNI, AVX2, scalar) against the
+numpy integer reference exactly (the int32 sums), against fp32 within the quantization error, the
+stock-onnxruntime function body against the kernel, and the bad inputs the kernel refuses."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from sparsec import runtime
+from sparsec.lowering import onnx_op
+from sparsec.lowering.block_format import int8_reference, pack, quantize_rows, random_keep, unpack
+from tests.test_runtime_kernel import inputs, kernel_session, stock_session
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        path = runtime.build_kernel()
+    except runtime.BuildError as err:
+        pytest.skip(f"native kernel cannot be built here: {err}")
+    library = ctypes.CDLL(str(path))
+    library.SparsecInt8Linear.restype = ctypes.c_int
+    return library
+
+
+def layer(n: int, k: int, block: tuple[int, int], density: float, seed: int = 0, weights: np.ndarray | None = None):
+    keep = random_keep(n, k, block, density, seed=seed)
+    keep[-1] = True
+    if keep.shape[0] > 1:
+        keep[0] = False  # an empty block row: bias only
+    w = weights if weights is not None else (np.random.default_rng(seed).standard_normal((n, k)) / np.sqrt(k))
+    return pack(w.astype(np.float32), keep, block, int8=True, per_row=True)
+
+
+def _ptr(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def run_path(lib, packed, x: np.ndarray, isa: str, bias: np.ndarray | None = None):
+    """(int32 sums, y) of the kernel on one instruction set, called without onnxruntime."""
+    x = np.ascontiguousarray(x, np.float32)
+    m = x.shape[0]
+    values = np.ascontiguousarray(packed.values)
+    scales = np.ascontiguousarray(packed.scales)
+    dims = np.array([*values.shape, packed.N, packed.K], np.int64)
+    raw = np.zeros((m, packed.N), np.int32)
+    y = np.zeros((m, packed.N), np.float32)
+    error = ctypes.create_string_buffer(512)
+    rc = lib.SparsecInt8Linear(_ptr(values), _ptr(scales), _ptr(packed.block_cols), _ptr(packed.row_nnz),
+                               _ptr(dims), _ptr(x), None if bias is None else _ptr(bias), ctypes.c_int64(m),
+                               ISAS[isa], _ptr(raw), _ptr(y), error, ctypes.c_size_t(512))
+    if rc == 2:
+        pytest.skip(f"this CPU has no {isa} INT8 path")
+    assert rc == 0, error.value.decode()
+    return raw, y
+
+
+def check_exact(lib, packed, x, isa, bias=None):
+    raw, y = run_path(lib, packed, x, isa, bias)
+    want_acc, want_y = int8_reference(x, packed, bias)
+    np.testing.assert_array_equal(raw, want_acc)  # exact: quantization and int32 sums
+    np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6 * float(np.abs(want_y).max() + 1))
+    return y
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("rows", [1, 7, 128])
+def test_every_path_matches_the_integer_reference(lib, isa, block, rows):
+    n, k = 100, 90  # neither divisible by the blocks (except 1-wide ones)
+    packed = layer(n, k, block, 0.35, seed=rows + block[0])
+    x = inputs((rows, k), seed=rows)
+    x[0, :5] = [0.0, 1e-30, -3.0, 3.0, 0.5]
+    bias = inputs((n,), seed=3)
+    check_exact(lib, packed, x, isa, bias)
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_divisible_shapes_and_zero_rows(lib, isa):
+    packed = layer(96, 128, (32, 32), 0.5)
+    x = inputs((13, 128))
+    x[3] = 0.0                 # scale 1, zero point 0
+    x[4] = np.abs(x[4])        # only positive: zero point 0
+    x[5] = -np.abs(x[5])       # only negative: zero point 255
+    check_exact(lib, packed, x, isa)
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_overflow_corners_long_k(lib, isa):
+    """Weights all +-127 and inputs at the ends of their range over K = 65536: the largest sums
+    (|acc| up to 255 * 127 * K, just under 2^31) are still exact."""
+    n, k = 40, 1 << 16
+    sign = np.where(np.arange(n)[:, None] % 2 == 0, 1.0, -1.0)
+    packed = layer(n, k, (32, 32), 1.0, weights=np.broadcast_to(sign, (n, k)).copy())
+    assert set(np.unique(packed.values[:, :1])) <= {-127, 0, 127}
+    x = np.empty((3, k), np.float32)
+    x[0] = 1.0                                            # xq = 255, zero point 0
+    x[1] = np.where(np.arange(k) % 2 == 0, -1.0, 1.0)      # xq in {0, 255}, zero point 128
+    x[2] = -1.0                                           # xq = 0, zero point 255
+    raw, _ = run_path(lib, packed, x, isa)
+    want, _ = int8_reference(x, packed)
+    np.testing.assert_array_equal(raw, want)
+    assert np.abs(want).max() > 2 ** 31 * 0.9
+
+
+def test_k_above_the_exact_bound_is_refused(lib):
+    packed = layer(4, (1 << 16) + 4, (4, 4), 0.01)
+    with pytest.raises(AssertionError, match="K <= 65536"):
+        run_path(lib, packed, inputs((1, packed.K)), "scalar")
+
+
+def test_quantization_matches_onnx_dynamic_quantize_linear():
+    """Per row, the same formula as ONNX DynamicQuantizeLinear per tensor (checked with onnxruntime)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])
+    graph = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+                              [helper.make_tensor_value_info(v, t, None) for v, t in
+                               (("q", TensorProto.UINT8), ("s", TensorProto.FLOAT), ("z", TensorProto.UINT8))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    sess = stock_session(model)
+    for seed in range(5):
+        x = inputs((1, 300), seed) * (seed + 1) + (seed - 2)
+        q, s, z = sess.run(None, {"x": x})
+        mine_q, mine_s, mine_z = quantize_rows(x)
+        assert mine_s[0] == s and mine_z[0] == z
+        np.testing.assert_array_equal(mine_q[0], q[0])
+
+
+def test_error_vs_fp32_is_within_the_quantization_bound(lib):
+    """vs fp32 on the same kept weights: |error| <= sum_k |x| dw + dx (|w| + dw) per output, with
+    dw = sw / 2 (weights rounded) and dx = sx (inputs rounded, at most one step at the clipped top)."""
+    keep = random_keep(128, 256, (32, 32), 0.3)
+    w = np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32) / 16
+    dense = unpack(pack(w, keep, (32, 32))).astype(np.float64)
+    packed = pack(w, keep, (32, 32), int8=True, per_row=True)
+    x = inputs((64, 256))
+    _, y = run_path(lib, packed, x, "scalar")
+    exact = x.astype(np.float64) @ dense.T
+    dw = packed.scales[:, None].astype(np.float64) / 2 * (dense != 0)
+    _, sx, _ = quantize_rows(x)
+    bound = np.abs(x) @ dw.T + sx[:, None].astype(np.float64) * (np.abs(dense) + dw).sum(1)[None, :]
+    err = np.abs(y - exact)
+    assert np.all(err <= bound + 1e-5 * np.abs(exact).max())
+    assert err.max() / np.abs(exact).max() < 0.02
+
+
+# ------------------------------------------------------------------------------ through onnxruntime
+def int8_model(packed, bias, **kw):
+    return onnx_op.single_layer_model(packed, bias, **kw)
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (32, 32)), (100, 70, (16, 16)),
+                                       (50, 45, (8, 32))], ids=["32x32", "32x32-ragged", "16x16-ragged", "8x32"])
+def test_kernel_and_function_body_agree(lib, monkeypatch, isa, n, k, block):
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed = layer(n, k, block, 0.4, seed=n)
+    bias = inputs((n,), seed=2)
+    model = int8_model(packed, bias, leading=2)
+    x = inputs((3, 7, k))
+    _, want = int8_reference(x.reshape(-1, k), packed, bias)
+    y_kernel = kernel_session(model).run(None, {"x": x})[0]
+    y_stock = stock_session(model).run(None, {"x": x})[0]
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(y_kernel.reshape(-1, n), want, atol=1e-6 * scale, rtol=0)
+    np.testing.assert_allclose(y_stock.reshape(-1, n), want, atol=1e-6 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual):
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    n, k = 80, 96
+    packed = layer(n, k, (16, 16), 0.5)
+    bias = inputs((n,), seed=4)
+    ln = (inputs((n,), seed=5), inputs((n,), seed=6), 1e-5)
+    for layer_norm in (None, ln):
+        model = int8_model(packed, bias, activation=activation, residual=residual, layer_norm=layer_norm)
+        x, r = inputs((128, k)), inputs((128, n), seed=9)
+        feeds = {"x": x, **({"r": r} if residual else {})}
+        _, z = int8_reference(x, packed, bias)
+        zt = torch.from_numpy(z)
+        if activation:
+            zt = torch.nn.functional.gelu(zt, approximate="tanh" if activation == "gelu_tanh" else "none")
+        if residual:
+            zt = zt + torch.from_numpy(r)
+        if layer_norm is not None:
+            zt = torch.nn.functional.layer_norm(zt, (n,), torch.from_numpy(ln[0]), torch.from_numpy(ln[1]), 1e-5)
+        got = kernel_session(model).run(None, feeds)[0]
+        stock = stock_session(model).run(None, feeds)[0]
+        scale = float(zt.abs().max())
+        np.testing.assert_allclose(got, zt.numpy(), atol=2e-5 * scale, rtol=0)
+        np.testing.assert_allclose(stock, zt.numpy(), atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512"])
+def test_dispatch_follows_the_cap(lib, monkeypatch, cap):
+    """SPARSEC_KERNEL_ISA caps the INT8 path as it caps the fp32 one (VNNI needed for avx512)."""
+    lib.SparsecKernelIsaInt8.restype = ctypes.c_char_p
+    monkeypatch.delenv("SPARSEC_KERNEL_ISA", raising=False)
+    best = lib.SparsecKernelIsaInt8().decode()
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", cap)
+    order = list(ISAS)
+    assert lib.SparsecKernelIsaInt8().decode() == order[min(order.index(cap), order.index(best))]
