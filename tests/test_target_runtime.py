@@ -3,6 +3,8 @@ the decisions deterministic; one smoke test times for real), the cache, "estimat
 and target stock's whole-file check (a sparse file never slower than the dense one)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -81,6 +83,8 @@ def test_measurements_are_cached_by_case(measuring):
     prog.lower(target="stock", threads=1)
     prog.lower(target="sparsec")
     assert len(measuring.calls) == 6   # other threads, other runtime: measured again
+    prog.lower(target="stock", int8=True)
+    assert len(measuring.calls) == 8 and measuring.calls[-1].int8   # INT8 blocks: timed as such
     case = measuring.calls[0]
     assert case.rows == 5 and case.block == (16, 16) and case.shape == (128, 96)
     assert calibrate.cache_path(case).is_file()
@@ -221,3 +225,33 @@ def test_real_measurement_smoke(monkeypatch, tmp_path):
     assert first.runtime == "stock onnxruntime"
     again = calibrate.measure_layer(case, weight.numpy(), None)
     assert again.cached and again.sparse_ms == first.sparse_ms
+    int8 = calibrate.measure_layer(replace(case, int8=True), weight.numpy(), None)
+    assert not int8.cached and int8.sparse_ms > 0
+
+
+def test_compile_for_stock_never_ships_a_slower_file(sparsec_cli, models_dir, tmp_path, monkeypatch):
+    """End to end, really timed: the tiny MLP's layers lowered by force (policy always) run slower
+    through the function bodies than dense on stock onnxruntime, so model.onnx is the dense graph
+    and the report says why, with the measured times."""
+    import json
+
+    from sparsec.lowering.onnx_op import sparse_nodes
+
+    monkeypatch.delenv("SPARSEC_MEASURE", raising=False)
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "MEASURE_S", 0.05)
+    monkeypatch.setattr(stock_check, "FILE_S", 0.1)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[[prune]]\ntargets = ["fc*"]\nmethod = "magnitude"\ndensity = 0.25\nblock = [16, 16]\n\n'
+                    '[export]\npolicy = "always"\ntarget = "stock"\nthreads = 1\nbench = false\n')
+    out = tmp_path / "out"
+    code, stdout, stderr = sparsec_cli("compile", models_dir / "tiny_mlp.py", "--spec", spec, "-o", out,
+                                       "--no-progress")
+    assert code == 0, stderr
+    assert not sparse_nodes(onnx.load(out / "model.onnx"))
+    lowering = json.loads((out / "report.json").read_text())["lowering"]
+    check = lowering["model"]["stock_check"]
+    assert check["attempts"][0]["sparse_layers"] == 2 and check["attempts"][0]["speedup"] < 1.05
+    assert check["outcome"].startswith("shipped the dense graph")
+    assert all(layer["measured"]["dense_ms"] > 0 and not layer["lowered"] for layer in lowering["layers"])
+    assert "whole file on stock onnxruntime vs the dense file" in stdout and "shipped the dense graph" in stdout

@@ -60,6 +60,7 @@ class LayerCase:
     kept_blocks: int
     max_per_row: int              # the padded block-row length the function body computes
     threads: int                  # intra-op threads, 0: onnxruntime's default
+    int8: bool = False            # INT8 blocks with per-block scales (what the file will hold)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def time_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) -> 
         reason = kernel_unavailable()
         if reason:
             raise RuntimeError(f"sparsec's kernel is not available ({reason})")
-    packed = block_format.pack(np.ascontiguousarray(weight, dtype=np.float32), block=case.block)
+    packed = block_format.pack(np.ascontiguousarray(weight, dtype=np.float32), block=case.block,
+                               int8=case.int8)
     sparse = onnx_op.single_layer_model(packed, bias).SerializeToString()
     dense = onnx_op.dense_layer_model(weight, bias).SerializeToString()
     x = np.random.default_rng(0).standard_normal((case.rows, case.shape[1])).astype(np.float32)

@@ -56,7 +56,8 @@ def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedu
         BakeMasks(),
         ChooseSparseLayers(policy=policy, block=block,
                            min_speedup=DEFAULT_MIN_SPEEDUP if min_speedup is None else min_speedup,
-                           runtime=target, measure=measure, threads=threads, keep_dense=keep_dense),
+                           runtime=target, measure=measure, threads=threads, keep_dense=keep_dense,
+                           int8=int8),
         LowerBlockSparse(int8=int8),
         SafeViews(),
     ]

@@ -48,6 +48,7 @@ class ChooseSparseLayers(Pass):
     runtime: str = "sparsec"                   # the file's target runtime: sparsec | stock
     measure: bool = True                       # time each layer on that runtime (policy cost)
     threads: int = 0                           # intra-op threads of those timings (0: default)
+    int8: bool = False                         # the layers will hold INT8 blocks (timed so)
     keep_dense: tuple[tuple[str, str], ...] = ()   # (site, why): stays dense whatever it costs
 
     def run(self, gm: fx.GraphModule) -> PassResult:
@@ -72,13 +73,13 @@ class ChooseSparseLayers(Pass):
         if not plan.lower:
             return plan
         plan = replace(plan, runtime=self.runtime, rows=_rows(node, plan.op))
-        forced = dict(self.keep_dense).get(site.name)
-        if forced:
-            return replace(plan, lower=False, reason=forced)
         if self.policy == "never":
             return replace(plan, lower=False, reason="lowering disabled (policy never)")
         plan = self.priced(gm, node, plan)
         where = calibrate.RUNTIME[self.runtime]
+        forced = dict(self.keep_dense).get(site.name)
+        if forced:
+            return replace(plan, lower=False, reason=f"{forced} (the layer alone: {_said(plan)})")
         if self.policy == "always":
             return replace(plan, reason=f"policy always ({plan.basis}: {_said(plan)} on {where}); "
                                         f"{plan.reason}")
@@ -100,7 +101,7 @@ class ChooseSparseLayers(Pass):
         if why_not:
             return replace(plan, basis=f"estimated, not measured: {why_not}")
         case = calibrate.LayerCase(self.runtime, stats.shape, plan.block, rows, stats.kept_blocks,
-                                   stats.max_per_row, self.threads)
+                                   stats.max_per_row, self.threads, self.int8)
         weight = get_attr_value(gm, plan.site).detach()
         matrix = (weight.t() if plan.transposed else weight).contiguous().numpy()
         try:
