@@ -255,3 +255,14 @@ def test_compile_for_stock_never_ships_a_slower_file(sparsec_cli, models_dir, tm
     assert check["outcome"].startswith("shipped the dense graph")
     assert all(layer["measured"]["dense_ms"] > 0 and not layer["lowered"] for layer in lowering["layers"])
     assert "whole file on stock onnxruntime vs the dense file" in stdout and "shipped the dense graph" in stdout
+
+
+def test_time_models_runs_each_model_alone_at_least_min_calls():
+    from sparsec.lowering import onnx_op
+
+    weight = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    dense = onnx_op.dense_layer_model(weight).SerializeToString()
+    feeds = {"x": np.ones((2, 16), np.float32)}
+    dense_ms, same_ms, calls = calibrate.time_models(dense, dense, feeds, False, 1, seconds=0.0,
+                                                     rounds=2, min_calls=3)
+    assert calls == 6 and dense_ms > 0 and same_ms > 0

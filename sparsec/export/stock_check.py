@@ -26,6 +26,7 @@ FILE_MARGIN = 1.05   # the sparse file must be this much faster (noise margin)
 STRONG = 2.0         # attempt 1 keeps layers at least STRONG x min_speedup faster
 FILE_S = 0.5         # seconds of timed calls per file and round
 FILE_ROUNDS = 3
+FILE_MIN_CALLS = 5   # per file and round, however long a call takes
 
 
 @dataclass
@@ -62,7 +63,8 @@ def time_files(sparse: Path, dense: Path, threads: int, batch: int | None = None
     feeds = example_feeds(sparse, probe, batch)
     del probe
     dense_ms, sparse_ms, calls = time_models(str(dense), str(sparse), feeds, False, threads,
-                                             seconds=FILE_S, rounds=FILE_ROUNDS)
+                                             seconds=FILE_S, rounds=FILE_ROUNDS,
+                                             min_calls=FILE_MIN_CALLS)
     return Attempt(len(sparse_layers(sparse)), dense_ms, sparse_ms, calls)
 
 

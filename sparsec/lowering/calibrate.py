@@ -170,10 +170,12 @@ def time_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) -> 
 
 
 def time_models(dense: bytes | str, sparse: bytes | str, feeds: dict[str, np.ndarray], kernel: bool,
-                threads: int, seconds: float = MEASURE_S, rounds: int = ROUNDS) -> tuple[float, float, int]:
+                threads: int, seconds: float = MEASURE_S, rounds: int = ROUNDS,
+                min_calls: int = 1) -> tuple[float, float, int]:
     """Median ms per call of two models (files or serialized bytes), each run alone in its own
-    session (closed before the next is built), ROUNDS alternations; the sparse one with sparsec's
-    kernel registered when `kernel`. Returns (dense ms, sparse ms, timed calls per candidate)."""
+    session (closed before the next is built), ROUNDS alternations of `seconds` of calls (at least
+    `min_calls`); the sparse one with sparsec's kernel registered when `kernel`. Returns (dense ms,
+    sparse ms, timed calls per candidate)."""
     from sparsec.bench import kernel_session, stock_session
 
     def sparse_session() -> Any:
@@ -189,12 +191,13 @@ def time_models(dense: bytes | str, sparse: bytes | str, feeds: dict[str, np.nda
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
     for _ in range(rounds):
         for name, make in makers.items():
-            times[name] += _time_alone(make, feeds, seconds)
+            times[name] += _time_alone(make, feeds, seconds, min_calls)
     dense_ms, sparse_ms = (statistics.median(times[n]) * 1000 for n in ("dense", "sparse"))
     return dense_ms, sparse_ms, min(len(t) for t in times.values())
 
 
-def _time_alone(make: Callable[[], Any], feeds: dict[str, np.ndarray], seconds: float) -> list[float]:
+def _time_alone(make: Callable[[], Any], feeds: dict[str, np.ndarray], seconds: float,
+                min_calls: int = 1) -> list[float]:
     """Seconds per call of a fresh session, closed (and its threads joined) before returning."""
     session = make()
     try:
@@ -202,7 +205,7 @@ def _time_alone(make: Callable[[], Any], feeds: dict[str, np.ndarray], seconds: 
             session.run(None, feeds)
         out: list[float] = []
         end = time.perf_counter() + seconds
-        while len(out) < MAX_CALLS and (not out or time.perf_counter() < end):
+        while len(out) < MAX_CALLS and (len(out) < min_calls or time.perf_counter() < end):
             start = time.perf_counter()
             session.run(None, feeds)
             out.append(time.perf_counter() - start)
