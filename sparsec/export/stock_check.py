@@ -25,7 +25,7 @@ from sparsec.ir import LayerPlan, graph_info
 FILE_MARGIN = 1.05   # the sparse file must be this much faster (noise margin)
 STRONG = 2.0         # attempt 1 keeps layers at least STRONG x min_speedup faster
 FILE_S = 0.5         # seconds of timed calls per file and round
-FILE_ROUNDS = 3
+FILE_ROUNDS = 4      # even: each file goes first as often as the other
 FILE_MIN_CALLS = 5   # per file and round, however long a call takes
 
 

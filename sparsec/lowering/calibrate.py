@@ -13,7 +13,8 @@ so at export every eligible layer is timed on the target runtime: a one-node mod
 Methodology (bench/ and DESIGN.md: two onnxruntime sessions alive in one process distort each
 other, the spinning pool threads of one steal the cores of the other): each candidate runs alone,
 in its own session, which is closed before the next one is built; ROUNDS alternations of dense and
-sparse, each MEASURE_S seconds of calls after WARMUP untimed ones; the medians of all calls.
+sparse, in turn first (dense-sparse, sparse-dense: drift cancels), each MEASURE_S seconds of calls
+after WARMUP untimed ones; the medians of all calls.
 
 Results are cached on disk (`$SPARSEC_CACHE_DIR/cost/<key>.json`, see sparsec.runtime.build for the
 cache root); the key holds the machine (CPU model, cores), the onnxruntime version, the kernel build
@@ -189,9 +190,10 @@ def time_models(dense: bytes | str, sparse: bytes | str, feeds: dict[str, np.nda
     makers: dict[str, Callable[[], Any]] = {"dense": lambda: stock_session(dense, threads or None),
                                             "sparse": sparse_session}
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for _ in range(rounds):
-        for name, make in makers.items():
-            times[name] += _time_alone(make, feeds, seconds, min_calls)
+    for r in range(rounds):
+        order = ("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")   # ABBA: drift cancels
+        for name in order:
+            times[name] += _time_alone(makers[name], feeds, seconds, min_calls)
     dense_ms, sparse_ms = (statistics.median(times[n]) * 1000 for n in ("dense", "sparse"))
     return dense_ms, sparse_ms, min(len(t) for t in times.values())
 
