@@ -264,26 +264,21 @@ def _lower(prog: Program, spec: Spec, inst: Instruments, work: Path, out: Path) 
     from sparsec import export
     from sparsec.bench import bench
     from sparsec.export.options import ExportOptions
-    from sparsec.lowering import stage
     from sparsec.report import lowering_section
 
     table = spec.extras["export"]
     options = ExportOptions.from_spec(table, dynamic=spec.capture.dynamic)
-    dense = stage.dense_copy(prog.module)
-    lowered = stage.lowered_copy(prog.module, **options.lowering(), instruments=inst)
-    model = export.write_onnx(lowered, work / MODEL_FILE, prog.example_inputs, prog.example_kwargs,
-                              options, reference=dense, instruments=inst, shown=out / MODEL_FILE)
-    with inst.timed("dense export"):
-        dense_model = export.write_onnx(dense, work / DENSE_FILE, prog.example_inputs,
-                                        prog.example_kwargs, options.dense(), shown=out / DENSE_FILE)
+    pair = export.export_pair(prog.module, work / MODEL_FILE, work / DENSE_FILE, prog.example_inputs,
+                              prog.example_kwargs, options, instruments=inst, shown=out / MODEL_FILE,
+                              dense_shown=out / DENSE_FILE)
     timing = None
     if table["bench"]:
         with inst.timed("bench"):
             timing = bench(work / MODEL_FILE, work / DENSE_FILE, repeats=table["bench_repeats"],
-                           batch=table["bench_batch"] or None).to_dict()
-    return lowering_section(int8=options.int8, policy=options.policy,
-                            plans=list(graph_info(lowered).lowering.values()), model=model,
-                            dense=dense_model, folder=work, model_file=MODEL_FILE,
+                           batch=table["bench_batch"] or None, threads=options.threads or None).to_dict()
+    return lowering_section(int8=options.int8, policy=options.policy, target=options.target,
+                            plans=list(graph_info(pair.lowered).lowering.values()), model=pair.model,
+                            dense=pair.dense, folder=work, model_file=MODEL_FILE,
                             dense_file=DENSE_FILE, bench=timing)
 
 

@@ -102,10 +102,16 @@ class LayerPlan:
     block: tuple[int, int] | None = None      # BR, BC of the [N, K] matrix
     stats: BlockStats | None = None
     speedup: float | None = None              # the cost model's estimate
+    runtime: str = ""                         # the runtime decided for: sparsec | stock
+    rows: int | None = None                   # rows of X in the example inputs (what was timed)
+    measured: Any = None                      # a sparsec.lowering.calibrate.Measurement, or None
+    basis: str = ""                           # "measured ..." or "estimated, not measured (why)"
 
     def to_dict(self) -> dict[str, Any]:
         out = {"site": self.site, "op": self.op, "lowered": self.lower, "reason": self.reason,
-               "target": self.target, "transposed": self.transposed, "speedup_estimate": self.speedup}
+               "target": self.target, "transposed": self.transposed, "speedup_estimate": self.speedup,
+               "runtime": self.runtime, "rows": self.rows, "basis": self.basis,
+               "measured": self.measured.to_dict() if self.measured is not None else None}
         if self.stats is not None:
             s = self.stats
             out.update(shape=list(s.shape), block=list(s.block), block_density=s.block_density,
@@ -208,6 +214,7 @@ def format_ir(gm: fx.GraphModule, title: str = "") -> str:
             f"# site {site.name}: shape={list(site.shape)} op={site.op} group={site.group} "
             f"method={site.method} density={site.density} scope={site.scope} "
             f"block={list(site.block)} padding={list(site.padding)}"
+            + (" balanced" if site.balanced else "")
         )
     for plan in info.lowering.values():
         verdict = f"lowered by {plan.target}" if plan.lower else "stays dense"

@@ -12,14 +12,18 @@ import torch
 
 from sparsec import blocks
 from sparsec.site import SiteState
-from sparsec.topv import top_v
+from sparsec.topv import top_v, top_v_rows
 
 
 def keep_top(importances: Sequence[torch.Tensor], states: Sequence[SiteState], density: float,
              scope: str) -> list[torch.Tensor]:
     """Keep-grids of the blocks with the highest importance: `density` of every site separately
     (`local`, at least one block each) or of the group as a whole (`global`). Partial edge blocks
-    count by their real size, so the density is exact to within one block (sparsec.topv)."""
+    count by their real size, so the density is exact to within one block (sparsec.topv).
+    Sites of a `balanced` group keep the same number of blocks in every block row (top_v_rows; the
+    spec allows it with local scope only)."""
+    if any(st.site.balanced for st in states):
+        return [top_v_rows(imp, density) for imp in importances]
     even = all(st.site.padding == (0, 0) and st.site.block == states[0].site.block for st in states)
     sizes = None if even else [blocks.block_sizes(st.site.shape, st.site.block) for st in states]
     if scope == "global":

@@ -272,8 +272,9 @@ class Program(torch.nn.Module):
 
     def lower(self, **options: Any) -> fx.GraphModule:
         """A copy with masks baked and the sites that pay off rewritten into sparse ops
-        (sparsec.export.ExportOptions: `int8`, `policy`, `min_speedup`, `block`). It runs in
-        PyTorch; `graph_info(gm).lowering` says per site what was done and why."""
+        (sparsec.export.ExportOptions: `int8`, `policy`, `min_speedup`, `block`, and `target`
+        (`sparsec` | `stock`), `measure`, `threads`: the runtime whose measured speed decides). It
+        runs in PyTorch; `graph_info(gm).lowering` says per site what was done and why."""
         from sparsec.export.options import ExportOptions
         from sparsec.lowering import stage
 
@@ -285,9 +286,12 @@ class Program(torch.nn.Module):
         to `sparsec.compile` unless others are passed); returns a path-like ExportResult.
         Options (sparsec.export.ExportOptions): `lower` (default True; False writes the dense
         form), `int8` (INT8 compute: int8 blocks with per-row scales, inputs quantized per row),
-        `policy` (cost | always | never), `min_speedup`, `block`, `dynamic` (dynamic batch/sequence,
-        default True), `verify` (default True), `tolerance` (1e-4, relative to the output scale;
-        `int8_tolerance`, 1e-2, with int8), `kernel` (also verify
+        `policy` (cost | always | never), `min_speedup`, `block`, `target` (`sparsec`: the kernel,
+        or `stock`: plain onnxruntime, then the file is also timed against the dense one and never
+        slower: see `result.stock_check`), `measure` (time layers on this machine, default True),
+        `threads`, `dynamic` (dynamic batch/sequence, default True), `verify` (default True),
+        `tolerance` (1e-4, relative to the output scale; `int8_tolerance`, 1e-2, with int8),
+        `kernel` (also verify
         with sparsec's native kernel when available)."""
         from sparsec.export import export_module
         from sparsec.export.options import ExportOptions

@@ -64,11 +64,12 @@ def _layer(site: Site, achieved: float | None) -> dict[str, Any]:
 
 def lowering_section(*, int8: bool, policy: str, plans: list[LayerPlan], model: Any, dense: Any,
                      folder: Path, model_file: str, dense_file: str,
-                     bench: dict[str, Any] | None) -> dict[str, Any]:
+                     bench: dict[str, Any] | None, target: str = "sparsec") -> dict[str, Any]:
     """The report's lowering part: the plan per site, both files with their checks, the timing."""
     return {
         "int8": int8,
         "policy": policy,
+        "target": target,
         "layers": [plan.to_dict() for plan in plans],
         "model": {**model.to_dict(), "path": model_file, "bytes": (folder / model_file).stat().st_size},
         "dense": {**dense.to_dict(), "path": dense_file, "bytes": (folder / dense_file).stat().st_size},
@@ -143,12 +144,34 @@ def _checks(checks: list[dict[str, Any]]) -> list[str]:
     return [f"max error vs PyTorch on {shapes}: {', '.join(found)}" for shapes, found in by_inputs.items()]
 
 
+RUNTIMES = {"sparsec": "onnxruntime with sparsec's kernel", "stock": "stock onnxruntime, function bodies"}
+
+
+def _layer_costs(layers: list[dict[str, Any]]) -> list[str]:
+    """Per site: the decision, the measured dense and sparse times (or the estimate, marked so)."""
+    rows = []
+    for layer in layers:
+        measured = layer.get("measured")
+        estimate = layer.get("speedup_estimate")
+        if measured:
+            times = (f"{measured['dense_ms']:.3f}", f"{measured['sparse_ms']:.3f}",
+                     f"{measured['speedup']:.2f}x")
+        else:
+            times = ("-", "-", f"est. {estimate:.2f}x" if estimate is not None else "-")
+        rows.append((layer["site"], "block-sparse" if layer["lowered"] else "dense", *times,
+                     layer["reason"]))
+    lines = format_table(("site", "lowered to", "dense ms", "sparse ms", "speedup", "why"), rows, {2, 3, 4})
+    if any(not layer.get("measured") and layer.get("basis", "").startswith("estimated") for layer in layers):
+        lines.append("est.: estimated by the constant cost model, not measured on this machine")
+    return lines
+
+
 def format_lowering(section: dict[str, Any]) -> list[str]:
     """The report's lowering part: per-site decision, the files, their checks and speed."""
-    rows = [(layer["site"], "block-sparse" if layer["lowered"] else "dense", layer["reason"])
-            for layer in section["layers"]]
-    lines = [f"lowering ({'int8' if section['int8'] else 'fp32'} blocks, policy {section['policy']}):"]
-    lines += format_table(("site", "lowered to", "why"), rows) if rows else ["  no sites"]
+    target = section.get("target", "sparsec")
+    lines = [f"lowering ({'int8' if section['int8'] else 'fp32'} blocks, policy {section['policy']}, "
+             f"target {target}: {RUNTIMES.get(target, target)}):"]
+    lines += _layer_costs(section["layers"]) if section["layers"] else ["  no sites"]
     model, dense = section["model"], section["dense"]
     lines.append("")
     for label, entry in ((model["path"], model), (dense["path"], dense)):
@@ -159,6 +182,12 @@ def format_lowering(section: dict[str, Any]) -> list[str]:
                      f" (relative to the output scale)")
     lines.append(f"{'':17s} file {dense['bytes'] / model['bytes']:.2f}x smaller than the dense export")
     lines += [f"note: {n}" for n in model.get("notes", [])]
+    check = model.get("stock_check")
+    if check:
+        lines.append("whole file on stock onnxruntime vs the dense file (each alone, medians):")
+        lines += [f"  {a['sparse_layers']:3d} sparse layers: {a['sparse_ms']:9.3f} ms vs dense "
+                  f"{a['dense_ms']:9.3f} ms = {a['speedup']:.2f}x" for a in check["attempts"]]
+        lines.append(f"  {check['outcome']}")
     bench = section.get("bench")
     if bench:
         shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in bench.get("inputs", {}).items())

@@ -32,6 +32,7 @@ class Site:
     scope: str | None = None
     block: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)  # rows / cols missing from the last partial block
+    balanced: bool = False       # every block row keeps the same number of blocks
 
     @property
     def numel(self) -> int:

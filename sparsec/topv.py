@@ -111,3 +111,18 @@ def _nearest_prefix(imps: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor],
         out.append(keep[start:start + imp.numel()].reshape(imp.shape))
         start += imp.numel()
     return out
+
+
+def per_row_count(cols: int, density: float) -> int:
+    """Blocks each block row keeps under `balanced` selection: round(density * cols), at least 1."""
+    return min(cols, max(1, round(density * cols)))
+
+
+def top_v_rows(importance: torch.Tensor, density: float) -> torch.Tensor:
+    """Balanced Top_v: the per_row_count highest blocks of every row of a block grid [R, C], so every
+    block row keeps the same number of blocks (ties broken by position, deterministically). The
+    density is per_row_count / C: exactly `density` when density * C is an integer."""
+    imp = importance.detach().float()
+    k = per_row_count(imp.shape[1], density)
+    order = torch.sort(imp, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(imp, dtype=torch.bool).scatter_(1, order, True)

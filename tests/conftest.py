@@ -1,11 +1,17 @@
 """Shared fixtures. Keep this small: helpers for one test file belong in that file."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 MODELS = Path(__file__).parent / "models"
+
+# Export decides with the constant cost model in tests (deterministic, no timing on a loaded
+# machine); reports say "estimated, not measured: SPARSEC_MEASURE=0". Tests of the measured path
+# (tests/test_target_runtime.py) remove it, with a fake timer or a real one.
+os.environ.setdefault("SPARSEC_MEASURE", "0")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_compile_writes_verified_onnx_files_and_bench_times_them(sparsec_cli, mo
                                        "--no-progress", "--print-after", "lower_block_sparse")
     assert code == 0, stderr
     assert "torch.ops.sparsec.block_sparse_linear.default(" in stdout   # --print-after
-    assert "lowering (fp32 blocks, policy always):" in stdout
+    assert "lowering (fp32 blocks, policy always, target sparsec: onnxruntime with sparsec's kernel):" in stdout
     assert "max error vs PyTorch on x 4x8: onnxruntime" in stdout and "on x 5x8: onnxruntime" in stdout
     assert "dense (onnxruntime)" in stdout
     model = onnx.load(out / "model.onnx")

@@ -66,7 +66,7 @@ BAD_DICTS = [
     ("exclude-bad", spec_with({"exclude": "emb"}), ["prune[0].exclude: expected a list of strings"]),
     ("key-typo", spec_with({"metod": "magnitude"}, drop=("method",)),
      ["prune[0].metod: unknown key (did you mean 'method'?; allowed keys: targets, exclude, method, "
-      "density, scope, block)", "prune[0].method: required key is missing"]),
+      "density, scope, block, balanced)", "prune[0].method: required key is missing"]),
     ("method-typo", spec_with({"method": "movment"}),
      ["prune[0].method: 'movment' is not one of 'magnitude', 'movement'", "(did you mean 'movement'?)"]),
     ("method-not-string", spec_with({"method": 3}), ["prune[0].method: expected a string, got an integer (3)"]),
@@ -309,7 +309,8 @@ def test_to_dict_has_every_default_and_no_none():
     data = load_spec(spec_with()).to_dict()
     assert "train" not in data
     assert set(data) == {"prune", "schedule", "capture", "export"}
-    assert set(data["prune"][0]) == {"targets", "exclude", "method", "density", "scope", "block"}
+    assert set(data["prune"][0]) == {"targets", "exclude", "method", "density", "scope", "block",
+                                     "balanced"}
     assert data["schedule"]["kind"] == "constant"
 
     def walk(value):

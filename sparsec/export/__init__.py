@@ -11,6 +11,8 @@ The file is renamed into place only when every check passed; anything that goes 
     options.py      ExportOptions and the spec's [export] table
     onnx_export.py  the torch.onnx call
     check.py        onnx.checker and onnxruntime against PyTorch
+    stock_check.py  target stock: the whole file timed against the dense one, fewer layers until
+                    it is faster
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from sparsec.export.options import ExportError, ExportOptions
 from sparsec.paths import file_mode
 from sparsec.pipeline import Instruments, run_pipeline
 
-__all__ = ["ExportError", "ExportOptions", "ExportResult", "Check", "write_onnx", "export_module"]
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "Check", "write_onnx", "export_module",
+           "export_pair", "Pair"]
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ExportResult:
     error_vs_dense: float | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    stock_check: dict[str, Any] | None = None  # target stock: the whole-file timing (stock_check)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -104,13 +108,63 @@ def _text(model: ir.Model, title: str) -> str:
     return format_model(model, title)
 
 
+@dataclass
+class Pair:
+    """The lowered file and the dense one, as written by export_pair."""
+
+    model: ExportResult
+    dense: ExportResult
+    lowered: fx.GraphModule          # what model.onnx was exported from (its GraphInfo.lowering)
+
+
+def export_pair(module: fx.GraphModule, path: Path, dense_path: Path, args: tuple, kwargs: dict,
+                options: ExportOptions, instruments: Instruments | None = None,
+                shown: Path | None = None, dense_shown: Path | None = None) -> Pair:
+    """Lower a rewritten (masked) module as `options` say and write it to `path`, and its dense form
+    to `dense_path`, both checked. For `options.target == "stock"` the lowered file is then timed
+    against the dense one and lowered again with fewer sparse layers until it is faster
+    (stock_check; the outcome is `model.stock_check`)."""
+    from sparsec.export import stock_check
+    from sparsec.lowering import calibrate, stage
+
+    inst = instruments or Instruments()
+    dense = stage.dense_copy(module)
+    lowered = stage.lowered_copy(module, **options.lowering(), instruments=instruments)
+    model = write_onnx(lowered, path, args, kwargs, options, reference=dense, instruments=instruments,
+                       shown=shown)
+    with inst.timed("dense export"):
+        dense_model = write_onnx(dense, dense_path, args, kwargs, options.dense(), shown=dense_shown)
+    if options.target == "stock" and options.lower and model.sparse_nodes:
+        why_not = ("[export] measure = false" if not options.measure else calibrate.measuring_disabled())
+        if why_not:
+            model.stock_check = {"threads": options.threads, "attempts": [],
+                                 "outcome": f"not checked: estimated, not measured ({why_not}); "
+                                            "the file may be slower than the dense one"}
+        else:
+            with inst.timed("stock check"):
+                lowered, model, check = stock_check.not_slower(
+                    module, lowered, model, path, dense_path, args, kwargs, options, dense, shown or path)
+            model.stock_check = check.to_dict()
+    return Pair(model, dense_model, lowered)
+
+
 def export_module(module: fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict,
                   options: ExportOptions) -> ExportResult:
-    """`prog.export_onnx`: lower a rewritten (masked) module as `options` say and write it."""
+    """`prog.export_onnx`: lower a rewritten (masked) module as `options` say and write it (for
+    target stock through export_pair, whose dense file is a temporary one)."""
     from sparsec.lowering import stage
 
     dense = stage.dense_copy(module)
     if not options.lower:
         return write_onnx(dense, path, args, kwargs, options)
+    if options.target == "stock":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+            pair = export_pair(module, Path(tmp) / path.name, Path(tmp) / "dense.onnx", args, kwargs,
+                               options, shown=path)
+            os.replace(pair.model.path, path)
+        pair.model.path = path
+        return pair.model
     lowered = stage.lowered_copy(module, **options.lowering())
     return write_onnx(lowered, path, args, kwargs, options, reference=dense)

@@ -23,8 +23,23 @@ EXPORT_FIELDS = {
     "policy": Field("str", "Which sites become sparse ops: `cost` those the cost model expects to be "
                     "at least `min_speedup` faster, `always` every site a lowering target accepts, "
                     "`never` none (a dense file).", default="cost", choices=("cost", "always", "never")),
-    "min_speedup": Field("float", "Estimated speedup a site needs to be lowered (policy `cost`).",
-                         default=cost.DEFAULT_MIN_SPEEDUP, gt=0),
+    "min_speedup": Field("float", "Speedup on the `target` runtime a site needs to be lowered "
+                         "(policy `cost`): measured on this machine, or estimated when `measure` is "
+                         "false.", default=cost.DEFAULT_MIN_SPEEDUP, gt=0),
+    "target": Field("str", "The runtime model.onnx is for, which decides what pays off: `sparsec` "
+                    "(onnxruntime with sparsec's native kernel registered, `sparsec.runtime.session`) "
+                    "or `stock` (plain onnxruntime, which runs each sparse node's ONNX function body). "
+                    "With `stock` the whole file is also timed against the dense one and layers are "
+                    "kept dense until it is faster (the report says what was done).",
+                    default="sparsec", choices=("sparsec", "stock")),
+    "measure": Field("bool", "Time each layer shape dense vs sparse on the `target` runtime on this "
+                     "machine at export (a second or two per distinct shape, cached under "
+                     "`$SPARSEC_CACHE_DIR/cost`) and decide on the measurement. `false` (or the "
+                     "environment variable `SPARSEC_MEASURE=0`) uses the constant cost model; the "
+                     "report then says \"estimated, not measured\".", default=True),
+    "threads": Field("int", "Intra-op threads of the export-time measurements (per layer, whole "
+                     "file, `bench`); 0 uses onnxruntime's default. Set it to the deployment's.",
+                     default=0, ge=0),
     "tolerance": Field("float", "Largest allowed max abs error of onnxruntime vs PyTorch, relative "
                        "to the output scale.", default=1e-4, gt=0),
     "bench": Field("bool", "Time model.onnx against model.dense.onnx in onnxruntime at the end of "
@@ -54,6 +69,9 @@ class ExportOptions:
     policy: str = default(EXPORT_FIELDS, "policy")
     min_speedup: float = default(EXPORT_FIELDS, "min_speedup")
     block: tuple[int, int] | None = None   # pack with this block instead of each site's
+    target: str = default(EXPORT_FIELDS, "target")
+    measure: bool = default(EXPORT_FIELDS, "measure")
+    threads: int = default(EXPORT_FIELDS, "threads")
     dynamic: bool = True           # dynamic batch / sequence where the model allows
     verify: bool = True
     tolerance: float = default(EXPORT_FIELDS, "tolerance")
@@ -69,6 +87,9 @@ class ExportOptions:
             raise ExportError(f"export_onnx: unknown option {', '.join(unknown)} "
                               f"(allowed: {', '.join(sorted(known))})")
         values = dict(options)
+        if values.get("target", "sparsec") not in EXPORT_FIELDS["target"].choices:
+            raise ExportError(f"export_onnx: target {values['target']!r} is not one of "
+                              f"{', '.join(EXPORT_FIELDS['target'].choices)}")
         if values.get("block") is not None:
             values["block"] = tuple(int(b) for b in values["block"])
         return cls(**values)
@@ -77,6 +98,7 @@ class ExportOptions:
     def from_spec(cls, table: Mapping[str, Any], dynamic: bool) -> "ExportOptions":
         """From the spec's resolved [export] table (every key present) and [capture] dynamic."""
         return cls(int8=table["int8"], policy=table["policy"], min_speedup=table["min_speedup"],
+                   target=table["target"], measure=table["measure"], threads=table["threads"],
                    tolerance=table["tolerance"], int8_tolerance=table["int8_tolerance"], dynamic=dynamic)
 
     def dense(self) -> "ExportOptions":
@@ -92,4 +114,5 @@ class ExportOptions:
     def lowering(self) -> dict[str, Any]:
         """Keyword arguments of sparsec.lowering.stage.lowered_copy."""
         return {"int8": self.int8, "policy": self.policy if self.lower else "never",
-                "min_speedup": self.min_speedup, "block": self.block}
+                "min_speedup": self.min_speedup, "block": self.block, "target": self.target,
+                "measure": self.measure, "threads": self.threads}

@@ -13,8 +13,21 @@ BC / (BC + 4): the per-block cost (index load, pointer setup) against BC steps o
 The constant is calibrated on the measured single-layer runs (docs/kernel.md: [128, 768] x
 [3072, 768]^T at density 0.1, back to back): 32x32 blocks 8.3x (efficiency 0.83), 16x16 7.2x
 (0.72; the model says 0.74). 1x1 "blocks" come out near 0.01, so unstructured sparsity never
-lowers. On stock onnxruntime the function body computes every padded slot (S per block row) and
-is slower; the estimate is the kernel's. A layer is lowered when it reaches `min_speedup`.
+lowers.
+
+On stock onnxruntime (`[export] target = "stock"`) the function body computes every padded slot (S
+per block row: `stored`, not `work`) through a Gather, a batched MatMul and transposes, whose fixed
+cost dominates small layers. For W = M*N*K multiply-adds (M rows of X):
+
+    stock speedup = (W + DENSE_OVERHEAD_MACS) / (W * stored / STOCK_EFFICIENCY + STOCK_OVERHEAD_MACS)
+
+calibrated on 2 threads of an AMD EPYC (Zen 4, onnxruntime 1.32, 32x32 and 16x16 blocks at density
+0.1): [128, 768] x [768, 768]^T balanced 3.9x measured (the model says 4.2x), [5, 96] x [64, 96]^T
+0.4x (0.3x), [128, 768] x [3072, 768]^T with unbalanced rows (stored 0.58) 1.03x (0.7x).
+
+These constants are a fallback: at export sparsec measures each layer shape on the target runtime
+(sparsec.lowering.calibrate) and decides on the measurement. A layer is lowered when it reaches
+`min_speedup`.
 """
 from __future__ import annotations
 
@@ -25,6 +38,9 @@ import torch
 
 PEAK_EFFICIENCY = 0.93   # calibrated: see the module docstring
 DEFAULT_MIN_SPEEDUP = 1.5
+STOCK_EFFICIENCY = 0.4         # the function body's multiply-adds per dense one (calibrated above)
+STOCK_OVERHEAD_MACS = 2.5e6    # its fixed cost per call (Gather, Transposes), in dense multiply-adds
+DENSE_OVERHEAD_MACS = 0.7e6    # a dense MatMul's fixed cost per call, likewise
 
 
 @dataclass(frozen=True)
@@ -78,3 +94,10 @@ def estimated_speedup(stats: BlockStats) -> float:
     if stats.work == 0:
         return math.inf
     return efficiency(stats.block) / stats.work
+
+
+def estimated_speedup_stock(stats: BlockStats, rows: int) -> float:
+    """The function body on stock onnxruntime against a dense MatMul, `rows` rows of X."""
+    n, k = stats.shape
+    macs = rows * n * k
+    return (macs + DENSE_OVERHEAD_MACS) / (macs * stats.stored / STOCK_EFFICIENCY + STOCK_OVERHEAD_MACS)

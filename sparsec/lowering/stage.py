@@ -25,7 +25,12 @@ def dense_copy(module: fx.GraphModule) -> fx.GraphModule:
 
 def lowered_copy(module: fx.GraphModule, *, int8: bool = False, policy: str = "cost",
                  min_speedup: float | None = None, block: tuple[int, int] | None = None,
+                 target: str = "sparsec", measure: bool = True, threads: int = 0,
+                 keep_dense: tuple[tuple[str, str], ...] = (),
                  instruments: Instruments | None = None) -> fx.GraphModule:
-    """A baked copy, in eval mode, whose chosen sites are rewritten by their lowering target."""
-    passes = build_lowering_pipeline(int8=int8, policy=policy, min_speedup=min_speedup, block=block)
+    """A baked copy, in eval mode, whose chosen sites are rewritten by their lowering target
+    (chosen for the `target` runtime, see sparsec.passes.choose_sparse_layers)."""
+    passes = build_lowering_pipeline(int8=int8, policy=policy, min_speedup=min_speedup, block=block,
+                                     target=target, measure=measure, threads=threads,
+                                     keep_dense=keep_dense)
     return run_pipeline(copy.deepcopy(module), passes, instruments).eval()

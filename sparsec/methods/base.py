@@ -83,6 +83,8 @@ class Method:
       scopes          the `scope` values the method accepts
       needs_gradients True when `observe` reads `weight.grad` (masks cannot be ranked at step 0)
       schedule_kinds  the `[schedule] kind` values the method accepts (empty: every kind)
+      balances        True when its masks come from masking.keep_top, which honours a group's
+                      `balanced = true` (a method choosing blocks otherwise sets False)
     """
 
     name: ClassVar[str]
@@ -94,6 +96,7 @@ class Method:
     scopes: ClassVar[tuple[str, ...]] = ("local", "global")
     needs_gradients: ClassVar[bool] = False
     schedule_kinds: ClassVar[tuple[str, ...]] = ()
+    balances: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         opts = {key: f.default for key, f in self.options.items()}

@@ -150,6 +150,7 @@ class DynSparse(Method):
                "needs `schedule.kind = \"constant\"`, `scope = \"local\"` and the attached optimizer")
     paper = "Dietrich et al. 2022, Algorithm 1, Eq 1, 2, 3"
     scopes = ("local",)
+    balances = False   # random initial blocks and prune/regrow per site, not Top_v per row
     state = ("explored",)
     schedule_kinds = ("constant",)  # always sparse: the group's density from step 0
     options = {

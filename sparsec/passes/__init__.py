@@ -47,12 +47,17 @@ def build_pipeline(spec: Any, dry_run: bool = False) -> list[Pass]:
 
 
 def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedup: float | None = None,
-                            block: tuple[int, int] | None = None) -> list[Pass]:
-    """The lower stage, run on a copy of a rewritten module (Program.lower, export)."""
+                            block: tuple[int, int] | None = None, target: str = "sparsec",
+                            measure: bool = True, threads: int = 0,
+                            keep_dense: tuple[tuple[str, str], ...] = ()) -> list[Pass]:
+    """The lower stage, run on a copy of a rewritten module (Program.lower, export); `target` is
+    the runtime the layers are chosen for (see choose_sparse_layers)."""
     return [
         BakeMasks(),
         ChooseSparseLayers(policy=policy, block=block,
-                           min_speedup=DEFAULT_MIN_SPEEDUP if min_speedup is None else min_speedup),
+                           min_speedup=DEFAULT_MIN_SPEEDUP if min_speedup is None else min_speedup,
+                           runtime=target, measure=measure, threads=threads, keep_dense=keep_dense,
+                           int8=int8),
         LowerBlockSparse(int8=int8),
         SafeViews(),
     ]

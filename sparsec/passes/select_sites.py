@@ -62,7 +62,8 @@ class SelectSites(Pass):
             block = tuple(group.block)
             info.sites[name] = replace(site, group=group.index, method=group.method,
                                        density=group.density, scope=group.scope, block=block,
-                                       padding=blocks.padding(site.shape, block))
+                                       padding=blocks.padding(site.shape, block),
+                                       balanced=group.balanced)
             chosen[name] = group.index
         if self.require_sites:
             self._check_every_group_selects(info)

@@ -33,6 +33,14 @@ def prune_fields() -> dict[str, Field]:
                        "`[32, 32]` is where the block-sparse kernel runs fastest. When the block does "
                        "not divide the matrix, the last partial blocks are padded. At most 1024 "
                        "per side.", default=[1, 1], le=1024),
+        "balanced": Field("bool", "Keep the same number of blocks in every block row of each weight "
+                          "matrix: each row keeps its round(density x block columns) best blocks (at "
+                          "least one), so the density reached is that count / block columns, exactly "
+                          "`density` when it is a multiple of 1 / block columns (the report shows it "
+                          "per layer). The kernel's threads and the stock function body (which "
+                          "computes the longest block row's length in every row) run balanced masks "
+                          "faster. Needs `scope = \"local\"` and a method that selects by Top-v.",
+                          default=False),
     }
 
 

@@ -9,10 +9,11 @@ from typing import Any, Mapping
 
 from sparsec.schedules import ScheduleParams
 from sparsec.schema import default
-from sparsec.spec.fields import CAPTURE_FIELDS, TRAIN_FIELDS, schedule_fields
+from sparsec.spec.fields import CAPTURE_FIELDS, TRAIN_FIELDS, prune_fields, schedule_fields
 
 DICT_SOURCE = "<dict>"
 _SCHEDULE = schedule_fields()
+_PRUNE = prune_fields()
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class PruneGroup:
     density: float
     scope: str
     block: tuple[int, int]
+    balanced: bool = default(_PRUNE, "balanced")
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,6 +38,7 @@ class PruneGroup:
             "density": self.density,
             "scope": self.scope,
             "block": list(self.block),
+            "balanced": self.balanced,
             **copy.deepcopy(dict(self.options)),
         }
 

@@ -192,6 +192,26 @@ def _check_method_scope(resolved: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+@register_check("`balanced = true` keeps the same number of blocks in every block row of each "
+                "weight, so it needs `scope = \"local\"` and a method whose masks are a Top-v of its "
+                "scores (not `dynsparse`; `soft_movement` and `l0` are global).")
+def _check_balanced(resolved: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    for i, group in enumerate(resolved.get("prune") or []):
+        if not group.get("balanced"):
+            continue
+        cls = methods.registered().get(group.get("method"))  # type: ignore[arg-type]
+        if cls is not None and not cls.balances:
+            problems.append((f"prune[{i}].balanced", f"true is not supported by method {cls.name!r}, "
+                                                     f"which does not select blocks by Top-v (allowed: "
+                                                     f"false)"))
+        elif group.get("scope") not in (None, "local"):
+            problems.append((f"prune[{i}].balanced", f"true needs scope = 'local' (got "
+                                                     f"{group.get('scope')!r}): every weight keeps its "
+                                                     f"own blocks per row"))
+    return problems
+
+
 @register_check("A method's schedule is one it supports: `dynsparse` keeps its density constant "
                 "(`schedule.kind = \"constant\"`).")
 def _check_schedule_kind(resolved: Mapping[str, Any]) -> list[Problem]:

@@ -319,5 +319,6 @@ def _build_group(index: int, entry: Mapping[str, Any]) -> PruneGroup:
                       density=entry["density"],
                       scope=entry["scope"],
                       block=(entry["block"][0], entry["block"][1]),
+                      balanced=entry["balanced"],
                       options=options)
 
