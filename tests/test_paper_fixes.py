@@ -1,0 +1,169 @@
+"""The fixes of issue 11 ("the papers, exactly"), each against a computation by hand or the
+reference formula on small tensors: the Gauss-Newton curvature of loss modelling (Eq 8), Algorithm 1
+with all pi iterations inside one step and Delta-L of the whole prune (Table 1)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+import sparsec
+from sparsec import curvature, estimation, modelfile, schedules
+from sparsec.errors import SpecError, TrainingError
+from sparsec.report import build_report, format_report
+from sparsec.spec import load_spec
+from sparsec.training.losses import objective as objective_of
+from sparsec.training.loop import fine_prune
+from tests.helpers import spec_dict
+
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+
+
+def _reference_ggn(model: torch.nn.Module, xs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """mean_i sum_j p_ij (d log p_ij / d W)^2 from per-example Jacobians of log_softmax (torch.func)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def log_probs(p, x):
+        return torch.log_softmax(functional_call(model, p, (x[None],))[0], -1)
+
+    jac = vmap(jacrev(log_probs), in_dims=(None, 0))(params, xs)            # name -> [B, C, *shape]
+    probs = torch.softmax(model(xs), -1).detach()                           # [B, C]
+    return {k: (probs.reshape(*probs.shape, *[1] * (j.dim() - 2)) * j * j).sum(1).mean(0)
+            for k, j in jac.items()}
+
+
+def test_ggn_diagonal_matches_per_example_jacobians():
+    model = _mlp()
+    xs = torch.randn(6, 5)
+    weights = [model[0].weight, model[2].weight]
+    ref = _reference_ggn(model, xs)
+    # one example per item (averaged over items) and one item of all six: the same exact value
+    per_example = [torch.zeros_like(w) for w in weights]
+    for i in range(6):
+        for acc, d in zip(per_example, curvature.ggn_diagonal(model(xs[i:i + 1]), torch.zeros(1, dtype=torch.long), weights)):
+            acc += d / 6
+    whole = curvature.ggn_diagonal(model(xs), torch.zeros(6, dtype=torch.long), weights)
+    for got in (per_example, whole):
+        torch.testing.assert_close(got[0], ref["0.weight"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[1], ref["2.weight"], rtol=1e-5, atol=1e-7)
+    # ignored rows (-100) do not count; the labels themselves do not matter (model's own p)
+    target = torch.tensor([3, -100, 1, -100, 0, 2])
+    masked = curvature.ggn_diagonal(model(xs), target, weights)
+    keep = _reference_ggn(model, xs[target != -100])
+    torch.testing.assert_close(masked[1], keep["2.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_ggn_mc_is_unbiased_and_empirical_fisher_is_different():
+    model = _mlp(1)
+    xs = torch.randn(3, 5)
+    w = [model[2].weight]
+    ref = _reference_ggn(model, xs)["2.weight"]
+    gen = torch.Generator().manual_seed(0)
+    draws = 1000
+    mean = sum(curvature.ggn_mc_diagonal(model(xs), torch.zeros(3, dtype=torch.long), w, gen)[0]
+               for _ in range(draws)) / draws
+    # the relative error of the Monte Carlo mean shrinks like 1/sqrt(draws)
+    assert float((mean - ref).abs().sum() / ref.abs().sum()) < 0.08
+    # squared gradient of the true labels: another quantity
+    y = torch.tensor([0, 1, 2])
+    ef = sum(torch.autograd.grad(torch.nn.functional.cross_entropy(model(xs[i:i + 1]), y[i:i + 1]), w)[0] ** 2
+             for i in range(3)) / 3
+    assert float((ef - ref).abs().sum() / ref.abs().sum()) > 0.3
+
+
+def test_estimate_fisher_uses_the_ggn_by_default_in_the_qm_saliency():
+    model = _mlp(2)
+    xs, ys = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    spec = spec_dict(["*"], method="qm", density=0.5, schedule={"kind": "one_shot", "warmup": 1})
+    prog = sparsec.compile(model, spec, (torch.randn(1, 5),))
+    assert prog.method(0).opts["curvature"] == "ggn"
+
+    def loss_of(i):
+        return torch.nn.functional.cross_entropy(prog(xs[i:i + 1]), ys[i:i + 1])
+
+    with pytest.raises(TrainingError, match="logits_fn"):
+        prog.estimate_fisher(range(4), loss_of)
+    prog.estimate_fisher(range(4), loss_of, logits_fn=lambda i: (prog(xs[i:i + 1]), ys[i:i + 1]))
+    ref = _reference_ggn(model, xs)
+    w = model[0].weight.detach()
+    g = sum(torch.autograd.grad(loss_of(i), model[0].weight)[0] for i in range(4)) / 4
+    expected = (-g * w + 0.5 * ref["0.weight"] * w * w).abs()
+    assert prog.sites[0].shape == tuple(w.shape)
+    torch.testing.assert_close(prog.state_of(prog.sites[0].name).buffers["saliency"], expected,
+                               rtol=1e-5, atol=1e-8)
+
+
+def test_ggn_needs_a_cross_entropy_objective():
+    spec = spec_dict(["*"], method="lm", density=0.5, schedule={"kind": "one_shot", "warmup": 1})
+    prog = sparsec.compile(_mlp(), spec, (torch.randn(1, 5),))
+    own = objective_of(None)
+    estimation.check(prog, own)  # the default cross-entropy: fine
+    user = type(own)(loss=own.loss, metric=own.metric, description="loss(outputs, batch) of model.py")
+    with pytest.raises(TrainingError, match=r"prune\[0\].curvature = 'ggn'.*empirical_fisher"):
+        estimation.check(prog, user)
+
+
+# ------------------------------------------------------------------ Algorithm 1 inside one step
+def test_at_once_schedule_and_its_spec_rules():
+    p = schedules.ScheduleParams(final=0.01, warmup=3, iterations=4, at_once=True, total=50, cooldown=5)
+    assert [schedules.pruning_iteration(t, p) for t in (0, 2, 3, 40)] == [0, 0, 4, 4]
+    assert schedules.density_at("exponential", 3, p) == 0.01
+    assert [round(schedules.density_after_iteration("exponential", i, p), 6) for i in range(5)] == \
+        [1.0, round(0.01 ** 0.25, 6), 0.1, round(0.01 ** 0.75, 6), 0.01]
+    assert schedules.density_after_iteration("linear", 2, p) == pytest.approx(1 - 2 * 0.99 / 4)
+    with pytest.raises(SpecError, match="schedule.at_once: true needs kind 'linear' or 'exponential'"):
+        load_spec(spec_dict(["*"], method="lm", schedule={"kind": "one_shot", "warmup": 1, "at_once": True}))
+    load_spec(spec_dict(["*"], method="lm", schedule={"kind": "linear", "warmup": 1, "at_once": True,
+                                                       "iterations": 5}))
+
+
+def _run(spec: dict):
+    mf = modelfile.load(MODELS / "tiny_mlp.py")
+    loaded = load_spec(spec)
+    prog = sparsec.compile(mf.model, loaded, mf.example_inputs)
+    return prog, fine_prune(prog, mf, loaded.train, progress=False), loaded
+
+
+@pytest.mark.parametrize("curv", ["ggn", "ggn_mc"])
+def test_fine_prune_at_once_runs_pi_iterations_in_one_step_and_reports_the_whole_delta_l(curv):
+    pi = 5
+    spec = {"prune": [{"targets": ["fc*"], "method": "qm", "density": 0.1, "scope": "global",
+                       "fisher_examples": 8, "fisher_chunk": 4, "curvature": curv}],
+            "schedule": {"kind": "exponential", "warmup": 3, "iterations": pi, "at_once": True},
+            "train": {"steps": 6, "batch_size": 16, "lr": 1e-2}}
+    prog, result, loaded = _run(spec)
+    its = result.pruning_iterations
+    assert [it["iteration"] for it in its] == list(range(1, pi + 1)) and {it["step"] for it in its} == {3}
+    total = sum(m.numel() for m in prog.masks().values())
+    expected = [schedules.density_after_iteration("exponential", i, loaded.schedule.params(0.1))
+                for i in range(1, pi + 1)]
+    assert [it["density"] for it in its] == pytest.approx(expected, abs=1.5 / total)
+    # the density reached at step 3 stays (fine-tuning afterwards prunes nothing more)
+    assert result.densities[2:] == pytest.approx([its[-1]["density"]] * 4)
+    assert len(result.prunes) == 1
+    whole = result.prunes[0]
+    assert whole["iterations"] == pi and whole["density_before"] == 1.0 and whole["step"] == 3
+    assert whole["loss_before"] == its[0]["loss_before"]   # measured on the first iteration's examples
+    assert whole["delta_loss"] == abs(whole["loss_after"] - whole["loss_before"])
+    report = build_report(model_path="tiny_mlp.py", spec=loaded, capture_tool="export", sites=prog.sites,
+                          left_out={}, prog=prog, result=result)
+    assert report["prunes"] == result.prunes and "whole prune" in format_report(report)
+
+
+def test_at_once_without_the_intermediate_iterations_is_an_error():
+    spec = spec_dict(["*"], method="lm", density=0.1, curvature="empirical_fisher",
+                     schedule={"kind": "linear", "warmup": 1, "iterations": 3, "at_once": True})
+    model = _mlp()
+    prog = sparsec.compile(model, spec, (torch.randn(1, 5),))
+    xs, ys = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(prog(xs), ys).backward()
+    prog.estimate_fisher(range(4), lambda i: torch.nn.functional.cross_entropy(prog(xs[i:i + 1]), ys[i:i + 1]))
+    with pytest.raises(TrainingError, match="0 of the first 2 were done"):
+        prog.step()
