@@ -167,3 +167,23 @@ def test_at_once_without_the_intermediate_iterations_is_an_error():
     prog.estimate_fisher(range(4), lambda i: torch.nn.functional.cross_entropy(prog(xs[i:i + 1]), ys[i:i + 1]))
     with pytest.raises(TrainingError, match="0 of the first 2 were done"):
         prog.step()
+
+
+# ------------------------------------------------------------------------ sensitivity (PINS Eq 5)
+def test_sensitivity_reads_the_weight_before_the_update():
+    model = _mlp(3)
+    spec = spec_dict(["*"], method="sensitivity", density=0.5,
+                     schedule={"kind": "cubic", "total": 10, "warmup": 2, "cooldown": 2})
+    prog = sparsec.compile(model, spec, (torch.randn(1, 5),))
+    opt = torch.optim.SGD(prog.parameters(), lr=0.5)
+    xs, ys = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(prog(xs), ys).backward()
+    before = model[0].weight.detach().clone()
+    grad = model[0].weight.grad.clone()
+    opt.step()
+    assert not torch.equal(before, model[0].weight.detach())
+    with pytest.raises(TrainingError, match=r"theta\^\(t\)"):
+        prog.step()   # no optimizer attached: theta^(t) cannot be known
+    prog.step(optimizer=opt)
+    # smoothing "none": the buffer holds |g theta^(t)| of this step, not |g theta^(t+1)|
+    torch.testing.assert_close(prog.state_of(prog.sites[0].name).buffers["ema"], (grad * before).abs())
