@@ -187,3 +187,30 @@ def test_sensitivity_reads_the_weight_before_the_update():
     prog.step(optimizer=opt)
     # smoothing "none": the buffer holds |g theta^(t)| of this step, not |g theta^(t+1)|
     torch.testing.assert_close(prog.state_of(prog.sites[0].name).buffers["ema"], (grad * before).abs())
+
+
+# ------------------------------------------------- movement pruning recipe in the shipped specs
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+
+@pytest.mark.parametrize("name", ["movement", "soft_movement", "l0", "movement_distill", "magnitude"])
+def test_movement_specs_freeze_the_embeddings_and_warm_up_then_decay(name):
+    """Movement pruning section 5: the embeddings are frozen; the learning rate warms up linearly
+    and decays linearly. The freeze glob takes exactly the embeddings of a Hugging Face BERT task
+    model (and of a bare BertModel), and the sites the spec prunes are encoder linears."""
+    from fnmatch import fnmatchcase
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    spec = load_spec(SPECS / f"{name}.toml")
+    assert spec.train.freeze == ("*embeddings*",)
+    assert spec.train.lr_schedule == "linear" and 0 < spec.train.warmup_steps < spec.train.steps
+    assert spec.train.score_lr_schedule == "linear"
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)
+    for prefix, model in (("bert.", BertForSequenceClassification(config)),
+                          ("", BertForSequenceClassification(config).bert)):
+        names = [n for n, _ in model.named_parameters()]
+        frozen = {n for n in names if fnmatchcase(n, spec.train.freeze[0])}
+        assert frozen == {n for n in names if n.startswith(prefix + "embeddings.")} and frozen
+        assert not any(fnmatchcase(n, spec.groups[0].targets[0]) for n in frozen)
