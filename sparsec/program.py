@@ -252,7 +252,7 @@ class Program(torch.nn.Module):
         """alpha * T^2 * KL(teacher || student) on the logits of `outputs` (this program's outputs
         on `*args, **kwargs`) with the [distill] table's alpha and temperature T (movement pruning
         section 6; Hinton et al. 2014); 0 without [distill]. The teacher is the dense model as it
-        was compiled. Train on `task_loss_weight * task_loss + distillation_loss(...)`."""
+        was compiled, or the one given to `set_teacher` (`[distill] teacher`). Train on `task_loss_weight * task_loss + distillation_loss(...)`."""
         distill = self.training_tables.distill
         if not distill:
             return torch.zeros(())
@@ -263,6 +263,18 @@ class Program(torch.nn.Module):
             teacher = self._teacher(*args, **kwargs)
         kl = distillation_kl(logits_of(outputs), logits_of(teacher), float(distill["temperature"]))
         return float(distill["alpha"]) * kl
+
+    def set_teacher(self, teacher: torch.nn.Module) -> None:
+        """Distil from `teacher` instead of the dense copy (movement pruning Table 3: a separately
+        fine-tuned model; sparsec.training.teacher loads the one `[distill] teacher` names). It is
+        frozen, put in eval mode and moved to the Program's device; it stays out of parameters()
+        and state_dict()."""
+        if not self.training_tables.distill:
+            raise SpecError(["distill: set_teacher needs a [distill] table in the spec"])
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        device = next(iter(self.parameters()), torch.zeros(())).device
+        object.__setattr__(self, "_teacher", teacher.to(device).eval())
 
     def _frozen_dense_copy(self) -> fx.GraphModule:
         teacher = self.finalize()

@@ -3,6 +3,7 @@ reference formula on small tensors: the Gauss-Newton curvature of loss modelling
 with all pi iterations inside one step and Delta-L of the whole prune (Table 1)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,105 @@ def test_movement_specs_freeze_the_embeddings_and_warm_up_then_decay(name):
         frozen = {n for n in names if fnmatchcase(n, spec.train.freeze[0])}
         assert frozen == {n for n in names if n.startswith(prefix + "embeddings.")} and frozen
         assert not any(fnmatchcase(n, spec.groups[0].targets[0]) for n in frozen)
+
+
+# ------------------------------------------------------------------ the distillation teacher
+TEACHER_MODEL = '''
+import torch
+import sys
+sys.path.insert(0, {models!r})
+from tiny_mlp import *  # noqa: F401,F403  (build_model, example_inputs, train_data, eval_data)
+from tiny_mlp import Tiny
+
+
+def teacher():
+    torch.manual_seed(7)
+    return Tiny()
+'''
+
+
+def _teacher_case(tmp_path, with_teacher_fn: bool) -> Path:
+    text = TEACHER_MODEL.format(models=str(MODELS))
+    if not with_teacher_fn:
+        text = text.split("def teacher")[0]
+    path = tmp_path / "model.py"
+    path.write_text(text)
+    return path
+
+
+def test_teacher_from_model_py_and_from_saved_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsec.errors import ModelFileError, UserError
+    from sparsec.training.teacher import load_teacher
+
+    mf = modelfile.load(_teacher_case(tmp_path, True))
+    x = torch.randn(5, 8)
+    torch.manual_seed(7)
+    expected = mf.module.Tiny()(x)
+    torch.testing.assert_close(load_teacher("model", mf)(x), expected)
+    assert load_teacher("dense", mf) is None
+    # a folder of weights (a separately fine-tuned model), relative to the spec file
+    tuned = mf.module.Tiny()
+    with torch.no_grad():
+        tuned.head.weight.mul_(3.0)
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned.state_dict(), str(tmp_path / "tuned" / "model.safetensors"))
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text("")
+    loaded = load_teacher("tuned", mf, str(spec_file))
+    torch.testing.assert_close(loaded(x), tuned(x))
+    # the errors: no teacher(), no folder, other tensors
+    (tmp_path / "plain").mkdir()
+    plain = modelfile.load(_teacher_case(tmp_path / "plain", False))
+    with pytest.raises(ModelFileError, match="teacher\\(\\) function"):
+        load_teacher("model", plain)
+    with pytest.raises(UserError, match="does not exist"):
+        load_teacher("nowhere", mf, str(spec_file))
+    save_file({"fc1.weight": torch.zeros(3, 3)}, str(tmp_path / "tuned" / "model.safetensors"))
+    with pytest.raises(UserError, match="lacks tensors"):
+        load_teacher("tuned", mf, str(spec_file))
+
+
+def test_program_distils_from_the_teacher_it_is_given():
+    from sparsec.training.distill import distillation_kl
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    spec = {**spec_dict(["*"], method="magnitude", density=0.5), "distill": {"alpha": 0.6, "temperature": 2.0}}
+    prog = sparsec.compile(model, spec, (torch.randn(1, 5),))
+    teacher = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(0.5))
+    prog.set_teacher(teacher)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert not any("_teacher" in k for k in prog.state_dict())
+    x = torch.randn(3, 5)
+    out = prog(x)
+    torch.testing.assert_close(prog.distillation_loss(out, x), 0.6 * distillation_kl(out, teacher(x), 2.0))
+    plain = sparsec.compile(torch.nn.Sequential(torch.nn.Linear(5, 4)), spec_dict(["*"], method="magnitude"),
+                            (torch.randn(1, 5),))
+    with pytest.raises(SpecError, match="distill"):
+        plain.set_teacher(teacher)
+
+
+def test_compile_uses_the_spec_teacher(tmp_path, sparsec_cli):
+    from safetensors.torch import save_file
+
+    model = _teacher_case(tmp_path, True)
+    spec = (MODELS / "tiny.toml").read_text().replace("steps = 24", "steps = 4").replace("total = 24", "total = 4") \
+        .replace("cooldown = 6", "cooldown = 1")
+    (tmp_path / "weights").mkdir()
+    save_file(modelfile.load(model).module.teacher().state_dict(), str(tmp_path / "weights" / "model.safetensors"))
+    losses = {}
+    for teacher in ("dense", "model", "weights"):
+        path = tmp_path / f"{teacher}.toml"
+        path.write_text(spec + f'\n[distill]\nalpha = 0.5\nteacher = "{teacher}"\n')
+        code, out, err = sparsec_cli("compile", model, "--spec", path, "-o", tmp_path / f"out_{teacher}",
+                                     "--no-progress", "--stop-after", "train")
+        assert code == 0, err
+        report = json.loads((tmp_path / f"out_{teacher}" / "report.json").read_text())
+        losses[teacher] = report["final_loss"]
+    # the same seeds: only the teacher differs ("model" and "weights" hold the same Tiny(seed 7))
+    assert losses["model"] == pytest.approx(losses["weights"]) and losses["model"] != losses["dense"]
+    path = tmp_path / "bad.toml"
+    path.write_text(spec + '\n[distill]\nteacher = "missing_folder"\n')
+    code, out, err = sparsec_cli("compile", model, "--spec", path, "-o", tmp_path / "out_bad", "--no-progress")
+    assert code == 2 and "missing_folder" in err and "Traceback" not in err
