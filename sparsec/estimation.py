@@ -49,8 +49,12 @@ def options(prog: Any) -> dict[str, int]:
 
 
 def curvature_of(prog: Any, group: int) -> str:
-    """The `curvature` option of a group's method (sparsec.curvature)."""
-    return str(prog.method(group).opts.get("curvature", "empirical_fisher"))
+    """The `curvature` option of a group's method (sparsec.curvature), or "none" for a method that
+    reads only the gradient (lm): its G is left at zero and costs nothing."""
+    method = prog.method(group)
+    if not getattr(method, "needs_curvature", True):
+        return "none"
+    return str(method.opts.get("curvature", "empirical_fisher"))
 
 
 def estimate_fisher(prog: Any, examples: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor],
@@ -67,7 +71,7 @@ def estimate_fisher(prog: Any, examples: Iterable[Any], loss_fn: Callable[[Any],
     if not states:
         raise TrainingError("estimate_fisher: no group of this program uses lm, qm or obd")
     kinds = [curvature_of(prog, st.site.group) for st in states]
-    if logits_fn is None and any(k != "empirical_fisher" for k in kinds):
+    if logits_fn is None and any(k in ("ggn", "ggn_mc") for k in kinds):
         raise TrainingError(
             "estimate_fisher: curvature 'ggn' / 'ggn_mc' (the Gauss-Newton diagonal of a softmax "
             "cross-entropy) needs logits_fn(example) -> (logits [N, C], targets [N]); pass it, or set "
@@ -172,7 +176,7 @@ def check(prog: Any, objective: Objective) -> None:
         return
     for plan in estimating_groups(prog):
         kind = curvature_of(prog, plan.index)
-        if kind != "empirical_fisher":
+        if kind in ("ggn", "ggn_mc"):
             raise TrainingError(
                 f"prune[{plan.index}].curvature = {kind!r} is the Gauss-Newton diagonal of a softmax "
                 f"cross-entropy, but the loss is {objective.description}: set curvature = "

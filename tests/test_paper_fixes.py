@@ -102,13 +102,17 @@ def test_estimate_fisher_uses_the_ggn_by_default_in_the_qm_saliency():
 
 
 def test_ggn_needs_a_cross_entropy_objective():
-    spec = spec_dict(["*"], method="lm", density=0.5, schedule={"kind": "one_shot", "warmup": 1})
+    spec = spec_dict(["*"], method="qm", density=0.5, schedule={"kind": "one_shot", "warmup": 1})
     prog = sparsec.compile(_mlp(), spec, (torch.randn(1, 5),))
     own = objective_of(None)
     estimation.check(prog, own)  # the default cross-entropy: fine
     user = type(own)(loss=own.loss, metric=own.metric, description="loss(outputs, batch) of model.py")
     with pytest.raises(TrainingError, match=r"prune\[0\].curvature = 'ggn'.*empirical_fisher"):
         estimation.check(prog, user)
+    # lm reads only g: no curvature, so any loss will do
+    lm = sparsec.compile(_mlp(), {**spec, "prune": [{**spec["prune"][0], "method": "lm"}]}, (torch.randn(1, 5),))
+    assert estimation.curvature_of(lm, 0) == "none"
+    estimation.check(lm, user)
 
 
 # ------------------------------------------------------------------ Algorithm 1 inside one step

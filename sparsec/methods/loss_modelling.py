@@ -54,6 +54,7 @@ class _LossModel(Method):
     state = ("saliency",)
     needs_gradients = True
     absolute: ClassVar[bool] = True
+    needs_curvature: ClassVar[bool] = True   # False: the estimate skips G (sparsec.estimation)
 
     def init_state(self, weight: torch.Tensor, site: Site) -> dict[str, torch.Tensor]:
         grid = blocks.grid_shape(site.shape, site.block)
@@ -117,6 +118,7 @@ class LinearModel(_LossModel):
     name = "lm"
     summary = "prune the smallest |g theta| of a linear loss model, estimated on data (loss modelling Eq 6)"
     paper = "Laurent et al. 2020, Eq 6, Algorithm 1"
+    needs_curvature = False
 
     @staticmethod
     def term(grad, fisher, theta):
