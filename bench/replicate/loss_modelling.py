@@ -211,6 +211,7 @@ def write(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
         json.dump(result, f, indent=1)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, out)
     plot(result["runs"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
