@@ -121,6 +121,7 @@ def run(job: Job) -> Outcome:
 
         prog = outcome.program = Program(gm)
         prog.example_inputs, prog.example_kwargs = job.example_inputs, dict(job.example_kwargs)
+        _set_teacher(prog, spec, data)
         prog.train(job.model.training)
         if will_train:
             workdir = checkpoint.working_folder(job.out) if job.out is not None else None
@@ -148,6 +149,17 @@ def run(job: Job) -> Outcome:
         if job.stop_after in (None, "lower") and job.out is not None:
             lower_into(job.out, prog, job.spec, job.instruments, outcome)
         return outcome
+
+
+def _set_teacher(prog: Program, spec: Spec, data: ModelFile | None) -> None:
+    """`[distill] teacher` other than the dense copy: model.py's teacher() or saved weights."""
+    from sparsec.training.teacher import load_teacher, teacher_source
+
+    source = teacher_source(spec)
+    if source != "dense":
+        teacher = load_teacher(source, data, spec.source)
+        if teacher is not None:
+            prog.set_teacher(teacher)
 
 
 def _checkpoint_to_resume(job: Job, will_train: bool) -> Any:

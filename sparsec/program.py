@@ -12,7 +12,8 @@ after it; `pins` also reads the update the optimizer has just applied, so attach
     loss = prog.task_loss_weight * loss_fn(out) + prog.distillation_loss(out, x) + prog.regularization()
     loss.backward(); optimizer.step()
     if prog.estimate_due():                             # loss-modelling methods (lm, qm, obd) only
-        prog.estimate_fisher(examples, lambda ex: loss_of(prog, ex))
+        prog.estimate_fisher(examples, lambda ex: loss_of(prog, ex),
+                             logits_fn=lambda ex: logits_and_targets(prog, ex))   # [N, C], [N]
     prog.step(); optimizer.zero_grad()
 
 The Program decides *when* (the schedule, `step()`); each group's Method decides *what* through
@@ -29,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from sparsec import estimation, masking, schedules
-from sparsec.errors import SpecError
+from sparsec.errors import SpecError, TrainingError
 from sparsec.ir import (GroupPlan, TrainingTables, get_attr_value, graph_info, mask_name,
                         scores_name, state_name)
 from sparsec.methods.base import MaskContext, Method, StepContext
@@ -64,6 +65,8 @@ class Program(torch.nn.Module):
         self.example_inputs: tuple = ()   # set by sparsec.compile; used by export_onnx
         self.example_kwargs: dict = {}
         self._optimizer: torch.optim.Optimizer | None = None
+        # at_once schedules: group -> (step, pruning iterations done by prune_iteration at that step)
+        self._iterations_done: dict[int, tuple[int, int]] = {}
         # the spec's training-time tables ([distill], [self_regularization]) for the training loop
         self.training_tables: TrainingTables = info.training
         # The teacher is the dense model before any mask (masks are all ones until update_masks):
@@ -193,16 +196,46 @@ class Program(torch.nn.Module):
         """Recompute every group's masks at the schedule's current density."""
         step = int(self.step_count)
         for plan in self._groups:
-            context = MaskContext(
-                step=step, kind=self._schedule.kind, total=int(self._schedule.total),
-                every=int(self._schedule.every), optimizer=self._optimizer,
-                previous_density=self.density_at(plan.index, max(0, step - self._schedule.every)),
-                estimated_at=int(self.estimate_step) if hasattr(self, "estimate_step") else -1)
-            states = self.site_states(plan.index)
-            grids = self._methods[plan.index].select(states, self.target_density(plan.index),
-                                                     plan.scope, context)
-            if grids is not None:
-                masking.write(states, grids)
+            previous = self.density_at(plan.index, max(0, step - self._schedule.every))
+            density = self.target_density(plan.index)
+            self._check_iterations_done(plan, step, previous, density)
+            self._select(plan, previous, density)
+
+    @torch.no_grad()
+    def prune_iteration(self, group: int, previous: float, density: float) -> None:
+        """One of the first pi - 1 pruning iterations of an `at_once` schedule (loss modelling
+        Algorithm 1 inside one step): mask `group` at `density` now, without advancing the step.
+        Call it after a fresh `estimate_fisher`; sparsec.estimation.before_pruning does both."""
+        self._select(self._groups[group], previous, density)
+        step = int(self.step_count)
+        done_at, done = self._iterations_done.get(group, (-1, 0))
+        self._iterations_done[group] = (step, done + 1 if done_at == step else 1)
+
+    def _select(self, plan: GroupPlan, previous: float, density: float) -> None:
+        step = int(self.step_count)
+        context = MaskContext(
+            step=step, kind=self._schedule.kind, total=int(self._schedule.total),
+            every=int(self._schedule.every), optimizer=self._optimizer, previous_density=previous,
+            estimated_at=int(self.estimate_step) if hasattr(self, "estimate_step") else -1)
+        states = self.site_states(plan.index)
+        grids = self._methods[plan.index].select(states, density, plan.scope, context)
+        if grids is not None:
+            masking.write(states, grids)
+
+    def _check_iterations_done(self, plan: GroupPlan, step: int, previous: float, density: float) -> None:
+        """An `at_once` schedule prunes an estimating group in pi iterations at one step: the first
+        pi - 1 must have been done (`prune_iteration`) before the last one, at `prog.step()`."""
+        pi = int(self._schedule.iterations)
+        if not (self._schedule.at_once and pi > 1 and density < previous
+                and self._methods[plan.index].estimate_options() is not None):
+            return
+        done_at, done = self._iterations_done.get(plan.index, (-1, 0))
+        if done_at != step - 1 or done != pi - 1:
+            raise TrainingError(
+                f"group {plan.index} ({plan.method}): schedule.at_once prunes in {pi} iterations at "
+                f"step {step}, but {done if done_at == step - 1 else 0} of the first {pi - 1} were done: "
+                f"call sparsec.estimation.before_pruning(prog, data, objective) after optimizer.step() "
+                f"and before prog.step() (the fine-pruning loop and the Trainer do)")
 
     def regularization(self) -> torch.Tensor:
         """The term to add to the loss (0 when no regularizer is attached)."""
@@ -227,7 +260,7 @@ class Program(torch.nn.Module):
         """alpha * T^2 * KL(teacher || student) on the logits of `outputs` (this program's outputs
         on `*args, **kwargs`) with the [distill] table's alpha and temperature T (movement pruning
         section 6; Hinton et al. 2014); 0 without [distill]. The teacher is the dense model as it
-        was compiled. Train on `task_loss_weight * task_loss + distillation_loss(...)`."""
+        was compiled, or the one given to `set_teacher` (`[distill] teacher`). Train on `task_loss_weight * task_loss + distillation_loss(...)`."""
         distill = self.training_tables.distill
         if not distill:
             return torch.zeros(())
@@ -238,6 +271,18 @@ class Program(torch.nn.Module):
             teacher = self._teacher(*args, **kwargs)
         kl = distillation_kl(logits_of(outputs), logits_of(teacher), float(distill["temperature"]))
         return float(distill["alpha"]) * kl
+
+    def set_teacher(self, teacher: torch.nn.Module) -> None:
+        """Distil from `teacher` instead of the dense copy (movement pruning Table 3: a separately
+        fine-tuned model; sparsec.training.teacher loads the one `[distill] teacher` names). It is
+        frozen, put in eval mode and moved to the Program's device; it stays out of parameters()
+        and state_dict()."""
+        if not self.training_tables.distill:
+            raise SpecError(["distill: set_teacher needs a [distill] table in the spec"])
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        device = next(iter(self.parameters()), torch.zeros(())).device
+        object.__setattr__(self, "_teacher", teacher.to(device).eval())
 
     def _frozen_dense_copy(self) -> fx.GraphModule:
         teacher = self.finalize()
@@ -256,11 +301,14 @@ class Program(torch.nn.Module):
         return estimation.options(self)
 
     def estimate_fisher(self, examples: Iterable[Any], loss_fn: Callable[[Any], torch.Tensor],
-                        chunk_size: int = 1) -> float:
-        """Estimate g and the diagonal Fisher for the groups that need them (see
-        sparsec.estimation.estimate_fisher); returns the mean loss L(theta). Call it after
-        `optimizer.step()` and before `prog.step()` whenever `estimate_due()`."""
-        return estimation.estimate_fisher(self, examples, loss_fn, chunk_size)
+                        chunk_size: int = 1,
+                        logits_fn: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
+        """Estimate g and the diagonal curvature for the groups that need them (see
+        sparsec.estimation.estimate_fisher; `logits_fn(example)` -> (logits [N, C], targets [N])
+        of the cross-entropy is needed by curvature `ggn` / `ggn_mc`); returns the mean loss
+        L(theta). Call it after `optimizer.step()` and before `prog.step()` whenever
+        `estimate_due()`."""
+        return estimation.estimate_fisher(self, examples, loss_fn, chunk_size, logits_fn)
 
     # ------------------------------------------------------------------------------ output
     def finalize(self) -> fx.GraphModule:

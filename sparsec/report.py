@@ -49,6 +49,7 @@ def build_report(*, model_path: str | Path, spec: Any, capture_tool: str, sites:
         "left_out": dict(left_out),
         # loss-modelling methods: Delta-L = |L(theta + dtheta) - L(theta)| per pruning iteration
         "pruning_iterations": list(getattr(result, "pruning_iterations", []) or []),
+        "prunes": list(getattr(result, "prunes", []) or []),
         "warnings": list(warnings or []),
         **({"lowering": lowering} if lowering is not None else {}),
     }
@@ -112,6 +113,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", "pruning iterations (Delta-L = |L(theta + dtheta) - L(theta)| on the estimate's examples):"]
         lines += [f"  step {it['step']:>6}  density {it['density']:.4f}  loss {it['loss_before']:.4f} -> "
                   f"{it['loss_after']:.4f}  Delta-L {it['delta_loss']:.4f}" for it in report["pruning_iterations"]]
+    if report.get("prunes"):
+        lines += ["", "prunes (Delta-L of the whole prune before any fine-tuning, loss modelling Table 1):"]
+        lines += [f"  step {p['step']:>6}  {p['iterations']} iteration(s)  density {p['density_before']:.4f} -> "
+                  f"{p['density']:.4f}  loss {p['loss_before']:.4f} -> {p['loss_after']:.4f}  "
+                  f"Delta-L {p['delta_loss']:.4f}" for p in report["prunes"]]
     if report.get("left_out"):
         lines += ["", f"left out ({len(report['left_out'])}):"]
         lines += [f"  {name}: {why}" for name, why in report["left_out"].items()]

@@ -18,6 +18,7 @@ class ScheduleParams:
     cooldown: int = 0
     initial: float = 1.0
     iterations: int = 1
+    at_once: bool = False
 
 
 ScheduleFn = Callable[[int, ScheduleParams], float]
@@ -76,11 +77,15 @@ def pruning_iteration(t: int, p: ScheduleParams) -> int:
     The steps between `warmup` and `total - cooldown` are split into pi equal spans; iteration i
     (1 <= i <= pi) happens at the first step of span i, i.e. at step t_i + ceil((i - 1) * span / pi)
     where span = total - warmup - cooldown. So iteration 1 is at step `warmup`, all pi are done
-    before the cool-down, and `total = 0` performs every iteration at once (one-shot pruning of
-    Algorithm 1 with pi iterations and no training in between).
+    before the cool-down. With `total = 0` all pi iterations are due at step `warmup`; without
+    `at_once` they then collapse into one selection (pi = 1). With `at_once` all pi iterations happen
+    inside the one `prog.step()` at step `warmup`, each after a fresh estimate (Algorithm 1:
+    no training between iterations; sparsec.estimation.before_pruning runs the first pi - 1).
     """
     if t < p.warmup:
         return 0
+    if p.at_once:
+        return p.iterations
     span = p.total - p.warmup - p.cooldown
     if span <= 0 or t >= p.total - p.cooldown:
         return p.iterations
@@ -93,7 +98,10 @@ def linear(t: int, p: ScheduleParams) -> float:
     """Loss modelling (Laurent et al. 2020) Algorithm 1, linear steps: every iteration prunes the
     same number of weights, density v_i - i (v_i - v_f) / pi after iteration i of pi
     (with v_i = 1: 1 - i (1 - d_final) / pi). See `pruning_iteration` for when iterations happen."""
-    i = pruning_iteration(t, p)
+    return _linear_after(pruning_iteration(t, p), p)
+
+
+def _linear_after(i: int, p: ScheduleParams) -> float:
     return p.initial - i * (p.initial - p.final) / p.iterations
 
 
@@ -104,10 +112,24 @@ def exponential(t: int, p: ScheduleParams) -> float:
     """Loss modelling (Laurent et al. 2020) Algorithm 1, exponential steps (line 5 is garbled in
     the paper; see shared/papers/README.md): density v_i (v_f / v_i)^(i / pi) after iteration i of
     pi, i.e. d_final^(i / pi) from a dense start. See `pruning_iteration` for when."""
-    i = pruning_iteration(t, p)
+    return _exponential_after(pruning_iteration(t, p), p)
+
+
+def _exponential_after(i: int, p: ScheduleParams) -> float:
     if i >= p.iterations:
         return p.final
     return p.initial * (p.final / p.initial) ** (i / p.iterations)
+
+
+ITERATIVE = {"linear": _linear_after, "exponential": _exponential_after}
+
+
+def density_after_iteration(kind: str, i: int, p: ScheduleParams) -> float:
+    """Density after pruning iteration i (0 <= i <= pi) of an iterative schedule (`linear` or
+    `exponential`); for the other kinds, `initial` before the first iteration and `final` after."""
+    if kind in ITERATIVE:
+        return ITERATIVE[kind](i, p)
+    return p.initial if i <= 0 else p.final
 
 
 @register("one_shot", "`initial_density` for the first `warmup` steps, then the final density "

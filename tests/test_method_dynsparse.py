@@ -233,16 +233,72 @@ def test_every_norm_trains(norm):
     assert prog.density() == 0.25
 
 
-def test_group_lasso_is_the_programs_regularization():
-    prog = compile_(**{"lambda": 0.5})
-    reg = prog.regularization()
-    hand = sum(float(group_lasso(prog.weights()[s.name].detach(), s.block, 0.5,
-                                 keep=kept_blocks(prog)[s.name])) for s in prog.sites)
-    assert math.isclose(float(reg.detach()), hand, rel_tol=1e-6)
-    assert float(compile_().regularization()) == 0.0  # lambda = 0 disables it
-    reg.backward()
-    for name, weight in prog.weights().items():
-        assert bool((weight.grad[prog.masks()[name] == 0] == 0).all())
+def test_group_lasso_is_decoupled_and_scaled_by_the_learning_rate():
+    """Eq 2 as AdamW's decay: W <- W_adam - lr lambda w_std sqrt(B) W_before / ||block||, on the
+    kept blocks, with nothing added to the loss."""
+    lam, lr = 0.5, 1e-2
+    prog = compile_(**{"lambda": lam})
+    assert float(prog.regularization()) == 0.0   # not through the loss any more
+    opt = torch.optim.Adam(prog.model_parameters(), lr=lr)
+    train(prog, opt, 0, 2)                        # Adam has moments
+    before = {n: w.detach().clone() for n, w in prog.weights().items()}
+    x, y = batch(2)
+    torch.nn.functional.mse_loss(prog(x), y).backward()
+    opt.step()
+    adam = {n: w.detach().clone() for n, w in prog.weights().items()}
+    prog.step(optimizer=opt)                      # step 3: no mask update (every 4)
+    for site in prog.sites:
+        w0, mask = before[site.name], prog.masks()[site.name]
+        norms = torch.sqrt(blocks.block_reduce(w0 * w0, site.block, "sum") + 1e-6)
+        hand = adam[site.name] - lr * lam * 0.02 * math.sqrt(2.0) * w0 / blocks.expand(norms, site.shape, site.block)
+        torch.testing.assert_close(prog.weights()[site.name].detach(), hand * mask)
+    # SGD, one step, by hand: W1 = W0 - lr g - lr lambda w_std sqrt(B) W0 / ||block(W0)||
+    prog = compile_(**{"lambda": lam})
+    opt = torch.optim.SGD(prog.model_parameters(), lr=lr)
+    prog.attach_optimizer(opt)
+    w0 = prog.weights()["fc1.weight"].detach().clone()
+    torch.nn.functional.mse_loss(prog(x), y).backward()
+    g = prog.weights()["fc1.weight"].grad.clone()
+    opt.step()
+    prog.step()
+    site = prog.sites[0]
+    norms = blocks.expand(torch.sqrt(blocks.block_reduce(w0 * w0, site.block, "sum") + 1e-6), site.shape, site.block)
+    hand = (w0 - lr * g - lr * lam * 0.02 * math.sqrt(2.0) * w0 / norms) * prog.masks()["fc1.weight"]
+    torch.testing.assert_close(prog.weights()["fc1.weight"].detach(), hand)
+
+
+def test_blocks_pruned_and_drawn_again_in_one_update_start_at_zero():
+    """Algorithm 1: a block pruned at an update and re-allocated by the same update's random draw
+    is a new block: zero weights and zero Adam moments (not the old ones)."""
+    prog = compile_(density=0.75, block=(2, 2))
+    opt = torch.optim.Adam(prog.model_parameters(), lr=1e-2)
+    train(prog, opt, 0, 3)
+    x, y = batch(3)
+    torch.nn.functional.mse_loss(prog(x), y).backward()
+    opt.step()
+    old = kept_blocks(prog)
+    # the blocks the update prunes, by hand: the round(p_r(4) * kept) smallest L1 norms of the kept
+    ratio = prune_ratio_at(4, 40, 0.5)
+    pruned = {}
+    for site in prog.sites:
+        norms = block_norm(prog.weights()[site.name], site.block, "l1").reshape(-1)
+        kept = torch.nonzero(old[site.name].reshape(-1)).flatten()
+        k = math.floor(ratio * kept.numel() + 0.5)
+        grid = torch.zeros(norms.numel(), dtype=torch.bool)
+        grid[kept[torch.sort(norms[kept], stable=True).indices[:k]]] = True
+        pruned[site.name] = grid.reshape(old[site.name].shape)
+    prog.step()  # step 4: update
+    new = kept_blocks(prog)
+    again = 0
+    for site in prog.sites:
+        both = blocks.expand(pruned[site.name] & new[site.name], site.shape, site.block)
+        weight, state = prog.weights()[site.name], opt.state[prog.weights()[site.name]]
+        assert bool((weight[both] == 0).all())
+        assert bool((state["exp_avg"][both] == 0).all()) and bool((state["exp_avg_sq"][both] == 0).all())
+        survived = blocks.expand(old[site.name] & ~pruned[site.name], site.shape, site.block)
+        assert bool((state["exp_avg_sq"][survived] != 0).any())
+        again += int(both.sum())
+    assert again > 0  # the case happened
 
 
 # --------------------------------------------------------------------------------- errors
@@ -317,6 +373,9 @@ def test_spec_file_validates_with_the_papers_hyperparameters(block):
     assert group.method == "dynsparse"
     assert group.density == 0.1 and tuple(group.block) == (16, 16)
     assert spec.schedule.kind == "constant" and spec.schedule.total // spec.schedule.every == 80
+    # Appendix A: linear warm-up (10000 of 757k steps, scaled) then linear decay over the run
+    assert spec.train.lr_schedule == "linear"
+    assert spec.train.warmup_steps == round(10000 * spec.train.steps / 757000)
     text = (SPECS / "dynsparse.toml").read_text().replace("block = [16, 16]", f"block = {block}")
     import tomllib
 

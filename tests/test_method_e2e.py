@@ -32,6 +32,8 @@ def mse(prog, x, y):
 
 
 def compile_(method: str, schedule=None, density=0.25, scope="global", seed=0, **options):
+    if method in ("lm", "qm", "obd"):  # an MSE regression: no softmax for the Gauss-Newton curvature
+        options.setdefault("curvature", "empirical_fisher")
     spec = spec_dict(["fc*"], method=method, density=density, scope=scope,
                      schedule=schedule or CUBIC, **options)
     return sparsec.compile(mlp(seed), spec, (mlp_input(),))

@@ -185,7 +185,7 @@ def test_estimate_fisher_is_the_per_example_empirical_fisher():
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    spec = spec_dict(["*"], method="qm", density=0.5,
+    spec = spec_dict(["*"], method="qm", density=0.5, curvature="empirical_fisher",
                      schedule={"kind": "one_shot", "warmup": 1})
     prog = sparsec.compile(model, spec, (torch.randn(1, 3),))
     xs, ys = torch.randn(4, 3), torch.randn(4, 2)

@@ -132,13 +132,11 @@ class ProgramStep(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer, prog = self.trainer, self.trainer.program
-        if prog.estimate_due():
-            options = prog.estimate_options()
-            chunks = estimation.draw_examples(self._examples(), options["fisher_examples"], options["fisher_chunk"])
-            objective = trainer.objective
-            prog.estimate_fisher(chunks, lambda chunk: objective.loss(objective.forward(prog, chunk, None), chunk),
-                                 chunk_size=options["fisher_chunk"])
+        iteration = estimation.before_pruning(prog, self._examples(), trainer.objective) \
+            if prog.estimate_due() else None
         prog.step()
+        if iteration is not None:
+            iteration.finish(int(prog.step_count), prog)
 
     def _examples(self) -> Any:
         """Batches of the training set for the estimates, on the program's device, forever."""

@@ -19,6 +19,7 @@ import torch
 from sparsec import blocks, masking, ops
 from sparsec.errors import SpecError, TrainingError
 from sparsec.methods.base import MaskContext, Method, SiteState, StepContext, register
+from sparsec.methods.pins import applied_update
 from sparsec.schema import Field
 from sparsec.site import Site
 
@@ -70,16 +71,31 @@ def group_lasso(weight: torch.Tensor, block: tuple[int, int], lam: float, w_std:
     """R(W) = lambda * w_std * sqrt(B) * sum_b sqrt(sum_{(r,s) in b} W_rs^2 + eps), summed over the
     blocks b (only the kept ones when a block-grid `keep` is given).
 
-    Its gradient dR/dW_ij = lambda w_std sqrt(B) W_ij / sqrt(sum_{B(i,j)} W_rs^2 + eps) is exactly
-    the group-lasso term of Dietrich et al. 2022, Eq 2, divided by the learning rate eta(t): with
-    SGD, adding R to the loss gives Eq 2's update. The paper applies the term decoupled from Adam
-    (as AdamW's weight decay); added to the loss, Adam rescales it like any gradient.
+    Its gradient dR/dW_ij = lambda w_std sqrt(B) W_ij / sqrt(sum_{B(i,j)} W_rs^2 + eps) is the
+    group-lasso term of Dietrich et al. 2022, Eq 2, divided by the learning rate eta(t). The method
+    applies it decoupled from Adam (`group_lasso_step`), as the paper does; this value is for
+    reading (a gradient through the loss would be rescaled by Adam).
     """
     sq = blocks.block_reduce(weight * weight, block, "sum")
     norms = torch.sqrt(sq + eps)
     if keep is not None:
         norms = norms * keep.to(norms.dtype)
     return lam * w_std * lasso_block_factor(block) * norms.sum()
+
+
+@torch.no_grad()
+def group_lasso_step(weight: torch.Tensor, block: tuple[int, int], lam: float, lr: float,
+                     w_std: float = W_STD, eps: float = LASSO_EPS) -> torch.Tensor:
+    """The decoupled group-lasso update of Dietrich et al. 2022, Eq 2, for weights W:
+
+        dW_ij = - eta(t) * lambda * w_std * sqrt(B) * W_ij / sqrt(sum_{(r,s) in B(i,j)} W_rs^2 + eps)
+
+    applied next to the optimizer's update as AdamW's decoupled weight decay (Loshchilov & Hutter
+    2017), not through the loss. Returns dW (shaped like W)."""
+    w = weight.detach()
+    norms = torch.sqrt(blocks.block_reduce(w * w, block, "sum") + eps)
+    per_weight = blocks.expand(norms, tuple(w.shape), block)
+    return -lr * lam * w_std * lasso_block_factor(block) * w / per_weight
 
 
 def sparse_learning_rate(dense_lr: float, density: float) -> float:
@@ -129,11 +145,16 @@ class DynSparse(Method):
       The number of kept blocks is unchanged, so the density is exact (blocks are swapped within
       the same size class when partial edge blocks exist).
     - Re-allocated blocks start from zero weights and zero optimizer state (Adam exp_avg,
-      exp_avg_sq, max_exp_avg_sq; SGD momentum_buffer: every state tensor shaped like the weight),
+      exp_avg_sq, max_exp_avg_sq; SGD momentum_buffer: every state tensor shaped like the weight);
+      this includes a block pruned and drawn again in the same update (Algorithm 1 re-allocates
+      it: its old weights and moments are gone). The tensors are
       read from the attached optimizer (`prog.attach_optimizer(opt)` or `prog.step(optimizer=opt)`).
       The state of pruned blocks is zeroed too, so dead weights take no update.
     - Dead weights get no gradient (dL/dW = dL/dW_eff * M) and are zeroed at every `prog.step()`.
-    - `lambda` > 0 adds the group lasso of Eq 2 to `prog.regularization()` (kept blocks only).
+    - `lambda` > 0 applies the group lasso of Eq 2 decoupled from Adam at every `prog.step()`: each
+      kept weight moves by -eta(t) lambda w_std sqrt(B) W_ij / sqrt(sum_block W^2 + eps), eta(t)
+      the weight's learning rate in the attached optimizer and W the weight before the optimizer's
+      update (`group_lasso_step`), like AdamW's weight decay; nothing is added to the loss.
     - The sparse learning-rate rule (Eq 3) is `sparsec.methods.dynsparse.sparse_learning_rate`;
       the optimizer is never changed by sparsec.
 
@@ -164,9 +185,11 @@ class DynSparse(Method):
                        "RigL) or `constant`.", default="cosine", choices=DECAYS),
         "seed": Field("int", "Seed of the random initial pattern and of the random re-allocation "
                       "(each update's draws derive from (seed, step, site)).", default=0, ge=0),
-        "lambda": Field("float", "Group-lasso coefficient lambda_group of Eq 2, added to "
-                        "`prog.regularization()` as lambda * w_std * sqrt(B) * sum over kept blocks "
-                        "of sqrt(sum W^2 + 1e-6); 0 disables it (the paper finds weight decay as "
+        "lambda": Field("float", "Group-lasso coefficient lambda_group of Eq 2, applied decoupled "
+                        "at every `prog.step()` like AdamW's weight decay: each kept weight moves by "
+                        "-lr * lambda * w_std * sqrt(B) * W / sqrt(sum over its block of W^2 + 1e-6), "
+                        "lr the weight's current learning rate (not through the loss, where Adam "
+                        "would rescale it); 0 disables it (the paper finds weight decay as "
                         "good, Figure 6). The sparse learning-rate rule of Eq 3 is "
                         "`sparsec.methods.dynsparse.sparse_learning_rate(dense_lr, density)`.",
                         default=0.0, ge=0),
@@ -194,9 +217,6 @@ class DynSparse(Method):
             return [self._initial(st, density, context) for st in states]
         ratio = prune_ratio_at(context.step, context.total, float(self.opts["prune_ratio"]), decay)
         return [self._update(st, ratio, context) for st in states]
-
-    def after_step(self, states: list[SiteState], context: StepContext) -> None:
-        masking.zero_pruned(states)  # dead weights stay zero
 
     def _initial(self, st: SiteState, density: float, context: MaskContext) -> torch.Tensor:
         """A random block pattern with round(density * n) blocks of each block-size class."""
@@ -226,6 +246,7 @@ class DynSparse(Method):
         norms = block_norm(st.weight, block, str(self.opts["norm"])).reshape(-1).float()
         gen = generator_for(int(self.opts["seed"]), context.step, st.site.name)
         keep = old.reshape(-1).clone()
+        pruned = torch.zeros_like(keep)
         for size in torch.unique(sizes).tolist():
             kept = torch.nonzero(keep & (sizes == size)).flatten()
             k = math.floor(ratio * kept.numel() + 0.5)
@@ -233,11 +254,15 @@ class DynSparse(Method):
                 continue
             order = torch.sort(norms[kept], stable=True).indices  # smallest first, ties by position
             keep[kept[order[:k]]] = False
+            pruned[kept[order[:k]]] = True
             dead = torch.nonzero(~keep & (sizes == size)).flatten()
             pick = torch.randperm(dead.numel(), generator=gen)[:k].to(dead.device)
             keep[dead[pick]] = True
         keep = keep.reshape(grid)
-        self._reset(st, ~(old & keep), context.optimizer, required=True)
+        # only the blocks kept and not pruned keep their weights and moments; a block pruned and
+        # drawn again is re-allocated (Algorithm 1): zero weights, zero moments
+        survived = old & ~pruned.reshape(grid)
+        self._reset(st, ~survived, context.optimizer, required=True)
         st.buffers["explored"].copy_(torch.maximum(st.buffers["explored"], keep.to(st.buffers["explored"].dtype)))
         return keep
 
@@ -261,14 +286,29 @@ class DynSparse(Method):
             if torch.is_tensor(value) and value.shape == st.weight.shape:
                 value.masked_fill_(where.to(value.device), 0)
 
-    # --------------------------------------------------------------------- regularization
-    def regularization(self, states: list[SiteState]) -> torch.Tensor | None:
+    # ------------------------------------------------------------------ decoupled group lasso
+    def after_step(self, states: list[SiteState], context: StepContext) -> None:
         lam = float(self.opts["lambda"])
-        if lam == 0.0:
-            return None
-        total = None
+        if lam > 0.0:
+            self._group_lasso(states, context, lam)
+        masking.zero_pruned(states)  # dead weights stay zero
+
+    @torch.no_grad()
+    def _group_lasso(self, states: list[SiteState], context: StepContext, lam: float) -> None:
+        """Eq 2, decoupled: W <- W + group_lasso_step(W_before) on the kept blocks, with the
+        weight's learning rate in the attached optimizer and W_before the weight the optimizer's
+        update started from (recovered exactly from its state, as for AdamW's decay)."""
+        optimizer = context.optimizer
+        if optimizer is None:
+            raise TrainingError("method 'dynsparse' with lambda > 0 applies the group lasso (Eq 2) "
+                                "scaled by the learning rate: call prog.attach_optimizer(optimizer) "
+                                "once, or prog.step(optimizer=optimizer)")
         for st in states:
-            keep = blocks.block_reduce(st.mask, st.site.block, "max") > 0
-            term = group_lasso(st.weight, st.site.block, lam, float(self.opts["w_std"]), keep=keep)
-            total = term if total is None else total + term
-        return total
+            group = next((g for g in optimizer.param_groups if any(p is st.weight for p in g["params"])), None)
+            if group is None:
+                raise TrainingError(f"method 'dynsparse': the weight of site {st.site.name!r} is not "
+                                    f"in the attached optimizer's parameters")
+            grad = st.weight.grad if st.weight.grad is not None else torch.zeros_like(st.weight)
+            before = applied_update(optimizer, group, st.weight, grad)[1]
+            step = group_lasso_step(before, st.site.block, lam, float(group["lr"]), float(self.opts["w_std"]))
+            st.weight.data.add_(step * st.mask)

@@ -1,4 +1,5 @@
-"""Loss-modelling saliencies LM, QM and OBD (Laurent et al. 2020, Eq 3, 5, 6)."""
+"""Loss-modelling saliencies LM, QM and OBD (Laurent et al. 2020, Eq 3, 5, 6), with the diagonal
+curvature G of sparsec.curvature (Eq 8: the generalized Gauss-Newton by default)."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -12,13 +13,24 @@ from sparsec.schema import Field
 from sparsec.site import Site
 
 OPTIONS = {
+    "curvature": Field("str", "The diagonal curvature G of QM and OBD (sparsec.curvature): `ggn`, "
+                       "the generalized Gauss-Newton diagonal of the paper (Eq 8, Appendix A), for a "
+                       "softmax cross-entropy sum_j p_j (d log p_j / d theta)^2 over the model's own "
+                       "predicted distribution, exact (C backward passes per example, C classes); "
+                       "`ggn_mc`, the same with one label per example drawn from p (an unbiased "
+                       "Monte Carlo estimate, one backward pass per chunk: for many classes); "
+                       "`empirical_fisher`, the squared gradients of the true labels (only near a "
+                       "minimum close to G; needed when model.py defines its own `loss`). LM reads "
+                       "only the gradient g.", default="ggn",
+                       choices=("ggn", "ggn_mc", "empirical_fisher")),
     "fisher_examples": Field("int", "Examples of `train_data()` over which the gradient g and the "
-                             "diagonal empirical Fisher G (the Gauss-Newton diagonal, Appendix A) "
-                             "are estimated before each pruning iteration (`prog.estimate_fisher`); "
-                             "the paper uses 1000 (Appendix B.2).", default=1000, ge=1),
-    "fisher_chunk": Field("int", "Examples per backward pass of the estimate: 1 computes the exact "
-                          "per-example empirical Fisher mean_i (dl_i/dtheta)^2 (the paper); c > 1 "
-                          "is c times faster and uses c * (chunk-mean gradient)^2 instead.",
+                             "diagonal curvature G (`curvature`) are estimated before each pruning "
+                             "iteration (`prog.estimate_fisher`); the paper uses 1000 (Appendix B.2).",
+                             default=1000, ge=1),
+    "fisher_chunk": Field("int", "Examples per forward pass of the estimate. `ggn` stays exact for "
+                          "any chunk; `ggn_mc` stays unbiased; `empirical_fisher` is the exact "
+                          "per-example mean_i (dl_i/dtheta)^2 only at 1 (the paper) and uses c * "
+                          "(chunk-mean gradient)^2 for c > 1 (c times faster).",
                           default=1, ge=1),
     "step_penalty": Field("float", "lambda of the step-size penalty lambda/2 * theta^2 added to the "
                           "saliency (section 3.2, 'Constraining the step size'); 0 leaves the "
@@ -42,6 +54,7 @@ class _LossModel(Method):
     state = ("saliency",)
     needs_gradients = True
     absolute: ClassVar[bool] = True
+    needs_curvature: ClassVar[bool] = True   # False: the estimate skips G (sparsec.estimation)
 
     def init_state(self, weight: torch.Tensor, site: Site) -> dict[str, torch.Tensor]:
         grid = blocks.grid_shape(site.shape, site.block)
@@ -105,6 +118,7 @@ class LinearModel(_LossModel):
     name = "lm"
     summary = "prune the smallest |g theta| of a linear loss model, estimated on data (loss modelling Eq 6)"
     paper = "Laurent et al. 2020, Eq 6, Algorithm 1"
+    needs_curvature = False
 
     @staticmethod
     def term(grad, fisher, theta):

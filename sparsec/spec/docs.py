@@ -51,6 +51,8 @@ def _schedule_summary(schedule: ScheduleSpec) -> str:
             f"masks every {schedule.every} step{'' if schedule.every == 1 else 's'}")
     if schedule.iterations > 1:
         text += f", {schedule.iterations} iterations"
+        if schedule.at_once:
+            text += f" all at step {schedule.warmup} (at_once: no training in between)"
     return text
 
 

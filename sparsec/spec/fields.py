@@ -62,6 +62,14 @@ def schedule_fields() -> dict[str, Field]:
                        default=1, ge=1),
         "iterations": Field("int", "Number of pruning iterations pi for iterative schedules (loss "
                             "modelling, Algorithm 1: linear or exponential steps).", default=1, ge=1),
+        "at_once": Field("bool", "`linear` / `exponential` only: perform all `iterations` pruning "
+                         "iterations one after another inside the single optimizer step `warmup`, "
+                         "without training in between, as loss modelling's Algorithm 1 does: "
+                         "`lm` / `qm` / `obd` re-estimate g and G before each iteration, then the "
+                         "remaining steps fine-tune. The report gives Delta-L of each iteration and "
+                         "of the whole prune (Table 1: measured before any fine-tuning). Other "
+                         "methods prune to the final density at that step. `false`: one iteration "
+                         "per step of the schedule, with training in between.", default=False),
         "initial_density": Field("float", "Density v_i at the start of the schedule; 1 is dense (the "
                                  "papers start from the pre-trained dense model).", default=1.0,
                                  gt=0, le=1),

@@ -53,12 +53,14 @@ class ScheduleSpec:
     cooldown: int = default(_SCHEDULE, "cooldown")
     every: int = default(_SCHEDULE, "every")
     iterations: int = default(_SCHEDULE, "iterations")
+    at_once: bool = default(_SCHEDULE, "at_once")
     initial_density: float = default(_SCHEDULE, "initial_density")
 
     def params(self, final: float) -> ScheduleParams:
         """The schedule function's arguments for a group whose final density is `final`."""
         return ScheduleParams(final=final, total=self.total, warmup=self.warmup, cooldown=self.cooldown,
-                              initial=self.initial_density, iterations=self.iterations)
+                              initial=self.initial_density, iterations=self.iterations,
+                              at_once=self.at_once)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,7 +69,8 @@ def _check_cubic(resolved: Mapping[str, Any]) -> list[Problem]:
                 "`warmup + cooldown < total` (else no iteration falls between them).")
 def _check_iterative_span(resolved: Mapping[str, Any]) -> list[Problem]:
     schedule = resolved.get("schedule") or {}
-    if schedule.get("kind") not in ("linear", "exponential") or not schedule.get("total"):
+    if schedule.get("kind") not in ("linear", "exponential") or not schedule.get("total") \
+            or schedule.get("at_once"):
         return []
     total, warmup, cooldown = schedule["total"], schedule.get("warmup"), schedule.get("cooldown")
     if warmup is None or cooldown is None or warmup + cooldown < total:
@@ -77,6 +78,16 @@ def _check_iterative_span(resolved: Mapping[str, Any]) -> list[Problem]:
     return [("schedule.warmup", f"warmup ({warmup}) + cooldown ({cooldown}) = {warmup + cooldown} "
                                 f"leaves no steps for the pruning iterations (allowed for kind "
                                 f"{schedule['kind']!r}: warmup + cooldown < total = {total})")]
+
+
+@register_check("`schedule.at_once = true` needs an iterative kind (`linear` or `exponential`).")
+def _check_at_once(resolved: Mapping[str, Any]) -> list[Problem]:
+    schedule = resolved.get("schedule") or {}
+    kind = schedule.get("kind")
+    if not schedule.get("at_once") or kind in ("linear", "exponential") or kind is None:
+        return []
+    return [("schedule.at_once", f"true needs kind 'linear' or 'exponential' (the pruning iterations "
+                                 f"of loss modelling Algorithm 1), not {kind!r}")]
 
 
 @register_check("A schedule that prunes after a warm-up needs `train.steps > schedule.warmup`, or "

@@ -24,8 +24,12 @@ DISTILL_FIELDS = {
     "temperature": Field("float", "Softmax temperature T of teacher and student (Hinton et al. "
                          "2014).", default=2.0, gt=0),
     "teacher": Field("str", "`dense`: the model as it was before rewriting (a frozen copy taken at "
-                     "compile time, in eval mode), the paper's fine-tuned dense BERT.",
-                     default="dense", choices=("dense",)),
+                     "compile time). `model`: the module model.py's `teacher()` returns. Any other "
+                     "value: a folder (relative to the spec file) holding `model.safetensors`, whose "
+                     "tensors are loaded into model.py's `teacher()`, else a fresh `build_model()`: "
+                     "a separately fine-tuned teacher, as in movement pruning Table 3. Only tensors "
+                     "are read from the folder, never code. The teacher runs frozen, in eval mode, "
+                     "on the Program's device (sparsec.training.teacher).", default="dense"),
 }
 
 SELF_REGULARIZATION_FIELDS = {
@@ -55,6 +59,15 @@ def _check_self_regularization(resolved: Mapping[str, Any]) -> list[Problem]:
         return []
     return [("train.eval_every", "0 never evaluates, so [self_regularization] would never refresh its "
                                  "checkpoint (allowed: an integer, 1 <= x)")]
+
+
+@register_check("`distill.teacher` is `dense`, `model` or a folder path (not empty).")
+def _check_teacher(resolved: Mapping[str, Any]) -> list[Problem]:
+    teacher = (resolved.get("distill") or {}).get("teacher")
+    if not isinstance(teacher, str) or teacher.strip():
+        return []
+    return [("distill.teacher", "'' names no teacher (allowed: 'dense', 'model', or a folder holding "
+                                "model.safetensors)")]
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -50,6 +50,9 @@ class TrainResult:
     seconds: float = 0.0
     # loss-modelling pruning iterations: step, density, loss_before, loss_after, delta_loss
     pruning_iterations: list[dict[str, float]] = field(default_factory=list)
+    # loss-modelling prunes (all iterations at one step): Delta-L of the whole prune, before any
+    # fine-tuning (loss modelling Table 1): step, iterations, density_before, density, losses, delta_loss
+    prunes: list[dict[str, float]] = field(default_factory=list)
     checkpoint_refreshes: int = 0  # self-regularization: times the best checkpoint was replaced
     objective: str = ""            # which loss was minimised (Objective.description)
     resumed_from: int | None = None  # the checkpoint's step, for a resumed run
@@ -65,7 +68,7 @@ class TrainResult:
                 "metric_pruned": self.metric_pruned, "seconds": round(self.seconds, 3),
                 "losses": self.losses, "densities": self.densities, "lrs": self.lrs,
                 "metric_history": [list(item) for item in self.metric_history],
-                "pruning_iterations": self.pruning_iterations,
+                "pruning_iterations": self.pruning_iterations, "prunes": self.prunes,
                 "checkpoint_refreshes": self.checkpoint_refreshes, "objective": self.objective,
                 "resumed_from": self.resumed_from}
 
@@ -81,7 +84,7 @@ class TrainResult:
                    lrs=[list(r) for r in data.get("lrs", [])],
                    metric_history=[(int(s), float(v)) for s, v in data["metric_history"]],
                    metric_dense=data.get("metric_dense"), seconds=float(data.get("seconds", 0.0)),
-                   pruning_iterations=list(data["pruning_iterations"]),
+                   pruning_iterations=list(data["pruning_iterations"]), prunes=list(data.get("prunes", [])),
                    checkpoint_refreshes=int(data["checkpoint_refreshes"]), objective=data["objective"])
 
 
@@ -134,6 +137,7 @@ def fine_prune(prog: Any, modelfile: ModelFile, train: Any, progress: bool = Tru
     if resume is not None:
         _check_resumable(resume, fingerprint, backend)
     torch.manual_seed(train.seed)
+    estimation.check(prog, objective)
     with frozen(prog, train.freeze):
         run = _Run(prog, modelfile, train, backend, objective, workdir, fingerprint)
         run.result.metric_dense = dense_metric
@@ -270,8 +274,10 @@ class _Run:
             iteration = estimation.before_pruning(prog, (backend.batch(b) for b in self.estimate_data),
                                                   objective)
             prog.step()
-            if iteration is not None:   # Delta-L of the iteration, on the same examples
-                result.pruning_iterations.append(iteration.finish(step, prog))
+            if iteration is not None:   # Delta-L of each iteration and of the whole prune
+                iteration.finish(step, prog)
+                result.pruning_iterations += iteration.records
+                result.prunes.append(iteration.whole)
         if int(prog.step_count) % prog.schedule.every == 0:
             backend.after_mask_update(prog)
         self.optimizer.zero_grad(set_to_none=True)

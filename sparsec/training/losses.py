@@ -75,6 +75,18 @@ def default_metric(outputs: Any, batch: Any) -> float:
     return float((logits.argmax(-1)[keep] == target[keep]).sum()) / total if total else 0.0
 
 
+def default_rows(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [N, C] and targets [N] of the default cross-entropy (for the Gauss-Newton
+    curvature of loss-modelling methods, sparsec.curvature)."""
+    return _flat(logits_of(outputs), split_batch(batch).target)
+
+
+def causal_rows(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [N, C] and targets [N] of the next-token cross-entropy."""
+    logits, labels = logits_of(outputs), split_batch(batch).target
+    return _flat(logits[..., :-1, :], labels[..., 1:] if isinstance(labels, torch.Tensor) else labels)
+
+
 def causal_loss(outputs: Any, batch: Any) -> torch.Tensor:
     """Cross-entropy of the next token: logits at position t against the label at t + 1."""
     logits, labels = logits_of(outputs), split_batch(batch).target
@@ -110,6 +122,9 @@ class Objective:
     metric: Callable[[Any, Any], Any]
     description: str
     labels_to_model: bool = False   # pass the batch's labels to the model (it computes its loss)
+    # the logits [N, C] and class targets [N] when the loss is a softmax cross-entropy of them
+    # (the Gauss-Newton curvature of lm / qm / obd needs them); None for model.py's own loss
+    rows: Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, model: torch.nn.Module, batch: Any, step: int | None) -> Any:
         if not self.labels_to_model:
@@ -147,14 +162,16 @@ def objective(modelfile: ModelFile | None, model: torch.nn.Module | None = None,
     metric = metric_fn(modelfile) if modelfile is not None else default_metric
     if example_kwargs and "labels" in example_kwargs:
         return Objective(own_loss, metric, "the model's own loss (outputs.loss): it was captured "
-                         "with labels, and each batch's labels are passed to it", labels_to_model=True)
+                         "with labels, and each batch's labels are passed to it", labels_to_model=True,
+                         rows=causal_rows if is_causal_lm(model) else default_rows)
     if is_causal_lm(model):
         name = type(model).__name__
         own_metric = modelfile is not None and modelfile.has("metric")
         return Objective(causal_loss, metric if own_metric else causal_metric,
                          f"cross-entropy of the next token (labels shifted by one: {name} is a "
-                         f"causal language model)")
-    return Objective(default_loss, metric, "cross-entropy of the logits against the target")
+                         f"causal language model)", rows=causal_rows)
+    return Objective(default_loss, metric, "cross-entropy of the logits against the target",
+                     rows=default_rows)
 
 
 def metric_fn(modelfile: ModelFile) -> Callable[[Any, Any], Any]:
