@@ -77,8 +77,8 @@ def export_files(kind: str, out: Path) -> dict[str, Path]:
     prog.eval()
     files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
              "dense": out / "dense.onnx", "dense_int8": out / "dense.ortint8.onnx"}
-    prog.export_onnx(files["sparse_fp32"], policy="always")
-    prog.export_onnx(files["sparse_int8"], policy="always", int8=True)
+    prog.export_onnx(files["sparse_fp32"], policy="always", measure=False)
+    prog.export_onnx(files["sparse_int8"], policy="always", int8=True, measure=False)
     prog.export_onnx(files["dense"], lower=False)
     quantize_dynamic(str(files["dense"]), str(files["dense_int8"]), weight_type=QuantType.QInt8)
     with torch.no_grad():
