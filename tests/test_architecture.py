@@ -78,4 +78,4 @@ def test_every_method_and_target_file_registers():
     target_files = {p.stem for p in (PACKAGE / "lowering" / "targets").glob("*.py")} - {"__init__", "base"}
     assert target_files == {type(t).__module__.rpartition(".")[2] for t in targets.all_targets()}
     assert targets.for_kind("linear").name == "block_sparse_linear"
-    assert targets.for_kind("conv") is None
+    assert targets.for_kind("conv").name == "block_sparse_conv"
