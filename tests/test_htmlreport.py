@@ -343,7 +343,7 @@ def _chromium() -> str:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         pytest.skip("chromium is not installed and cannot be (needs apt-get as root): apt-get install chromium")
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=240, check=True)
     except (subprocess.SubprocessError, OSError) as exc:
         pytest.skip(f"chromium is not installed and `apt-get install -y chromium` failed: {type(exc).__name__}")
     found = shutil.which("chromium")
