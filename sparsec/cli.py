@@ -182,9 +182,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         text = folder_svg(folder)
     else:
         text = inspect_graph(folder, args.format)
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
+    return _emit(text, args.output)
+
+
+def _emit(text: str, output: str | None) -> int:
+    """Write `text` to `output` (saying so), or to stdout without one."""
+    if output:
+        Path(output).write_text(text)
+        print(f"wrote {output}")
     else:
         sys.stdout.write(text)
     return 0
@@ -201,13 +206,7 @@ def _inspect_several(args: argparse.Namespace) -> int:
     if args.html:
         print(f"wrote {write_comparison(args.out, args.output or COMPARISON_HTML)}")
         return 0
-    text = compare_text([Run.open(out) for out in args.out])
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _emit(compare_text([Run.open(out) for out in args.out]), args.output)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -657,12 +657,9 @@ struct Job {
 
 void run_task(void* data, size_t t) {
   const Job& job = *static_cast<const Job*>(data);
-  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
-  const int64_t g = static_cast<int64_t>(t) % groups;
-  const int64_t m0 = (static_cast<int64_t>(t) / groups) * job.rows_per_task;
-  const int64_t rows = std::min(job.rows_per_task, job.M - m0);
-  const int64_t r0 = job.group_start[g], r1 = job.group_start[g + 1];
-  if (rows <= 0 || r0 >= r1) return;
+  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
+  if (span.empty()) return;
+  const int64_t m0 = span.m0, rows = span.rows, r0 = span.r0, r1 = span.r1;
   const PackedWeight& w = *job.w;
   const float* x = job.x + m0 * w.K;
   float* y = job.y + m0 * w.N;

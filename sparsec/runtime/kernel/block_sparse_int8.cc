@@ -211,6 +211,22 @@ void quantize_task(void* data, size_t t) {
 
 int64_t valid_cols(const PackedInt8& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
 
+// Row m's exact int32 sums for the output columns [col, col + width) (packed index pcol): copied
+// into `raw` when the caller asked for the integers (tests), else dequantized with the bias added
+// into Y. Returns whether Y was written (the fp32 epilogue follows).
+bool store_sums(const int32_t* sums, int64_t width, int64_t m, int64_t col, int64_t pcol, const QuantizedX& xq,
+                const PackedInt8& w, const Epilogue& ep, float* y, int32_t* raw) {
+  if (raw != nullptr) {
+    std::copy(sums, sums + width, raw + m * w.N + col);
+    return false;
+  }
+  float* ym = y + m * w.N + col;
+  for (int64_t i = 0; i < width; ++i) {
+    ym[i] = static_cast<float>(sums[i]) * (xq.scale[m] * w.scales[pcol + i]) + (ep.bias ? ep.bias[col + i] : 0.0f);
+  }
+  return true;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Scalar reference.
 
@@ -236,15 +252,7 @@ void block_rows_scalar(const PackedInt8& w, int64_t r0, int64_t r1, const Quanti
         }
         const int64_t col = r * w.BR + o0, pcol = r * w.BRp + o0;
         for (int64_t i = 0; i < width; ++i) acc[i] -= xq.zero[m] * w.colsum[pcol + i];
-        if (raw != nullptr) {
-          std::copy(acc, acc + width, raw + m * w.N + col);
-          continue;
-        }
-        float* ym = y + m * w.N + col;
-        for (int64_t i = 0; i < width; ++i) {
-          ym[i] = static_cast<float>(acc[i]) * (xq.scale[m] * w.scales[pcol + i]) + (ep.bias ? ep.bias[col + i] : 0.0f);
-        }
-        finish_tile_scalar(ep, ym, 1, width, w.N);
+        if (store_sums(acc, width, m, col, pcol, xq, w, ep, y, raw)) finish_tile_scalar(ep, y + m * w.N + col, 1, width, w.N);
       }
     }
   }
@@ -419,14 +427,7 @@ SPARSEC_AVX2 void tile_avx2(const PackedInt8& w, int64_t r, int64_t o0, int64_t 
       _mm256_store_si256(reinterpret_cast<__m256i*>(exact + 8 * h),
                          _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_set1_epi32(xq.zero[m]), cs)));
     }
-    if (raw != nullptr) {
-      std::copy(exact, exact + width, raw + m * w.N + col);
-      continue;
-    }
-    float* ym = y + m * w.N + col;
-    for (int64_t i = 0; i < width; ++i) {
-      ym[i] = static_cast<float>(exact[i]) * (xq.scale[m] * w.scales[pcol + i]) + (ep.bias ? ep.bias[col + i] : 0.0f);
-    }
+    store_sums(exact, width, m, col, pcol, xq, w, ep, y, raw);
   }
   if (raw == nullptr) finish_tile_scalar(ep, y + col, std::min<int64_t>(mr, MR), width, w.N);
 }
@@ -470,12 +471,9 @@ struct Job {
 
 void run_task(void* data, size_t t) {
   const Job& job = *static_cast<const Job*>(data);
-  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
-  const int64_t g = static_cast<int64_t>(t) % groups;
-  const int64_t m0 = (static_cast<int64_t>(t) / groups) * job.rows_per_task;
-  const int64_t rows = std::min(job.rows_per_task, job.M - m0);
-  const int64_t r0 = job.group_start[g], r1 = job.group_start[g + 1];
-  if (rows <= 0 || r0 >= r1) return;
+  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
+  if (span.empty()) return;
+  const int64_t m0 = span.m0, rows = span.rows, r0 = span.r0, r1 = span.r1;
   const PackedInt8& w = *job.w;
   const QuantizedX xq{job.xq.data + m0 * job.xq.ld, job.xq.ld, job.xq.scale + m0, job.xq.zero + m0};
   float* y = job.y + m0 * w.N;

@@ -2,6 +2,7 @@
 // epilogue helpers and the pieces of block_sparse.cc that the INT8 path (block_sparse_int8.cc) reuses.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -22,6 +23,22 @@ namespace detail {
 
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// One task of a call: rows [m0, m0 + rows) of X against the block rows [r0, r1) of a group.
+// Tasks are numbered row-chunk-major: t = chunk * groups + group. `empty()` when there is nothing
+// to do (a short last chunk, an empty group).
+struct TaskSpan {
+  int64_t m0, rows, r0, r1;
+  TaskSpan(const std::vector<int64_t>& group_start, int64_t rows_per_task, int64_t M, size_t t) {
+    const int64_t groups = static_cast<int64_t>(group_start.size()) - 1;
+    const int64_t g = static_cast<int64_t>(t) % groups;
+    m0 = (static_cast<int64_t>(t) / groups) * rows_per_task;
+    rows = std::min(rows_per_task, M - m0);
+    r0 = group_start[g];
+    r1 = group_start[g + 1];
+  }
+  bool empty() const { return rows <= 0 || r0 >= r1; }
+};
 
 // a * b, or -1 when either is negative or the product does not fit an int64.
 inline int64_t checked_mul(int64_t a, int64_t b) {
