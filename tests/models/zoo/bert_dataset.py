@@ -1,7 +1,7 @@
 """BERT from a small config with a torch Dataset of dict samples (the DataLoader batches them)."""
 import torch
 
-from _zoo import HIDDEN, SEQ, VOCAB, tokens
+from _zoo import HIDDEN, SEQ, VOCAB, text_example, tokens
 
 class Data(torch.utils.data.Dataset):
     def __len__(self):
@@ -16,9 +16,7 @@ def build_model():
     return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64, num_labels=3))
 
-def example_inputs():
-    ids = tokens(2, SEQ, 1)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+example_inputs = text_example
 
 def train_data():
     return Data()
