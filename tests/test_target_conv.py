@@ -92,3 +92,18 @@ def test_conv1d_stays_dense_with_a_reason():
     prog = sparsec.compile(Wave().eval(), spec, (torch.randn(2, 16, 40),))
     plan = graph_info(prog.lower(policy="always")).lowering["conv.weight"]
     assert not plan.lower and "not a 2-D convolution" in plan.reason
+
+
+def test_an_unbatched_image_stays_dense_with_a_reason():
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(16, 32, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    spec = {"prune": [{"targets": ["conv.weight"], "method": "magnitude", "density": 0.25, "block": [16, 16]}]}
+    prog = sparsec.compile(One().eval(), spec, (torch.randn(16, 12, 12),))   # [C, H, W]
+    plan = graph_info(prog.lower(policy="always")).lowering["conv.weight"]
+    assert not plan.lower and "[N, C, H, W]" in plan.reason

@@ -15,7 +15,8 @@ the file runs on stock onnxruntime too. The linear itself is lowered by the bloc
 target (packing, INT8, verification, ONNX node and function body are its own).
 
     match    conv2d(x, W, b, stride, padding, dilation, groups=1) with integer padding
-    check    W is float32 and 4-D; groups = 1; stride, padding and dilation are integers
+    check    W is float32 and 4-D; the input is [N, C, H, W]; groups = 1; stride, padding and
+             dilation are integers
     cost     none: the unfold's copies in onnxruntime ops cost more than the sparse product saves
              (3x3 64->64 on 56x56 at density 0.1: 0.09x of onnxruntime's Conv; 1x1 256->64: 1.2x;
              docs/BENCHMARKS.md), so convolutions are lowered only with policy = always, for a
@@ -97,6 +98,9 @@ class BlockSparseConvTarget(LoweringTarget):
         if weight.dim() != 4 or weight.dtype != torch.float32:
             return f"weight is {weight.dtype} with {weight.dim()} dimensions; the op takes float32 [O, C, kh, kw]"
         args = conv_args(node)
+        image = args["input"].meta.get("val") if isinstance(args.get("input"), fx.Node) else None
+        if not isinstance(image, torch.Tensor) or image.dim() != 4:
+            return "the input is not known to be a batch of images [N, C, H, W]: stays dense"
         if args.get("groups", 1) != 1:
             return f"grouped convolution (groups = {args.get('groups')}): stays dense"
         for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
