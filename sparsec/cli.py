@@ -53,12 +53,15 @@ def run_compile(opts: CompileOptions, stdout: TextIO | None = None) -> Path | No
     spec = load_spec(opts.spec, opts.overrides)
     # under torchrun: one process group for the whole compile; rank 0 prints and writes OUT
     started_group = distributed.init_from_env(spec.train.device if spec.train else "cpu")
+    clean = False
     try:
         main = distributed.is_main()
-        return _compile(opts, spec, (stdout or sys.stdout) if main else io.StringIO(), main)
+        out = _compile(opts, spec, (stdout or sys.stdout) if main else io.StringIO(), main)
+        clean = True
+        return out
     finally:
         if started_group:
-            distributed.shutdown()
+            distributed.shutdown(clean)
 
 
 def _compile(opts: CompileOptions, spec: Any, stdout: TextIO, main: bool) -> Path | None:

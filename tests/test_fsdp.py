@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from sparsec.errors import SpecError, TrainingError
 from sparsec.spec import load_spec
 from sparsec.spec.model import TrainSpec
+from sparsec.training import distributed
 from sparsec.training.backend import ShardedBackend
 
 
@@ -32,6 +33,7 @@ class Tied(torch.nn.Module):
 
 def _check(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    passed = False
     try:
         from torch.distributed.tensor import DTensor
 
@@ -86,8 +88,9 @@ def _check(rank: int, world: int, store: str) -> None:
         assert torch.equal(model.mid.weight, reference["mid.weight"])
         assert not model.frozen.weight.requires_grad and model.mid.weight.requires_grad
         Path(f"{store}.ok{rank}").write_text("ok")
+        passed = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=passed)
 
 
 def test_whole_gathers_and_writes_back_parameters_gradients_and_optimizer_state(tmp_path):

@@ -68,8 +68,14 @@ def init_from_env(device: str = "auto") -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Destroy the default process group. After a clean run every process first waits for the
+    others (a barrier): a gloo group torn down while a peer still finishes its last collective
+    aborts the process ("terminate called without an active exception"). After an error there is
+    no barrier (the other processes may never reach it)."""
     if dist.is_available() and dist.is_initialized():
+        if clean and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
