@@ -811,7 +811,7 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
 #if SPARSEC_X86
   // The packed panel lives in buffers of the calling thread, reused across calls (no per-call
   // allocation once they have grown); pool threads only read and fill them during this call.
-  thread_local std::vector<float> panel_data;
+  thread_local AlignedScratch<float> panel_data;
   thread_local std::unique_ptr<std::atomic<int>[]> panel_state;
   thread_local int64_t panel_state_size = 0;
   XPanel panel;
@@ -825,13 +825,12 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
     panel.H = tile_height_avx512(w.BRp / 16);
     const int64_t tiles = ceil_div(M, panel.H);
     const size_t floats = static_cast<size_t>(tiles * panel.H * w.NBc * w.BC);
-    if (panel_data.size() < floats) panel_data.resize(floats);
     if (panel_state_size < tiles) {
       panel_state.reset(new std::atomic<int>[static_cast<size_t>(tiles)]);
       panel_state_size = tiles;
     }
     for (int64_t t = 0; t < tiles; ++t) panel_state[t].store(0, std::memory_order_relaxed);
-    panel.data = panel_data.data();
+    panel.data = panel_data.reserve(floats);
     panel.state = panel_state.get();
     job.panel = &panel;
   }

@@ -501,14 +501,12 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   // and never a multiple of 4 KB apart (tile rows would share L1 sets).
   int64_t ld = (w.NBc * w.BC + 4 + 63) / 64 * 64;
   if (ld % 4096 == 0) ld += 64;
-  thread_local std::vector<uint8_t> q_data;
-  thread_local std::vector<float> q_scale;
-  thread_local std::vector<int32_t> q_zero;
-  if (q_data.size() < static_cast<size_t>(M * ld)) q_data.resize(static_cast<size_t>(M * ld));
-  if (q_scale.size() < static_cast<size_t>(M)) {
-    q_scale.resize(static_cast<size_t>(M));
-    q_zero.resize(static_cast<size_t>(M));
-  }
+  thread_local AlignedScratch<uint8_t> q_buffer;
+  thread_local AlignedScratch<float> q_scale_buffer;
+  thread_local AlignedScratch<int32_t> q_zero_buffer;
+  uint8_t* q_data = q_buffer.reserve(static_cast<size_t>(M * ld));
+  float* q_scale = q_scale_buffer.reserve(static_cast<size_t>(M));
+  int32_t* q_zero = q_zero_buffer.reserve(static_cast<size_t>(M));
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
   const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
 #if SPARSEC_X86
@@ -517,7 +515,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   const bool vector = false;
 #endif
   const int64_t q_rows = std::max<int64_t>(1, (64 * 1024) / w.K);
-  QuantizeJob qjob{x, M, w.K, ld, q_rows, q_data.data(), q_scale.data(), q_zero.data(), vector};
+  QuantizeJob qjob{x, M, w.K, ld, q_rows, q_data, q_scale, q_zero, vector};
   const size_t q_tasks = static_cast<size_t>(ceil_div(M, q_rows));
   if (threads && q_tasks > 1) {
     parallel_for(runner_state, quantize_task, q_tasks, &qjob);
@@ -532,7 +530,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Epilogue ep = epilogue;
   ep.y = y;
-  Job job{&w, QuantizedX{q_data.data(), ld, q_scale.data(), q_zero.data()}, ep, y, raw, M,
+  Job job{&w, QuantizedX{q_data, ld, q_scale, q_zero}, ep, y, raw, M,
           rows_per_task, balanced_groups(w.row_start, groups), isa};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "block_sparse.h"
@@ -23,6 +26,32 @@ namespace detail {
 
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// A per-thread scratch buffer that grows and never shrinks, 64-byte aligned (one cache line, one
+// AVX-512 register): a std::vector's storage is only 16-byte aligned, so its 64-byte loads may
+// each straddle two cache lines, and whether they do changes with where malloc placed it (one
+// process fast, the next slow). Contents are not preserved when it grows.
+template <typename T>
+class AlignedScratch {
+ public:
+  T* reserve(size_t n) {
+    if (n > capacity_) {
+      const size_t bytes = (std::max<size_t>(n, 1) * sizeof(T) + 63) / 64 * 64;
+      void* p = std::aligned_alloc(64, bytes);
+      if (p == nullptr) throw std::bad_alloc();
+      data_.reset(static_cast<T*>(p));
+      capacity_ = bytes / sizeof(T);
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T[], Free> data_;
+  size_t capacity_ = 0;
+};
 
 // One task of a call: rows [m0, m0 + rows) of X against the block rows [r0, r1) of a group.
 // Tasks are numbered row-chunk-major: t = chunk * groups + group. `empty()` when there is nothing
