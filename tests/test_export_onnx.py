@@ -71,9 +71,10 @@ def test_one_node_per_layer_checker_and_stock_onnxruntime(tmp_path, block):
     assert result.error_vs_dense is not None and result.error_vs_dense < 1e-5
 
 
+@pytest.mark.parametrize("block", [(32, 32), (1, 1), (1, 16)], ids=["32x32", "unstructured", "1x16"])
 @pytest.mark.parametrize("rows", [1, 7, 128])
-def test_dynamic_batch_on_stock_onnxruntime_and_kernel(tmp_path, rows):
-    prog = _prog(block=(32, 32))
+def test_dynamic_batch_on_stock_onnxruntime_and_kernel(tmp_path, rows, block):
+    prog = _prog(block=block)
     path = prog.export_onnx(tmp_path / "m.onnx", policy="always").path
     x = torch.randn(rows, 45, generator=torch.Generator().manual_seed(rows))
     with torch.no_grad():

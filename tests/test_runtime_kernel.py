@@ -79,6 +79,8 @@ LAYERS = [  # n, k, block, int8, bias
     pytest.param(70, 45, (32, 32), False, True, id="32x32-ragged"),
     pytest.param(50, 45, (8, 32), False, True, id="8x32-ragged"),
     pytest.param(90, 200, (64, 16), False, True, id="64x16-ragged"),
+    pytest.param(100, 70, (1, 16), False, True, id="1x16-ragged"),
+    pytest.param(50, 45, (1, 1), False, False, id="unstructured-ragged-nobias"),
     pytest.param(100, 70, (16, 16), True, True, id="int8-16x16-ragged"),
     pytest.param(70, 45, (32, 32), True, False, id="int8-32x32-ragged-nobias"),
 ]
@@ -107,7 +109,8 @@ def test_kernel(kernel_library, n, k, block, int8, bias, compact):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (300, 45, (128, 8))])
+@pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (300, 45, (128, 8)),
+                                       (70, 200, (1, 16)), (100, 70, (1, 1))])
 def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
     """SPARSEC_KERNEL_ISA caps the dispatch, so each micro-kernel family runs here (where the CPU has it)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
@@ -133,6 +136,22 @@ def test_packed_input_panel_row_counts(kernel_library, n, k, block):
     for threads in (1, 2):
         sess = kernel_session(model, threads=threads)
         for m in (2, 11, 12, 13, 16, 17, 47, 49, 97, 130):
+            x = inputs((m, k), seed=m)
+            check(sess.run(None, {"x": x})[0], x, packed, b)
+
+
+@pytest.mark.parametrize("n,k,block", [(3072, 768, (1, 1)), (70, 45, (1, 1)), (100, 770, (1, 16)),
+                                       (33, 200, (1, 8)), (40, 96, (1, 3))])
+def test_row_path_row_counts(kernel_library, n, k, block):
+    """Blocks one output high take the row path on AVX-512 (lanes over the rows of X, X transposed
+    once per call, 16 outputs transposed back at a time): row counts around the 16-row vectors and
+    the 128-row task, outputs not a multiple of 16, K not a multiple of 16 or of the block width,
+    one and two threads."""
+    packed, b = make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3)
+    model = onnx_op.single_layer_model(packed, b)
+    for threads in (1, 2):
+        sess = kernel_session(model, threads=threads)
+        for m in (1, 2, 15, 16, 17, 33, 127, 128, 129, 200):
             x = inputs((m, k), seed=m)
             check(sess.run(None, {"x": x})[0], x, packed, b)
 
@@ -332,8 +351,10 @@ EPILOGUES = [("gelu", False), ("gelu_tanh", False), ("", True), ("gelu", True)]
 
 @pytest.mark.parametrize("activation,residual", EPILOGUES, ids=["gelu", "gelu_tanh", "residual", "gelu+residual"])
 @pytest.mark.parametrize("n,k,block,int8", [(96, 128, (32, 32), False), (70, 45, (32, 32), False),
-                                             (100, 70, (16, 16), True), (50, 45, (8, 32), False)],
-                         ids=["32x32", "32x32-ragged", "int8-16x16-ragged", "8x32-ragged"])
+                                             (100, 70, (16, 16), True), (50, 45, (8, 32), False),
+                                             (50, 45, (1, 1), False), (70, 100, (1, 16), False)],
+                         ids=["32x32", "32x32-ragged", "int8-16x16-ragged", "8x32-ragged", "unstructured",
+                              "1x16"])
 def test_epilogue_function_body_and_kernel(kernel_library, n, k, block, int8, activation, residual):
     """act(X W^T + b) + residual, on stock onnxruntime (function body) and with the kernel, for rows
     1, odd and 128 and a 3-D input; pre-activations span the GELU's curved range (scaled inputs)."""
@@ -387,8 +408,9 @@ def test_epilogue_overloads_and_bad_inputs(kernel_library):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (16, 16)), (768, 96, (32, 32))],
-                         ids=["32x32", "16x16-ragged", "wide"])
+@pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (16, 16)), (768, 96, (32, 32)),
+                                       (70, 45, (1, 1))],
+                         ids=["32x32", "16x16-ragged", "wide", "unstructured"])
 def test_layer_norm_epilogue(kernel_library, monkeypatch, isa, n, k, block):
     """LayerNorm(X W^T + b + residual) * scale + shift over each output row, on stock onnxruntime
     (the function body's LayerNormalization) and with the kernel on every instruction set, for

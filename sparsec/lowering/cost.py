@@ -12,8 +12,17 @@ min(1, BR/16): a block row fills the 16 float lanes of a zmm register only when 
 BC / (BC + 4): the per-block cost (index load, pointer setup) against BC steps of work.
 The constant is calibrated on the measured single-layer runs (docs/kernel.md: [128, 768] x
 [3072, 768]^T at density 0.1, back to back): 32x32 blocks 8.3x (efficiency 0.83), 16x16 7.2x
-(0.72; the model says 0.74). 1x1 "blocks" come out near 0.01, so unstructured sparsity never
-lowers.
+(0.72; the model says 0.74).
+
+Blocks one output high (BR = 1: unstructured masks, [1, 8] and [1, 16] row vectors) take the
+kernel's row path on AVX-512 instead (lanes over the rows of X, a CSR product with X^T): every kept
+weight costs about the same whatever the pattern, so
+
+    efficiency(1, BC) = ROW_EFFICIENCY
+
+measured on the same layer at density 0.1, one thread: [1, 1] 2.9x, [1, 8] 3.1x, [1, 16] 2.6x
+(0.26-0.31). Without AVX-512 the row path is the scalar loop; the measurement at export (below)
+sees that and keeps such layers dense.
 
 On stock onnxruntime (`[export] target = "stock"`) the function body computes every padded slot (S
 per block row: `stored`, not `work`) through a Gather, a batched MatMul and transposes, whose fixed
@@ -37,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 PEAK_EFFICIENCY = 0.93   # calibrated: see the module docstring
+ROW_EFFICIENCY = 0.3     # the row path (BR = 1), likewise
 DEFAULT_MIN_SPEEDUP = 1.5
 STOCK_EFFICIENCY = 0.4         # the function body's multiply-adds per dense one (calibrated above)
 STOCK_OVERHEAD_MACS = 2.5e6    # its fixed cost per call (Gather, Transposes), in dense multiply-adds
@@ -84,16 +94,19 @@ def block_stats(weight: torch.Tensor, block: tuple[int, int]) -> BlockStats:
                       max_per_row=int(per_row.max()) if r else 0)
 
 
-def efficiency(block: tuple[int, int]) -> float:
-    """Useful work per kept weight of the kernel relative to a dense MatMul (see the docstring)."""
+def efficiency(block: tuple[int, int], int8: bool = False) -> float:
+    """Useful work per kept weight of the kernel relative to a dense MatMul (see the docstring).
+    INT8 compute has no row path: one-output blocks fill 1 of its lanes."""
     br, bc = block
+    if br == 1 and not int8:
+        return ROW_EFFICIENCY
     return PEAK_EFFICIENCY * min(1.0, br / 16) * bc / (bc + 4)
 
 
-def estimated_speedup(stats: BlockStats) -> float:
+def estimated_speedup(stats: BlockStats, int8: bool = False) -> float:
     if stats.work == 0:
         return math.inf
-    return efficiency(stats.block) / stats.work
+    return efficiency(stats.block, int8) / stats.work
 
 
 def estimated_speedup_stock(stats: BlockStats, rows: int) -> float:

@@ -99,7 +99,7 @@ class ChooseSparseLayers(Pass):
         and possible, the measurement (`basis` says which)."""
         stats, rows = plan.stats, plan.rows or calibrate.DEFAULT_ROWS
         assert stats is not None and plan.block is not None
-        estimate = (cost.estimated_speedup(stats) if self.runtime == "sparsec"
+        estimate = (cost.estimated_speedup(stats, self.int8) if self.runtime == "sparsec"
                     else cost.estimated_speedup_stock(stats, rows))
         plan = replace(plan, speedup=estimate)
         why_not = self._why_not_measured()

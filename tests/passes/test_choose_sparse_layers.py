@@ -2,7 +2,10 @@
 unstructured masks, sites no target handles)."""
 from __future__ import annotations
 
+import pytest
+
 from sparsec.ir import graph_info
+from sparsec.lowering import cost
 from sparsec.lowering.torch_op import op
 from tests.helpers import cnn, cnn_input
 from tests.helpers import lowering_program as _prog
@@ -16,9 +19,14 @@ def test_layers_too_dense_stay_dense_and_say_why():
     assert not any(n.target == op() for n in gm.graph.nodes)
 
 
-def test_unstructured_masks_never_pay_off():
+def test_unstructured_masks_pay_off_only_when_sparse_enough():
+    """Unstructured masks take the kernel's row path: estimated ROW_EFFICIENCY / density."""
     plans = graph_info(_prog(0.1, block=(1, 1)).lower()).lowering
+    assert plans and all(p.lower and p.speedup == pytest.approx(cost.ROW_EFFICIENCY / 0.1, rel=0.1)
+                         for p in plans.values())
+    plans = graph_info(_prog(0.5, block=(1, 1)).lower()).lowering
     assert not any(p.lower for p in plans.values())
+    assert all(p.reason.startswith("too dense to gain") for p in plans.values())
 
 
 def test_layers_without_a_speed_estimate_are_lowered_only_on_request():

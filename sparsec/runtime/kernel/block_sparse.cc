@@ -117,7 +117,9 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
   out.R = in.R;
   out.BR = in.BR;
   out.BC = in.BC;
-  out.BRp = ceil_div(in.BR, 16) * 16;
+  // Rows of a block padded to the 16 lanes of the block path; one-output blocks take the row path
+  // (or the scalar one) and need no padding.
+  out.BRp = in.BR == 1 ? 1 : ceil_div(in.BR, 16) * 16;
   out.NBc = nbc;
   out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
   for (int64_t r = 0; r < in.R; ++r) out.row_start[r + 1] = out.row_start[r] + in.row_nnz[r];
@@ -680,7 +682,6 @@ void run_task(void* data, size_t t) {
   }
 }
 
-constexpr int64_t kTasksPerCore = 4;  // enough to balance the pool, few enough for long runs per task
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height: only the last task has a tail
 constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay within a quarter of L2
 constexpr int64_t kMaxPanelFloats = 4 << 20;  // 16 MB: larger inputs read X in place
@@ -799,10 +800,15 @@ void layer_norm_rows(const Epilogue& ep, float* y, int64_t M, int64_t N, Isa isa
 void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                          Isa isa, ParallelFor parallel_for, void* runner_state) {
   if (M <= 0 || w.R == 0) return;
+  if (row_path(w, isa)) {
+    block_sparse_rows(w, x, epilogue, y, M, parallel_for, runner_state);
+    if (epilogue.ln_scale != nullptr) layer_norm_rows(epilogue, y, M, w.N, isa, parallel_for, runner_state);
+    return;
+  }
+  if (w.BR == 1) isa = Isa::kScalar;  // packed without padding: only the scalar path reads it
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (w.K * static_cast<int64_t>(sizeof(float))));
   const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, panel_rows), kRowQuantum) * kRowQuantum);
   const int64_t row_tasks = ceil_div(M, rows_per_task);
-  // Tasks per call: 4 per core (BERT-base on 2 cores: 8 tasks 8.69 ms, 16 8.85, 24 8.90, 2 9.07).
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Epilogue ep = epilogue;

@@ -487,7 +487,6 @@ void run_task(void* data, size_t t) {
   }
 }
 
-constexpr int64_t kTasksPerCore = 4;
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
 constexpr int64_t kTaskInputBytes = 256 * 1024;
 constexpr int64_t kSerialMacs = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32

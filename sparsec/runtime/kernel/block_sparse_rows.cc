@@ -1,0 +1,211 @@
+// The row path: block rows one output high (BR == 1), i.e. unstructured masks ([1, 1]) and row
+// vectors ([1, 8], [1, 16], ...). The block path vectorises over the BR outputs of a block row, so
+// one output would fill 1 of 16 lanes. Here the lanes run over the rows m of X instead:
+//
+//   XT = X^T, [K][Mp] (Mp = M rounded up to 16, zero padded), written once per call;
+//   acc[v] = bias[n] + sum over the kept k of row n of  W[n, k] * XT[k, m0 + 16 v ..+16]
+//
+// so every kept weight costs one broadcast and NV loads and multiply-adds (NV = up to 8 vectors of
+// 16 rows), whatever the pattern: a CSR product with X^T as the dense operand. The accumulators of
+// 16 consecutive outputs are then transposed in registers into rows of Y, where the epilogue
+// (activation, residual) runs 16 outputs at a time; LayerNorm follows over whole rows.
+#include <algorithm>
+#include <thread>
+
+#include "block_sparse_internal.h"
+
+namespace sparsec {
+namespace detail {
+
+bool row_path(const PackedWeight& w, Isa isa) { return w.BR == 1 && isa == Isa::kAvx512; }
+
+}  // namespace detail
+
+#if SPARSEC_X86
+namespace {
+
+using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.h
+
+constexpr int64_t kSerialMacs = 1 << 20;      // as the block path: below this, no threads
+constexpr int kMaxVectors = 8;                 // rows of X per pass: 8 x 16 = 128
+constexpr int64_t kRowsPerTask = 16 * kMaxVectors;
+constexpr int64_t kStrip = 16;                 // outputs transposed together
+
+// r[i] (16 lanes each) becomes its transpose: afterwards lane j of r[i] is lane i of the old r[j].
+SPARSEC_AVX512 SPARSEC_INLINE void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3)
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // gather lane L of the four row groups: column 4L + c
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+struct TransposeJob {
+  const float* x;
+  int64_t M, K, Mp;
+  float* xt;
+};
+
+// Task t: the 16 rows [16 t, 16 t + 16) of X into columns of XT (rows past M are zeros).
+SPARSEC_AVX512 void transpose_task(void* data, size_t t) {
+  const TransposeJob& job = *static_cast<const TransposeJob*>(data);
+  const int64_t m0 = static_cast<int64_t>(t) * 16;
+  const int64_t rows = std::min<int64_t>(16, job.M - m0);
+  for (int64_t k0 = 0; k0 < job.K; k0 += 16) {
+    const __mmask16 cols = lane_mask16(job.K - k0);
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < rows ? _mm512_maskz_loadu_ps(cols, job.x + (m0 + i) * job.K + k0) : _mm512_setzero_ps();
+    }
+    transpose16(r);
+    const int64_t kn = std::min<int64_t>(16, job.K - k0);
+    for (int64_t j = 0; j < kn; ++j) _mm512_store_ps(job.xt + (k0 + j) * job.Mp + m0, r[j]);
+  }
+}
+
+// One output n over NV vectors of rows: the dot products of W's row n with XT's columns.
+template <int NV>
+SPARSEC_AVX512 SPARSEC_INLINE void output_avx512(const PackedWeight& w, int64_t n, const float* xt, int64_t Mp,
+                                                 float bias, float* out) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = _mm512_set1_ps(bias);
+  const int64_t K = w.K, BC = w.BC;
+  for (int64_t b = w.row_start[n]; b < w.row_start[n + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(BC, K - k0);
+    const float* wb = w.block(b);
+    const float* xk = xt + k0 * Mp;
+    for (int64_t j = 0; j < jn; ++j) {
+      const __m512 wv = _mm512_set1_ps(wb[j]);
+      const float* xj = xk + j * Mp;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(wv, _mm512_load_ps(xj + 16 * v), acc[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm512_store_ps(out + 16 * v, acc[v]);
+}
+
+// Outputs [n0, n0 + count) (count <= 16) for the rows [m0, m0 + rows) of the call: each output's
+// column of results into `strip` ([16][16 NV]), then 16 x 16 transposes into rows of Y.
+template <int NV>
+SPARSEC_AVX512 void strip_avx512(const PackedWeight& w, int64_t n0, int64_t count, const float* xt, int64_t Mp,
+                                 int64_t rows, const Epilogue& ep, float* y, float* strip) {
+  for (int64_t i = 0; i < count; ++i) {
+    output_avx512<NV>(w, n0 + i, xt, Mp, ep.bias ? ep.bias[n0 + i] : 0.0f, strip + i * 16 * NV);
+  }
+  const __mmask16 outs = lane_mask16(count);
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  for (int v = 0; v < NV; ++v) {
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < count ? _mm512_load_ps(strip + i * 16 * NV + 16 * v) : _mm512_setzero_ps();
+    }
+    transpose16(r);  // r[l]: outputs n0.. of row 16 v + l
+    const int64_t valid = std::min<int64_t>(16, rows - 16 * v);
+    for (int64_t l = 0; l < valid; ++l) {
+      const int64_t at = (16 * v + l) * w.N + n0;
+      __m512 out = activate512(r[l], ep.act);
+      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(outs, res + at));
+      _mm512_mask_storeu_ps(y + at, outs, out);
+    }
+  }
+}
+
+struct RowJob {
+  const PackedWeight* w;
+  const float* xt;
+  int64_t Mp;
+  Epilogue ep;
+  float* y;
+  int64_t M;
+  std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
+};
+
+SPARSEC_AVX512 void row_task(void* data, size_t t) {
+  const RowJob& job = *static_cast<const RowJob*>(data);
+  const TaskSpan span(job.group_start, kRowsPerTask, job.M, t);
+  if (span.empty()) return;
+  const PackedWeight& w = *job.w;
+  alignas(64) float strip[kStrip * 16 * kMaxVectors];
+  const float* xt = job.xt + span.m0;
+  float* y = job.y + span.m0 * w.N;
+  const int nv = static_cast<int>(ceil_div(span.rows, 16));
+  for (int64_t n0 = span.r0; n0 < span.r1; n0 += kStrip) {
+    const int64_t count = std::min(kStrip, span.r1 - n0);
+    switch (nv) {
+      case 1: strip_avx512<1>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 2: strip_avx512<2>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 3: strip_avx512<3>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 4: strip_avx512<4>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 5: strip_avx512<5>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 6: strip_avx512<6>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 7: strip_avx512<7>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      default: strip_avx512<8>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+    }
+  }
+}
+
+}  // namespace
+#endif  // SPARSEC_X86
+
+namespace detail {
+
+void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
+                       ParallelFor parallel_for, void* runner_state) {
+#if SPARSEC_X86
+  const int64_t Mp = ceil_div(M, 16) * 16;
+  // X^T lives in a buffer of the calling thread, reused across calls; pool threads only read it.
+  thread_local AlignedScratch<float> xt_buffer;
+  float* xt = xt_buffer.reserve(static_cast<size_t>(w.K * Mp));
+  TransposeJob tjob{x, M, w.K, Mp, xt};
+  const int64_t macs = M * w.row_start[w.R] * w.BC;
+  const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
+  const size_t transposes = static_cast<size_t>(Mp / 16);
+  if (threads && transposes > 1) {
+    parallel_for(runner_state, transpose_task, transposes, &tjob);
+  } else {
+    for (size_t t = 0; t < transposes; ++t) transpose_task(&tjob, t);
+  }
+  const int64_t row_tasks = ceil_div(M, kRowsPerTask);
+  static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
+  const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
+  Epilogue ep = epilogue;
+  ep.y = y;
+  RowJob job{&w, xt, Mp, ep, y, M, balanced_groups(w.row_start, groups)};
+  const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
+  if (total == 1 || !threads) {
+    for (size_t t = 0; t < total; ++t) row_task(&job, t);
+  } else {
+    parallel_for(runner_state, row_task, total, &job);
+  }
+#else
+  (void)w, (void)x, (void)epilogue, (void)y, (void)M, (void)parallel_for, (void)runner_state;
+#endif
+}
+
+}  // namespace detail
+}  // namespace sparsec
