@@ -126,11 +126,13 @@ def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
 
 @pytest.mark.parametrize("n,k,block", [(100, 70, (16, 16)), (70, 200, (32, 32)), (90, 100, (16, 32)),
                                        (90, 100, (32, 16)), (3072, 768, (32, 32)), (90, 1024, (16, 16)),
-                                       (70, 2048, (16, 32))])
+                                       (70, 2048, (16, 32)), (100, 70, (16, 1)), (70, 45, (32, 1)),
+                                       (90, 101, (16, 2)), (70, 203, (32, 4)), (100, 70, (16, 8))])
 def test_packed_input_panel_row_counts(kernel_library, n, k, block):
-    """Both AVX-512 paths for 16/32 blocks: X read in place (12- or 16-row tiles) and X copied into a
-    packed panel of 16-row tiles (BR = 16 with K a multiple of 1024): row counts around the tile
-    heights and the 48-row task quantum, edge blocks cut by N and K, one and two threads."""
+    """Both AVX-512 paths for 16/32-row blocks: X read in place (12- or 16-row tiles) and X copied
+    into a packed panel of 16-row tiles (BR = 16 with K a multiple of 1024, and every narrow block
+    width 1, 2, 4, 8): row counts around the tile heights and the 48-row task quantum, edge blocks
+    cut by N and K, one and two threads."""
     packed, b = make_layer(n, k, block, 0.3, seed=3)
     model = onnx_op.single_layer_model(packed, b)
     for threads in (1, 2):

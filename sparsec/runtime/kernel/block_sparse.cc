@@ -428,6 +428,18 @@ struct XPanel {
 
   void pack(int64_t t) const {
     float* dst = data + t * NBc * H * BC;
+    if (BC < 16) {  // narrow blocks ([16, 1] column vectors ...): element by element
+      for (int64_t c = 0; c < NBc; ++c) {
+        const int64_t k0 = c * BC;
+        const int64_t n = std::min(BC, K - k0);
+        for (int64_t m = 0; m < H; ++m, dst += BC) {
+          const int64_t row = t * H + m;
+          const float* src = x + row * K + k0;
+          for (int64_t j = 0; j < BC; ++j) dst[j] = (row < M && j < n) ? src[j] : 0.0f;
+        }
+      }
+      return;
+    }
     for (int64_t c = 0; c < NBc; ++c) {
       const int64_t k0 = c * BC;
       const int64_t n = std::min(BC, K - k0);
@@ -668,12 +680,17 @@ void run_task(void* data, size_t t) {
   switch (job.isa) {
 #if SPARSEC_X86
     case Isa::kAvx512:
-      if (job.panel != nullptr && w.BC == 32) {
-        block_rows_packed_avx512<32>(w, r0, r1, *job.panel, m0, rows, job.ep, y);
-      } else if (job.panel != nullptr) {
-        block_rows_packed_avx512<16>(w, r0, r1, *job.panel, m0, rows, job.ep, y);
-      } else {
+      if (job.panel == nullptr) {
         block_rows_avx512(w, r0, r1, x, rows, job.ep, y);
+        break;
+      }
+      switch (w.BC) {
+        case 32: block_rows_packed_avx512<32>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
+        case 16: block_rows_packed_avx512<16>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
+        case 8: block_rows_packed_avx512<8>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
+        case 4: block_rows_packed_avx512<4>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
+        case 2: block_rows_packed_avx512<2>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
+        default: block_rows_packed_avx512<1>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
       }
       break;
     case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, rows, job.ep, y); break;
@@ -758,7 +775,10 @@ void layer_norm_task(void* data, size_t t) {
 // only for 16-row register tiles (BR = 16) whose input rows are a multiple of 4 KB apart, where
 // the 16 rows a tile reads fall into one L1 set and evict each other (16x16 blocks, K = 3072:
 // 191 vs 268 us). Elsewhere reading X in place is faster (32x32, K = 768: 41 vs 55 us).
+// Narrow blocks (BC < 16: [16, 1] column vectors and the like) read one input per row per block
+// from X in place, each from its own cache line; in the panel the H inputs of a column are one line.
 bool panel_pays(const PackedWeight& w) {
+  if (w.BC < 16) return true;
   return w.BRp == 16 && (w.K * static_cast<int64_t>(sizeof(float))) % 4096 == 0;
 }
 
@@ -821,7 +841,8 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
   thread_local std::unique_ptr<std::atomic<int>[]> panel_state;
   thread_local int64_t panel_state_size = 0;
   XPanel panel;
-  const bool packed_shape = (w.BR == 16 || w.BR == 32) && (w.BC == 16 || w.BC == 32);
+  const bool packed_shape = (w.BR == 16 || w.BR == 32) &&
+                            (w.BC == 1 || w.BC == 2 || w.BC == 4 || w.BC == 8 || w.BC == 16 || w.BC == 32);
   if (isa == Isa::kAvx512 && packed_shape && M > 1 && M * w.NBc * w.BC <= kMaxPanelFloats && panel_pays(w)) {
     panel.x = x;
     panel.M = M;
