@@ -3,11 +3,13 @@ quantization of the dense model, sparsec's file in fp32 and INT8 on sparsec's ke
 onnxruntime (function bodies), and DeepSparse when a Python that holds it is given.
 
     .venv/bin/python bench/peers.py [--model bert|linear] [--rounds 5] [--repeats 20] [--threads 2]
+                                    [--block 32x32] [--density 0.1]
                                     [--deepsparse-python /path/to/venv/bin/python] [--out DIR]
 
 `bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
 128, every encoder linear pruned to density 0.1 in 32x32 blocks by local magnitude (block rows keep
-unequal counts, as trained masks do). `linear`: one Linear 768 -> 3072 on [128, 768], the same
+unequal counts, as trained masks do; `--block 16x1`, `1x16` or `1x1` for vectors or unstructured
+masks, which the kernel runs on its narrow-panel and row paths). `linear`: one Linear 768 -> 3072 on [128, 768], the same
 density and blocks. `conv3x3`, `conv1x1`, `conv3x3_deep`: ResNet-50-shaped convolutions at batch 1
 (64->64 3x3 and 256->64 1x1 on 56x56, 256->256 3x3 on 14x14), lowered through im2col onto the
 block-sparse linear (sparsec.lowering.targets.conv).
@@ -63,7 +65,8 @@ def build(kind: str):
     return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def export_files(kind: str, out: Path) -> dict[str, Path]:
+def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: float = DENSITY
+                 ) -> dict[str, Path]:
     """Prune with sparsec, export the fp32 and INT8 sparse files and the dense file, quantize the
     dense one with onnxruntime; the PyTorch reference output goes to reference.npy."""
     import sparsec
@@ -71,8 +74,8 @@ def export_files(kind: str, out: Path) -> dict[str, Path]:
 
     model, args, kwargs = build(kind)
     targets = ["0.weight"] if kind == "linear" or kind in CONVS else ["encoder.layer.*.weight"]
-    spec = {"prune": [{"targets": targets, "method": "magnitude", "density": DENSITY, "scope": "local",
-                       "block": list(BLOCK)}]}
+    spec = {"prune": [{"targets": targets, "method": "magnitude", "density": density, "scope": "local",
+                       "block": list(block)}]}
     prog = sparsec.compile(model, spec, args, kwargs)
     prog.eval()
     files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
@@ -128,11 +131,17 @@ def main() -> None:
     parser.add_argument("--deepsparse-python", default=None)
     parser.add_argument("--engines", default="", help="comma-separated words: only the engines whose "
                         "names contain one (dense onnxruntime fp32 is always run: it is the reference)")
+    parser.add_argument("--block", default="x".join(map(str, BLOCK)),
+                        help="block shape of the masks, e.g. 32x32, 16x1, 1x16, 1x1 (unstructured)")
+    parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    block = tuple(int(v) for v in args.block.lower().split("x"))
+    if len(block) != 2 or min(block) < 1:
+        parser.error(f"--block {args.block!r}: expected two positive sizes like 32x32")
     out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
     out.mkdir(parents=True, exist_ok=True)
-    files = export_files(args.model, out)
+    files = export_files(args.model, out, block, args.density)
     words = [w.strip() for w in args.engines.split(",") if w.strip()]
     engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items()
                if not words or name == "dense onnxruntime fp32" or any(w in name for w in words)}
@@ -166,13 +175,14 @@ def main() -> None:
         summary[name] = {"median_ms": median, "per_process_ms": times, "speedup": dense_ms / median,
                          "error_rel": error}
     print(f"\nmachine: {machine()}")
-    print(f"model: {args.model}, density {DENSITY} in {BLOCK[0]}x{BLOCK[1]} blocks (local magnitude), "
+    print(f"model: {args.model}, density {args.density} in {block[0]}x{block[1]} blocks (local magnitude), "
           f"{args.threads} threads, {args.rounds} processes per engine x {args.repeats} timed calls\n")
     print("| engine | median ms | per-process min-max | vs dense fp32 | max error / output scale | note |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     (out / "peers.json").write_text(json.dumps({"machine": machine(), "model": args.model,
+                                                "block": list(block), "density": args.density,
                                                 "threads": args.threads, "engines": summary}, indent=1))
     print(f"\nwrote {out / 'peers.json'}")
 
