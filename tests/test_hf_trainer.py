@@ -71,3 +71,77 @@ def test_trainer_prunes_resumes_and_saves_a_normal_folder(tmp_path):
     weight = reloaded.bert.encoder.layer[0].attention.self.query.weight
     site = "bert.encoder.layer.0.attention.self.query.weight"
     assert bool((weight[masks[site] == 0] == 0).all()) and bool((weight[masks[site] == 1] != 0).all())
+
+
+# ------------------------------------------------------------------ DDP through the Trainer's launch
+SCRIPT = '''
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+from tests.test_hf_trainer import Sentences, bert
+from transformers import TrainingArguments
+from sparsec.integrations.hf import SparsecTrainer
+from sparsec.training.distributed import mask_digests
+
+spec = json.loads({spec!r})
+args = TrainingArguments(output_dir={out!r}, max_steps={steps}, per_device_train_batch_size=8, learning_rate=1e-3,
+                         save_strategy="steps", save_steps=10, report_to=[], use_cpu=True, seed=0,
+                         disable_tqdm=True, ddp_backend="gloo")
+trainer = SparsecTrainer(bert(), spec, args=args, train_dataset=Sentences(), score_learning_rate=5e-2)
+trainer.train()
+prog = trainer.program
+rank = torch.distributed.get_rank()
+result = {{"world": torch.distributed.get_world_size(), "steps": int(prog.step_count),
+          "digests": mask_digests(prog), "kept": sum(int(m.sum()) for m in prog.masks().values()),
+          "total": sum(m.numel() for m in prog.masks().values())}}
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump(result, f)
+'''
+
+LM_SPEC = {"prune": [{"targets": ["*encoder.layer.*"], "method": "lm", "density": 0.25, "scope": "global",
+                      "fisher_examples": 16, "fisher_chunk": 4}],
+           "schedule": {"kind": "linear", "total": STEPS, "warmup": 2, "cooldown": 2, "iterations": 4}}
+
+
+@pytest.mark.parametrize("spec", [SPEC, LM_SPEC], ids=["movement", "lm"])
+def test_trainer_under_torchrun_keeps_identical_masks_on_two_processes(spec, tmp_path):
+    """`torchrun --nproc_per_node 2 script.py` with a SparsecTrainer: DDP from the Trainer's launch,
+    each process on its shard of the data; the masks (checked across processes at every update with
+    SPARSEC_CHECK_RANKS=1) are identical and at the asked density, and only rank 0 saves."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=root, spec=json.dumps(spec), out=str(out), steps=STEPS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SPARSEC_CHECK_RANKS="1", OMP_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(script)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [STEPS, STEPS]
+    assert ranks[0]["digests"] == ranks[1]["digests"]
+    assert ranks[0]["kept"] == round(0.25 * ranks[0]["total"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-10",
+                                                                                        "checkpoint-20"]
+
+
+def test_the_trainers_fsdp_is_refused_with_the_alternative(tmp_path):
+    from sparsec.errors import TrainingError
+    from sparsec.integrations.hf import ProgramStep
+
+    t = trainer(tmp_path / "run")
+    t.is_fsdp_enabled = True   # what the Trainer sets when accelerate's FSDP plugin is on
+    step = next(c for c in t.callback_handler.callbacks if isinstance(c, ProgramStep))
+    with pytest.raises(TrainingError, match=r'parallel = "fsdp"'):
+        step.on_train_begin(t.args, t.state, t.control)

@@ -24,12 +24,16 @@ What the subclass changes, and why:
 * Checkpoints hold the Program's state (weights, scores, masks, schedule position), so
   `resume_from_checkpoint` continues the pruning schedule; the Trainer restores the optimizer,
   scheduler and random generators itself.
-* DDP and FSDP come from the Trainer's own launch (accelerate / torchrun): masks are computed from
-  identical, all-reduced inputs on every process.
+* DDP comes from the Trainer's own launch (`torchrun --nproc_per_node N script.py`): masks are
+  computed from identical, all-reduced inputs on every process (scores' and weights' gradients by
+  DDP, the loss-modelling estimates by sparsec), and `SPARSEC_CHECK_RANKS=1` (or the spec's
+  `[train] check_ranks`) compares them across processes after every mask update. The Trainer's FSDP
+  is refused with a clear error: sparsec's FSDP is `[train] parallel = "fsdp"` in `sparsec compile`.
 """
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sparsec import estimation
+from sparsec.errors import TrainingError
+from sparsec.training import distributed
 from sparsec.paths import save_tensors
 from sparsec.training.losses import objective as objective_of
 
@@ -130,6 +136,12 @@ class ProgramStep(TrainerCallback):
         self.trainer = trainer
         self.examples: Any = None
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if getattr(self.trainer, "is_fsdp_enabled", False):
+            raise TrainingError("SparsecTrainer does not run under the Trainer's FSDP (its mask updates "
+                                "need whole tensors): use DDP, or `sparsec compile` under torchrun with "
+                                "[train] parallel = \"fsdp\"")
+
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer, prog = self.trainer, self.trainer.program
         iteration = estimation.before_pruning(prog, self._examples(), trainer.objective) \
@@ -137,6 +149,13 @@ class ProgramStep(TrainerCallback):
         prog.step()
         if iteration is not None:
             iteration.finish(int(prog.step_count), prog)
+        if self._check_ranks() and int(prog.step_count) % prog.schedule.every == 0:
+            distributed.check_masks(prog)
+
+    def _check_ranks(self) -> bool:
+        train = self.trainer.spec.train
+        return bool(train and train.check_ranks) or \
+            os.environ.get(distributed.CHECK_ENV, "").strip() not in ("", "0")
 
     def _examples(self) -> Any:
         """Batches of the training set for the estimates, on the program's device, forever."""
