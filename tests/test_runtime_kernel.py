@@ -133,11 +133,16 @@ def test_packed_input_panel_row_counts(kernel_library, n, k, block):
     into a packed panel of 16-row tiles (BR = 16 with K a multiple of 1024, and every narrow block
     width 1, 2, 4, 8): row counts around the tile heights and the 48-row task quantum, edge blocks
     cut by N and K, one and two threads."""
-    packed, b = make_layer(n, k, block, 0.3, seed=3)
+    check_row_counts(make_layer(n, k, block, 0.3, seed=3), k, (2, 11, 12, 13, 16, 17, 47, 49, 97, 130))
+
+
+def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
+    """The kernel on one and two threads against the reference, for each row count."""
+    packed, b = layer
     model = onnx_op.single_layer_model(packed, b)
     for threads in (1, 2):
         sess = kernel_session(model, threads=threads)
-        for m in (2, 11, 12, 13, 16, 17, 47, 49, 97, 130):
+        for m in row_counts:
             x = inputs((m, k), seed=m)
             check(sess.run(None, {"x": x})[0], x, packed, b)
 
@@ -149,13 +154,8 @@ def test_row_path_row_counts(kernel_library, n, k, block):
     once per call, 16 outputs transposed back at a time): row counts around the 16-row vectors and
     the 128-row task, outputs not a multiple of 16, K not a multiple of 16 or of the block width,
     one and two threads."""
-    packed, b = make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3)
-    model = onnx_op.single_layer_model(packed, b)
-    for threads in (1, 2):
-        sess = kernel_session(model, threads=threads)
-        for m in (1, 2, 15, 16, 17, 33, 127, 128, 129, 200):
-            x = inputs((m, k), seed=m)
-            check(sess.run(None, {"x": x})[0], x, packed, b)
+    check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
+                     (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))
 
 
 def test_large_layer_both_paths_and_threads(kernel_library):
