@@ -147,13 +147,15 @@ def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
             check(sess.run(None, {"x": x})[0], x, packed, b)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("n,k,block", [(3072, 768, (1, 1)), (70, 45, (1, 1)), (100, 770, (1, 16)),
                                        (33, 200, (1, 8)), (40, 96, (1, 3))])
-def test_row_path_row_counts(kernel_library, n, k, block):
-    """Blocks one output high take the row path on AVX-512 (lanes over the rows of X, X transposed
-    once per call, 16 outputs transposed back at a time): row counts around the 16-row vectors and
-    the 128-row task, outputs not a multiple of 16, K not a multiple of 16 or of the block width,
-    one and two threads."""
+def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
+    """Blocks one output high take the row path (lanes over the rows of X, X transposed once per
+    call, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row counts around the
+    vectors and the 128- or 64-row task, outputs not a multiple of the lanes, K not a multiple of
+    the lanes or of the block width, one and two threads."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))
 
@@ -375,11 +377,12 @@ def test_epilogue_function_body_and_kernel(kernel_library, n, k, block, int8, ac
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation):
-    """Each micro-kernel family applies the same epilogue, over the whole GELU range (|v| up to ~12,
-    where the erf tail and the exp clamp matter) and for rows 1 and many."""
+@pytest.mark.parametrize("block", [(32, 32), (1, 1)], ids=["32x32", "unstructured"])
+def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation, block):
+    """Each micro-kernel family (and the row path) applies the same epilogue, over the whole GELU
+    range (|v| up to ~12, where the erf tail and the exp clamp matter) and for rows 1 and many."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
-    packed, b = make_layer(70, 200, (32, 32), 0.4, seed=4)
+    packed, b = make_layer(70, 200, block, 0.4, seed=4)
     model = onnx_op.single_layer_model(packed, b, activation=activation, residual=True)
     sess = kernel_session(model)
     for m in (1, 13, 50):

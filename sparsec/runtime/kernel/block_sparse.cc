@@ -821,7 +821,7 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
                          Isa isa, ParallelFor parallel_for, void* runner_state) {
   if (M <= 0 || w.R == 0) return;
   if (row_path(w, isa)) {
-    block_sparse_rows(w, x, epilogue, y, M, parallel_for, runner_state);
+    block_sparse_rows(w, x, epilogue, y, M, isa, parallel_for, runner_state);
     if (epilogue.ln_scale != nullptr) layer_norm_rows(epilogue, y, M, w.N, isa, parallel_for, runner_state);
     return;
   }

@@ -85,11 +85,11 @@ std::vector<int64_t> balanced_groups(const std::vector<int64_t>& row_start, int6
 constexpr int64_t kTasksPerCore = 4;
 
 // The row path (block_sparse_rows.cc): blocks one output high (unstructured, [1, BC] vectors) on
-// AVX-512, with the lanes over the rows of X. `row_path` says whether a weight takes it; such a
-// weight is packed without row padding (BRp = 1), so the other ISAs use the scalar path.
+// AVX-512 and AVX2, with the lanes over the rows of X. `row_path` says whether a weight takes it;
+// such a weight is packed without row padding (BRp = 1), so the scalar ISA uses the scalar path.
 bool row_path(const PackedWeight& w, Isa isa);
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
-                       ParallelFor parallel_for, void* runner_state);
+                       Isa isa, ParallelFor parallel_for, void* runner_state);
 
 float activate_scalar(float v, Activation act);
 // Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).

@@ -8,7 +8,9 @@
 // so every kept weight costs one broadcast and NV loads and multiply-adds (NV = up to 8 vectors of
 // 16 rows), whatever the pattern: a CSR product with X^T as the dense operand. The accumulators of
 // 16 consecutive outputs are then transposed in registers into rows of Y, where the epilogue
-// (activation, residual) runs 16 outputs at a time; LayerNorm follows over whole rows.
+// (activation, residual) runs 16 outputs at a time; LayerNorm follows over whole rows. AVX2 does
+// the same with 8 lanes (8 x 8 transposes, up to 64 rows per pass, the scalar epilogue as its
+// block path).
 #include <algorithm>
 #include <thread>
 
@@ -17,7 +19,9 @@
 namespace sparsec {
 namespace detail {
 
-bool row_path(const PackedWeight& w, Isa isa) { return w.BR == 1 && isa == Isa::kAvx512; }
+bool row_path(const PackedWeight& w, Isa isa) {
+  return w.BR == 1 && (isa == Isa::kAvx512 || isa == Isa::kAvx2);
+}
 
 }  // namespace detail
 
@@ -27,9 +31,19 @@ namespace {
 using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.h
 
 constexpr int64_t kSerialMacs = 1 << 20;      // as the block path: below this, no threads
-constexpr int kMaxVectors = 8;                 // rows of X per pass: 8 x 16 = 128
-constexpr int64_t kRowsPerTask = 16 * kMaxVectors;
-constexpr int64_t kStrip = 16;                 // outputs transposed together
+constexpr int kMaxVectors = 8;                 // vectors of rows of X per pass (AVX-512: 128 rows)
+constexpr int64_t kStrip = 16;                 // outputs transposed together (AVX-512)
+
+struct RowJob {
+  const PackedWeight* w;
+  const float* xt;
+  int64_t Mp;
+  Epilogue ep;
+  float* y;
+  int64_t M;
+  int64_t rows_per_task;
+  std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
+};
 
 // r[i] (16 lanes each) becomes its transpose: afterwards lane j of r[i] is lane i of the old r[j].
 SPARSEC_AVX512 SPARSEC_INLINE void transpose16(__m512 (&r)[16]) {
@@ -135,19 +149,9 @@ SPARSEC_AVX512 void strip_avx512(const PackedWeight& w, int64_t n0, int64_t coun
   }
 }
 
-struct RowJob {
-  const PackedWeight* w;
-  const float* xt;
-  int64_t Mp;
-  Epilogue ep;
-  float* y;
-  int64_t M;
-  std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
-};
-
 SPARSEC_AVX512 void row_task(void* data, size_t t) {
   const RowJob& job = *static_cast<const RowJob*>(data);
-  const TaskSpan span(job.group_start, kRowsPerTask, job.M, t);
+  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
   if (span.empty()) return;
   const PackedWeight& w = *job.w;
   alignas(64) float strip[kStrip * 16 * kMaxVectors];
@@ -169,14 +173,129 @@ SPARSEC_AVX512 void row_task(void* data, size_t t) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// AVX2: 8 lanes, the same structure.
+
+// r[i] (8 lanes each) becomes its transpose.
+SPARSEC_AVX2 SPARSEC_INLINE void transpose8(__m256 (&r)[8]) {
+  __m256 t[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m256 u[8];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+SPARSEC_AVX2 SPARSEC_INLINE __m256i lanes8(int64_t n) {
+  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+SPARSEC_AVX2 void transpose_task_avx2(void* data, size_t t) {
+  const TransposeJob& job = *static_cast<const TransposeJob*>(data);
+  for (int64_t m0 = static_cast<int64_t>(t) * 16; m0 < static_cast<int64_t>(t) * 16 + 16; m0 += 8) {
+    const int64_t rows = std::min<int64_t>(8, job.M - m0);
+    for (int64_t k0 = 0; k0 < job.K; k0 += 8) {
+      const __m256i cols = lanes8(job.K - k0);
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        r[i] = i < rows ? _mm256_maskload_ps(job.x + (m0 + i) * job.K + k0, cols) : _mm256_setzero_ps();
+      }
+      transpose8(r);
+      const int64_t kn = std::min<int64_t>(8, job.K - k0);
+      for (int64_t j = 0; j < kn; ++j) _mm256_store_ps(job.xt + (k0 + j) * job.Mp + m0, r[j]);
+    }
+  }
+}
+
+template <int NV>
+SPARSEC_AVX2 SPARSEC_INLINE void output_avx2(const PackedWeight& w, int64_t n, const float* xt, int64_t Mp,
+                                             float bias, float* out) {
+  __m256 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_set1_ps(bias);
+  const int64_t K = w.K, BC = w.BC;
+  for (int64_t b = w.row_start[n]; b < w.row_start[n + 1]; ++b) {
+    const int64_t k0 = w.cols[b];
+    const int64_t jn = std::min(BC, K - k0);
+    const float* wb = w.block(b);
+    const float* xk = xt + k0 * Mp;
+    for (int64_t j = 0; j < jn; ++j) {
+      const __m256 wv = _mm256_broadcast_ss(wb + j);
+      const float* xj = xk + j * Mp;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(wv, _mm256_load_ps(xj + 8 * v), acc[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm256_store_ps(out + 8 * v, acc[v]);
+}
+
+template <int NV>
+SPARSEC_AVX2 void strip_avx2(const PackedWeight& w, int64_t n0, int64_t count, const float* xt, int64_t Mp,
+                             int64_t rows, const Epilogue& ep, float* y, float* strip) {
+  for (int64_t i = 0; i < count; ++i) {
+    output_avx2<NV>(w, n0 + i, xt, Mp, ep.bias ? ep.bias[n0 + i] : 0.0f, strip + i * 8 * NV);
+  }
+  const __m256i outs = lanes8(count);
+  for (int v = 0; v < NV; ++v) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = i < count ? _mm256_load_ps(strip + i * 8 * NV + 8 * v) : _mm256_setzero_ps();
+    transpose8(r);
+    const int64_t valid = std::min<int64_t>(8, rows - 8 * v);
+    for (int64_t l = 0; l < valid; ++l) _mm256_maskstore_ps(y + (8 * v + l) * w.N + n0, outs, r[l]);
+    if (valid > 0) finish_tile_scalar(ep, y + 8 * v * w.N + n0, valid, count, w.N);
+  }
+}
+
+SPARSEC_AVX2 void row_task_avx2(void* data, size_t t) {
+  const RowJob& job = *static_cast<const RowJob*>(data);
+  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
+  if (span.empty()) return;
+  const PackedWeight& w = *job.w;
+  alignas(64) float strip[8 * 8 * kMaxVectors];
+  const float* xt = job.xt + span.m0;
+  float* y = job.y + span.m0 * w.N;
+  const int nv = static_cast<int>(ceil_div(span.rows, 8));
+  for (int64_t n0 = span.r0; n0 < span.r1; n0 += 8) {
+    const int64_t count = std::min<int64_t>(8, span.r1 - n0);
+    switch (nv) {
+      case 1: strip_avx2<1>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 2: strip_avx2<2>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 3: strip_avx2<3>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 4: strip_avx2<4>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 5: strip_avx2<5>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 6: strip_avx2<6>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 7: strip_avx2<7>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      default: strip_avx2<8>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+    }
+  }
+}
+
 }  // namespace
 #endif  // SPARSEC_X86
 
 namespace detail {
 
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
-                       ParallelFor parallel_for, void* runner_state) {
+                       Isa isa, ParallelFor parallel_for, void* runner_state) {
 #if SPARSEC_X86
+  const bool avx512 = isa == Isa::kAvx512;
   const int64_t Mp = ceil_div(M, 16) * 16;
   // X^T lives in a buffer of the calling thread, reused across calls; pool threads only read it.
   thread_local AlignedScratch<float> xt_buffer;
@@ -185,25 +304,28 @@ void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& ep
   const int64_t macs = M * w.row_start[w.R] * w.BC;
   const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
   const size_t transposes = static_cast<size_t>(Mp / 16);
+  void (*transpose)(void*, size_t) = avx512 ? transpose_task : transpose_task_avx2;
   if (threads && transposes > 1) {
-    parallel_for(runner_state, transpose_task, transposes, &tjob);
+    parallel_for(runner_state, transpose, transposes, &tjob);
   } else {
-    for (size_t t = 0; t < transposes; ++t) transpose_task(&tjob, t);
+    for (size_t t = 0; t < transposes; ++t) transpose(&tjob, t);
   }
-  const int64_t row_tasks = ceil_div(M, kRowsPerTask);
+  const int64_t rows_per_task = (avx512 ? 16 : 8) * kMaxVectors;
+  const int64_t row_tasks = ceil_div(M, rows_per_task);
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Epilogue ep = epilogue;
   ep.y = y;
-  RowJob job{&w, xt, Mp, ep, y, M, balanced_groups(w.row_start, groups)};
+  RowJob job{&w, xt, Mp, ep, y, M, rows_per_task, balanced_groups(w.row_start, groups)};
+  void (*task)(void*, size_t) = avx512 ? row_task : row_task_avx2;
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
-    for (size_t t = 0; t < total; ++t) row_task(&job, t);
+    for (size_t t = 0; t < total; ++t) task(&job, t);
   } else {
-    parallel_for(runner_state, row_task, total, &job);
+    parallel_for(runner_state, task, total, &job);
   }
 #else
-  (void)w, (void)x, (void)epilogue, (void)y, (void)M, (void)parallel_for, (void)runner_state;
+  (void)w, (void)x, (void)epilogue, (void)y, (void)M, (void)isa, (void)parallel_for, (void)runner_state;
 #endif
 }
 
