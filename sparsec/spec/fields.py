@@ -30,7 +30,9 @@ def prune_fields() -> dict[str, Field]:
                        default="local", choices=("local", "global")),
         "block": Field("pair[int]", "Block shape `[rows, cols]` of the weight's matrix view (out x in "
                        "for a linear); whole blocks are kept or pruned. `[1, 1]` is unstructured; "
-                       "`[32, 32]` is where the block-sparse kernel runs fastest. When the block does "
+                       "`[32, 32]` is where the block-sparse kernel runs fastest; `[16, 1]`, `[1, 16]` "
+                       "and `[1, 1]` also run on it (about 5x, 3x and 3x one layer at density 0.1). "
+                       "When the block does "
                        "not divide the matrix, the last partial blocks are padded. At most 1024 "
                        "per side.", default=[1, 1], le=1024),
         "balanced": Field("bool", "Keep the same number of blocks in every block row of each weight "
