@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import sparsec
 from sparsec import curvature, estimation, modelfile, schedules
@@ -192,6 +193,49 @@ def test_sensitivity_reads_the_weight_before_the_update():
     prog.step(optimizer=opt)
     # smoothing "none": the buffer holds |g theta^(t)| of this step, not |g theta^(t+1)|
     torch.testing.assert_close(prog.state_of(prog.sites[0].name).buffers["ema"], (grad * before).abs())
+
+
+@pytest.mark.parametrize("method, options", [("pins", {}), ("sensitivity", {}),
+                                             ("dynsparse", {"lambda": 0.5, "block": [2, 2]})])
+def test_the_update_is_read_with_the_learning_rate_it_was_made_with(method, options, monkeypatch):
+    """Under a warm-up schedule the learning rate changes at every step: the methods that read the
+    optimizer's last update (PINS' dtheta, sensitivity's theta^(t), the decoupled group lasso) must
+    see the rate of that update, not the next step's (the scheduler steps after prog.step())."""
+    from sparsec.methods import dynsparse, pins, sensitivity
+
+    before: dict[int, torch.Tensor] = {}
+    checked: list[float] = []
+    original = pins.applied_update
+
+    def snapshot(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                before[id(p)] = p.detach().clone()
+
+    def checking(optimizer, group, param, grad):
+        update, start = original(optimizer, group, param, grad)
+        expected, seen = before[id(param)], start
+        if method == "dynsparse":   # blocks re-allocated at this step were zeroed with their moments
+            survived = (expected != 0) & (start != 0)
+            assert survived.float().mean() > 0.2
+            seen, expected = start[survived], expected[survived]
+        torch.testing.assert_close(seen, expected, rtol=0, atol=1e-6)
+        checked.append(float(group["lr"]))
+        return update, start
+
+    for module in (pins, sensitivity, dynsparse):
+        monkeypatch.setattr(module, "applied_update", checking)
+    handle = register_optimizer_step_pre_hook(snapshot)
+    try:
+        group = {"targets": ["fc*"], "method": method, "density": 0.5, "scope": "local", **options}
+        schedule = ({"kind": "constant", "every": 1, "total": 6} if method == "dynsparse"
+                    else {"kind": "cubic", "total": 6, "warmup": 1, "cooldown": 1})
+        _run({"prune": [group], "schedule": schedule,
+              "train": {"steps": 6, "batch_size": 8, "lr": 1e-2, "optimizer": "adamw",
+                        "weight_decay": 0.1, "lr_schedule": "linear", "warmup_steps": 3}})
+    finally:
+        handle.remove()
+    assert checked and checked[0] == 0.0 and max(checked) > 0   # warm-up from 0: rates did change
 
 
 # ------------------------------------------------- movement pruning recipe in the shipped specs

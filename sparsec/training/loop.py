@@ -269,7 +269,6 @@ class _Run:
             loss_sum += float(loss.detach())
         rates = [float(group["lr"]) for group in self.optimizer.param_groups]
         backend.step(self.optimizer, self.params, train.max_grad_norm)
-        self.scheduler.step()
         with backend.whole(prog, self.optimizer, needed=prog.estimate_due() or prog.step_reads_parameters()):
             iteration = estimation.before_pruning(prog, (backend.batch(b) for b in self.estimate_data),
                                                   objective)
@@ -278,6 +277,9 @@ class _Run:
                 iteration.finish(step, prog)
                 result.pruning_iterations += iteration.records
                 result.prunes.append(iteration.whole)
+        # after prog.step(): pins, sensitivity and dynsparse's decoupled group lasso read the update
+        # just applied with the learning rate it was made with
+        self.scheduler.step()
         if int(prog.step_count) % prog.schedule.every == 0:
             backend.after_mask_update(prog)
         self.optimizer.zero_grad(set_to_none=True)
