@@ -164,6 +164,21 @@ def mask_tokens(ids: torch.Tensor, n_vocab: int, n_special: int, mask_id: int,
     return inputs, positions, ids.reshape(-1)[positions]
 
 
+def unigram_loss(corpus: Corpus, batch: int) -> float:
+    """A reference without context: the cross-entropy of the final evaluation's chosen tokens (the
+    same masks) under the add-one unigram distribution of the training tokens."""
+    counts = torch.bincount(corpus.train.flatten(), minlength=len(corpus.vocab)).double() + 1.0
+    counts[: corpus.n_special] = 0.0
+    logp = (counts / counts.sum()).log()
+    gen = torch.Generator().manual_seed(7)
+    total = count = 0.0
+    for chunk in corpus.eval.split(batch):
+        targets = mask_tokens(chunk, len(corpus.vocab), corpus.n_special, corpus.mask, gen)[2]
+        total += float(-logp[targets].sum())
+        count += targets.numel()
+    return total / count
+
+
 # ----------------------------------------------------------------------------------------- model
 class MaskedLM(torch.nn.Module):
     """transformers BertForMaskedLM whose forward returns the logits of the chosen positions only."""
@@ -298,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evals", type=int, default=8, help="evaluations along the run (plus step 0)")
     parser.add_argument("--eval-sequences", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unigram", action="store_true",
+                        help="only print the unigram reference loss on the final evaluation's masks")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny synthetic corpus instead of BBC News (no download; for the test)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dynsparse.json")
@@ -321,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     # every seed of the 16x16 pair first (dynsparse, static, next seed), then the others, first seed
     pair = [n for n in args.runs if n in ("dyn16", "static16")]
     jobs = [(n, s) for s in args.seeds for n in pair] + [(n, args.seeds[0]) for n in args.runs if n not in pair]
+    if args.unigram:
+        print(f"unigram (add-one) cross-entropy of the held-out chosen tokens: {unigram_loss(corpus, args.batch):.4f}")
+        return
     runs = []
     for name, seed in jobs:
         run = run_one(name, seed, corpus, args)
