@@ -1,0 +1,85 @@
+"""Two builds of sparsec's kernel library on one layer, in one process, calls alternating.
+
+    .venv/bin/python -m sparsec.runtime.build          # prints the library of the current sources
+    # change the sources, build again, then:
+    .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so [--block 16x16] [--shape 3072x768]
+                                        [--rows 128] [--density 0.1] [--threads 1] [--calls 300]
+
+For kernel changes on a shared or noisy machine: timing each build in its own process (as
+bench/peers.py does between engines) compares two different moments of the machine, while here
+both sessions see the same load, call after call (the order alternates every call). With one
+thread neither session keeps a spinning pool. Both outputs are compared (the builds must agree to
+1e-5 of the output scale) and the medians printed. The layer is y = x @ W^T + b, W [N, K] with
+`--density` of its blocks kept at random.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def pair(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two positive sizes like 32x32")
+    return int(parts[0]), int(parts[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", required=True, type=Path, help="one build of libsparsec_ort.so")
+    parser.add_argument("--b", required=True, type=Path, help="the other build")
+    parser.add_argument("--block", type=pair, default=(32, 32))
+    parser.add_argument("--shape", type=pair, default=(3072, 768), help="N x K of the weight")
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    for lib in (args.a, args.b):
+        if not lib.is_file():
+            parser.error(f"{lib}: no such library")
+
+    import onnxruntime as ort
+
+    from sparsec.lowering import onnx_op
+    from sparsec.lowering.block_format import pack, random_keep
+
+    (n, k), rng = args.shape, np.random.default_rng(0)
+    keep = random_keep(n, k, args.block, args.density, seed=0)
+    weight = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+    model = onnx_op.single_layer_model(pack(weight, keep, args.block),
+                                       rng.standard_normal(n).astype(np.float32)).SerializeToString()
+    sessions = {}
+    for name, lib in (("a", args.a), ("b", args.b)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.register_custom_ops_library(str(lib))
+        sessions[name] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    feeds = {"x": rng.standard_normal((args.rows, k)).astype(np.float32)}
+    out_a, out_b = (sessions[s].run(None, feeds)[0] for s in ("a", "b"))
+    scale = float(np.abs(out_a).max()) or 1.0
+    error = float(np.abs(out_a - out_b).max()) / scale
+    if not error <= 1e-5:
+        raise SystemExit(f"the builds disagree: max difference {error:.1e} of the output scale")
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(args.calls):
+        for name in ("a", "b") if i % 2 == 0 else ("b", "a"):
+            start = time.perf_counter()
+            sessions[name].run(None, feeds)
+            times[name].append(time.perf_counter() - start)
+    a, b = (statistics.median(times[s]) * 1e3 for s in ("a", "b"))
+    print(f"{args.block[0]}x{args.block[1]} blocks, W {n}x{k}, {args.rows} rows, density {args.density}, "
+          f"{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
+          f"(outputs agree to {error:.1e})")
+
+
+if __name__ == "__main__":
+    main()
