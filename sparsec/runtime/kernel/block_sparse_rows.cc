@@ -13,6 +13,7 @@
 // block path).
 #include <algorithm>
 #include <thread>
+#include <type_traits>
 
 #include "block_sparse_internal.h"
 
@@ -32,7 +33,6 @@ using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.
 
 constexpr int64_t kSerialMacs = 1 << 20;      // as the block path: below this, no threads
 constexpr int kMaxVectors = 8;                 // vectors of rows of X per pass (AVX-512: 128 rows)
-constexpr int64_t kStrip = 16;                 // outputs transposed together (AVX-512)
 
 struct RowJob {
   const PackedWeight* w;
@@ -149,30 +149,6 @@ SPARSEC_AVX512 void strip_avx512(const PackedWeight& w, int64_t n0, int64_t coun
   }
 }
 
-SPARSEC_AVX512 void row_task(void* data, size_t t) {
-  const RowJob& job = *static_cast<const RowJob*>(data);
-  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
-  if (span.empty()) return;
-  const PackedWeight& w = *job.w;
-  alignas(64) float strip[kStrip * 16 * kMaxVectors];
-  const float* xt = job.xt + span.m0;
-  float* y = job.y + span.m0 * w.N;
-  const int nv = static_cast<int>(ceil_div(span.rows, 16));
-  for (int64_t n0 = span.r0; n0 < span.r1; n0 += kStrip) {
-    const int64_t count = std::min(kStrip, span.r1 - n0);
-    switch (nv) {
-      case 1: strip_avx512<1>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 2: strip_avx512<2>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 3: strip_avx512<3>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 4: strip_avx512<4>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 5: strip_avx512<5>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 6: strip_avx512<6>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 7: strip_avx512<7>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      default: strip_avx512<8>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------------
 // AVX2: 8 lanes, the same structure.
 
@@ -263,26 +239,52 @@ SPARSEC_AVX2 void strip_avx2(const PackedWeight& w, int64_t n0, int64_t count, c
   }
 }
 
-SPARSEC_AVX2 void row_task_avx2(void* data, size_t t) {
+// ------------------------------------------------------------------------------------------------
+// One task of either instruction set: its outputs in strips of `kLanes`, its rows in vectors.
+
+struct Avx512Rows {
+  static constexpr int kLanes = 16;
+  template <int NV>
+  static void strip(const PackedWeight& w, int64_t n0, int64_t count, const float* xt, int64_t Mp, int64_t rows,
+                    const Epilogue& ep, float* y, float* buffer) {
+    strip_avx512<NV>(w, n0, count, xt, Mp, rows, ep, y, buffer);
+  }
+};
+
+struct Avx2Rows {
+  static constexpr int kLanes = 8;
+  template <int NV>
+  static void strip(const PackedWeight& w, int64_t n0, int64_t count, const float* xt, int64_t Mp, int64_t rows,
+                    const Epilogue& ep, float* y, float* buffer) {
+    strip_avx2<NV>(w, n0, count, xt, Mp, rows, ep, y, buffer);
+  }
+};
+
+template <class Path>
+void row_task(void* data, size_t t) {
+  constexpr int64_t L = Path::kLanes;
   const RowJob& job = *static_cast<const RowJob*>(data);
   const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
   if (span.empty()) return;
   const PackedWeight& w = *job.w;
-  alignas(64) float strip[8 * 8 * kMaxVectors];
+  alignas(64) float buffer[L * L * kMaxVectors];
   const float* xt = job.xt + span.m0;
   float* y = job.y + span.m0 * w.N;
-  const int nv = static_cast<int>(ceil_div(span.rows, 8));
-  for (int64_t n0 = span.r0; n0 < span.r1; n0 += 8) {
-    const int64_t count = std::min<int64_t>(8, span.r1 - n0);
+  const int64_t nv = ceil_div(span.rows, L);
+  for (int64_t n0 = span.r0; n0 < span.r1; n0 += L) {
+    const int64_t count = std::min(L, span.r1 - n0);
+    const auto run = [&](auto vectors) {
+      Path::template strip<decltype(vectors)::value>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, buffer);
+    };
     switch (nv) {
-      case 1: strip_avx2<1>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 2: strip_avx2<2>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 3: strip_avx2<3>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 4: strip_avx2<4>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 5: strip_avx2<5>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 6: strip_avx2<6>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      case 7: strip_avx2<7>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
-      default: strip_avx2<8>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, strip); break;
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      default: run(std::integral_constant<int, 8>{}); break;
     }
   }
 }
@@ -317,7 +319,7 @@ void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& ep
   Epilogue ep = epilogue;
   ep.y = y;
   RowJob job{&w, xt, Mp, ep, y, M, rows_per_task, balanced_groups(w.row_start, groups)};
-  void (*task)(void*, size_t) = avx512 ? row_task : row_task_avx2;
+  void (*task)(void*, size_t) = avx512 ? row_task<Avx512Rows> : row_task<Avx2Rows>;
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) task(&job, t);
