@@ -1,5 +1,5 @@
 """Files: which source files belong to the libraries sparsec runs on (and which to the user), the
-mode of the files sparsec writes, and how it writes tensors (safetensors).
+mode of the files sparsec writes, how it writes tensors (safetensors) and text (atomically).
 
 Error messages and IR headers point at the user's own line (the model's forward, model.py), not at
 torch's or sparsec's internals. That is decided by package location, never by a substring of the
@@ -7,9 +7,11 @@ path: a checkout in a folder named `sparsec` or `torch` is still the user's code
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,27 @@ def save_tensors(state: dict[str, Any], path: Path) -> None:
                if isinstance(t, torch.Tensor)}
     save_file(tensors, str(path), metadata={"format": "pt", "writer": "sparsec"})
     os.chmod(path, file_mode())  # safetensors writes it private
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` replaced by `text` in one rename (temp file in the same folder)."""
+    from sparsec.errors import UserError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UserError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -70,6 +70,7 @@ sys.path.insert(0, str(HERE.parent))
 from _common import machine  # noqa: E402
 
 import sparsec  # noqa: E402
+from sparsec.paths import write_text_atomically  # noqa: E402
 from sparsec.methods.dynsparse import explored_fraction, sparse_learning_rate  # noqa: E402
 
 DENSITY = 0.1
@@ -378,11 +379,7 @@ class _WhitespaceTokenizer:
 
 def write(out: Path, result: dict) -> None:
     """The JSON (atomically) and its plot."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, out)
+    write_text_atomically(out, json.dumps(result, indent=1))
     plot(result["runs"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
 

@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from _common import machine  # noqa: E402
 
 import sparsec  # noqa: E402
+from sparsec.paths import write_text_atomically  # noqa: E402
 from sparsec import estimation  # noqa: E402
 from sparsec.training.losses import objective as objective_of  # noqa: E402
 
@@ -208,11 +208,7 @@ def main() -> None:
 
 def write(out: Path, result: dict) -> None:
     """The JSON (atomically) and its plot."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, out)
+    write_text_atomically(out, json.dumps(result, indent=1))
     plot(result["runs"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -11,37 +11,11 @@ and the rewritten graph as SVG (`sparsec inspect OUT --html | --format svg`, `sp
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
+from sparsec.paths import write_text_atomically
+
 REPORT_HTML = "report.html"
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """`path` replaced by `text` in one rename (temp file in the same folder)."""
-    from sparsec.errors import UserError
-    from sparsec.paths import file_mode
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UserError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(out: str | Path, target: str | Path | None = None, name: str | None = None) -> Path:

@@ -113,7 +113,7 @@ def compare_html(runs: list[Run]) -> str:
 
 
 def write_comparison(outs: list[str | Path], target: str | Path) -> Path:
-    from sparsec.htmlreport import write_text_atomically
+    from sparsec.paths import write_text_atomically
 
     path = Path(target)
     write_text_atomically(path, compare_html([Run.open(out) for out in outs]))
