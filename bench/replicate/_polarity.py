@@ -60,7 +60,7 @@ class Task:
     sparsec's loop reads them from. `example` may replace model.py's module (tests: a tiny model
     and synthetic data with the same functions)."""
 
-    def __init__(self, seq_len: int, example: types.ModuleType | None = None):
+    def __init__(self, seq_len: int, example: types.ModuleType | None = None, n_val: int = N_VAL):
         from sparsec.modelfile import import_file
 
         self.seq_len = seq_len
@@ -68,8 +68,8 @@ class Task:
         self.module.MAX_LEN = seq_len     # read by its tokenisation and example_inputs()
         train, test = self.module._split(train=True), self.module._split(train=False)
         cols = ("input_ids", "attention_mask", "labels")
-        self.val = Pairs(*(train[k][:N_VAL] for k in cols))
-        self.train = Pairs(*(train[k][N_VAL:] for k in cols))
+        self.val = Pairs(*(train[k][:n_val] for k in cols))
+        self.train = Pairs(*(train[k][n_val:] for k in cols))
         self.test = Pairs(*(test[k] for k in cols))
         start = time.perf_counter()
         self.dense = self.module.build_model()
@@ -146,7 +146,7 @@ def layer_of(site: str) -> int | None:
 
 
 def site_densities(prog) -> dict[str, float]:
-    return {name: float(mask.float().mean()) for name, mask in prog.masks().items()}
+    return prog.site_densities()   # kept (non-zero) fraction: L0 gates are not 0/1
 
 
 def per_layer(sites: dict[str, float], sizes: dict[str, int]) -> dict[str, float]:
