@@ -34,6 +34,7 @@ against global MaP at 3%).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -98,10 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=pol.CACHE)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
     parser.add_argument("--with-pins", action="store_true",
                         help="also run replication 3 (pins_vs_movement.py, same settings) in this process, "
                              "both plans interleaved by priority level")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())["runs"]))
+        return
     torch.set_num_threads(args.threads)
     task = pol.Task(args.seq_len)
     if not args.with_pins:
@@ -147,6 +152,35 @@ def write(args, task: pol.Task, runs: list[dict]) -> dict:
     plot(slim, args.out.with_suffix(".png"))
     plot_fig6(slim, args.out.with_name(args.out.stem + "_fig6.png"))
     return result
+
+
+def summary(values: list[float]) -> str:
+    """Mean ± half the min-max range, in percent, and the number of seeds."""
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1)"
+    return f"{np.mean(values):.1f} ± {(max(values) - min(values)) / 2:.1f} ({len(values)}: " + \
+        " / ".join(f"{v:.1f}" for v in values) + ")"
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| remaining | method | test accuracy % ours (mean ± half range, seeds) | reached density | "
+             "paper BERT-base SQuAD F1 / MNLI acc / QQP acc |", "|---|---|---|---|---|"]
+    for density in sorted({r["density"] for r in runs}, reverse=True):
+        groups = [(m, [r for r in runs if key(r) == m and r["density"] == density]) for m in NAMES if m != "dense"]
+        groups += [("dense", [r]) for r in runs if key(r) == "dense" and r["density"] == density]
+        for method, mine in groups:
+            if not mine:
+                continue
+            paper = PAPER_TABLE2.get(str(density), {}).get(method)
+            if method == "dense" and not any("fine-tuned" in r["label"] for r in mine):
+                paper = None    # the paper's dense row is a fine-tuned BERT
+            reached = " / ".join(f"{r.get('density_reached', 1.0):.3f}" for r in mine)
+            label = " / ".join(sorted({r["label"] for r in mine})) if method == "dense" else NAMES[method]
+            scope = "" if method == "dense" else f" ({mine[0].get('scope')})"
+            lines.append(f"| {100 * density:g}% | {label}{scope} | {summary([r['metric'] for r in mine])} | "
+                         f"{reached} | {' / '.join(map(str, paper)) if paper else '-'} |")
+    return "\n".join(lines)
 
 
 def key(run: dict) -> str:

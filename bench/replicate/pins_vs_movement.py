@@ -27,6 +27,7 @@ seconds, plus self_regularization, checkpoint_refreshes) and pins_vs_movement.pn
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -86,11 +87,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=pol.CACHE)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())["runs"]))
+        return
     torch.set_num_threads(args.threads)
     collect(pol.Task(args.seq_len), args)
 
@@ -103,6 +108,25 @@ def collect(task: pol.Task, args) -> dict:
         runs.append(run_one(task, variant, density, seed, args))
         write(args, task, runs)
     return write(args, task, runs)
+
+
+def table(runs: list[dict]) -> str:
+    from movement_pruning import summary
+
+    lines = ["| sparsity | method | test accuracy % ours (mean ± half range, seeds) | self-reg. refreshes | "
+             "paper BERT-base GLUE avg. / SST-2 |", "|---|---|---|---|---|"]
+    for density in sorted({r["density"] for r in runs}, reverse=True):
+        for variant in ("dense", "movement", "soft_movement", "pins", "pins+sr"):
+            mine = [r for r in runs if variant_of(r) == variant and r["density"] == density]
+            if not mine:
+                continue
+            paper = PAPER_TABLE1.get(str(density), {}).get(variant)
+            refresh = " / ".join(str(r["checkpoint_refreshes"]) for r in mine) if variant == "pins+sr" else "-"
+            name = mine[0]["label"] if variant == "dense" else LABELS[variant]
+            cite = f"{paper['avg']} / {paper['sst2']}" if paper else "-"
+            lines.append(f"| {100 * (1 - density):g}% | {name} | {summary([r['metric'] for r in mine])} | "
+                         f"{refresh} | {cite} |")
+    return "\n".join(lines)
 
 
 def variant_of(run: dict) -> str:
