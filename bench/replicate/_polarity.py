@@ -100,6 +100,12 @@ def test_metrics(model: torch.nn.Module, data: Pairs, batch: int = 100) -> tuple
     return float((logits.argmax(-1) == data.labels).float().mean()), loss
 
 
+def majority(data: Pairs) -> float:
+    """Accuracy of always answering the more frequent label (what a collapsed classifier scores)."""
+    share = float(data.labels.float().mean())
+    return max(share, 1.0 - share)
+
+
 # ------------------------------------------------------------------------------------------ spec
 def shipped_spec(name: str) -> dict:
     with open(SPECS / f"{name}.toml", "rb") as f:

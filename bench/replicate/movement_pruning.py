@@ -100,12 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=pol.CACHE)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out's runs")
     parser.add_argument("--with-pins", action="store_true",
                         help="also run replication 3 (pins_vs_movement.py, same settings) in this process, "
                              "both plans interleaved by priority level")
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())["runs"]))
+        return
+    if args.plot_only:
+        written = json.loads(args.out.read_text())
+        runs = written["runs"]
+        plot(runs, args.out.with_suffix(".png"), written["settings"].get("test_majority_class"))
+        plot_fig6(runs, args.out.with_name(args.out.stem + "_fig6.png"))
         return
     torch.set_num_threads(args.threads)
     task = pol.Task(args.seq_len)
@@ -144,12 +151,12 @@ def write(args, task: pol.Task, runs: list[dict]) -> dict:
     settings = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "seeds": args.seeds,
                 "priority": args.priority, "truncated_fraction": task.truncated(),
                 "train_sentences": len(task.train), "val_sentences": len(task.val),
-                "test_sentences": len(task.test)}
+                "test_sentences": len(task.test), "test_majority_class": pol.majority(task.test)}
     slim = [{k: v for k, v in r.items() if k != "spec"} for r in runs]
     result = {"runs": slim, "machine": pol.machine_info(), "settings": settings,
               "paper_table2_bert_base_squad_f1_mnli_qqp": PAPER_TABLE2}
     pol.write_json(args.out, result)
-    plot(slim, args.out.with_suffix(".png"))
+    plot(slim, args.out.with_suffix(".png"), settings["test_majority_class"])
     plot_fig6(slim, args.out.with_name(args.out.stem + "_fig6.png"))
     return result
 
@@ -189,7 +196,7 @@ def key(run: dict) -> str:
     return "movement+distill" if run.get("distill") else run["method"]
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,6 +220,8 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         if r["method"] == "dense":
             ax.axhline(100 * r["metric"], color="black", lw=0.8, ls=next(styles, "-."), label=f"dense, {r['label']}")
+    if chance is not None:
+        ax.axhline(100 * chance, color="#bbbbbb", lw=0.8, label="majority class")
     ax.set_xscale("log")
     ax.set_xticks([3, 10, 50, 100], ["3", "10", "50", "100"])
     ax.set_xlabel("remaining weights in the encoder (%)")
@@ -231,18 +240,20 @@ def plot_fig6(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     picked = {m: [r for r in runs if key(r) == m and r.get("scope") == "global" and r["density"] == 0.03]
-              for m in ("magnitude", "movement")}
-    if not all(picked.values()):
+              for m in ("magnitude", "movement", "soft_movement")}
+    if not (picked["magnitude"] and picked["movement"]):
         return
     fig, ax = plt.subplots(figsize=(5.0, 3.0), dpi=80)
-    for (method, mine), offset, color in zip(picked.items(), (-0.2, 0.2), ("#888888", "#d62728")):
+    for (method, mine), offset, color in zip(picked.items(), (-0.27, 0.0, 0.27), ("#888888", "#d62728", "#1f77b4")):
+        if not mine:
+            continue
         layers = sorted(int(k) for k in mine[0]["per_layer_density"])
         values = [100 * np.mean([r["per_layer_density"][str(layer)] for r in mine]) for layer in layers]
-        ax.bar([layer + 1 + offset for layer in layers], values, width=0.4, color=color,
+        ax.bar([layer + 1 + offset for layer in layers], values, width=0.27, color=color,
                label=f"global {NAMES[method]} ({len(mine)} seed{'s' if len(mine) > 1 else ''})")
     ax.set_xlabel("encoder layer")
     ax.set_ylabel("remaining weights (%)")
-    ax.set_title("Figure 6 picture: 3% remaining overall", fontsize=9)
+    ax.set_title("Figure 6 picture: global selection, 3% remaining overall", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)

@@ -88,6 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=pol.CACHE)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plot of --out's runs")
     return parser.parse_args(argv)
 
 
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())["runs"]))
+        return
+    if args.plot_only:
+        written = json.loads(args.out.read_text())
+        plot(written["runs"], args.out.with_suffix(".png"), written["settings"].get("test_majority_class"))
         return
     torch.set_num_threads(args.threads)
     collect(pol.Task(args.seq_len), args)
@@ -137,16 +142,17 @@ def write(args, task: pol.Task, runs: list[dict]) -> dict:
     settings = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "seeds": args.seeds,
                 "eval_every_self_regularization": args.eval_every, "priority": args.priority,
                 "truncated_fraction": task.truncated(), "train_sentences": len(task.train),
-                "val_sentences": len(task.val), "test_sentences": len(task.test)}
+                "val_sentences": len(task.val), "test_sentences": len(task.test),
+                "test_majority_class": pol.majority(task.test)}
     slim = [{k: v for k, v in r.items() if k not in ("spec", "site_density")} for r in runs]
     result = {"runs": slim, "machine": pol.machine_info(), "settings": settings,
               "paper_table1_bert_base_glue": PAPER_TABLE1, "paper_table6_rte_cola_mrpc": PAPER_TABLE6}
     pol.write_json(args.out, result)
-    plot(slim, args.out.with_suffix(".png"))
+    plot(slim, args.out.with_suffix(".png"), settings["test_majority_class"])
     return result
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,6 +172,8 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         if r["method"] == "dense":
             ax.axhline(100 * r["metric"], color="black", lw=0.8, ls="--", label="dense (pre-trained, head only)")
+    if chance is not None:
+        ax.axhline(100 * chance, color="#bbbbbb", lw=0.8, label="majority class")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
