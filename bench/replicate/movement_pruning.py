@@ -20,7 +20,7 @@ Scaled down for one thread of a shared 2-core CPU (all settings chosen before an
 seen, said in docs/RESULTS.md): `--steps` optimizer steps of `--batch` sentences (default 120 x
 16, 0.64 epoch; the paper: 6 to 10 epochs of SQuAD / MNLI / QQP), sentences cut at `--seq-len`
 tokens (32: about 30% of them are longer), 2 seeds for the runs that decide the ordering
-(MaP / MvP / soft MvP at 10% and 3%) and 1 for the others. Runs are done in priority order (the
+(MaP / MvP / soft MvP at 10% and 3%, and, last, MvP + distillation) and 1 for the others. Runs are done in priority order (the
 deciding ones first, `--priority` stops after a level) and cached one by one in
 bench/replicate/results/.cache-polarity/ (shared with pins_vs_movement.py); an interrupted run
 resumes where it stopped.
@@ -74,6 +74,7 @@ def plan(seeds: list[int]) -> list[tuple[int, str, str, float, int]]:
     runs += [(6, "plain", "l0", d, first) for d in (0.1, 0.03)]
     runs += [(7, "plain", m, 0.5, first) for m in ("magnitude", "movement")]
     runs += [(8, "plain", m, 0.5, first) for m in ("soft_movement", "l0")]
+    runs += [(9, "distill", "movement", d, s) for s in second for d in (0.03, 0.1)]
     return runs
 
 

@@ -17,8 +17,8 @@ every `--eval-every` steps: the shipped 500 of 20000 steps would be every 3 step
 Scaled down for one thread of a shared 2-core CPU (chosen before any result was seen; see
 docs/RESULTS.md): `--steps` x `--batch` (120 x 16 sentences: 0.64 epoch; PINS fine-prunes GLUE for
 several epochs), batch 16 for every method (PINS searched {16, 32}; the shipped pins spec says 32),
-sentences cut at `--seq-len` tokens, 2 seeds only for PINS and MvP at 90% sparsity (the deciding
-pair), 1 for the others.
+sentences cut at `--seq-len` tokens, 2 seeds for PINS and MvP at 90% sparsity (the deciding pair)
+and, last, for PINS with self-regularization, 1 for the others.
 
 Writes bench/replicate/results/pins_vs_movement.json ({"runs": [...], "machine": ...}: method,
 density, seed, metric = test accuracy, loss = test cross-entropy, delta_loss = null, steps,
@@ -59,6 +59,7 @@ def plan(seeds: list[int]) -> list[tuple[int, str, float, int]]:
     runs += [(4, "pins+sr", 0.1, first), (4, "pins", 0.2, first), (4, "movement", 0.2, first),
              (4, "soft_movement", 0.2, first)]
     runs += [(5, "soft_movement", 0.1, s) for s in second]
+    runs += [(6, "pins+sr", 0.1, s) for s in second]
     return runs
 
 
