@@ -216,7 +216,9 @@ def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
         highs = [max(r["metric"] for r in mine if r["density"] == d) for d in densities]
         ax.errorbar([100 * d for d in densities], [100 * m for m in means],
                     yerr=[[100 * (m - lo) for m, lo in zip(means, lows)], [100 * (h - m) for m, h in zip(means, highs)]],
-                    marker="o", ms=4, capsize=3, color=color, label=NAMES[method])
+                    marker="o", ms=4, capsize=3, color=color,
+                    label=NAMES[method] + (" (empty masks: see RESULTS.md)" if method == "l0" and any(
+                        r.get("density_reached", 1.0) == 0.0 for r in mine) else ""))
     styles = iter(["--", ":"])
     for r in runs:
         if r["method"] == "dense":

@@ -177,7 +177,7 @@ def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
         ax.axhline(100 * chance, color="#bbbbbb", lw=0.8, label="majority class")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right", ncol=2)
     ax.set_xticks([1.5, 6.5], ["80% sparsity", "90% sparsity"])
     ax.set_ylabel("test accuracy (%) (dots: seeds)")
     low = min([100 * r["metric"] for r in runs] + [50])
