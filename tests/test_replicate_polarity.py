@@ -17,9 +17,9 @@ pytest.importorskip("matplotlib")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "replicate"
 sys.path.insert(0, str(BENCH))
 
-import _polarity as pol  # noqa: E402
-import movement_pruning as mp  # noqa: E402
-import pins_vs_movement as pv  # noqa: E402
+import _polarity as pol
+import movement_pruning as mp
+import pins_vs_movement as pv
 
 SEQ = 8
 
@@ -27,8 +27,9 @@ SEQ = 8
 def _stand_in() -> types.ModuleType:
     """The functions of examples/minilm_sentiment/model.py that _polarity uses, on 80 synthetic
     sentences whose label is the parity of their first token."""
-    from sparsec.modelfile import import_file
     from transformers import BertConfig, BertModel
+
+    from sparsec.modelfile import import_file
 
     example = import_file(pol.EXAMPLE)      # only for its Classifier (importing it loads nothing)
     gen = torch.Generator().manual_seed(0)

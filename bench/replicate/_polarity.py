@@ -26,11 +26,12 @@ import re
 import sys
 import tempfile
 import time
-import tomllib
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import tomllib
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -233,8 +234,9 @@ def dense_teacher(task: Task, *, seed: int, steps: int, batch: int, cache: Path 
     name = f"dense-{spec_key(spec, task.seq_len)}"
 
     def compute() -> dict:
-        import sparsec
         from safetensors.torch import save_file
+
+        import sparsec
         from sparsec.spec import load_spec
         from sparsec.training.loop import fine_prune
 

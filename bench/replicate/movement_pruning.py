@@ -20,8 +20,8 @@ Scaled down for one thread of a shared 2-core CPU (all settings chosen before an
 seen, said in docs/RESULTS.md): `--steps` optimizer steps of `--batch` sentences (default 120 x
 16, 0.64 epoch; the paper: 6 to 10 epochs of SQuAD / MNLI / QQP), sentences cut at `--seq-len`
 tokens (32: about 30% of them are longer), 2 seeds for the runs that decide the ordering
-(MaP / MvP / soft MvP at 10% and 3%, and, last, MvP + distillation) and 1 for the others. Runs are done in priority order (the
-deciding ones first, `--priority` stops after a level) and cached one by one in
+(MaP / MvP / soft MvP at 10% and 3%, and, last, MvP + distillation) and 1 for the others. Runs
+are done in priority order (the deciding ones first, `--priority` stops after a level) and cached one by one in
 bench/replicate/results/.cache-polarity/ (shared with pins_vs_movement.py); an interrupted run
 resumes where it stopped.
 
@@ -43,7 +43,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import _polarity as pol  # noqa: E402
+import _polarity as pol
 
 OUT = HERE / "results" / "movement_pruning.json"
 NAMES = {"magnitude": "MaP", "movement": "MvP", "soft_movement": "soft MvP", "l0": "L0",
@@ -172,8 +172,9 @@ def summary(values: list[float]) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| remaining | method | test accuracy % ours (mean ± half range, seeds) | reached density | "
-             "paper BERT-base SQuAD F1 / MNLI acc / QQP acc |", "|---|---|---|---|---|"]
+    header = ("| remaining | method | test accuracy % ours (mean ± half range, seeds) | reached density | "
+              "paper BERT-base SQuAD F1 / MNLI acc / QQP acc |")
+    lines = [header, "|---|---|---|---|---|"]
     for density in sorted({r["density"] for r in runs}, reverse=True):
         groups = [(m, [r for r in runs if key(r) == m and r["density"] == density]) for m in NAMES if m != "dense"]
         groups += [("dense", [r]) for r in runs if key(r) == "dense" and r["density"] == density]

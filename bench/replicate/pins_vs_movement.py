@@ -36,8 +36,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import _polarity as pol  # noqa: E402
-from movement_pruning import scope_for  # noqa: E402
+import _polarity as pol
+from movement_pruning import scope_for
 
 OUT = HERE / "results" / "pins_vs_movement.json"
 # PINS Table 1, BERT-base, GLUE dev, average over the 8 tasks and SST-2 accuracy.
@@ -119,8 +119,9 @@ def collect(task: pol.Task, args) -> dict:
 def table(runs: list[dict]) -> str:
     from movement_pruning import summary
 
-    lines = ["| sparsity | method | test accuracy % ours (mean ± half range, seeds) | self-reg. refreshes | "
-             "paper BERT-base GLUE avg. / SST-2 |", "|---|---|---|---|---|"]
+    header = ("| sparsity | method | test accuracy % ours (mean ± half range, seeds) | self-reg. refreshes | "
+              "paper BERT-base GLUE avg. / SST-2 |")
+    lines = [header, "|---|---|---|---|---|"]
     for density in sorted({r["density"] for r in runs}, reverse=True):
         for variant in ("dense", "movement", "soft_movement", "pins", "pins+sr"):
             mine = [r for r in runs if variant_of(r) == variant and r["density"] == density]
