@@ -122,12 +122,25 @@ def test_without_control_the_density_is_an_outcome_of_lambda(method, lam, steps,
 def test_l0_masks_report_the_deterministic_mask():
     from sparsec import ops
 
-    prog = compile_("l0", {"kind": "constant"}, **{"lambda": 0.01})
+    prog = compile_("l0", {"kind": "constant"}, control="none", **{"lambda": 0.01})
     train(prog, optimizer(prog, 0.2), 0, 30)
     scores = prog.scores()["fc2.weight"].detach()
     torch.testing.assert_close(prog.masks()["fc2.weight"], ops.hard_concrete_eval(scores, -0.1, 1.1))
     assert "fc2.weight_gate" in dict(prog.module.named_modules())
     assert "fc2.weight_gate" not in dict(prog.finalize().named_modules())
+
+
+@pytest.mark.parametrize("density", [0.1, 0.03])
+def test_l0_shift_keeps_exactly_the_asked_share_before_the_scores_spread(density):
+    """With control "shift" and log alphas that have not spread apart (all equal, as after a short
+    run), the paper's test-time gate would close every gate (the shift puts every log alpha below
+    logit(-l / (r - l))); the deterministic mask keeps exactly the asked share, whole."""
+    prog = compile_("l0", {"kind": "constant"}, density=density, **{"lambda": 0.0})
+    prog.step()
+    kept = sum(int((m != 0).sum()) for m in prog.masks().values())
+    assert kept == round(density * TOTAL)
+    assert all(bool(((m == 0) | (m == 1)).all()) for m in prog.masks().values())
+    assert prog.density() == pytest.approx(kept / TOTAL)
 
 
 # ------------------------------------------------------------------------------- exact resume
