@@ -103,7 +103,7 @@ LM_SPEC = {"prune": [{"targets": ["*encoder.layer.*"], "method": "lm", "density"
            "schedule": {"kind": "linear", "total": STEPS, "warmup": 2, "cooldown": 2, "iterations": 4}}
 
 
-@pytest.mark.parametrize("spec", [SPEC, LM_SPEC], ids=["movement", "lm"])
+@pytest.mark.parametrize("spec", [SPEC, pytest.param(LM_SPEC, marks=pytest.mark.slow)], ids=["movement", "lm"])
 def test_trainer_under_torchrun_keeps_identical_masks_on_two_processes(spec, tmp_path):
     """`torchrun --nproc_per_node 2 script.py` with a SparsecTrainer: DDP from the Trainer's launch,
     each process on its shard of the data; the masks (checked across processes at every update with
