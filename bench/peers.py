@@ -72,6 +72,8 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     import sparsec
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from sparsec.export.options import ExportError
+
     model, args, kwargs = build(kind)
     targets = ["0.weight"] if kind == "linear" or kind in CONVS else ["encoder.layer.*.weight"]
     spec = {"prune": [{"targets": targets, "method": "magnitude", "density": density, "scope": "local",
@@ -81,7 +83,11 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
              "dense": out / "dense.onnx", "dense_int8": out / "dense.ortint8.onnx"}
     prog.export_onnx(files["sparse_fp32"], policy="always", measure=False)
-    prog.export_onnx(files["sparse_int8"], policy="always", int8=True, measure=False)
+    try:
+        prog.export_onnx(files["sparse_int8"], policy="always", int8=True, measure=False)
+    except ExportError as exc:   # e.g. INT8 beyond its tolerance: no INT8 engines, said so
+        print(f"INT8 file not written, its engines are skipped: {exc}", flush=True)
+        del files["sparse_int8"]
     prog.export_onnx(files["dense"], lower=False)
     # MatMul/Gemm only: onnxruntime's QAttention does not take the opset-23 Attention node
     quantize_dynamic(str(files["dense"]), str(files["dense_int8"]), weight_type=QuantType.QInt8,
@@ -143,8 +149,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = export_files(args.model, out, block, args.density)
     words = [w.strip() for w in args.engines.split(",") if w.strip()]
-    engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items()
-               if not words or name == "dense onnxruntime fp32" or any(w in name for w in words)}
+    engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items() if key in files
+               and (not words or name == "dense onnxruntime fp32" or any(w in name for w in words))}
     if args.deepsparse_python:
         engines[DEEPSPARSE] = (files["dense"], "deepsparse")
     reference = np.load(out / "reference.npy")
