@@ -27,3 +27,14 @@ def machine() -> str:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def save_figure(fig, path) -> None:
+    """A matplotlib figure laid out and written as `path` in one rename, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp" + path.suffix)
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    plt.close(fig)

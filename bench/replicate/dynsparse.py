@@ -67,7 +67,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _common import machine  # noqa: E402
+from _common import machine, save_figure  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.paths import write_text_atomically  # noqa: E402
@@ -406,10 +406,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("eval MLM loss (held-out BBC News)")
     ax.set_title(f"small BERT from scratch, density {DENSITY} on the encoder", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from _common import machine  # noqa: E402
+from _common import machine, save_figure  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.paths import write_text_atomically  # noqa: E402
@@ -229,10 +229,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(keys)), labels, fontsize=8)
     ax.set_ylabel("Delta-L (before fine-tuning)")
     ax.set_title("MLP 784-300-100-10, Fashion-MNIST, 98.85% pruned", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

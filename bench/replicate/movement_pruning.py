@@ -43,7 +43,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 import _polarity as pol
+from _common import save_figure
 
 OUT = HERE / "results" / "movement_pruning.json"
 NAMES = {"magnitude": "MaP", "movement": "MvP", "soft_movement": "soft MvP", "l0": "L0",
@@ -232,9 +234,7 @@ def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("MiniLM-L6 fine-pruned on polarity (min-max over seeds)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_fig6(runs: list[dict], path: Path) -> None:
@@ -259,9 +259,7 @@ def plot_fig6(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("remaining weights (%)")
     ax.set_title("Figure 6 picture: global selection, 3% remaining overall", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

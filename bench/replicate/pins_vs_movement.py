@@ -36,7 +36,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 import _polarity as pol
+from _common import save_figure
 from movement_pruning import scope_for
 
 OUT = HERE / "results" / "pins_vs_movement.json"
@@ -184,9 +186,7 @@ def plot(runs: list[dict], path: Path, chance: float | None = None) -> None:
     low = min([100 * r["metric"] for r in runs] + [50])
     ax.set_ylim(max(0, low - 5), 100)
     ax.set_title("MiniLM-L6 on polarity: PINS vs movement pruning", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
