@@ -21,10 +21,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -175,11 +173,38 @@ def cached(name: str, compute: Callable[[], dict], cache: Path = CACHE) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     run = compute()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache, delete=False, suffix=".tmp") as f:
-        json.dump(run, f, indent=1)
-    os.replace(f.name, path)
+    write_json(path, run)
     return run
+
+
+def train(task: Task, spec: dict, teacher: Path | None = None) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, program, TrainResult): a copy of the dense model compiled with `spec` and fine-pruned
+    by sparsec's own loop, distilling from `teacher` (a folder holding model.safetensors) if given."""
+    import sparsec
+    from sparsec.spec import load_spec
+    from sparsec.training.loop import fine_prune
+    from sparsec.training.teacher import load_teacher
+
+    model = copy.deepcopy(task.dense)
+    loaded = load_spec(spec)
+    prog = sparsec.compile(model, loaded, task.example_inputs)
+    modelfile = task.modelfile(model)
+    if teacher is not None:
+        prog.set_teacher(load_teacher(str(teacher), modelfile))
+    return model, prog, fine_prune(prog, modelfile, loaded.train, progress=False)
+
+
+def common_arguments(parser: Any, out: Path) -> None:
+    """The options replications 1 and 3 share (their budget, seeds, cache and output)."""
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--priority", type=int, default=9, help="run the plan up to this priority level")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
 
 
 def fine_prune_run(task: Task, label: str, spec: dict, *, teacher: Path | None = None,
@@ -189,20 +214,9 @@ def fine_prune_run(task: Task, label: str, spec: dict, *, teacher: Path | None =
     name = f"{label}-{spec_key(spec | {'teacher': str(teacher.name) if teacher else None}, task.seq_len)}"
 
     def compute() -> dict:
-        import sparsec
-        from sparsec.spec import load_spec
-        from sparsec.training.loop import fine_prune
-        from sparsec.training.teacher import load_teacher
-
         print(f"[{time.strftime('%H:%M:%S')}] {name}: start", flush=True)
         start = time.perf_counter()
-        model = copy.deepcopy(task.dense)
-        loaded = load_spec(spec)
-        prog = sparsec.compile(model, loaded, task.example_inputs)
-        modelfile = task.modelfile(model)
-        if teacher is not None:
-            prog.set_teacher(load_teacher(str(teacher), modelfile))
-        result = fine_prune(prog, modelfile, loaded.train, progress=False)
+        _, prog, result = train(task, spec, teacher)
         accuracy, loss = test_metrics(prog, task.test)
         sites = site_densities(prog)
         sizes = {name: int(mask.numel()) for name, mask in prog.masks().items()}
@@ -236,16 +250,9 @@ def dense_teacher(task: Task, *, seed: int, steps: int, batch: int, cache: Path 
     def compute() -> dict:
         from safetensors.torch import save_file
 
-        import sparsec
-        from sparsec.spec import load_spec
-        from sparsec.training.loop import fine_prune
-
         print(f"[{time.strftime('%H:%M:%S')}] {name}: dense fine-tuning (teacher)", flush=True)
         start = time.perf_counter()
-        model = copy.deepcopy(task.dense)
-        loaded = load_spec(spec)
-        prog = sparsec.compile(model, loaded, task.example_inputs)
-        result = fine_prune(prog, task.modelfile(model), loaded.train, progress=False)
+        model, prog, result = train(task, spec)
         assert prog.density() == 1.0
         accuracy, loss = test_metrics(model, task.test)
         folder.mkdir(parents=True, exist_ok=True)
@@ -274,11 +281,9 @@ def dense_pretrained(task: Task, cache: Path = CACHE) -> dict:
 
 
 def write_json(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, out)
+    from sparsec.paths import write_text_atomically
+
+    write_text_atomically(out, json.dumps(result, indent=1))
 
 
 def machine_info() -> str:

@@ -94,15 +94,7 @@ def run_one(task: pol.Task, kind: str, method: str, density: float, seed: int, a
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--priority", type=int, default=9, help="run the plan up to this priority level")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=pol.CACHE)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--table", action="store_true", help="only print the Markdown table of --out's runs")
+    pol.common_arguments(parser, OUT)
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out's runs")
     parser.add_argument("--with-pins", action="store_true",
                         help="also run replication 3 (pins_vs_movement.py, same settings) in this process, "
