@@ -33,7 +33,6 @@ What the subclass changes, and why:
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ from transformers import Trainer, TrainerCallback
 
 from sparsec import estimation
 from sparsec.errors import TrainingError
-from sparsec.training import distributed
 from sparsec.paths import save_tensors
+from sparsec.training import distributed
 from sparsec.training.losses import objective as objective_of
 
 DEFAULT_SCORE_LR = 1e-2
@@ -149,13 +148,8 @@ class ProgramStep(TrainerCallback):
         prog.step()
         if iteration is not None:
             iteration.finish(int(prog.step_count), prog)
-        if self._check_ranks() and int(prog.step_count) % prog.schedule.every == 0:
+        if distributed.check_requested(trainer.spec.train) and int(prog.step_count) % prog.schedule.every == 0:
             distributed.check_masks(prog)
-
-    def _check_ranks(self) -> bool:
-        train = self.trainer.spec.train
-        return bool(train and train.check_ranks) or \
-            os.environ.get(distributed.CHECK_ENV, "").strip() not in ("", "0")
 
     def _examples(self) -> Any:
         """Batches of the training set for the estimates, on the program's device, forever."""

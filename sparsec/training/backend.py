@@ -177,7 +177,7 @@ class DistributedBackend(Backend):
         super().__init__(resolve_device(train.device, local_rank), train.precision)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.check = bool(train.check_ranks) or os.environ.get(distributed.CHECK_ENV, "").strip() not in ("", "0")
+        self.check = distributed.check_requested(train)
 
     @property
     def rank(self) -> int:  # type: ignore[override]

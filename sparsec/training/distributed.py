@@ -79,6 +79,13 @@ def shutdown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def check_requested(train: Any) -> bool:
+    """Whether masks are to be compared across processes after every update: the spec's `[train]
+    check_ranks` (`train` may be None) or SPARSEC_CHECK_RANKS set to anything but 0."""
+    return bool(train is not None and train.check_ranks) or \
+        os.environ.get(CHECK_ENV, "").strip() not in ("", "0")
+
+
 def mask_digests(prog: Any) -> list[tuple[str, str]]:
     """(site, sha256 of its mask's bytes) for every site, in graph order."""
     return [(name, hashlib.sha256(mask.detach().cpu().contiguous().numpy().tobytes()).hexdigest())

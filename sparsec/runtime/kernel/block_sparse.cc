@@ -823,7 +823,6 @@ void block_sparse_linear(const PackedWeight& w, const float* x, const Epilogue& 
     if (epilogue.ln_scale != nullptr) layer_norm_rows(epilogue, y, M, w.N, isa, parallel_for, runner_state);
     return;
   }
-  if (w.BR == 1) isa = Isa::kScalar;  // packed without padding: only the scalar path reads it
   const int64_t panel_rows = std::max<int64_t>(1, kPanelBytes / (w.K * static_cast<int64_t>(sizeof(float))));
   const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, panel_rows), kRowQuantum) * kRowQuantum);
   const int64_t row_tasks = ceil_div(M, rows_per_task);
