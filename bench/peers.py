@@ -10,9 +10,11 @@ onnxruntime (function bodies), and DeepSparse when a Python that holds it is giv
 128, every encoder linear pruned to density 0.1 in 32x32 blocks by local magnitude (block rows keep
 unequal counts, as trained masks do; `--block 16x1`, `1x16` or `1x1` for vectors or unstructured
 masks, which the kernel runs on its narrow-panel and row paths). `linear`: one Linear 768 -> 3072 on [128, 768], the same
-density and blocks. `conv3x3`, `conv1x1`, `conv3x3_deep`: ResNet-50-shaped convolutions at batch 1
-(64->64 3x3 and 256->64 1x1 on 56x56, 256->256 3x3 on 14x14), lowered through im2col onto the
-block-sparse linear (sparsec.lowering.targets.conv).
+density and blocks. `conv3x3`, `conv1x1`, `conv1x1_up`, `conv3x3_s2`, `conv3x3_deep`,
+`conv7x7_stem`: ResNet-50-shaped convolutions at batch 1 (64->64 3x3, 256->64 and 64->256 1x1 on
+56x56, 128->128 3x3 stride 2 on 56x56, 256->256 3x3 on 14x14, the 3->64 7x7 stride-2 stem on
+224x224), lowered as BlockSparseConv (sparsec.lowering.targets.conv; on stock onnxruntime its
+function body runs onnxruntime's own Conv on the weight rebuilt at load).
 
 Every measurement is a fresh process that loads one file into one session, warms up, and times
 `--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every
@@ -42,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_peer_worker.py"
-# ResNet-50-shaped convolutions (batch 1): in, out, kernel, image side
-CONVS = {"conv3x3": (64, 64, 3, 56), "conv1x1": (256, 64, 1, 56), "conv3x3_deep": (256, 256, 3, 14)}
+# ResNet-50-shaped convolutions (batch 1): in, out, kernel, image side, stride
+CONVS = {"conv3x3": (64, 64, 3, 56, 1), "conv1x1": (256, 64, 1, 56, 1), "conv1x1_up": (64, 256, 1, 56, 1),
+         "conv3x3_s2": (128, 128, 3, 56, 2), "conv3x3_deep": (256, 256, 3, 14, 1), "conv7x7_stem": (3, 64, 7, 224, 2)}
 BLOCK = (32, 32)
 DENSITY = 0.1
 
@@ -52,8 +55,8 @@ def build(kind: str):
     """(model, args, kwargs) of the benchmark model, unpruned."""
     torch.manual_seed(0)
     if kind in CONVS:
-        c_in, c_out, k, size = CONVS[kind]
-        model = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, k, padding=k // 2)).eval()
+        c_in, c_out, k, size, stride = CONVS[kind]
+        model = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)).eval()
         return model, (torch.randn(1, c_in, size, size, generator=torch.Generator().manual_seed(1)),), {}
     if kind == "linear":
         model = torch.nn.Sequential(torch.nn.Linear(768, 3072)).eval()

@@ -106,12 +106,17 @@ class LayerPlan:
     rows: int | None = None                   # rows of X in the example inputs (what was timed)
     measured: Any = None                      # a sparsec.lowering.calibrate.Measurement, or None
     basis: str = ""                           # "measured ..." or "estimated, not measured (why)"
+    # convolutions: [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw] then, when the example inputs say, the
+    # input image [B, C, H, W] (what is timed at export)
+    conv: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"site": self.site, "op": self.op, "lowered": self.lower, "reason": self.reason,
                "target": self.target, "transposed": self.transposed, "speedup_estimate": self.speedup,
                "runtime": self.runtime, "rows": self.rows, "basis": self.basis,
                "measured": self.measured.to_dict() if self.measured is not None else None}
+        if self.conv is not None:
+            out["conv"] = list(self.conv)
         if self.stats is not None:
             s = self.stats
             out.update(shape=list(s.shape), block=list(s.block), block_density=s.block_density,

@@ -1,4 +1,5 @@
-"""Crafted BlockSparseLinear nodes against the native kernel, run in a process of its own.
+"""Crafted BlockSparseLinear and BlockSparseConv nodes against the native kernel, run in a process of
+its own.
 
     LD_PRELOAD=<libasan>:<libubsan> ASAN_OPTIONS=detect_leaks=0 SPARSEC_KERNEL_LIB=<sanitized lib> \
         python tests/kernel_fuzz.py
@@ -26,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsec import runtime
 from sparsec.lowering import onnx_op
-from sparsec.lowering.block_format import PackedBlocks, int8_reference, pack, random_keep, reference
+from sparsec.lowering.block_format import PackedBlocks, int8_reference, pack, random_keep, reference, unpack
 from test_runtime_kernel import epilogue_reference  # tests/ is sys.path[0] when run as a script
 
 INT64_MAX = 2**63 - 1
@@ -325,6 +326,100 @@ def valid_cases(isa: str, failures: list[str]) -> int:
     return count
 
 
+# ------------------------------------------------------------------------------------------------
+# convolutions: valid nodes (weights constant and fed) on every instruction set, malformed ones
+
+CONVS = [  # (batch, C, H, W, O, kernel, stride, pads, dilation, block)
+    (2, 8, 5, 7, 10, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (4, 4)),
+    (1, 16, 9, 9, 33, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), (16, 1)),
+    (3, 5, 11, 6, 13, (3, 2), (2, 1), (1, 0, 1, 0), (2, 1), (1, 1)),
+    (1, 3, 17, 19, 24, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (8, 8)),
+    (2, 48, 14, 14, 40, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), (32, 32)),
+    (1, 6, 4, 4, 7, (3, 3), (1, 1), (2, 1, 0, 3), (2, 2), (1, 4)),
+]
+
+
+def conv_model(case, fed: bool, seed: int = 0, edit: Callable[[dict], None] | None = None):
+    """A one-node BlockSparseConv model, its feeds and the expected output (None for `edit`ed ones)."""
+    import torch
+
+    b, c, h, w, o, (kh, kw), (sh, sw), pads, (dh, dw), block = case
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((o, c * kh * kw)).astype(np.float32)
+    packed = pack(weight, random_keep(o, c * kh * kw, block, 0.35, seed=seed), block=block)
+    arrays = {"v": packed.values, "c": packed.block_cols, "r": packed.row_nnz,
+              "bias": rng.standard_normal(o).astype(np.float32)}
+    attrs = {"N": o, "K": c * kh * kw, "kernel_shape": [kh, kw], "strides": [sh, sw], "pads": list(pads),
+             "dilations": [dh, dw]}
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    spec = {"arrays": arrays, "attrs": attrs, "x": x}
+    if edit is not None:
+        edit(spec)
+    arrays, attrs, x = spec["arrays"], spec["attrs"], spec["x"]
+    node = helper.make_node("BlockSparseConv", ["x", "v", "c", "r", "bias"], ["y"], domain="sparsec", **attrs)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
+    inits, feeds = [], {"x": x}
+    for name, value in arrays.items():
+        if fed:
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None))
+            feeds[name] = value
+        else:
+            inits.append(numpy_helper.from_array(value, name))
+    graph = helper.make_graph([node], "conv", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_op.ONNX_OPSET),
+                                                     helper.make_opsetid("sparsec", 1)])
+    model.ir_version = onnx_op.IR_VERSION
+    expected = None
+    if edit is None:
+        dense = torch.from_numpy(unpack(packed))
+        padded = torch.nn.functional.pad(torch.from_numpy(x), (pads[1], pads[3], pads[0], pads[2]))
+        expected = torch.nn.functional.conv2d(padded, dense.reshape(o, c, kh, kw), torch.from_numpy(arrays["bias"]),
+                                              (sh, sw), 0, (dh, dw)).numpy()
+    return model, feeds, expected
+
+
+def conv_session_run(model, feeds, threads: int = 2):
+    session = runtime.session(model.SerializeToString(), threads=threads)
+    return session.run(None, feeds)[0]
+
+
+MALFORMED_CONV = [
+    ("conv block_cols out of range", lambda s: s["arrays"]["c"].__setitem__((0, 0), 10**6), "block_cols\\["),
+    ("conv row_nnz too large", lambda s: s["arrays"]["r"].__setitem__(0, 99), "row_nnz"),
+    ("conv channels", lambda s: s.update(x=s["x"][:, :-1]), "channels"),
+    ("conv K not a multiple", lambda s: s["attrs"].update(K=s["attrs"]["K"] + 1), "multiple of kh\\*kw|K="),
+    ("conv huge pads", lambda s: s["attrs"].update(pads=[2**40, 0, 0, 0]), "pads must be"),
+    ("conv negative stride", lambda s: s["attrs"].update(strides=[-1, 1]), "strides must be"),
+    ("conv huge image", lambda s: s["attrs"].update(pads=[2**20, 2**20, 2**20, 2**20]), "too large"),
+    ("conv bias length", lambda s: s["arrays"].update(bias=s["arrays"]["bias"][:-1]), "bias must be"),
+    ("conv kernel larger than the image", lambda s: s["attrs"].update(pads=[0, 0, 0, 0], dilations=[9, 9]),
+     "smaller than the dilated kernel"),
+]
+
+
+def conv_cases(isa: str | None, failures: list[str]) -> int:
+    count = 0
+    if isa is None:
+        for name, edit, pattern in MALFORMED_CONV:
+            for fed in (False, True):
+                model, feeds, _ = conv_model(CONVS[0], fed, edit=edit)
+                expect_error(f"{name} (weights {'fed' if fed else 'constant'})",
+                             lambda: conv_session_run(model, feeds), pattern, failures)
+                count += 1
+        return count
+    os.environ["SPARSEC_KERNEL_ISA"] = isa
+    for i, case in enumerate(CONVS):
+        for fed in (False, True):
+            for threads in (1, 2):
+                model, feeds, expected = conv_model(case, fed, seed=i)
+                got = conv_session_run(model, feeds, threads)
+                if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
+                    failures.append(f"valid conv {case} fed={fed} threads={threads} isa={isa}: wrong result")
+                count += 1
+    return count
+
+
 def main() -> int:
     if not os.environ.get("SPARSEC_KERNEL_LIB"):
         print("set SPARSEC_KERNEL_LIB to the library to fuzz", file=sys.stderr)
@@ -333,9 +428,9 @@ def main() -> int:
     maps = open("/proc/self/maps").read()
     print("sanitizers:", "on" if "libasan" in maps and "libubsan" in maps else "off")
     failures: list[str] = []
-    count = malformed_cases(failures)
+    count = malformed_cases(failures) + conv_cases(None, failures)
     for isa in ("avx512", "avx2", "scalar"):
-        count += valid_cases(isa, failures)
+        count += valid_cases(isa, failures) + conv_cases(isa, failures)
     for line in failures:
         print("FAIL", line)
     print(f"{count} cases, {len(failures)} failures")

@@ -1,7 +1,7 @@
-"""The block-sparse convolution target (sparsec.lowering.targets.conv): conv2d through channels-last
-im2col onto the block-sparse linear, in PyTorch and in ONNX (kernel and stock onnxruntime), at
-another batch and image size; lowered only on request; unsupported convolutions stay dense with a
-reason."""
+"""The block-sparse convolution target (sparsec.lowering.targets.conv): conv2d as one
+block_sparse_conv2d / BlockSparseConv, in PyTorch and in ONNX (kernel and stock onnxruntime), at
+another batch and image size; BatchNormalization and Relu folded into the node; lowered where the
+cost model or the measurement says it pays; unsupported convolutions stay dense with a reason."""
 from __future__ import annotations
 
 import numpy as np
@@ -60,6 +60,10 @@ def test_lowered_convolutions_compute_what_the_dense_ones_do(prog):
 def test_the_onnx_file_runs_on_the_kernel_and_on_stock_onnxruntime(prog, tmp_path):
     result = prog.export_onnx(tmp_path / "convs.onnx", policy="always")
     assert result.checks and all(check.error < 1e-4 for check in result.checks)
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(tmp_path / "convs.onnx").graph.node]
+    assert ops.count("BlockSparseConv") == 3 and "Conv" in ops    # c1 and the grouped one stay dense
     x = torch.randn(3, 3, 26, 18)
     with torch.no_grad():
         expected = prog.finalize()(x).numpy()
@@ -71,12 +75,81 @@ def test_the_onnx_file_runs_on_the_kernel_and_on_stock_onnxruntime(prog, tmp_pat
     assert (tmp_path / "convs.onnx").stat().st_size < dense.stat().st_size
 
 
-def test_convolutions_are_lowered_only_on_request(prog):
-    plans = graph_info(prog.lower()).lowering          # policy cost
-    for name in SITES[:3]:
-        assert not plans[name].lower
-        assert "no speed estimate for conv layers: lowered only with policy = always" in plans[name].reason
+def test_convolutions_are_lowered_where_they_pay(prog):
+    plans = graph_info(prog.lower()).lowering          # policy cost, estimated (SPARSEC_MEASURE=0)
+    pointwise, strided = plans["pointwise.weight"], plans["strided.weight"]
+    # a quarter of the work: 1x1 convolutions read X in place (efficiency 0.6), others pay a copy
+    assert pointwise.lower and pointwise.speedup == pytest.approx(0.6 / 0.25)
+    assert not strided.lower and "too dense to gain: est. 1.40x < 1.5x" in strided.reason
+    assert strided.conv == (3, 3, 2, 2, 1, 1, 1, 1, 1, 1, 2, 32, 20, 20)   # geometry, then the image
     assert not any(p.lower for p in graph_info(prog.lower(policy="never")).lowering.values())
+    stock = graph_info(prog.lower(target="stock")).lowering          # the body runs onnxruntime's Conv
+    assert all(stock[name].speedup == 1.0 and not stock[name].lower for name in SITES[:3])
+
+
+def test_a_convolution_is_timed_on_its_own_geometry_and_image(monkeypatch, tmp_path):
+    from sparsec.lowering import calibrate
+
+    monkeypatch.delenv("SPARSEC_MEASURE", raising=False)
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(calibrate, "MEASURE_S", 0.02)
+    spec = {"prune": [{"targets": ["conv.weight"], "method": "magnitude", "density": 0.1, "block": [16, 16]}]}
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    prog = sparsec.compile(One().eval(), spec, (torch.randn(1, 32, 24, 24),))
+    plan = graph_info(prog.lower(target="stock")).lowering["conv.weight"]
+    assert plan.measured is not None and plan.basis.startswith("measured")
+    assert plan.measured.dense_ms > 0 and plan.measured.sparse_ms > 0
+    assert len(list((tmp_path / "cost").glob("*.json"))) == 1
+
+
+class ConvBnRelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(32)
+        self.head = torch.nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_batch_norm_and_relu_fold_into_the_node(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = ConvBnRelu()
+    with torch.no_grad():   # statistics that are not the identity
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-1, 1)
+    spec = {"prune": [{"targets": ["conv.weight", "head.weight"], "method": "magnitude", "density": 0.25,
+                       "block": [8, 8]}]}
+    prog = sparsec.compile(model.eval(), spec, (torch.randn(2, 16, 12, 12),)).eval()
+    result = prog.export_onnx(tmp_path / "m.onnx", policy="always")
+    assert result.checks and all(check.error < 1e-5 for check in result.checks)
+    nodes = onnx.load(tmp_path / "m.onnx").graph.node
+    assert [n.op_type for n in nodes if n.domain in ("", "ai.onnx") and n.op_type in ("BatchNormalization", "Relu")] == []
+    convs = [n for n in nodes if n.op_type == "BlockSparseConv"]
+    assert [n.overload for n in convs] == ["conv_fp32_bias_relu", "conv_fp32_bias"]
+    x = torch.randn(3, 16, 9, 13)
+    with torch.no_grad():
+        expected = prog.finalize()(x).numpy()
+    from sparsec import runtime
+
+    for session in (runtime.session(str(tmp_path / "m.onnx")),
+                    ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])):
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
 
 
 def test_conv1d_stays_dense_with_a_reason():

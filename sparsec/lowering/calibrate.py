@@ -62,6 +62,7 @@ class LayerCase:
     max_per_row: int              # the padded block-row length the function body computes
     threads: int                  # intra-op threads, 0: onnxruntime's default
     int8: bool = False            # INT8 compute (per-row scales), what the file will hold
+    conv: tuple[int, ...] = ()    # a convolution: geometry (10) and input image [B, C, H, W]
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,22 @@ def time_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) -> 
         reason = kernel_unavailable()
         if reason:
             raise RuntimeError(f"sparsec's kernel is not available ({reason})")
+    kernel = case.target == "sparsec"
+    if case.conv:   # INT8 convolutions hold int8 blocks, per-block scales, fp32 arithmetic (as exported)
+        from sparsec.lowering import conv_op
+
+        geometry, image = list(case.conv[:10]), case.conv[10:]
+        packed = block_format.pack(np.ascontiguousarray(weight, dtype=np.float32), block=case.block,
+                                   int8=case.int8, per_row=False)
+        sparse = conv_op.single_layer_model(packed, geometry, image, bias).SerializeToString()
+        dense = conv_op.dense_layer_model(weight, geometry, image, bias).SerializeToString()
+        x = np.random.default_rng(0).standard_normal(image).astype(np.float32)
+        return time_models(dense, sparse, {"x": x}, kernel, case.threads)
     packed = block_format.pack(np.ascontiguousarray(weight, dtype=np.float32), block=case.block,
                                int8=case.int8, per_row=case.int8)   # int8: INT8 compute, as exported
     sparse = onnx_op.single_layer_model(packed, bias).SerializeToString()
     dense = onnx_op.dense_layer_model(weight, bias).SerializeToString()
     x = np.random.default_rng(0).standard_normal((case.rows, case.shape[1])).astype(np.float32)
-    kernel = case.target == "sparsec"
     return time_models(dense, sparse, {"x": x}, kernel, case.threads)
 
 

@@ -43,6 +43,17 @@ calibrated on 2 threads of an AMD EPYC (Zen 4, onnxruntime 1.32, 32x32 and 16x16
 0.1): [128, 768] x [768, 768]^T balanced 3.9x measured (the model says 4.2x), [5, 96] x [64, 96]^T
 0.4x (0.3x), [128, 768] x [3072, 768]^T with unbalanced rows (stored 0.58) 1.03x (0.7x).
 
+Convolutions (sparsec/runtime/kernel/block_sparse_conv.cc) run on the image itself, the lanes over
+output pixels; a 1x1 convolution with stride 1 reads X in place, any other pays a copy of the
+padded input and (with padding) stores through a tile buffer:
+
+    conv speedup = CONV_EFFICIENCY[pointwise] / work
+
+measured against onnxruntime's Conv on ResNet-50 shapes at batch 1, 10% of 32x32 blocks, 2 threads
+(docs/BENCHMARKS.md): 3x3 64->64 on 56x56 3.1-3.5x (efficiency 0.35-0.39), 1x1 256->64 5.6x (0.70).
+On stock onnxruntime the function body rebuilds the dense weight once at load and runs the same Conv:
+speedup 1.
+
 These constants are a fallback: at export sparsec measures each layer shape on the target runtime
 (sparsec.lowering.calibrate) and decides on the measurement. A layer is lowered when it reaches
 `min_speedup`.
@@ -61,6 +72,7 @@ DEFAULT_MIN_SPEEDUP = 1.5
 STOCK_EFFICIENCY = 0.4         # the function body's multiply-adds per dense one (calibrated above)
 STOCK_OVERHEAD_MACS = 2.5e6    # its fixed cost per call (Gather, Transposes), in dense multiply-adds
 DENSE_OVERHEAD_MACS = 0.7e6    # a dense MatMul's fixed cost per call, likewise
+CONV_EFFICIENCY = {True: 0.6, False: 0.35}   # 1x1 stride 1 unpadded (in place) / any other conv
 
 
 @dataclass(frozen=True)
@@ -126,3 +138,17 @@ def estimated_speedup_stock(stats: BlockStats, rows: int) -> float:
     n, k = stats.shape
     macs = rows * n * k
     return (macs + DENSE_OVERHEAD_MACS) / (macs * stats.stored / STOCK_EFFICIENCY + STOCK_OVERHEAD_MACS)
+
+
+def pointwise(geometry: tuple[int, ...] | list[int]) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: the kernel reads X in place."""
+    kh, kw, sh, sw, pt, pl, pb, pr = geometry[:8]
+    return (kh, kw, sh, sw, pt, pl, pb, pr) == (1, 1, 1, 1, 0, 0, 0, 0)
+
+
+def estimated_speedup_conv(stats: BlockStats, is_pointwise: bool) -> float:
+    """sparsec's convolution kernel against onnxruntime's Conv (see the docstring). Blocks less than
+    6 outputs high fill fewer of the kernel's register tiles."""
+    if stats.work == 0:
+        return math.inf
+    return CONV_EFFICIENCY[is_pointwise] * min(1.0, stats.block[0] / 6) / stats.work

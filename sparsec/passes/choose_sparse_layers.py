@@ -2,8 +2,8 @@
 
 before: a baked graph (masks multiplied into the weights).
 after:  the same graph; GraphInfo.lowering maps every site to a LayerPlan saying which lowering
-        target would rewrite it (sparsec.lowering.targets: today block_sparse_linear for linear,
-        addmm and matmul sites), in which orientation and block, whether lower_block_sparse will,
+        target would rewrite it (sparsec.lowering.targets: block_sparse_linear for linear, addmm
+        and matmul sites, block_sparse_conv for conv2d), in which orientation and block, whether lower_block_sparse will,
         and why. A site is lowered when a target handles its op and accepts it (the target's
         match and check), and the policy says so: `cost` when the layer is at least `min_speedup`
         faster on the `runtime` the file is for (`sparsec`: onnxruntime with sparsec's kernel;
@@ -72,7 +72,7 @@ class ChooseSparseLayers(Pass):
         plan = target.plan(gm, node, site, self.block)
         if not plan.lower:
             return plan
-        plan = replace(plan, runtime=self.runtime, rows=_rows(node, plan.op))
+        plan = replace(plan, runtime=self.runtime, rows=_rows(node, plan.op, plan.conv))
         if self.policy == "never":
             return replace(plan, lower=False, reason="lowering disabled (policy never)")
         if plan.speedup is None:    # the target cannot say whether it pays: only on request
@@ -99,16 +99,22 @@ class ChooseSparseLayers(Pass):
         and possible, the measurement (`basis` says which)."""
         stats, rows = plan.stats, plan.rows or calibrate.DEFAULT_ROWS
         assert stats is not None and plan.block is not None
-        estimate = (cost.estimated_speedup(stats, self.int8) if self.runtime == "sparsec"
-                    else cost.estimated_speedup_stock(stats, rows))
+        if plan.conv is not None:   # the function body runs onnxruntime's own Conv: speedup 1
+            estimate = plan.speedup if self.runtime == "sparsec" else 1.0
+        elif self.runtime == "sparsec":
+            estimate = cost.estimated_speedup(stats, self.int8)
+        else:
+            estimate = cost.estimated_speedup_stock(stats, rows)
         plan = replace(plan, speedup=estimate)
         why_not = self._why_not_measured()
+        if not why_not and plan.conv is not None and len(plan.conv) != 14:
+            why_not = "the example inputs do not give the image size"
         if why_not:
             return replace(plan, basis=f"estimated, not measured: {why_not}")
         case = calibrate.LayerCase(self.runtime, stats.shape, plan.block, rows, stats.kept_blocks,
-                                   stats.max_per_row, self.threads, self.int8)
+                                   stats.max_per_row, self.threads, self.int8, plan.conv or ())
         weight = get_attr_value(gm, plan.site).detach()
-        matrix = (weight.t() if plan.transposed else weight).contiguous().numpy()
+        matrix = (weight.t() if plan.transposed else weight.reshape(weight.shape[0], -1)).contiguous().numpy()
         try:
             measured = calibrate.measure_layer(case, matrix, _bias(gm, node, plan.op))
         except Exception as exc:  # onnxruntime raises its own types; the estimate stands, said so
@@ -138,8 +144,16 @@ def _said(plan: LayerPlan, digits: int = 1) -> str:
     return f"est. {plan.speedup or 0.0:.{digits}f}x"
 
 
-def _rows(node: fx.Node, op: str) -> int | None:
-    """Rows of X the site's op sees in the example inputs (the product of its leading dims)."""
+def _rows(node: fx.Node, op: str, conv: tuple[int, ...] | None = None) -> int | None:
+    """Rows of X the site's op sees in the example inputs (the product of its leading dims); for a
+    convolution, its output pixels (batch x height x width)."""
+    if conv is not None:
+        if len(conv) != 14:
+            return None
+        from sparsec.lowering.conv_op import output_size
+
+        ho, wo = output_size(conv[:10], conv[12], conv[13])
+        return conv[10] * ho * wo
     x = node.args[1] if op == "addmm" else node.args[0]
     value = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(value, torch.Tensor) or value.dim() < 1:
@@ -157,6 +171,8 @@ def _bias(gm: fx.GraphModule, node: fx.Node, op: str) -> np.ndarray | None:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     elif op == "addmm":
         bias = node.args[0]
+    elif op == "conv":
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     else:
         return None
     if not isinstance(bias, fx.Node) or bias.op != "get_attr":

@@ -1,4 +1,5 @@
-"""compact_padding: store each sparse node's `values` without its padding slots.
+"""compact_padding: store each sparse node's `values` without its padding slots (every lowering
+target's nodes: BlockSparseLinear and BlockSparseConv hold them alike, input 1, row_nnz input 3).
 
 before: `values` [R, S, BR, BC] initializer, rows keeping fewer than S blocks padded with zero blocks
 after:  `values = Gather(values.kept, values.slots, axis=0)` with the kept blocks [kept + 1, BR, BC]
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from sparsec.lowering import onnx_op
+from sparsec.lowering import onnx_op, targets
 from sparsec.pipeline import OnnxPass, PassResult
 
 
@@ -28,7 +29,7 @@ class CompactPadding(OnnxPass):
         graph = model.graph
         compacted = 0
         first = next(iter(graph), None)
-        for node in onnx_op.sparse_nodes(model):
+        for node in (n for target in targets.all_targets() for n in target.onnx_nodes(model)):
             values, row_nnz = node.inputs[1], node.inputs[3]
             if (values is None or row_nnz is None or not values.is_initializer()
                     or not row_nnz.is_initializer() or values.const_value is None or row_nnz.const_value is None):

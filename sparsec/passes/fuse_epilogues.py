@@ -1,4 +1,4 @@
-"""fuse_epilogues: fold what follows a BlockSparseLinear into the node (its epilogue).
+"""fuse_epilogues: fold what follows a BlockSparseLinear or a BlockSparseConv into the node.
 
 before: h = BlockSparseLinear(x, ...);  a = Gelu(h)         |  s = Add(h, r)  |  y = LayerNormalization(s', scale, bias)
 after:  a = BlockSparseLinear(x, ..., activation="gelu")   |  s = BlockSparseLinear(x, ..., r)  |  y = BlockSparseLinear(x, ..., r, scale, bias, epsilon)
@@ -6,7 +6,10 @@ Three rules: `fold_gelu` (erf or tanh Gelu into `activation`), `fold_residual` (
 the result and another tensor into the `residual` input, either operand order) and
 `fold_layer_norm` (a LayerNormalization over the last axis of a node that already has its
 residual, scale and bias of shape [N], float32 statistics, only its normalised output read, into
-`ln_scale` / `ln_bias` / `epsilon`). The kernel applies the first two where it stores each output
+`ln_scale` / `ln_bias` / `epsilon`). Convolutions: `fold_conv_batch_norm` (an inference
+BatchNormalization whose four inputs are constants, into the fp32 blocks and the bias:
+W'[o] = W[o] * s[o], b' = (b - mean) * s + beta, s = gamma / sqrt(var + epsilon), as onnxruntime
+does for its own Conv) and `fold_conv_relu` (a Relu into `activation`). The kernel applies the first two where it stores each output
 tile and normalises each row once written; the function body does the same in standard ops
 (sparsec.lowering.onnx_op). The node's output must have no other reader; the fused node takes the
 place of what it absorbs, where every input it reads is available.
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
+import numpy as np
+
+from sparsec.lowering import conv_op
 from sparsec.lowering import onnx_graph as g
 from sparsec.lowering.onnx_op import ACTIVATIONS, DOMAIN, DOMAIN_VERSION, INPUTS, Variant
 from sparsec.pipeline import PassResult, RulePass
@@ -119,13 +125,91 @@ class FoldLayerNorm(RewriteRuleClassBase):
         return _rebuild(op, h.producer(), y, layer_norm=(scale, bias, epsilon))
 
 
+def _conv(op, x):
+    """A BlockSparseConv node reading x (any other inputs and attributes), output `h`."""
+    return op.BlockSparseConv(x, _domain=DOMAIN, _allow_other_inputs=True, _allow_other_attributes=True,
+                              _outputs=["h"])
+
+
+def _rebuild_conv(op, node: ir.Node, replaced: ir.Value, inputs: list[ir.Value | None] | None = None,
+                  activation: str = "") -> ir.Value:
+    inputs = list(node.inputs) if inputs is None else inputs
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    attrs = {name: a.value for name, a in node.attributes.items()}
+    if activation:
+        attrs["activation"] = activation
+    out = op.BlockSparseConv(*inputs, _domain=DOMAIN, _version=DOMAIN_VERSION, **attrs)
+    out.type, out.shape = replaced.type, replaced.shape
+    return out
+
+
+class FoldConvRelu(RewriteRuleClassBase):
+    def pattern(self, op, x):
+        return op.Relu(_conv(op, x), _outputs=["y"])
+
+    def check(self, context, x, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        if conv_op.Variant.of(h.producer()).relu:
+            return result.fail("the node already has its activation")
+        return result
+
+    def rewrite(self, op, x, h, y, **_):
+        return _rebuild_conv(op, h.producer(), y, activation="relu")
+
+
+class FoldConvBatchNorm(RewriteRuleClassBase):
+    def pattern(self, op, x, scale, beta, mean, var):
+        return op.BatchNormalization(_conv(op, x), scale, beta, mean, var, _allow_other_attributes=True,
+                                     _outputs=["y"])
+
+    def check(self, context, x, scale, beta, mean, var, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        node, norm = h.producer(), y.producer()
+        variant = conv_op.Variant.of(node)
+        if variant.relu:
+            return result.fail("the node already has an activation: the normalisation comes after it")
+        if variant.int8:
+            return result.fail("int8 blocks: rescaling their rows would change their quantization")
+        if g.attr(norm, "training_mode", 0) or len(norm.outputs) > 1 and any(o.uses() for o in norm.outputs[1:]):
+            return result.fail("BatchNormalization in training mode")
+        n = g.attr(node, "N")
+        for value in (scale, beta, mean, var):
+            found = g.constant(value)
+            if found is None or found.shape != (n,):
+                return result.fail(f"a BatchNormalization input is not a constant of shape [{n}]")
+        values, bias = node.inputs[1], node.inputs[4] if len(node.inputs) > 4 else None
+        if g.constant(values) is None or (bias is not None and g.constant(bias) is None):
+            return result.fail("the node's blocks or bias are not constants")
+        return result
+
+    def rewrite(self, op, x, scale, beta, mean, var, h, y, **_):
+        node = h.producer()
+        epsilon = g.attr(y.producer(), "epsilon", 1e-5)
+        gamma, b0, mu, sigma2 = (g.constant(v).astype(np.float64) for v in (scale, beta, mean, var))
+        factor = gamma / np.sqrt(sigma2 + epsilon)
+        values = g.constant(node.inputs[1])
+        r, _, br, _ = values.shape
+        padded = np.ones(r * br)
+        padded[:factor.shape[0]] = factor
+        folded = (values.astype(np.float64) * padded.reshape(r, 1, br, 1)).astype(np.float32)
+        bias = g.constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else 0.0
+        new_bias = ((np.asarray(bias, np.float64) - mu) * factor + b0).astype(np.float32)
+        inputs = list(node.inputs) + [None] * (len(conv_op.INPUTS) - len(node.inputs))
+        inputs[1] = op.initializer(ir.tensor(folded), name=f"{node.inputs[1].name}.bn")
+        inputs[4] = op.initializer(ir.tensor(new_bias), name=f"{node.inputs[1].name}.bn_bias")
+        return _rebuild_conv(op, node, y, inputs)
+
+
 @dataclass(frozen=True)
 class FuseEpilogues(RulePass):
     name = "fuse_epilogues"
     ensures = ("epilogues_fused",)
     rules = (FoldGelu.rule(name="fold_gelu"),
              *FoldResidual.rule(name="fold_residual").commute(),
-             FoldLayerNorm.rule(name="fold_layer_norm"))
+             FoldLayerNorm.rule(name="fold_layer_norm"),
+             FoldConvBatchNorm.rule(name="fold_conv_batch_norm"),
+             FoldConvRelu.rule(name="fold_conv_relu"))
 
     def run(self, model: ir.Model) -> PassResult:
         if "functions_attached" in g.facts(model):

@@ -1,45 +1,42 @@
-"""The block-sparse convolution target: a conv2d site becomes a block-sparse linear over its
-unfolded input (im2col), computed by the block-sparse linear op (sparsec's kernel, or the
-function body on stock onnxruntime).
+"""The block-sparse convolution target: a conv2d site becomes `sparsec::block_sparse_conv2d`
+(PyTorch) and `sparsec::BlockSparseConv` (ONNX), computed directly on the image by sparsec's kernel
+(sparsec/runtime/kernel/block_sparse_conv.cc), or by its function body on stock onnxruntime.
 
-A convolution weight [O, C, kh, kw] is masked as the matrix [O, C*kh*kw] (sparsec.blocks), which
-is also how an im2col product reads it: output pixel (n, y, x) is W2d @ col(n, y, x), with col the
-C*kh*kw input values under the kernel, channel-major then kernel row and column (F.unfold's order).
-
-    1x1, stride 1, no padding   x [N, C, H, W] -> permute to [N, H, W, C] -> linear -> permute back
-    kxk (stride, padding, dilation)   x -> pad -> kh*kw strided slices, stacked and flattened to
-                                [N, C*kh*kw, H', W'] -> the same permutes around the linear
-
-Everything around the linear is standard ops (Pad, Slice, Concat, Reshape, Transpose in ONNX), so
-the file runs on stock onnxruntime too. The linear itself is lowered by the block-sparse linear
-target (packing, INT8, verification, ONNX node and function body are its own).
+A convolution weight [O, C, kh, kw] is masked as the matrix [O, C*kh*kw] (sparsec.blocks), and
+packed so: output pixel (n, y, x) is W2d @ col(n, y, x), with col the C*kh*kw input values under
+the kernel, channel-major then kernel row and column (F.unfold's order).
 
     match    conv2d(x, W, b, stride, padding, dilation, groups=1) with integer padding
     check    W is float32 and 4-D; the input is [N, C, H, W]; groups = 1; stride, padding and
              dilation are integers
-    cost     none: the unfold's copies in onnxruntime ops cost more than the sparse product saves
-             (3x3 64->64 on 56x56 at density 0.1: 0.09x of onnxruntime's Conv; 1x1 256->64: 1.2x;
-             docs/BENCHMARKS.md), so convolutions are lowered only with policy = always, for a
-             smaller file. A fast form needs an implicit-GEMM kernel.
+    pack     padded blocked-ELL of the [O, C*kh*kw] matrix (sparsec.lowering.block_format): fp32
+             blocks, or INT8 blocks with one scale per block, dequantized by the kernel when it
+             packs them (the arithmetic stays fp32: the kernel has no INT8 convolution)
+    torch op sparsec.lowering.conv_op.block_sparse_conv2d (patches times the kept blocks)
+    ONNX     one BlockSparseConv node; its function body rebuilds the dense weight from the blocks
+             (constant-folded by onnxruntime at load) and runs onnxruntime's Conv: as fast as the
+             dense file on stock onnxruntime, the file as small as the kept blocks
+    cost     the kept blocks' share of the dense work at the kernel's measured efficiency for
+             convolutions (sparsec.lowering.cost.conv_efficiency), measured at export on the
+             layer's geometry and image size (sparsec.lowering.calibrate) when possible
+    epilogue a following Relu is folded into the node (the fuse_epilogues pass)
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from sparsec.ir import LayerPlan, get_attr_value, set_attr_tensor
-from sparsec.lowering import cost
+from sparsec.ir import (ROLE_SITE_OP, ROLE_WEIGHT, LayerPlan, del_attr, get_attr_value, node_info, packed_name,
+                        set_attr_tensor, set_node_info)
+from sparsec.lowering import block_format, conv_op, cost
 from sparsec.lowering.targets.base import LoweringTarget
-from sparsec.lowering.targets.linear import BlockSparseLinearTarget
 from sparsec.site import Site
 from sparsec.site_ops import site_operand
 
 aten = torch.ops.aten
 _CONV2D = (aten.conv2d.default, torch.nn.functional.conv2d)
-_END = 2 ** 62   # a slice to the end
 
 
 def _pair(value: Any, default: int) -> tuple[int, int] | None:
@@ -63,15 +60,31 @@ def conv_args(node: fx.Node) -> dict[str, Any]:
     return found
 
 
+def geometry(node: fx.Node, weight: torch.Tensor) -> list[int]:
+    """[kh, kw, sh, sw, pt, pl, pb, pr, dh, dw] of a conv2d node (checked by `_unsupported`)."""
+    args = conv_args(node)
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(args.get(k), d) for k, d in  # type: ignore[misc]
+                                    (("stride", 1), ("padding", 0), ("dilation", 1)))
+    kh, kw = weight.shape[2:]
+    return [int(kh), int(kw), sh, sw, ph, pw, ph, pw, dh, dw]
+
+
+def image_shape(node: fx.Node) -> tuple[int, int, int, int] | None:
+    """[B, C, H, W] of the conv's input in the example inputs, when every size is known."""
+    value = conv_args(node).get("input")
+    value = value.meta.get("val") if isinstance(value, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return None
+    dims = [d if isinstance(d, int) else getattr(getattr(d, "node", None), "hint", None) for d in value.shape]
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+
+
 class BlockSparseConvTarget(LoweringTarget):
     name = "block_sparse_conv"
     kinds = ("conv",)
 
-    def __init__(self) -> None:
-        self.linear = BlockSparseLinearTarget()
-
     def torch_op(self) -> Any:
-        return self.linear.torch_op()
+        return conv_op.torch_op()
 
     # ---------------------------------------------------------------- match, check and cost
     def plan(self, gm: fx.GraphModule, node: fx.Node, site: Site,
@@ -83,14 +96,15 @@ class BlockSparseConvTarget(LoweringTarget):
         matrix = weight.detach().reshape(weight.shape[0], -1)
         block = block or site.block
         stats = cost.block_stats(matrix, block)
-        kh, kw = weight.shape[2:]
+        geo = geometry(node, weight)
+        image = image_shape(node)
         facts = (f"{stats.work:.1%} of the dense work: {stats.kept_blocks}/"
                  f"{stats.grid[0] * stats.grid[1]} blocks of {block[0]}x{block[1]} over "
-                 f"[{matrix.shape[0]}, {matrix.shape[1]}] ({kh}x{kw} kernel unfolded)")
-        # No speed estimate: around the linear, the unfold is data movement in onnxruntime ops that
-        # the linear's cost model does not see (measured: docs/BENCHMARKS.md), so a convolution
-        # is lowered only on request (policy = always), for the smaller file.
-        return LayerPlan(site.name, "conv", True, facts, self.name, False, block, stats, None)
+                 f"[{matrix.shape[0]}, {matrix.shape[1]}] ({geo[0]}x{geo[1]} kernel unfolded)")
+        pointwise = cost.pointwise(geo)
+        return LayerPlan(site.name, "conv", True, facts, self.name, False, block, stats,
+                         cost.estimated_speedup_conv(stats, pointwise),
+                         conv=(*geo, *image) if image is not None else tuple(geo))
 
     def _unsupported(self, gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor) -> str:
         if node.target not in _CONV2D or site_operand(node, gm) is None:
@@ -108,55 +122,87 @@ class BlockSparseConvTarget(LoweringTarget):
                 return f"{key} {args.get(key)!r} is not one or two integers: stays dense"
         return ""
 
-    # ------------------------------------------------------------------------ rewrite
+    # ------------------------------------------------------------------------ pack and call
     def lower(self, gm: fx.GraphModule, node: fx.Node, plan: LayerPlan, int8: bool = False) -> fx.Node:
         weight = get_attr_value(gm, plan.site).detach()
-        o, c, kh, kw = weight.shape
+        o = weight.shape[0]
+        matrix = weight.reshape(o, -1).contiguous()
+        assert plan.block is not None
+        # INT8: int8 blocks with one scale per block, dequantized when the kernel packs them
+        packed = block_format.pack(matrix, block=plan.block, int8=int8, per_row=False)
         args = conv_args(node)
-        x, bias = args["input"], args.get("bias")
-        stride, padding, dilation = (_pair(args.get(k), d) for k, d in
-                                     (("stride", 1), ("padding", 0), ("dilation", 1)))
-        pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0)
+        tensors = {part: torch.from_numpy(getattr(packed, part)) for part in ("values", "block_cols", "row_nnz")}
+        if packed.scales is not None:
+            tensors["scales"] = torch.from_numpy(packed.scales)
         graph = gm.graph
-        weight_getters = [n for n in node.all_input_nodes if n.op == "get_attr" and n.target == plan.site]
-        # the site's weight becomes the [O, C*kh*kw] matrix the linear target packs
-        set_attr_tensor(gm, plan.site, torch.nn.Parameter(weight.reshape(o, c * kh * kw).contiguous(),
-                                                           requires_grad=False), parameter=True)
         with graph.inserting_before(node):
-            pixels = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))      # [N, H, W, C]
-            rows = pixels if pointwise else self._unfold(graph, pixels, (kh, kw), stride, padding, dilation)
-            matrix = graph.get_attr(plan.site)
-            linear = graph.call_function(aten.linear.default, (rows, matrix, bias))
-            linear.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-            out = graph.call_function(aten.permute.default, (linear, [0, 3, 1, 2]))    # [N, O, H', W']
-        node.replace_all_uses_with(out)
+            getters = {}
+            for part, value in tensors.items():
+                target = packed_name(plan.site, part)
+                set_attr_tensor(gm, target, value.contiguous(), parameter=False)
+                getters[part] = graph.get_attr(target)
+                set_node_info(getters[part], ROLE_WEIGHT, plan.site, part)
+            call = graph.call_function(self.torch_op(), (
+                args["input"], getters["values"], getters["block_cols"], getters["row_nnz"], args.get("bias"),
+                getters.get("scales"), int(o), int(matrix.shape[1]), geometry(node, weight), ""))
+        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        set_node_info(call, ROLE_SITE_OP, plan.site, self.name)
+        node.replace_all_uses_with(call)
+        weight_nodes = [n for n in node.all_input_nodes if n.op == "get_attr" and n.target == plan.site]
         graph.erase_node(node)
-        for getter in weight_getters:
+        for getter in weight_nodes:
             if not getter.users:
                 graph.erase_node(getter)
-        return self.linear.lower(gm, linear, dataclasses.replace(plan, op="linear", target=self.linear.name),
-                                 int8=int8)
-
-    @staticmethod
-    def _unfold(graph: fx.Graph, pixels: fx.Node, kernel: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int], dilation: tuple[int, int]) -> fx.Node:
-        """[N, H', W', C*kh*kw] from channels-last pixels [N, H, W, C], in F.unfold's column order
-        (channel-major, then kernel row and column): one strided slice of the padded input per
-        kernel position, stacked on a new last axis. Tap (i, j) starts at (i*dh, j*dw) and stops
-        (kh-1-i)*dh rows before the end, which leaves exactly H' = (H + 2ph - dh(kh-1) - 1) // sh + 1
-        rows whatever H is (dynamic sizes work)."""
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-        if ph or pw:
-            pixels = graph.call_function(aten.constant_pad_nd.default, (pixels, [0, 0, pw, pw, ph, ph], 0.0))
-        taps = []
-        for i in range(kh):
-            for j in range(kw):
-                bottom, right = (kh - 1 - i) * dh, (kw - 1 - j) * dw
-                rows = graph.call_function(aten.slice.Tensor, (pixels, 1, i * dh, -bottom if bottom else _END, sh))
-                taps.append(graph.call_function(aten.slice.Tensor, (rows, 2, j * dw, -right if right else _END, sw)))
-        stacked = graph.call_function(aten.stack.default, (taps, 4))             # [N, H', W', C, kh*kw]
-        return graph.call_function(aten.flatten.using_ints, (stacked, 3, 4))
+        del_attr(gm, plan.site)
+        return call
 
     # --------------------------------------------------------------------------- verify
     def check_lowered(self, gm: fx.GraphModule, plan: LayerPlan) -> str:
-        return self.linear.check_lowered(gm, plan)
+        calls = [n for n in self.calls(gm) if (info := node_info(n)) is not None and info.site == plan.site]
+        if len(calls) != 1:
+            return f"lowered but {len(calls)} block_sparse_conv2d calls compute it (expected one)"
+        node = calls[0]
+        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
+        n_out, k_in, geo = node.args[6], node.args[7], node.args[8]
+        r, s, br, bc = values.shape
+        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
+                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
+            return (f"packed blocks are inconsistent: values {tuple(values.shape)}, block_cols "
+                    f"{tuple(cols.shape)}, row_nnz {tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")
+        if not isinstance(geo, list) or len(geo) != 10 or k_in % (geo[0] * geo[1]):  # type: ignore[operator]
+            return f"geometry {geo!r} does not describe a [{n_out}, {k_in}] convolution weight"
+        return ""
+
+    # ----------------------------------------------------------------------------- ONNX
+    def onnx_translation(self) -> dict:
+        return {self.torch_op(): conv_op.translate}
+
+    def onnx_nodes(self, graph: Any) -> list[Any]:
+        return conv_op.conv_nodes(graph)
+
+    def check_onnx(self, node: Any, attached: bool) -> str:
+        n, k = node.attributes.get("N"), node.attributes.get("K")
+        if n is None or k is None or n.as_int() <= 0 or k.as_int() <= 0:
+            return "attributes N and K must be positive integers"
+        shape = node.attributes.get("kernel_shape")
+        if shape is None or len(shape.as_ints()) != 2 or k.as_int() % (shape.as_ints()[0] * shape.as_ints()[1]):
+            return "attribute kernel_shape must be [kh, kw] with K a multiple of kh*kw"
+        for name, size in (("strides", 2), ("pads", 4), ("dilations", 2)):
+            attr = node.attributes.get(name)
+            if attr is not None and len(attr.as_ints()) != size:
+                return f"attribute {name} must have {size} values"
+        if len(node.inputs) < 4 or any(v is None for v in node.inputs[:4]):
+            return "inputs X, values, block_cols and row_nnz are required"
+        if len(node.inputs) > len(conv_op.INPUTS):
+            return f"{len(node.inputs)} inputs, at most {len(conv_op.INPUTS)}"
+        try:
+            variant = conv_op.Variant.of(node)
+        except ValueError as exc:
+            return str(exc)
+        if attached and node.overload != variant.overload:
+            return f"overload {node.overload!r} does not name its variant {variant.overload!r}"
+        return ""
+
+    def attach_functions(self, model: Any) -> int:
+        conv_op.attach_functions(model)
+        return len(self.onnx_nodes(model))

@@ -163,6 +163,7 @@ float activate_scalar(float v, Activation act) {
       const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
       return 0.5f * v * (1.0f + std::tanh(u));
     }
+    case Activation::kRelu: return v > 0.0f ? v : (v == v ? 0.0f : v);  // NaN stays NaN
     default: return v;
   }
 }

@@ -68,7 +68,7 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
 // Runs `fn(data, i)` for i in [0, total), possibly in parallel. Provided by the caller (ORT glue).
 using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size_t total, void* data);
 
-enum class Activation { kNone = 0, kGelu = 1, kGeluTanh = 2 };
+enum class Activation { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 // What is applied to X @ W^T as each output tile is stored, Z = act(X @ W^T + bias) + residual,
 // then, when ln_scale is set, over each finished row: Y = LayerNorm(Z) * ln_scale + ln_bias.
@@ -133,5 +133,33 @@ std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, Packed
 // Y[M, N] as above. With `raw` set, writes acc (int32 [M, N]) there and leaves Y alone (tests).
 void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                               Isa isa, ParallelFor parallel_for, void* runner_state, int32_t* raw = nullptr);
+
+// ------------------------------------------------------------------------------------------------
+// Convolution (block_sparse_conv.cc). The weight [N, C, kh, kw] is the matrix [N, K = C*kh*kw]
+// (channel-major, then kernel row and column: F.unfold's order), packed as PackedWeight. The input
+// is padded and split by stride phase once per call, into planes where every kernel tap of a
+// stride-1 grid of output pixels is one contiguous run: output pixel (oy, ox) of tap (c, ky, kx)
+// reads phase ((ky*dh) % sh, (kx*dw) % sw) of channel c at (oy + ky*dh / sh, ox + kx*dw / sw).
+// The lanes run over output pixels (a row of Y in NCHW), each kept weight is one broadcast.
+struct ConvGeometry {
+  int64_t kh = 1, kw = 1;              // kernel
+  int64_t sh = 1, sw = 1;              // strides
+  int64_t pt = 0, pl = 0, pb = 0, pr = 0;  // pads: top, left, bottom, right (ONNX's begin/end order)
+  int64_t dh = 1, dw = 1;              // dilations
+};
+
+constexpr int64_t kMaxKernel = 1024;      // kh, kw, strides and dilations up to this
+constexpr int64_t kMaxPad = int64_t(1) << 20;
+
+// Why the geometry cannot describe a weight of K columns ('' when it can).
+std::string check_conv_geometry(const ConvGeometry& g, int64_t K);
+// The output size for an input [B, C, H, W]; an error message when the input does not fit (C is not
+// K / (kh*kw), the padded input is smaller than the dilated kernel, a size too large).
+std::string conv_output_size(const ConvGeometry& g, int64_t K, int64_t B, int64_t C, int64_t H, int64_t W,
+                             int64_t& Ho, int64_t& Wo);
+// Y [B, N, Ho, Wo] = act(conv2d(X [B, C, H, W], W) + bias), act none or relu.
+void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const float* x, int64_t B, int64_t H,
+                         int64_t W, const float* bias, Activation act, float* y, Isa isa, ParallelFor parallel_for,
+                         void* runner_state);
 
 }  // namespace sparsec

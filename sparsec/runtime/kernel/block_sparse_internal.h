@@ -161,6 +161,7 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_tanh512(__m512 v) {
 SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
   if (act == Activation::kGelu) return gelu512(v);
   if (act == Activation::kGeluTanh) return gelu_tanh512(v);
+  if (act == Activation::kRelu) return _mm512_max_ps(_mm512_setzero_ps(), v);  // max(0, NaN) = NaN: the 2nd operand
   return v;
 }
 #endif  // SPARSEC_X86

@@ -1,7 +1,8 @@
-// onnxruntime custom-op library: domain "sparsec", op "BlockSparseLinear" (opset 1).
+// onnxruntime custom-op library: domain "sparsec", ops "BlockSparseLinear" and "BlockSparseConv"
+// (opset 1).
 //
-// Inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales are given);
-// 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
+// BlockSparseLinear inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales
+// are given); 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
 // 5 scales float [R, S] (optional); 6 residual float, Y's shape (optional); 7 ln_scale float [N]
 // and 8 ln_bias float [N] (optional). Attributes N, K, activation (string, optional: "gelu" |
 // "gelu_tanh"), epsilon (float, optional, default 1e-5), compute (string, optional: "fp32" |
@@ -9,6 +10,11 @@
 // Z = activation(X @ W^T + bias) + residual, or LayerNorm(Z) * ln_scale + ln_bias with ln_scale.
 // compute = "int8": values int8 and scales float [N] (one per output row); X is quantized per row
 // inside the kernel and the products are summed in int32 (block_sparse.h, block_sparse_int8.cc).
+//
+// BlockSparseConv inputs: 0 X float [B, C, H, W]; 1-3 and 5 as above, for the weight as the matrix
+// [N, K = C*kh*kw]; 4 bias float [N] (optional). Attributes N, K, kernel_shape [kh, kw], strides,
+// pads [top, left, bottom, right], dilations (ONNX Conv's, optional), activation (optional:
+// "relu"). Output Y float [B, N, Ho, Wo] = activation(conv2d(X, W) + bias) (block_sparse_conv.cc).
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -30,7 +36,10 @@ namespace {
 constexpr uint32_t kMinApi = 16;          // CreateKernelV2 / KernelComputeV2
 constexpr uint32_t kParallelForApi = 17;  // KernelContext_ParallelFor
 constexpr const char* kDomain = "sparsec";
-constexpr const char* kOpName = "BlockSparseLinear";
+constexpr const char* kLinearName = "BlockSparseLinear";
+constexpr const char* kConvName = "BlockSparseConv";
+// The op whose kernel this thread is creating or running: names it in error messages.
+thread_local const char* t_op_name = kLinearName;
 
 enum Input : size_t {
   kX = 0, kValues, kBlockCols, kRowNnz, kBias, kScales, kResidual, kLnScale, kLnBias, kNumInputs
@@ -46,7 +55,7 @@ uint32_t g_api_version = 0;
   } while (0)
 
 OrtStatus* fail(const std::string& message) {
-  return g_ort->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(kOpName) + ": " + message).c_str());
+  return g_ort->CreateStatus(ORT_INVALID_ARGUMENT, (std::string(t_op_name) + ": " + message).c_str());
 }
 
 struct TensorView {
@@ -145,8 +154,64 @@ struct Kernel {
   float epsilon = 1e-5f;
   sparsec::Isa isa = sparsec::Isa::kScalar;
   bool int8_compute = false;
+  bool conv = false;                 // BlockSparseConv
+  sparsec::ConvGeometry geometry;    // (conv)
   std::unique_ptr<Weight> constant;  // packed once when the weights are initializers
 };
+
+// Sets t_op_name for the scope of one call into the library.
+struct OpScope {
+  explicit OpScope(bool conv) { t_op_name = conv ? kConvName : kLinearName; }
+};
+
+// An optional ints attribute of exactly `n` values: `out` keeps its defaults when absent.
+OrtStatus* ints_attribute(const OrtKernelInfo* info, const char* attr, size_t n, int64_t* out) {
+  size_t size = 0;
+  OrtStatus* status = g_ort->KernelInfoGetAttributeArray_int64(info, attr, nullptr, &size);
+  if (status != nullptr) {  // absent
+    g_ort->ReleaseStatus(status);
+    return nullptr;
+  }
+  if (size != n) {
+    return fail("attribute " + std::string(attr) + " must have " + std::to_string(n) + " values, got " +
+                std::to_string(size));
+  }
+  std::vector<int64_t> values(size);
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttributeArray_int64(info, attr, values.data(), &size));
+  std::copy(values.begin(), values.end(), out);
+  return nullptr;
+}
+
+OrtStatus* string_attribute(const OrtKernelInfo* info, const char* attr, const char* fallback, std::string& out);
+
+// BlockSparseConv's geometry (kernel_shape is required) and activation ("relu" or none).
+OrtStatus* read_conv(const OrtKernelInfo* info, Kernel& k) {
+  int64_t kernel[2] = {0, 0}, strides[2] = {1, 1}, pads[4] = {0, 0, 0, 0}, dilations[2] = {1, 1};
+  size_t size = 0;
+  OrtStatus* status = g_ort->KernelInfoGetAttributeArray_int64(info, "kernel_shape", nullptr, &size);
+  if (status != nullptr) {
+    g_ort->ReleaseStatus(status);
+    return fail("attribute kernel_shape [kh, kw] is required");
+  }
+  SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "kernel_shape", 2, kernel));
+  SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "strides", 2, strides));
+  SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "pads", 4, pads));
+  SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "dilations", 2, dilations));
+  sparsec::ConvGeometry& g = k.geometry;
+  g.kh = kernel[0], g.kw = kernel[1], g.sh = strides[0], g.sw = strides[1];
+  g.pt = pads[0], g.pl = pads[1], g.pb = pads[2], g.pr = pads[3];
+  g.dh = dilations[0], g.dw = dilations[1];
+  const std::string error = sparsec::check_conv_geometry(g, k.K);
+  if (!error.empty()) return fail(error);
+  std::string act;
+  SPARSEC_RETURN_IF_ERROR(string_attribute(info, "activation", "", act));
+  if (act == "relu") {
+    k.act = sparsec::Activation::kRelu;
+  } else if (!act.empty() && act != "none") {
+    return fail("unknown activation \"" + act + "\" (allowed: relu)");
+  }
+  return nullptr;
+}
 
 // The weight inputs when they are all constant initializers, else false (they are packed per call).
 bool constant_weight_inputs(const OrtKernelInfo* info, const OrtValue** inputs) {
@@ -213,16 +278,24 @@ OrtStatus* read_activation(const OrtKernelInfo* info, sparsec::Activation& act) 
   return nullptr;
 }
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+bool is_conv(const OrtCustomOp* op) { return std::string(op->GetName(op)) == kConvName; }
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  const OpScope scope(is_conv(op));
   try {
     auto k = std::make_unique<Kernel>();
+    k->conv = is_conv(op);
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "N", &k->N));
     SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfoGetAttribute_int64(info, "K", &k->K));
     if (k->N <= 0 || k->K <= 0 || k->N > sparsec::kMaxDim || k->K > sparsec::kMaxDim) {
       return fail("attributes N and K must be in [1, 2^40], got N=" + std::to_string(k->N) + ", K=" +
                   std::to_string(k->K));
     }
-    SPARSEC_RETURN_IF_ERROR(read_activation(info, k->act));
+    if (k->conv) {
+      SPARSEC_RETURN_IF_ERROR(read_conv(info, *k));
+    } else {
+      SPARSEC_RETURN_IF_ERROR(read_activation(info, k->act));
+    }
     OrtStatus* eps = g_ort->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon);
     if (eps != nullptr) g_ort->ReleaseStatus(eps);  // absent: the default
     if (!(k->epsilon >= 0.0f) || k->epsilon > 1.0f) return fail("attribute epsilon must be in [0, 1]");
@@ -232,6 +305,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
       return fail("unknown compute \"" + compute_mode + "\" (allowed: fp32, int8)");
     }
     k->int8_compute = compute_mode == "int8";
+    if (k->conv && k->int8_compute) return fail("compute=int8 is not supported (int8 values are dequantized)");
     k->isa = k->int8_compute ? sparsec::select_isa_int8() : sparsec::select_isa();
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
@@ -241,7 +315,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
-    return g_ort->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": " + e.what()).c_str());
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(t_op_name) + ": " + e.what()).c_str());
   }
 }
 
@@ -269,6 +343,41 @@ OrtStatus* vector_input(const OrtValue* value, const char* name, int64_t N, cons
   return nullptr;
 }
 
+// The weight of a call: packed at session creation, or now when the weight inputs are not constants.
+OrtStatus* call_weight(const Kernel& k, const OrtValue* const* inputs, const Weight*& weight,
+                       std::unique_ptr<Weight>& per_call) {
+  weight = k.constant.get();
+  if (weight == nullptr) {
+    per_call = std::make_unique<Weight>();
+    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, k.int8_compute, *per_call));
+    weight = per_call.get();
+  }
+  return nullptr;
+}
+
+OrtStatus* compute_conv(const Kernel& k, const OrtValue* const* inputs, const TensorView& x,
+                        OrtKernelContext* context) {
+  if (x.shape.size() != 4) return fail("X must be [B, C, H, W], got " + shape_str(x.shape));
+  int64_t Ho = 0, Wo = 0;
+  const std::string error =
+      sparsec::conv_output_size(k.geometry, k.K, x.shape[0], x.shape[1], x.shape[2], x.shape[3], Ho, Wo);
+  if (!error.empty()) return fail(error + " (X " + shape_str(x.shape) + ")");
+  const Weight* weight = nullptr;
+  std::unique_ptr<Weight> per_call;
+  SPARSEC_RETURN_IF_ERROR(call_weight(k, inputs, weight, per_call));
+  const float* bias = nullptr;
+  SPARSEC_RETURN_IF_ERROR(vector_input(inputs[kBias], "bias", k.N, bias));
+  const std::vector<int64_t> y_shape{x.shape[0], k.N, Ho, Wo};
+  OrtValue* y_value = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
+  if (x.shape[0] == 0) return nullptr;
+  void* y = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
+  sparsec::block_sparse_conv2d(weight->fp32, k.geometry, static_cast<const float*>(x.data), x.shape[0], x.shape[2],
+                               x.shape[3], bias, k.act, static_cast<float*>(y), k.isa, ort_parallel_for, context);
+  return nullptr;
+}
+
 OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   size_t count = 0;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInputCount(context, &count));
@@ -280,17 +389,14 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
   TensorView x;
   SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kX], x));
   if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return fail("X must be float32");
+  if (k.conv) return compute_conv(k, inputs, x, context);
   if (x.shape.empty() || x.shape.back() != k.K) {
     return fail("X must be [..., K=" + std::to_string(k.K) + "], got " + shape_str(x.shape));
   }
 
-  const Weight* weight = k.constant.get();
+  const Weight* weight = nullptr;
   std::unique_ptr<Weight> per_call;
-  if (weight == nullptr) {
-    per_call = std::make_unique<Weight>();
-    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, k.int8_compute, *per_call));
-    weight = per_call.get();
-  }
+  SPARSEC_RETURN_IF_ERROR(call_weight(k, inputs, weight, per_call));
 
   sparsec::Epilogue epilogue;
   epilogue.act = k.act;
@@ -328,16 +434,18 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
 }
 
 OrtStatus* ORT_API_CALL compute_kernel(void* kernel, OrtKernelContext* context) {
+  const OpScope scope(static_cast<const Kernel*>(kernel)->conv);
   try {
     return compute(*static_cast<const Kernel*>(kernel), context);
   } catch (const std::exception& e) {
-    return g_ort->CreateStatus(ORT_FAIL, (std::string(kOpName) + ": " + e.what()).c_str());
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(t_op_name) + ": " + e.what()).c_str());
   }
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+const char* ORT_API_CALL linear_name(const OrtCustomOp*) { return kLinearName; }
+const char* ORT_API_CALL conv_name(const OrtCustomOp*) { return kConvName; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return nullptr; }  // CPU
 
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t index) {
@@ -348,7 +456,8 @@ ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t ind
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 }
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return kNumInputs; }
+size_t ORT_API_CALL linear_inputs(const OrtCustomOp*) { return kNumInputs; }
+size_t ORT_API_CALL conv_inputs(const OrtCustomOp*) { return kScales + 1; }
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -371,13 +480,13 @@ size_t ORT_API_CALL no_index_map(int** input_index, int** output_index) {
 }
 void ORT_API_CALL release_index_map(int*, int*) {}
 
-OrtCustomOp make_op() {
+OrtCustomOp make_op(bool conv) {
   OrtCustomOp op{};
   op.version = std::min<uint32_t>(ORT_API_VERSION, g_api_version);
-  op.GetName = op_name;
+  op.GetName = conv ? conv_name : linear_name;
   op.GetExecutionProviderType = op_provider;
   op.GetInputType = input_type;
-  op.GetInputTypeCount = input_count;
+  op.GetInputTypeCount = conv ? conv_inputs : linear_inputs;
   op.GetOutputType = output_type;
   op.GetOutputTypeCount = output_count;
   op.KernelDestroy = destroy_kernel;
@@ -424,11 +533,13 @@ SPARSEC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
     if (oldest == nullptr) return nullptr;
     return oldest->CreateStatus(ORT_FAIL, "sparsec kernel needs onnxruntime API version >= 16 (onnxruntime 1.16)");
   }
-  static OrtCustomOp op = make_op();
+  static OrtCustomOp linear = make_op(false);
+  static OrtCustomOp conv = make_op(true);
   // The domain must outlive every session built from these options; it is deliberately never freed.
   OrtCustomOpDomain* domain = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->CreateCustomOpDomain(kDomain, &domain));
-  SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &op));
+  SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &linear));
+  SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &conv));
   return g_ort->AddCustomOpDomain(options, domain);
 }
 
