@@ -14,7 +14,9 @@ density and blocks. `conv3x3`, `conv1x1`, `conv1x1_up`, `conv3x3_s2`, `conv3x3_d
 `conv7x7_stem`: ResNet-50-shaped convolutions at batch 1 (64->64 3x3, 256->64 and 64->256 1x1 on
 56x56, 128->128 3x3 stride 2 on 56x56, 256->256 3x3 on 14x14, the 3->64 7x7 stride-2 stem on
 224x224), lowered as BlockSparseConv (sparsec.lowering.targets.conv; on stock onnxruntime its
-function body runs onnxruntime's own Conv on the weight rebuilt at load).
+function body runs onnxruntime's own Conv on the weight rebuilt at load). `resnet50`: Hugging Face's
+ResNet-50 (the default ResNetConfig, random weights) at batch 1, 224x224, every convolution pruned
+the same way (BatchNormalization and Relu fold into the sparse nodes).
 
 Every measurement is a fresh process that loads one file into one session, warms up, and times
 `--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every
@@ -61,6 +63,11 @@ def build(kind: str):
     if kind == "linear":
         model = torch.nn.Sequential(torch.nn.Linear(768, 3072)).eval()
         return model, (torch.randn(128, 768, generator=torch.Generator().manual_seed(1)),), {}
+    if kind == "resnet50":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        model = ResNetForImageClassification(ResNetConfig()).eval()   # the default config is ResNet-50
+        return model, (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)),), {}
     from transformers import BertConfig, BertModel
 
     model = BertModel(BertConfig()).eval()
@@ -78,7 +85,8 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     from sparsec.export.options import ExportError
 
     model, args, kwargs = build(kind)
-    targets = ["0.weight"] if kind == "linear" or kind in CONVS else ["encoder.layer.*.weight"]
+    targets = (["0.weight"] if kind == "linear" or kind in CONVS else ["*convolution.weight"] if kind == "resnet50"
+               else ["encoder.layer.*.weight"])
     spec = {"prune": [{"targets": targets, "method": "magnitude", "density": density, "scope": "local",
                        "block": list(block)}]}
     prog = sparsec.compile(model, spec, args, kwargs)
@@ -133,7 +141,7 @@ def measure(engine: str, file: Path, runtime: str, out: Path, args: argparse.Nam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("bert", "linear", *CONVS), default="bert")
+    parser.add_argument("--model", choices=("bert", "linear", "resnet50", *CONVS), default="bert")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -339,8 +339,9 @@ CONVS = [  # (batch, C, H, W, O, kernel, stride, pads, dilation, block)
 ]
 
 
-def conv_model(case, fed: bool, seed: int = 0, edit: Callable[[dict], None] | None = None):
-    """A one-node BlockSparseConv model, its feeds and the expected output (None for `edit`ed ones)."""
+def conv_model(case, fed: bool, seed: int = 0, edit: Callable[[dict], None] | None = None, residual: bool = False):
+    """A one-node BlockSparseConv model, its feeds and the expected output (None for `edit`ed ones);
+    `residual`: a residual input and the ReLU epilogue, relu(conv + bias + residual)."""
     import torch
 
     b, c, h, w, o, (kh, kw), (sh, sw), pads, (dh, dw), block = case
@@ -356,9 +357,14 @@ def conv_model(case, fed: bool, seed: int = 0, edit: Callable[[dict], None] | No
     if edit is not None:
         edit(spec)
     arrays, attrs, x = spec["arrays"], spec["attrs"], spec["x"]
-    node = helper.make_node("BlockSparseConv", ["x", "v", "c", "r", "bias"], ["y"], domain="sparsec", **attrs)
+    names = ["x", "v", "c", "r", "bias"] + (["", "res"] if residual else [])
+    if residual:
+        attrs = {**attrs, "activation": "relu"}
+    node = helper.make_node("BlockSparseConv", names, ["y"], domain="sparsec", **attrs)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
     inits, feeds = [], {"x": x}
+    if residual:
+        inputs.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, None))
     for name, value in arrays.items():
         if fed:
             inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None))
@@ -376,6 +382,9 @@ def conv_model(case, fed: bool, seed: int = 0, edit: Callable[[dict], None] | No
         padded = torch.nn.functional.pad(torch.from_numpy(x), (pads[1], pads[3], pads[0], pads[2]))
         expected = torch.nn.functional.conv2d(padded, dense.reshape(o, c, kh, kw), torch.from_numpy(arrays["bias"]),
                                               (sh, sw), 0, (dh, dw)).numpy()
+        if residual:
+            feeds["res"] = rng.standard_normal(expected.shape).astype(np.float32)
+            expected = np.maximum(expected + feeds["res"], 0)
     return model, feeds, expected
 
 
@@ -410,12 +419,13 @@ def conv_cases(isa: str | None, failures: list[str]) -> int:
         return count
     os.environ["SPARSEC_KERNEL_ISA"] = isa
     for i, case in enumerate(CONVS):
-        for fed in (False, True):
+        for fed, residual in ((False, False), (True, False), (False, True)):
             for threads in (1, 2):
-                model, feeds, expected = conv_model(case, fed, seed=i)
+                model, feeds, expected = conv_model(case, fed, seed=i, residual=residual)
                 got = conv_session_run(model, feeds, threads)
                 if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
-                    failures.append(f"valid conv {case} fed={fed} threads={threads} isa={isa}: wrong result")
+                    failures.append(f"valid conv {case} fed={fed} residual={residual} threads={threads} isa={isa}: "
+                                    "wrong result")
                 count += 1
     return count
 

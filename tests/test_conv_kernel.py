@@ -1,8 +1,9 @@
 """sparsec's convolution kernel (sparsec/runtime/kernel/block_sparse_conv.cc) and the BlockSparseConv
 function body, one node at a time: against PyTorch's conv2d of the same masked weight on every
 instruction set, for strides, paddings (asymmetric too), dilations, 1x1 and 7x7 kernels, every
-block height (the tiles of 1 to 6 channels), odd image sizes, batches; the ReLU epilogue; where a
-NaN pixel lands; and the node's validation (attributes at session creation, X at each call)."""
+block height (the tiles of 1 to 6 channels), odd image sizes, batches; the residual and ReLU
+epilogue; where a NaN pixel lands; and the node's validation (attributes at session creation, X
+and the residual at each call)."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,24 +51,32 @@ def _torch_conv(x, dense, bias, geometry, relu=False):
 
 
 def _run(model, x, isa=None, monkeypatch=None, stock=False):
+    """The model's output on x (an array for input "x", or a dict of feeds)."""
     if stock:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     else:
         if isa is not None:
             monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
         session = runtime.session(model.SerializeToString(), threads=2)
-    return session.run(None, {"x": x})[0]
+    return session.run(None, x if isinstance(x, dict) else {"x": x})[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[5][0]}x{c[5][1]}s{c[6][0]}b{c[9][0]}x{c[9][1]}" for c in CASES])
 @pytest.mark.parametrize("engine", ["avx512", "avx2", "scalar", "stock"])
 def test_the_node_computes_pytorchs_convolution(case, engine, monkeypatch):
     packed, dense, geometry, x, bias = _case(case)
-    for with_bias, relu in ((True, False), (False, True)):
+    for with_bias, relu, residual in ((True, False, False), (False, True, False), (True, True, True)):
         b = bias if with_bias else None
-        model = conv_op.single_layer_model(packed, geometry, ["b", "c", "h", "w"], b, activation="relu" if relu else "")
-        expected = _torch_conv(x, dense, b, geometry, relu)
-        got = _run(model, x, None if engine == "stock" else engine, monkeypatch, stock=engine == "stock")
+        model = conv_op.single_layer_model(packed, geometry, ["b", "c", "h", "w"], b, activation="relu" if relu else "",
+                                           residual=residual)
+        expected = _torch_conv(x, dense, b, geometry)
+        feeds = {"x": x}
+        if residual:   # added before the activation
+            feeds["r"] = np.random.default_rng(5).standard_normal(expected.shape).astype(np.float32)
+            expected = expected + feeds["r"]
+        if relu:
+            expected = np.maximum(expected, 0)
+        got = _run(model, feeds, None if engine == "stock" else engine, monkeypatch, stock=engine == "stock")
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
 
@@ -170,3 +179,11 @@ def test_an_image_smaller_than_the_dilated_kernel_fails_at_the_call():
     session = runtime.session(_node_model(pads=[0, 0, 0, 0], dilations=[2, 2]))
     with pytest.raises(Exception, match="the padded input 4x9 is smaller than the dilated kernel 5x5"):
         session.run(None, {"x": np.ones((1, 8, 4, 9), np.float32)})
+
+
+def test_a_residual_of_another_shape_fails_at_the_call():
+    packed, dense, geometry, x, bias = _case(CASES[0])
+    session = runtime.session(conv_op.single_layer_model(packed, geometry, list(x.shape), bias,
+                                                         residual=True).SerializeToString())
+    with pytest.raises(Exception, match="BlockSparseConv: residual must be float \\[2, 10, 5, 7\\]"):
+        session.run(None, {"x": x, "r": np.zeros((2, 10, 5, 6), np.float32)})

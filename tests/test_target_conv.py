@@ -110,36 +110,42 @@ def test_a_convolution_is_timed_on_its_own_geometry_and_image(monkeypatch, tmp_p
     assert len(list((tmp_path / "cost").glob("*.json"))) == 1
 
 
-class ConvBnRelu(torch.nn.Module):
+class ResidualBlock(torch.nn.Module):
+    """conv-bn-relu, conv-bn + shortcut, relu (a ResNet basic block), then a 1x1 head."""
+
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
         self.bn = torch.nn.BatchNorm2d(32)
+        self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(32)
         self.head = torch.nn.Conv2d(32, 32, 1)
 
     def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))))
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(torch.relu(self.bn2(self.conv2(h)) + h))
 
 
-def test_batch_norm_and_relu_fold_into_the_node(tmp_path):
+def test_batch_norm_residual_and_relu_fold_into_the_node(tmp_path):
     import onnx
 
     torch.manual_seed(0)
-    model = ConvBnRelu()
+    model = ResidualBlock()
     with torch.no_grad():   # statistics that are not the identity
-        model.bn.running_mean.uniform_(-1, 1)
-        model.bn.running_var.uniform_(0.5, 2)
-        model.bn.weight.uniform_(0.5, 1.5)
-        model.bn.bias.uniform_(-1, 1)
-    spec = {"prune": [{"targets": ["conv.weight", "head.weight"], "method": "magnitude", "density": 0.25,
-                       "block": [8, 8]}]}
+        for bn in (model.bn, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    spec = {"prune": [{"targets": ["conv.weight", "conv2.weight", "head.weight"], "method": "magnitude",
+                       "density": 0.25, "block": [8, 8]}]}
     prog = sparsec.compile(model.eval(), spec, (torch.randn(2, 16, 12, 12),)).eval()
     result = prog.export_onnx(tmp_path / "m.onnx", policy="always")
     assert result.checks and all(check.error < 1e-5 for check in result.checks)
     nodes = onnx.load(tmp_path / "m.onnx").graph.node
-    assert [n.op_type for n in nodes if n.domain in ("", "ai.onnx") and n.op_type in ("BatchNormalization", "Relu")] == []
+    assert [n.op_type for n in nodes if n.domain in ("", "ai.onnx") and n.op_type != "Gather"] == []
     convs = [n for n in nodes if n.op_type == "BlockSparseConv"]
-    assert [n.overload for n in convs] == ["conv_fp32_bias_relu", "conv_fp32_bias"]
+    assert [n.overload for n in convs] == ["conv_fp32_bias_relu", "conv_fp32_bias_residual_relu", "conv_fp32_bias"]
     x = torch.randn(3, 16, 9, 13)
     with torch.no_grad():
         expected = prog.finalize()(x).numpy()

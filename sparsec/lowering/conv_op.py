@@ -7,17 +7,21 @@ then kernel row and column) in the padded blocked-ELL layout of sparsec.lowering
     inputs   0 X float [B, C, H, W]     1 values float [R, S, BR, BC] (int8 with scales)
              2 block_cols int64 [R, S]  3 row_nnz int64 [R]
              4 bias float [N] (optional, "" when absent)   5 scales float [R, S] (optional: int8
-             values, dequantized; the arithmetic is fp32)
+             values, dequantized; the arithmetic is fp32)   6 residual float [B, N, Ho, Wo] (optional)
     attrs    N, K (ints); kernel_shape [kh, kw]; strides [sh, sw]; pads [top, left, bottom, right];
              dilations [dh, dw] (ONNX Conv's); activation (string, optional): "relu"
-    output   Y float [B, N, Ho, Wo] = activation(conv2d(X, W) + bias)
+    output   Y float [B, N, Ho, Wo] = activation(conv2d(X, W) + bias + residual)
+
+The residual comes before the activation, as a ResNet block ends: relu(bn(conv(x)) + shortcut)
+(BlockSparseLinear's epilogue adds it after). The fuse_epilogues pass folds the BatchNormalization,
+the residual Add and the Relu into the node.
 
 sparsec's kernel computes it directly on the image (sparsec/runtime/kernel/block_sparse_conv.cc).
 The function body, for stock onnxruntime, scatters the blocks back into the dense weight with a
 one-hot MatMul (block_cols == column index, so padding slots, whose values are zero, add nothing)
 and runs onnxruntime's own Conv; every input of the scatter is a constant, so onnxruntime folds it
 when the session loads: the file stays small and the model runs exactly as fast as the dense one.
-One overload per variant: "conv_" + fp32|int8 + "_bias"? + "_relu"?.
+One overload per variant: "conv_" + fp32|int8 + "_bias"? + "_residual"? + "_relu"?.
 
 Non-finite inputs: the kernel skips pruned weights, so a NaN or Inf pixel reaches only the outputs
 of its kept weights; the function body's dense Conv multiplies it by the zeros too (NaN everywhere
@@ -43,7 +47,7 @@ from sparsec.lowering.torch_op import _gathered_product, dequantize
 
 OP = "BlockSparseConv"
 OP_NAME = "sparsec::block_sparse_conv2d"
-INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales")
+INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual")
 ACTIVATIONS = ("relu",)
 # geometry = [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw]
 GEOMETRY = ("kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw")
@@ -103,18 +107,19 @@ class Variant:
     int8: bool = False
     bias: bool = False
     relu: bool = False
+    residual: bool = False
 
     @property
     def overload(self) -> str:
         return "conv_" + ("int8" if self.int8 else "fp32") + ("_bias" if self.bias else "") + \
-            ("_relu" if self.relu else "")
+            ("_residual" if self.residual else "") + ("_relu" if self.relu else "")
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        match = re.fullmatch(r"conv_(fp32|int8)(_bias)?(_relu)?", name)
+        match = re.fullmatch(r"conv_(fp32|int8)(_bias)?(_residual)?(_relu)?", name)
         if match is None:
             raise ValueError(f"unknown {OP} overload {name!r}")
-        return cls(match[1] == "int8", bool(match[2]), bool(match[3]))
+        return cls(match[1] == "int8", bool(match[2]), bool(match[4]), bool(match[3]))
 
     @classmethod
     def of(cls, node: ir.Node) -> "Variant":
@@ -123,10 +128,12 @@ class Variant:
         activation = attr.as_string() if attr is not None else ""
         if activation not in ("", "none", *ACTIVATIONS):
             raise ValueError(f"unknown {OP} activation {activation!r} (allowed: relu)")
-        return cls(present[5], present[4], activation == "relu")
+        return cls(present[5], present[4], activation == "relu", present[6])
 
     def inputs(self) -> list[str]:
-        return list(INPUTS[:6 if self.int8 else 5 if self.bias else 4])
+        """The function's formal inputs: positional, so earlier optional slots stay ("" when absent)."""
+        used = [True] * 4 + [self.bias, self.int8, self.residual]
+        return list(INPUTS[:max(i for i, u in enumerate(used) if u) + 1])
 
 
 def _ref(node: onnx.NodeProto, name: str, kind: int, ref: str) -> None:
@@ -172,17 +179,20 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     zeros = op("Constant", value_ints=[0, 0])
     dense = op("Slice", dense, zeros, op("Concat", n, k, axis=0), op("Constant", value_ints=[0, 1]))
     dense = op("Reshape", dense, op("Concat", n, minus_one, attr_ints("kernel_shape"), axis=0))  # [N, C, kh, kw]
-    conv = helper.make_node("Conv", ["X", dense] + (["bias"] if variant.bias else []),
-                            ["Y" if not variant.relu else "conv_out"])
+    conv = helper.make_node("Conv", ["X", dense] + (["bias"] if variant.bias else []), ["conv_out"])
     for name in ("strides", "pads", "dilations"):
         _ref(conv, name, AttributeProto.INTS, name)
     nodes.append(conv)
+    y = "conv_out"
+    if variant.residual:
+        y = op("Add", y, "residual")
     if variant.relu:
-        nodes.append(helper.make_node("Relu", ["conv_out"], ["Y"]))
+        y = op("Relu", y)
+    nodes[-1].output[0] = "Y"  # the last node computed y
     attributes = ["N", "K", "kernel_shape", "strides", "pads", "dilations"] + (["activation"] if variant.relu else [])
     fn = helper.make_function(DOMAIN, OP, variant.inputs(), ["Y"], nodes, [helper.make_opsetid("", opset)],
                               attributes=attributes,
-                              doc_string=f"{OP} ({variant.overload}): Y = act(conv2d(X, W) + bias), W [N, C*kh*kw] "
+                              doc_string=f"{OP} ({variant.overload}): Y = act(conv2d(X, W) + bias + residual), W [N, C*kh*kw] "
                                          "in padded blocked-ELL, rebuilt dense (constant-folded)")
     fn.overload = variant.overload
     return fn
@@ -195,10 +205,10 @@ def geometry_attributes(geometry: list[int] | tuple[int, ...]) -> dict[str, list
 
 def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n: int, k: int,
               geometry: list[int] | tuple[int, ...], *, bias: str | None = None, scales: str | None = None,
-              activation: str = "", name: str | None = None) -> onnx.NodeProto:
+              activation: str = "", residual: str | None = None, name: str | None = None) -> onnx.NodeProto:
     """A BlockSparseConv node; its overload follows from which optional inputs are given."""
-    variant = Variant(bool(scales), bool(bias), activation == "relu")
-    inputs = [x, values, block_cols, row_nnz, bias or "", scales or ""][:len(variant.inputs())]
+    variant = Variant(bool(scales), bool(bias), activation == "relu", bool(residual))
+    inputs = [x, values, block_cols, row_nnz, bias or "", scales or "", residual or ""][:len(variant.inputs())]
     attrs: dict[str, Any] = geometry_attributes(geometry)
     if activation:
         attrs["activation"] = activation
@@ -281,19 +291,22 @@ def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0
 
 # ------------------------------------------------------------------------------ one-node models
 def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], image: tuple[int, ...] | list[int],
-           name: str) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(image))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+           name: str, residual: bool = False) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(image))]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, name, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="sparsec")
     model.ir_version = IR_VERSION
     return model
 
 
 def single_layer_model(packed: PackedBlocks, geometry: list[int] | tuple[int, ...], image: tuple[int, ...] | list[int],
-                       bias: np.ndarray | None = None, *, activation: str = "", compact: bool = True,
-                       name: str = "block_sparse_conv") -> onnx.ModelProto:
+                       bias: np.ndarray | None = None, *, activation: str = "", residual: bool = False,
+                       compact: bool = True, name: str = "block_sparse_conv") -> onnx.ModelProto:
     """y = BlockSparseConv(x), x [B, C, H, W] = `image`, the weight as initializers (values stored
-    without padding slots when `compact`)."""
+    without padding slots when `compact`); `residual`: a second input "r" shaped like y."""
     nodes: list[onnx.NodeProto] = []
     inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
              numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
@@ -308,8 +321,9 @@ def single_layer_model(packed: PackedBlocks, geometry: list[int] | tuple[int, ..
         inits.append(numpy_helper.from_array(packed.scales, "W.scales"))
     node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K, geometry,
                      bias="bias" if bias is not None else None,
-                     scales="W.scales" if packed.scales is not None else None, activation=activation, name=name)
-    return attach_functions(_model([*nodes, node], inits, image, name))
+                     scales="W.scales" if packed.scales is not None else None, activation=activation,
+                     residual="r" if residual else None, name=name)
+    return attach_functions(_model([*nodes, node], inits, image, name, residual))
 
 
 def dense_layer_model(weight: np.ndarray, geometry: list[int] | tuple[int, ...], image: tuple[int, ...] | list[int],

@@ -9,7 +9,9 @@ residual, scale and bias of shape [N], float32 statistics, only its normalised o
 `ln_scale` / `ln_bias` / `epsilon`). Convolutions: `fold_conv_batch_norm` (an inference
 BatchNormalization whose four inputs are constants, into the fp32 blocks and the bias:
 W'[o] = W[o] * s[o], b' = (b - mean) * s + beta, s = gamma / sqrt(var + epsilon), as onnxruntime
-does for its own Conv) and `fold_conv_relu` (a Relu into `activation`). The kernel applies the first two where it stores each output
+does for its own Conv), `fold_conv_residual` (a same-shape Add, before any activation: the node adds
+its residual before the activation, as a ResNet block ends relu(bn(conv(x)) + shortcut)) and
+`fold_conv_relu` (a Relu into `activation`). The kernel applies the first two where it stores each output
 tile and normalises each row once written; the function body does the same in standard ops
 (sparsec.lowering.onnx_op). The node's output must have no other reader; the fused node takes the
 place of what it absorbs, where every input it reads is available.
@@ -132,8 +134,11 @@ def _conv(op, x):
 
 
 def _rebuild_conv(op, node: ir.Node, replaced: ir.Value, inputs: list[ir.Value | None] | None = None,
-                  activation: str = "") -> ir.Value:
+                  activation: str = "", residual: ir.Value | None = None) -> ir.Value:
     inputs = list(node.inputs) if inputs is None else inputs
+    if residual is not None:
+        inputs += [None] * (len(conv_op.INPUTS) - len(inputs))
+        inputs[conv_op.INPUTS.index("residual")] = residual
     while inputs and inputs[-1] is None:
         inputs.pop()
     attrs = {name: a.value for name, a in node.attributes.items()}
@@ -158,6 +163,25 @@ class FoldConvRelu(RewriteRuleClassBase):
         return _rebuild_conv(op, h.producer(), y, activation="relu")
 
 
+class FoldConvResidual(RewriteRuleClassBase):
+    def pattern(self, op, x, r):
+        return op.Add(_conv(op, x), r, _outputs=["y"])
+
+    def check(self, context, x, r, h, y, **_) -> MatchResult:
+        result = MatchResult()
+        variant = conv_op.Variant.of(h.producer())
+        if variant.relu or variant.residual:
+            return result.fail(f"the node already has its activation or residual ({variant.overload})")
+        if r is h:
+            return result.fail("the Add adds the node's output to itself")
+        if not (g.same_shape(r, h) and g.same_shape(r, y)):
+            return result.fail(f"the residual's shape {g.dims(r)} is not provably the output's {g.dims(h)}")
+        return result
+
+    def rewrite(self, op, x, r, h, y, **_):
+        return _rebuild_conv(op, h.producer(), y, residual=r)
+
+
 class FoldConvBatchNorm(RewriteRuleClassBase):
     def pattern(self, op, x, scale, beta, mean, var):
         return op.BatchNormalization(_conv(op, x), scale, beta, mean, var, _allow_other_attributes=True,
@@ -167,8 +191,8 @@ class FoldConvBatchNorm(RewriteRuleClassBase):
         result = MatchResult()
         node, norm = h.producer(), y.producer()
         variant = conv_op.Variant.of(node)
-        if variant.relu:
-            return result.fail("the node already has an activation: the normalisation comes after it")
+        if variant.relu or variant.residual:
+            return result.fail("the node already has an activation or a residual: the normalisation comes after")
         if variant.int8:
             return result.fail("int8 blocks: rescaling their rows would change their quantization")
         if g.attr(norm, "training_mode", 0) or len(norm.outputs) > 1 and any(o.uses() for o in norm.outputs[1:]):
@@ -209,6 +233,7 @@ class FuseEpilogues(RulePass):
              *FoldResidual.rule(name="fold_residual").commute(),
              FoldLayerNorm.rule(name="fold_layer_norm"),
              FoldConvBatchNorm.rule(name="fold_conv_batch_norm"),
+             *FoldConvResidual.rule(name="fold_conv_residual").commute(),
              FoldConvRelu.rule(name="fold_conv_relu"))
 
     def run(self, model: ir.Model) -> PassResult:

@@ -157,9 +157,11 @@ std::string check_conv_geometry(const ConvGeometry& g, int64_t K);
 // K / (kh*kw), the padded input is smaller than the dilated kernel, a size too large).
 std::string conv_output_size(const ConvGeometry& g, int64_t K, int64_t B, int64_t C, int64_t H, int64_t W,
                              int64_t& Ho, int64_t& Wo);
-// Y [B, N, Ho, Wo] = act(conv2d(X [B, C, H, W], W) + bias), act none or relu.
+// Y [B, N, Ho, Wo] = act(conv2d(X [B, C, H, W], W) + bias + residual), act none or relu, bias and
+// residual (shaped like Y) optional. The residual comes before the activation (ResNet's block ends
+// relu(bn(conv(x)) + shortcut)), unlike the linear's epilogue.
 void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const float* x, int64_t B, int64_t H,
-                         int64_t W, const float* bias, Activation act, float* y, Isa isa, ParallelFor parallel_for,
-                         void* runner_state);
+                         int64_t W, const float* bias, const float* residual, Activation act, float* y, Isa isa,
+                         ParallelFor parallel_for, void* runner_state);
 
 }  // namespace sparsec

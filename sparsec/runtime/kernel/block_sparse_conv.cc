@@ -89,6 +89,7 @@ struct ConvJob {
   bool direct;                // Wq == Wo: the grid is Y's plane
   const float* bias;
   Activation act;
+  const float* residual;      // [B][N][Ho * Wo], added before the activation, or null
   float* y;                   // [B][N][Ho * Wo]
   int64_t tiles;              // per image
   int64_t tiles_per_task, chunks;
@@ -96,16 +97,24 @@ struct ConvJob {
   int64_t BR;
 };
 
-// Copies the rows of a tile buffer (MR x kTile, grid pixels q0..q0+npx) into Y, dropping the grid's
-// columns >= Wo.
-void scatter_tile(const ConvJob& job, const float* buf, int64_t mr, float* y0, int64_t q0, int64_t npx) {
+// Copies the rows of a tile buffer (MR x kTile, grid pixels q0..q0+npx; bias added) into Y, dropping
+// the grid's columns >= Wo, and finishes them there: + residual, then the activation.
+void scatter_tile(const ConvJob& job, const float* buf, int64_t mr, float* y0, const float* res0, int64_t q0,
+                  int64_t npx) {
   for (int64_t q = q0; q < q0 + npx;) {
     const int64_t oy = q / job.Wq, ox = q % job.Wq;
     const int64_t run = std::min(job.Wq - ox, q0 + npx - q);
     const int64_t valid = std::min(run, job.Wo - ox);
     if (valid > 0) {
       for (int64_t i = 0; i < mr; ++i) {
-        std::memcpy(y0 + i * job.HoWo + oy * job.Wo + ox, buf + i * kTile + (q - q0), sizeof(float) * valid);
+        float* dst = y0 + i * job.HoWo + oy * job.Wo + ox;
+        std::memcpy(dst, buf + i * kTile + (q - q0), sizeof(float) * valid);
+        if (res0 != nullptr || job.act != Activation::kNone) {
+          const float* res = res0 != nullptr ? res0 + (dst - y0) : nullptr;
+          for (int64_t p = 0; p < valid; ++p) {
+            dst[p] = detail::activate_scalar(res != nullptr ? dst[p] + res[p] : dst[p], job.act);
+          }
+        }
       }
     }
     q += run;
@@ -149,7 +158,8 @@ void plan_stores(const ConvJob& job, int64_t q0, int64_t npx, int64_t L, bool to
   }
 }
 
-// Scalar: the reference the vector tiles follow.
+// Scalar: the reference the vector tiles follow; bias only (scatter_tile adds the residual and
+// applies the activation).
 void tile_scalar(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const float* xb, int64_t npx, float* out,
                  int64_t ldo) {
   const PackedWeight& w = *job.w;
@@ -169,15 +179,12 @@ void tile_scalar(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const fl
       }
     }
   }
-  for (int64_t i = 0; i < mr; ++i) {
-    for (int64_t p = 0; p < npx; ++p) out[i * ldo + p] = detail::activate_scalar(out[i * ldo + p], job.act);
-  }
 }
 
 #if SPARSEC_X86
 template <int MR>
 SPARSEC_AVX512 void tile_avx512(const ConvJob& job, int64_t r, int64_t i0, const float* xb, int64_t npx,
-                                const Seg* seg, float* out, int64_t ldo) {
+                                const Seg* seg, float* out, const float* res, bool finish, int64_t ldo) {
   constexpr int NV = kTile / 16;
   const PackedWeight& w = *job.w;
   __mmask16 mask[NV];
@@ -213,9 +220,13 @@ SPARSEC_AVX512 void tile_avx512(const ConvJob& job, int64_t r, int64_t i0, const
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const __m512 o = detail::activate512(acc[i][v], job.act);
       for (int t = 0; t < seg[v].n; ++t) {
-        _mm512_mask_storeu_ps(out + i * ldo + seg[v].off[t], static_cast<__mmask16>(seg[v].bits[t]), o);
+        const __mmask16 bits = static_cast<__mmask16>(seg[v].bits[t]);
+        const int64_t at = i * ldo + seg[v].off[t];
+        __m512 o = acc[i][v];
+        if (res != nullptr) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(bits, res + at));
+        if (finish) o = detail::activate512(o, job.act);
+        _mm512_mask_storeu_ps(out + at, bits, o);
       }
     }
   }
@@ -229,7 +240,7 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256i lanes8(int64_t n) {
 // AVX2 (16 ymm registers): MR <= 2 output channels x 4 vectors of 8 pixels, the tile in two halves.
 template <int MR>
 SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, const float* xb, int64_t npx,
-                                 const Seg* seg, float* out, int64_t ldo) {
+                                 const Seg* seg, float* out, const float* res, bool finish, int64_t ldo) {
   constexpr int NV = 4;
   const PackedWeight& w = *job.w;
   __m256i mask[NV];
@@ -260,58 +271,65 @@ SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, cons
       }
     }
   }
-  const bool relu = job.act == Activation::kRelu;
+  const bool relu = finish && job.act == Activation::kRelu;
   const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
 #pragma GCC unroll 2
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const __m256 o = relu ? _mm256_max_ps(_mm256_setzero_ps(), acc[i][v]) : acc[i][v];  // NaN stays NaN
       for (int t = 0; t < seg[v].n; ++t) {
         const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(seg[v].bits[t]));
         const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane_bits), lane_bits);
-        _mm256_maskstore_ps(out + i * ldo + seg[v].off[t], m, o);
+        const int64_t at = i * ldo + seg[v].off[t];
+        __m256 o = acc[i][v];
+        if (res != nullptr) o = _mm256_add_ps(o, _mm256_maskload_ps(res + at, m));
+        if (relu) o = _mm256_max_ps(_mm256_setzero_ps(), o);  // NaN stays NaN
+        _mm256_maskstore_ps(out + at, m, o);
       }
     }
   }
 }
 
 void tile_avx2(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const float* xb, int64_t npx, const Seg* seg,
-               float* out, int64_t ldo) {
+               float* out, const float* res, bool finish, int64_t ldo) {
   for (int64_t h = 0; h < kTile && h < npx; h += 32) {
     for (int64_t i = 0; i < mr; i += 2) {
+      const float* res_i = res != nullptr ? res + i * ldo : nullptr;
       if (mr - i >= 2) {
-        half_tile_avx2<2>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, ldo);
+        half_tile_avx2<2>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, res_i, finish, ldo);
       } else {
-        half_tile_avx2<1>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, ldo);
+        half_tile_avx2<1>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, res_i, finish, ldo);
       }
     }
   }
 }
 
 void tile_avx512_any(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const float* xb, int64_t npx,
-                     const Seg* seg, float* out, int64_t ldo) {
+                     const Seg* seg, float* out, const float* res, bool finish, int64_t ldo) {
   switch (mr) {
-    case 1: tile_avx512<1>(job, r, i0, xb, npx, seg, out, ldo); break;
-    case 2: tile_avx512<2>(job, r, i0, xb, npx, seg, out, ldo); break;
-    case 3: tile_avx512<3>(job, r, i0, xb, npx, seg, out, ldo); break;
-    case 4: tile_avx512<4>(job, r, i0, xb, npx, seg, out, ldo); break;
-    case 5: tile_avx512<5>(job, r, i0, xb, npx, seg, out, ldo); break;
-    default: tile_avx512<6>(job, r, i0, xb, npx, seg, out, ldo); break;
+    case 1: tile_avx512<1>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
+    case 2: tile_avx512<2>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
+    case 3: tile_avx512<3>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
+    case 4: tile_avx512<4>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
+    case 5: tile_avx512<5>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
+    default: tile_avx512<6>(job, r, i0, xb, npx, seg, out, res, finish, ldo); break;
   }
 }
 #endif  // SPARSEC_X86
 
-using TileFn = void (*)(const ConvJob&, int64_t, int64_t, int64_t, const float*, int64_t, const Seg*, float*, int64_t);
+// One tile: `out` and `res` are Y's and the residual's planes of the tile's first channel when
+// `finish` (the tile adds the residual and applies the activation as it stores), else `out` is the
+// tile buffer (bias only; scatter_tile finishes).
+using TileFn = void (*)(const ConvJob&, int64_t, int64_t, int64_t, const float*, int64_t, const Seg*, float*,
+                        const float*, bool, int64_t);
 
-// The scalar tile writes contiguous pixels (a tile buffer, or Y when the grid is Y's).
 void tile_scalar_any(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const float* xb, int64_t npx, const Seg*,
-                     float* out, int64_t ldo) {
+                     float* out, const float*, bool, int64_t ldo) {
   tile_scalar(job, r, i0, mr, xb, npx, out, ldo);
 }
 
-// Lanes: 16 (AVX-512) or 8 (AVX2) stores straight into Y when the grid is at least a vector wide,
-// 0 (scalar) only when the grid is Y's; everything else goes through the tile buffer.
+// Lanes: 16 (AVX-512) or 8 (AVX2) stores straight into Y when the grid is Y's or at least a vector
+// wide; the scalar path (0) and narrower grids go through the tile buffer.
 template <TileFn Tile, int64_t Lanes>
 void conv_task(void* data, size_t t) {
   const ConvJob& job = *static_cast<const ConvJob*>(data);
@@ -322,8 +340,9 @@ void conv_task(void* data, size_t t) {
   const int64_t image = static_cast<int64_t>(t) / (groups * job.chunks);
   const float* x = job.planes + image * job.image_stride;
   float* y = job.y + image * w.N * job.HoWo;
+  const float* res = job.residual != nullptr ? job.residual + image * w.N * job.HoWo : nullptr;
   alignas(64) float buf[kMaxMR * kTile];
-  const bool to_y = job.direct || (Lanes > 0 && job.Wq >= Lanes);
+  const bool to_y = Lanes > 0 && (job.direct || job.Wq >= Lanes);
   Seg seg[kTile / 8];
   const int64_t t1 = std::min(job.tiles, (chunk + 1) * job.tiles_per_task);
   for (int64_t tile = chunk * job.tiles_per_task; tile < t1; ++tile) {
@@ -337,11 +356,12 @@ void conv_task(void* data, size_t t) {
       for (int64_t part = 0, i0 = 0; part < parts; ++part) {
         const int64_t mr = rows / parts + (part < rows % parts);
         float* y0 = y + (r * w.BR + i0) * job.HoWo;
+        const float* res0 = res != nullptr ? res + (r * w.BR + i0) * job.HoWo : nullptr;
         if (to_y) {
-          Tile(job, r, i0, mr, x + q0, npx, seg, Lanes > 0 ? y0 : y0 + q0, job.HoWo);
+          Tile(job, r, i0, mr, x + q0, npx, seg, y0, res0, true, job.HoWo);
         } else {
-          Tile(job, r, i0, mr, x + q0, npx, seg, buf, kTile);
-          scatter_tile(job, buf, mr, y0, q0, npx);
+          Tile(job, r, i0, mr, x + q0, npx, seg, buf, nullptr, false, kTile);
+          scatter_tile(job, buf, mr, y0, res0, q0, npx);
         }
         i0 += mr;
       }
@@ -420,8 +440,8 @@ void plane_task(void* data, size_t t) {
 }  // namespace
 
 void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const float* x, int64_t B, int64_t H,
-                         int64_t W, const float* bias, Activation act, float* y, Isa isa, ParallelFor parallel_for,
-                         void* runner_state) {
+                         int64_t W, const float* bias, const float* residual, Activation act, float* y, Isa isa,
+                         ParallelFor parallel_for, void* runner_state) {
   const int64_t C = w.K / (g.kh * g.kw);
   int64_t Ho = 0, Wo = 0;
   if (!conv_output_size(g, w.K, B, C, H, W, Ho, Wo).empty() || B == 0) return;  // the caller checked
@@ -464,6 +484,7 @@ void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const flo
   job.direct = Wq == Wo;
   job.bias = bias;
   job.act = act;
+  job.residual = residual;
   job.y = y;
   job.BR = w.BR;
   const int64_t kept = w.row_start[w.R];

@@ -12,9 +12,10 @@
 // inside the kernel and the products are summed in int32 (block_sparse.h, block_sparse_int8.cc).
 //
 // BlockSparseConv inputs: 0 X float [B, C, H, W]; 1-3 and 5 as above, for the weight as the matrix
-// [N, K = C*kh*kw]; 4 bias float [N] (optional). Attributes N, K, kernel_shape [kh, kw], strides,
-// pads [top, left, bottom, right], dilations (ONNX Conv's, optional), activation (optional:
-// "relu"). Output Y float [B, N, Ho, Wo] = activation(conv2d(X, W) + bias) (block_sparse_conv.cc).
+// [N, K = C*kh*kw]; 4 bias float [N] (optional); 6 residual float [B, N, Ho, Wo] (optional).
+// Attributes N, K, kernel_shape [kh, kw], strides, pads [top, left, bottom, right], dilations (ONNX
+// Conv's, optional), activation (optional: "relu"). Output Y float [B, N, Ho, Wo] =
+// activation(conv2d(X, W) + bias + residual) (block_sparse_conv.cc).
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -368,13 +369,23 @@ OrtStatus* compute_conv(const Kernel& k, const OrtValue* const* inputs, const Te
   const float* bias = nullptr;
   SPARSEC_RETURN_IF_ERROR(vector_input(inputs[kBias], "bias", k.N, bias));
   const std::vector<int64_t> y_shape{x.shape[0], k.N, Ho, Wo};
+  const float* residual = nullptr;
+  if (inputs[kResidual] != nullptr) {
+    TensorView res;
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kResidual], res));
+    if (res.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || res.shape != y_shape) {
+      return fail("residual must be float " + shape_str(y_shape) + " (the output's shape), got " + shape_str(res.shape));
+    }
+    residual = static_cast<const float*>(res.data);
+  }
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   if (x.shape[0] == 0) return nullptr;
   void* y = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
   sparsec::block_sparse_conv2d(weight->fp32, k.geometry, static_cast<const float*>(x.data), x.shape[0], x.shape[2],
-                               x.shape[3], bias, k.act, static_cast<float*>(y), k.isa, ort_parallel_for, context);
+                               x.shape[3], bias, residual, k.act, static_cast<float*>(y), k.isa, ort_parallel_for,
+                               context);
   return nullptr;
 }
 
@@ -457,7 +468,7 @@ ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t ind
   }
 }
 size_t ORT_API_CALL linear_inputs(const OrtCustomOp*) { return kNumInputs; }
-size_t ORT_API_CALL conv_inputs(const OrtCustomOp*) { return kScales + 1; }
+size_t ORT_API_CALL conv_inputs(const OrtCustomOp*) { return kResidual + 1; }
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
