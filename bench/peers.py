@@ -16,7 +16,11 @@ density and blocks. `conv3x3`, `conv1x1`, `conv1x1_up`, `conv3x3_s2`, `conv3x3_d
 224x224), lowered as BlockSparseConv (sparsec.lowering.targets.conv; on stock onnxruntime its
 function body runs onnxruntime's own Conv on the weight rebuilt at load). `resnet50`: Hugging Face's
 ResNet-50 (the default ResNetConfig, random weights) at batch 1, 224x224, every convolution pruned
-the same way (BatchNormalization and Relu fold into the sparse nodes).
+the same way (the BatchNormalizations, residual Adds and Relus fold into the sparse nodes). A speed
+benchmark only: with random weights, the blocks kept in one layer rarely read the channels the
+layer before kept, so the pruned network's features die out (its logits are the classifier's bias
+and every engine's error reads 0); the numerical checks of convolutions are the single layers
+above and the tests.
 
 Every measurement is a fresh process that loads one file into one session, warms up, and times
 `--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every

@@ -43,7 +43,7 @@ from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
 from sparsec.lowering.onnx_op import DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, compact_values
-from sparsec.lowering.torch_op import _gathered_product, dequantize
+from sparsec.lowering.torch_op import gathered_product, dequantize
 
 OP = "BlockSparseConv"
 OP_NAME = "sparsec::block_sparse_conv2d"
@@ -77,7 +77,7 @@ def block_sparse_conv2d(x: torch.Tensor, values: torch.Tensor, block_cols: torch
     padded = torch.nn.functional.pad(x.to(torch.float32), (pl, pr, pt, pb))
     patches = torch.nn.functional.unfold(padded, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [B, k, L]
     rows = patches.transpose(1, 2).reshape(-1, k)
-    y = _gathered_product(rows, dequantize(values, scales), block_cols, n, k)                # [B*L, n]
+    y = gathered_product(rows, dequantize(values, scales), block_cols, n, k)                # [B*L, n]
     y = y.reshape(batch, ho * wo, n).transpose(1, 2).reshape(batch, n, ho, wo)
     if bias is not None:
         y = y + bias[None, :, None, None]

@@ -31,19 +31,19 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, block_cols: torch
         if scales is None or values.dtype != torch.int8:
             raise ValueError("int8_compute needs int8 values and per-row scales")
         q, x_scale = quantize_rows(x.reshape(-1, k).to(torch.float32))
-        acc = _gathered_product(q, values.to(torch.float64), block_cols, n, k)  # exact integers
+        acc = gathered_product(q, values.to(torch.float64), block_cols, n, k)  # exact integers
         y = acc.to(torch.float32) * (x_scale[:, None] * scales[None, :])
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, n).to(x.dtype).contiguous()
     blocks_ = dequantize(values, scales)
-    y = _gathered_product(x.reshape(-1, k).to(blocks_.dtype), blocks_, block_cols, n, k)
+    y = gathered_product(x.reshape(-1, k).to(blocks_.dtype), blocks_, block_cols, n, k)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, n).to(x.dtype).contiguous()
 
 
-def _gathered_product(rows: torch.Tensor, blocks_: torch.Tensor, block_cols: torch.Tensor, n: int, k: int
+def gathered_product(rows: torch.Tensor, blocks_: torch.Tensor, block_cols: torch.Tensor, n: int, k: int
                       ) -> torch.Tensor:
     """rows [M, k] @ W^T [k, n] with W's blocks `blocks_` [R, S, BR, BC] at `block_cols`."""
     r, s, br, bc = blocks_.shape

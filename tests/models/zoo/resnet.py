@@ -1,4 +1,4 @@
-"""ResNet (basic blocks) image classifier from a small config: its conv sites are pruned and, with policy = always, lowered through im2col."""
+"""ResNet (basic blocks) image classifier from a small config: its conv sites are pruned and, with policy = always, lowered to BlockSparseConv nodes (BatchNormalization, the residual Add and Relu folded in)."""
 import torch
 
 from _zoo import image_batches, image_example
