@@ -186,3 +186,25 @@ def test_an_unbatched_image_stays_dense_with_a_reason():
     prog = sparsec.compile(One().eval(), spec, (torch.randn(16, 12, 12),))   # [C, H, W]
     plan = graph_info(prog.lower(policy="always")).lowering["conv.weight"]
     assert not plan.lower and "[N, C, H, W]" in plan.reason
+
+
+def test_int8_blocks_fold_the_batch_norm_too(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = ResidualBlock()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+    spec = {"prune": [{"targets": ["conv.weight", "conv2.weight", "head.weight"], "method": "magnitude",
+                       "density": 0.25, "block": [8, 8]}]}
+    prog = sparsec.compile(model.eval(), spec, (torch.randn(2, 16, 12, 12),)).eval()
+    result = prog.export_onnx(tmp_path / "m.onnx", policy="always", int8=True)
+    # requantized with the normalisation's scale folded in: within INT8's tolerance of the program
+    assert result.checks and all(check.error < 5e-3 for check in result.checks)
+    nodes = onnx.load(tmp_path / "m.onnx").graph.node
+    assert [n.overload for n in nodes if n.op_type == "BlockSparseConv"] == [
+        "conv_int8_bias_relu", "conv_int8_bias_residual_relu", "conv_int8_bias"]
+    assert not [n for n in nodes if n.op_type in ("BatchNormalization", "Add", "Relu")]

@@ -117,10 +117,16 @@ def pack(weight: torch.Tensor | np.ndarray, keep_blocks: torch.Tensor | np.ndarr
         padded[:w.shape[0]] = np.where(scales > 0, scales, 1.0)
         values = np.clip(np.rint(values / padded.reshape(rows, 1, br, 1)), -127, 127).astype(np.int8)
     elif int8:
-        scales = (np.abs(values).max(axis=(2, 3)) / 127.0).astype(np.float32)
-        divisor = np.where(scales > 0, scales, 1.0)[:, :, None, None]
-        values = np.clip(np.rint(values / divisor), -127, 127).astype(np.int8)
+        values, scales = quantize_blocks(values)
     return PackedBlocks(values, block_cols, row_nnz, scales, int(w.shape[0]), int(w.shape[1]))
+
+
+def quantize_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 blocks [R, S, BR, BC] -> (int8 blocks, float32 scales [R, S]): symmetric, one scale per
+    block (its largest magnitude / 127; 1 for an all-zero block's divisor), rounding half to even."""
+    scales = (np.abs(values).max(axis=(2, 3)) / 127.0).astype(np.float32)
+    divisor = np.where(scales > 0, scales, 1.0)[:, :, None, None]
+    return np.clip(np.rint(values / divisor), -127, 127).astype(np.int8), scales
 
 
 def dequantized_values(packed: PackedBlocks) -> np.ndarray:

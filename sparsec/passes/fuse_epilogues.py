@@ -9,7 +9,7 @@ residual, scale and bias of shape [N], float32 statistics, only its normalised o
 `ln_scale` / `ln_bias` / `epsilon`). Convolutions: `fold_conv_batch_norm` (an inference
 BatchNormalization whose four inputs are constants, into the fp32 blocks and the bias:
 W'[o] = W[o] * s[o], b' = (b - mean) * s + beta, s = gamma / sqrt(var + epsilon), as onnxruntime
-does for its own Conv), `fold_conv_residual` (a same-shape Add, before any activation: the node adds
+does for its own Conv; int8 blocks are quantized again with new per-block scales), `fold_conv_residual` (a same-shape Add, before any activation: the node adds
 its residual before the activation, as a ResNet block ends relu(bn(conv(x)) + shortcut)) and
 `fold_conv_relu` (a Relu into `activation`). The kernel applies the first two where it stores each output
 tile and normalises each row once written; the function body does the same in standard ops
@@ -26,7 +26,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 import numpy as np
 
-from sparsec.lowering import conv_op
+from sparsec.lowering import block_format, conv_op
 from sparsec.lowering import onnx_graph as g
 from sparsec.lowering.onnx_op import ACTIVATIONS, DOMAIN, DOMAIN_VERSION, INPUTS, Variant
 from sparsec.pipeline import PassResult, RulePass
@@ -193,8 +193,6 @@ class FoldConvBatchNorm(RewriteRuleClassBase):
         variant = conv_op.Variant.of(node)
         if variant.relu or variant.residual:
             return result.fail("the node already has an activation or a residual: the normalisation comes after")
-        if variant.int8:
-            return result.fail("int8 blocks: rescaling their rows would change their quantization")
         if g.attr(norm, "training_mode", 0) or len(norm.outputs) > 1 and any(o.uses() for o in norm.outputs[1:]):
             return result.fail("BatchNormalization in training mode")
         n = g.attr(node, "N")
@@ -203,8 +201,10 @@ class FoldConvBatchNorm(RewriteRuleClassBase):
             if found is None or found.shape != (n,):
                 return result.fail(f"a BatchNormalization input is not a constant of shape [{n}]")
         values, bias = node.inputs[1], node.inputs[4] if len(node.inputs) > 4 else None
-        if g.constant(values) is None or (bias is not None and g.constant(bias) is None):
-            return result.fail("the node's blocks or bias are not constants")
+        scales = node.inputs[5] if variant.int8 else None
+        if (g.constant(values) is None or (bias is not None and g.constant(bias) is None)
+                or (variant.int8 and g.constant(scales) is None)):
+            return result.fail("the node's blocks, scales or bias are not constants")
         return result
 
     def rewrite(self, op, x, scale, beta, mean, var, h, y, **_):
@@ -212,14 +212,20 @@ class FoldConvBatchNorm(RewriteRuleClassBase):
         epsilon = g.attr(y.producer(), "epsilon", 1e-5)
         gamma, b0, mu, sigma2 = (g.constant(v).astype(np.float64) for v in (scale, beta, mean, var))
         factor = gamma / np.sqrt(sigma2 + epsilon)
-        values = g.constant(node.inputs[1])
+        values = g.constant(node.inputs[1]).astype(np.float64)
+        int8 = conv_op.Variant.of(node).int8
+        if int8:   # int8 blocks: dequantized, rescaled, quantized again with new per-block scales
+            values = values * g.constant(node.inputs[5]).astype(np.float64)[:, :, None, None]
         r, _, br, _ = values.shape
         padded = np.ones(r * br)
         padded[:factor.shape[0]] = factor
-        folded = (values.astype(np.float64) * padded.reshape(r, 1, br, 1)).astype(np.float32)
+        folded = (values * padded.reshape(r, 1, br, 1)).astype(np.float32)
         bias = g.constant(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else 0.0
         new_bias = ((np.asarray(bias, np.float64) - mu) * factor + b0).astype(np.float32)
         inputs = list(node.inputs) + [None] * (len(conv_op.INPUTS) - len(node.inputs))
+        if int8:
+            folded, scales = block_format.quantize_blocks(folded)
+            inputs[5] = op.initializer(ir.tensor(scales), name=f"{node.inputs[5].name}.bn")
         inputs[1] = op.initializer(ir.tensor(folded), name=f"{node.inputs[1].name}.bn")
         inputs[4] = op.initializer(ir.tensor(new_bias), name=f"{node.inputs[1].name}.bn_bias")
         return _rebuild_conv(op, node, y, inputs)

@@ -29,9 +29,16 @@ def test_unstructured_masks_pay_off_only_when_sparse_enough():
     assert all(p.reason.startswith("too dense to gain") for p in plans.values())
 
 
-def test_layers_without_a_speed_estimate_are_lowered_only_on_request():
+def test_layers_without_a_speed_estimate_are_lowered_only_on_request(monkeypatch):
+    import dataclasses
+
+    from sparsec.lowering import targets
+
+    conv = targets.get("block_sparse_conv")   # a target that cannot say what its layers cost
+    plan_of = conv.plan
+    monkeypatch.setattr(conv, "plan", lambda *a, **k: dataclasses.replace(plan_of(*a, **k), speedup=None))
     prog = _prog(0.1, block=(4, 4), model=cnn(), args=(cnn_input(),))
-    plan = graph_info(prog.lower()).lowering["conv1.weight"]       # a conv: no speed estimate
+    plan = graph_info(prog.lower()).lowering["conv1.weight"]
     assert plan.lower is False
     assert plan.reason.startswith("no speed estimate for conv layers: lowered only with policy = always")
     plan = graph_info(prog.lower(policy="always")).lowering["conv1.weight"]
