@@ -42,7 +42,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
-from sparsec.lowering.onnx_op import DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, compact_values
+from sparsec.lowering.onnx_op import (DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, attach_overloads, compact_values,
+                                      nodes_of, onnxscript_op)
 from sparsec.lowering.torch_op import gathered_product, dequantize
 
 OP = "BlockSparseConv"
@@ -219,34 +220,12 @@ def make_node(x: str, values: str, block_cols: str, row_nnz: str, output: str, n
 
 def conv_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
     """The BlockSparseConv nodes of a model's main graph (NodeProtos or onnx_ir Nodes)."""
-    if isinstance(model, onnx.ModelProto):
-        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP]
-    graph = model.graph if isinstance(model, ir.Model) else model
-    return [n for n in graph if n.domain == DOMAIN and n.op_type == OP]
+    return nodes_of(model, OP)
 
 
 def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
     """Name each BlockSparseConv node's variant and add the function overloads the graph uses."""
-    if isinstance(model, onnx.ModelProto):
-        converted = ir.from_proto(model)
-        attach_functions(converted)
-        model.CopyFrom(ir.to_proto(converted))
-        return model
-    opset = model.opset_imports.get("", ONNX_OPSET)
-    needed = set()
-    for node in conv_nodes(model):
-        variant = Variant.of(node)
-        node.resize_inputs(len(variant.inputs()))
-        node.overload = variant.overload
-        needed.add(variant.overload)
-    for name in sorted(needed):
-        if (DOMAIN, OP, name) not in model.functions:
-            function = ir.serde.deserialize_function(function_proto(Variant.parse(name), opset=opset))
-            model.functions[function.identifier()] = function
-    if needed:
-        model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
-        model.ir_version = max(model.ir_version or 0, IR_VERSION)
-    return model
+    return attach_overloads(model, OP, Variant, function_proto)
 
 
 # ------------------------------------------------------------------------ torch.onnx translation
@@ -275,9 +254,7 @@ def _schema() -> OpSchema:
 
 @functools.lru_cache(maxsize=1)
 def _onnxscript_op():
-    import onnxscript
-
-    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP, _schema())
+    return onnxscript_op(_schema())
 
 
 def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0, k: int = 0,

@@ -303,21 +303,27 @@ def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
     """Name each BlockSparseLinear node's variant (its overload, trailing absent inputs dropped) and
     add the function overloads (and the opset import) that the graph's nodes use; in place.
     Returns the model (a ModelProto is updated through onnx_ir and copied back)."""
+    return attach_overloads(model, OP, Variant, function_proto)
+
+
+def attach_overloads(model: onnx.ModelProto | ir.Model, op_type: str, variant: Any, body: Any) -> Any:
+    """attach_functions for any of sparsec's ops: `variant` reads a node's variant (`of`) and names
+    it (`overload`, `parse`, `inputs`); `body(variant, opset)` is its FunctionProto."""
     if isinstance(model, onnx.ModelProto):
         converted = ir.from_proto(model)
-        attach_functions(converted)
+        attach_overloads(converted, op_type, variant, body)
         model.CopyFrom(ir.to_proto(converted))
         return model
     opset = model.opset_imports.get("", ONNX_OPSET)
     needed = set()
-    for node in sparse_nodes(model):
-        variant = Variant.of(node)
-        node.resize_inputs(len(variant.inputs()))
-        node.overload = variant.overload
-        needed.add(variant.overload)
+    for node in nodes_of(model, op_type):
+        found = variant.of(node)
+        node.resize_inputs(len(found.inputs()))
+        node.overload = found.overload
+        needed.add(found.overload)
     for name in sorted(needed):
-        if (DOMAIN, OP, name) not in model.functions:
-            function = ir.serde.deserialize_function(function_proto(Variant.parse(name), opset=opset))
+        if (DOMAIN, op_type, name) not in model.functions:
+            function = ir.serde.deserialize_function(body(variant.parse(name), opset=opset))
             model.functions[function.identifier()] = function
     if needed:
         model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
@@ -327,10 +333,15 @@ def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
 
 def sparse_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
     """The BlockSparseLinear nodes of a model's main graph (NodeProtos or onnx_ir Nodes)."""
+    return nodes_of(model, OP)
+
+
+def nodes_of(model: onnx.ModelProto | ir.Model | ir.Graph, op_type: str) -> list[Any]:
+    """The nodes of sparsec's op `op_type` in a model's main graph (NodeProtos or onnx_ir Nodes)."""
     if isinstance(model, onnx.ModelProto):
-        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP]
+        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
     graph = model.graph if isinstance(model, ir.Model) else model
-    return [n for n in graph if n.domain == DOMAIN and n.op_type == OP]
+    return [n for n in graph if n.domain == DOMAIN and n.op_type == op_type]
 
 
 def stored_values(node: ir.Node) -> tuple[tuple[int, ...], ir.DataType, int, int] | None:
@@ -373,11 +384,16 @@ def _schema() -> OpSchema:
                     OpSchema.Attribute("compute", OpSchema.AttrType.STRING, "fp32 or int8", required=False)])
 
 
-@functools.lru_cache(maxsize=1)
-def _onnxscript_op():
+def onnxscript_op(schema: OpSchema) -> Any:
+    """The onnxscript Op that torch.onnx's translations call for one of sparsec's ops."""
     import onnxscript
 
-    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), OP, _schema())
+    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), schema.name, schema)
+
+
+@functools.lru_cache(maxsize=1)
+def _onnxscript_op():
+    return onnxscript_op(_schema())
 
 
 def translate(x, values, block_cols, row_nnz, bias=None, scales=None, n: int = 0, k: int = 0,

@@ -78,6 +78,16 @@ class FoldGelu(RewriteRuleClassBase):
         return _rebuild(op, h.producer(), y, activation=activation)
 
 
+def _residual_fits(result: MatchResult, r: ir.Value, h: ir.Value, y: ir.Value) -> MatchResult:
+    """`result`, failed unless r can be the residual of the node whose output h the Add y = h + r
+    reads: another value, of provably the same shape (no broadcasting)."""
+    if r is h:
+        return result.fail("the Add adds the node's output to itself")
+    if not (g.same_shape(r, h) and g.same_shape(r, y)):
+        return result.fail(f"the residual's shape {g.dims(r)} is not provably the output's {g.dims(h)}")
+    return result
+
+
 class FoldResidual(RewriteRuleClassBase):
     def pattern(self, op, x, r):
         return op.Add(_sparse(op, x), r, _outputs=["y"])
@@ -87,11 +97,7 @@ class FoldResidual(RewriteRuleClassBase):
         variant = Variant.of(h.producer())
         if variant.residual or variant.layer_norm:
             return result.fail(f"the node already has a residual ({variant.overload})")
-        if r is h:
-            return result.fail("the Add adds the node's output to itself")
-        if not (g.same_shape(r, h) and g.same_shape(r, y)):
-            return result.fail(f"the residual's shape {g.dims(r)} is not provably the output's {g.dims(h)}")
-        return result
+        return _residual_fits(result, r, h, y)
 
     def rewrite(self, op, x, r, h, y, **_):
         return _rebuild(op, h.producer(), y, residual=r)
@@ -172,11 +178,7 @@ class FoldConvResidual(RewriteRuleClassBase):
         variant = conv_op.Variant.of(h.producer())
         if variant.relu or variant.residual:
             return result.fail(f"the node already has its activation or residual ({variant.overload})")
-        if r is h:
-            return result.fail("the Add adds the node's output to itself")
-        if not (g.same_shape(r, h) and g.same_shape(r, y)):
-            return result.fail(f"the residual's shape {g.dims(r)} is not provably the output's {g.dims(h)}")
-        return result
+        return _residual_fits(result, r, h, y)
 
     def rewrite(self, op, x, r, h, y, **_):
         return _rebuild_conv(op, h.producer(), y, residual=r)

@@ -67,6 +67,26 @@ class LoweringTarget:
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
 
     @staticmethod
+    def check_packed_node(node: Any, inputs: tuple[str, ...], variant: Any, attached: bool) -> str:
+        """The checks every sparsec node of packed blocks takes ('' when it passes): N and K
+        positive, X and the three weight inputs present, no more inputs than `inputs`, a variant
+        that `variant.of` reads and, once functions are attached, the overload naming it."""
+        n, k = node.attributes.get("N"), node.attributes.get("K")
+        if n is None or k is None or n.as_int() <= 0 or k.as_int() <= 0:
+            return "attributes N and K must be positive integers"
+        if len(node.inputs) < 4 or any(v is None for v in node.inputs[:4]):
+            return "inputs X, values, block_cols and row_nnz are required"
+        if len(node.inputs) > len(inputs):
+            return f"{len(node.inputs)} inputs, at most {len(inputs)}"
+        try:
+            found = variant.of(node)
+        except ValueError as exc:
+            return str(exc)
+        if attached and node.overload != found.overload:
+            return f"overload {node.overload!r} does not name its variant {found.overload!r}"
+        return ""
+
+    @staticmethod
     def is_float_matrix(weight: torch.Tensor) -> str:
         """Why a weight is not a float32 matrix ('' when it is)."""
         if weight.dim() != 2:

@@ -181,27 +181,15 @@ class BlockSparseConvTarget(LoweringTarget):
         return conv_op.conv_nodes(graph)
 
     def check_onnx(self, node: Any, attached: bool) -> str:
-        n, k = node.attributes.get("N"), node.attributes.get("K")
-        if n is None or k is None or n.as_int() <= 0 or k.as_int() <= 0:
-            return "attributes N and K must be positive integers"
-        shape = node.attributes.get("kernel_shape")
-        if shape is None or len(shape.as_ints()) != 2 or k.as_int() % (shape.as_ints()[0] * shape.as_ints()[1]):
+        k, shape = node.attributes.get("K"), node.attributes.get("kernel_shape")
+        if shape is None or len(shape.as_ints()) != 2 or min(shape.as_ints()) < 1 or (
+                k is not None and k.as_int() % (shape.as_ints()[0] * shape.as_ints()[1])):
             return "attribute kernel_shape must be [kh, kw] with K a multiple of kh*kw"
         for name, size in (("strides", 2), ("pads", 4), ("dilations", 2)):
             attr = node.attributes.get(name)
             if attr is not None and len(attr.as_ints()) != size:
                 return f"attribute {name} must have {size} values"
-        if len(node.inputs) < 4 or any(v is None for v in node.inputs[:4]):
-            return "inputs X, values, block_cols and row_nnz are required"
-        if len(node.inputs) > len(conv_op.INPUTS):
-            return f"{len(node.inputs)} inputs, at most {len(conv_op.INPUTS)}"
-        try:
-            variant = conv_op.Variant.of(node)
-        except ValueError as exc:
-            return str(exc)
-        if attached and node.overload != variant.overload:
-            return f"overload {node.overload!r} does not name its variant {variant.overload!r}"
-        return ""
+        return self.check_packed_node(node, conv_op.INPUTS, conv_op.Variant, attached)
 
     def attach_functions(self, model: Any) -> int:
         conv_op.attach_functions(model)

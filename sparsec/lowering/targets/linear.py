@@ -136,20 +136,7 @@ class BlockSparseLinearTarget(LoweringTarget):
         return onnx_op.sparse_nodes(graph)
 
     def check_onnx(self, node: Any, attached: bool) -> str:
-        n, k = node.attributes.get("N"), node.attributes.get("K")
-        if n is None or k is None or n.as_int() <= 0 or k.as_int() <= 0:
-            return "attributes N and K must be positive integers"
-        if len(node.inputs) < 4 or any(v is None for v in node.inputs[:4]):
-            return "inputs X, values, block_cols and row_nnz are required"
-        if len(node.inputs) > len(onnx_op.INPUTS):
-            return f"{len(node.inputs)} inputs, at most {len(onnx_op.INPUTS)}"
-        try:
-            variant = onnx_op.Variant.of(node)
-        except ValueError as exc:
-            return str(exc)
-        if attached and node.overload != variant.overload:
-            return f"overload {node.overload!r} does not name its variant {variant.overload!r}"
-        return ""
+        return self.check_packed_node(node, onnx_op.INPUTS, onnx_op.Variant, attached)
 
     def attach_functions(self, model: Any) -> int:
         onnx_op.attach_functions(model)
