@@ -42,8 +42,8 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
-from sparsec.lowering.onnx_op import (DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, attach_overloads, compact_values,
-                                      nodes_of, onnxscript_op)
+from sparsec.lowering.onnx_op import (DOMAIN, IR_VERSION, ONNX_OPSET, attach_overloads, compact_values, nodes_of,
+                                      onnxscript_op, packed_schema)
 from sparsec.lowering.torch_op import gathered_product, dequantize
 
 OP = "BlockSparseConv"
@@ -231,25 +231,14 @@ def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
 # ------------------------------------------------------------------------ torch.onnx translation
 @functools.lru_cache(maxsize=1)
 def _schema() -> OpSchema:
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
     ints = OpSchema.AttrType.INTS
-    return OpSchema(
-        OP, DOMAIN, DOMAIN_VERSION,
-        doc="Y [B, N, Ho, Wo] = conv2d(X, W) + bias, W [N, C*kh*kw] as padded blocked-ELL blocks.",
-        inputs=[param("X", "T"), param("values", "V"), param("block_cols", "tensor(int64)"),
-                param("row_nnz", "tensor(int64)"), param("bias", "T", param_option=optional),
-                param("scales", "T", param_option=optional)],
-        outputs=[param("Y", "T")],
-        type_constraints=[("T", ["tensor(float)"], "activations"),
-                          ("V", ["tensor(float)", "tensor(int8)"], "fp32 or int8 blocks")],
-        attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, "output channels"),
-                    OpSchema.Attribute("K", OpSchema.AttrType.INT, "input channels x kh x kw"),
-                    OpSchema.Attribute("kernel_shape", ints, "[kh, kw]"),
-                    OpSchema.Attribute("strides", ints, "[sh, sw]"),
-                    OpSchema.Attribute("pads", ints, "[top, left, bottom, right]"),
-                    OpSchema.Attribute("dilations", ints, "[dh, dw]"),
-                    OpSchema.Attribute("activation", OpSchema.AttrType.STRING, "relu", required=False)])
+    return packed_schema(OP, "Y [B, N, Ho, Wo] = conv2d(X, W) + bias, W [N, C*kh*kw] as padded blocked-ELL blocks.",
+                         ("output channels", "input channels x kh x kw"),
+                         [OpSchema.Attribute("kernel_shape", ints, "[kh, kw]"),
+                          OpSchema.Attribute("strides", ints, "[sh, sw]"),
+                          OpSchema.Attribute("pads", ints, "[top, left, bottom, right]"),
+                          OpSchema.Attribute("dilations", ints, "[dh, dw]"),
+                          OpSchema.Attribute("activation", OpSchema.AttrType.STRING, "relu", required=False)])
 
 
 @functools.lru_cache(maxsize=1)

@@ -368,20 +368,27 @@ def stored_values(node: ir.Node) -> tuple[tuple[int, ...], ir.DataType, int, int
 def _schema() -> OpSchema:
     """The inputs translation writes; the epilogue's (residual, ln_scale, ln_bias) and its
     attributes are added afterwards by the fuse_epilogues pass (see the module doc for all)."""
+    return packed_schema(OP, "Y[..., N] = X[..., K] @ W^T + bias, W [N, K] as padded blocked-ELL blocks.",
+                         ("output features", "input features"),
+                         [OpSchema.Attribute("compute", OpSchema.AttrType.STRING, "fp32 or int8", required=False)])
+
+
+def packed_schema(op_type: str, doc: str, n_and_k: tuple[str, str], attributes: list[Any]) -> OpSchema:
+    """The schema of one of sparsec's ops on packed blocks: inputs X, values, block_cols, row_nnz,
+    bias and scales (the last two optional), output Y, attributes N and K (described by `n_and_k`)
+    and `attributes`."""
     param = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
     return OpSchema(
-        OP, DOMAIN, DOMAIN_VERSION,
-        doc="Y[..., N] = X[..., K] @ W^T + bias, W [N, K] as padded blocked-ELL blocks.",
+        op_type, DOMAIN, DOMAIN_VERSION, doc=doc,
         inputs=[param("X", "T"), param("values", "V"), param("block_cols", "tensor(int64)"),
                 param("row_nnz", "tensor(int64)"), param("bias", "T", param_option=optional),
                 param("scales", "T", param_option=optional)],
         outputs=[param("Y", "T")],
         type_constraints=[("T", ["tensor(float)"], "activations"),
                           ("V", ["tensor(float)", "tensor(int8)"], "fp32 or int8 blocks")],
-        attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, "output features"),
-                    OpSchema.Attribute("K", OpSchema.AttrType.INT, "input features"),
-                    OpSchema.Attribute("compute", OpSchema.AttrType.STRING, "fp32 or int8", required=False)])
+        attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, n_and_k[0]),
+                    OpSchema.Attribute("K", OpSchema.AttrType.INT, n_and_k[1]), *attributes])
 
 
 def onnxscript_op(schema: OpSchema) -> Any:
