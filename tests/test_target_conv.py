@@ -105,7 +105,7 @@ def test_a_convolution_is_timed_on_its_own_geometry_and_image(monkeypatch, tmp_p
 
     prog = sparsec.compile(One().eval(), spec, (torch.randn(1, 32, 24, 24),))
     plan = graph_info(prog.lower(target="stock")).lowering["conv.weight"]
-    assert plan.measured is not None and plan.basis.startswith("measured")
+    assert plan.measured is not None and plan.basis.startswith("measured, input ") and "x32x24x24" in plan.basis
     assert plan.measured.dense_ms > 0 and plan.measured.sparse_ms > 0
     assert len(list((tmp_path / "cost").glob("*.json"))) == 1
 

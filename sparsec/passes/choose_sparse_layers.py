@@ -121,7 +121,8 @@ class ChooseSparseLayers(Pass):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             return replace(plan, basis=f"estimated, not measured: {first}")
         assumed = "" if plan.rows else " (the example inputs do not say: assumed)"
-        basis = f"measured{' (cached)' if measured.cached else ''}, {rows} rows{assumed}"
+        what = f"input {'x'.join(map(str, plan.conv[10:]))}" if plan.conv else f"{rows} rows{assumed}"
+        basis = f"measured{' (cached)' if measured.cached else ''}, {what}"
         return replace(plan, measured=measured, basis=basis)
 
     def _why_not_measured(self) -> str:
