@@ -19,6 +19,9 @@ SITE_OPS: dict[object, tuple[str, tuple[int, ...]]] = {
     aten.conv1d.default: ("conv", (1,)),
     aten.conv2d.default: ("conv", (1,)),
     aten.conv3d.default: ("conv", (1,)),
+    aten.conv1d.padding: ("conv", (1,)),      # padding="same" or "valid"
+    aten.conv2d.padding: ("conv", (1,)),
+    aten.conv3d.padding: ("conv", (1,)),
     F.conv1d: ("conv", (1,)),
     F.conv2d: ("conv", (1,)),
     F.conv3d: ("conv", (1,)),

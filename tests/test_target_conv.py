@@ -208,3 +208,33 @@ def test_int8_blocks_fold_the_batch_norm_too(tmp_path):
     assert [n.overload for n in nodes if n.op_type == "BlockSparseConv"] == [
         "conv_int8_bias_relu", "conv_int8_bias_residual_relu", "conv_int8_bias"]
     assert not [n for n in nodes if n.op_type in ("BatchNormalization", "Add", "Relu")]
+
+
+def test_string_paddings_same_and_valid_are_sites_and_lower(tmp_path):
+    from sparsec import runtime
+
+    class Padded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = torch.nn.Conv2d(8, 32, (4, 3), padding="same", dilation=(1, 2))  # odd total: more below
+            self.valid = torch.nn.Conv2d(32, 16, 3, padding="valid")
+
+        def forward(self, x):
+            return self.valid(torch.relu(self.same(x)))
+
+    torch.manual_seed(0)
+    spec = {"prune": [{"targets": ["same.weight", "valid.weight"], "method": "magnitude", "density": 0.25,
+                       "block": [8, 8]}]}
+    prog = sparsec.compile(Padded().eval(), spec, (torch.randn(2, 8, 10, 10),)).eval()
+    plans = graph_info(prog.lower(policy="always")).lowering
+    assert plans["same.weight"].lower and plans["same.weight"].conv[:10] == (4, 3, 1, 1, 1, 2, 2, 2, 1, 2)
+    assert plans["valid.weight"].lower and plans["valid.weight"].conv[4:8] == (0, 0, 0, 0)
+    result = prog.export_onnx(tmp_path / "m.onnx", policy="always")
+    assert result.checks and all(check.error < 1e-5 for check in result.checks)
+    x = torch.randn(3, 8, 13, 9)
+    with torch.no_grad():
+        expected = prog.finalize()(x).numpy()
+    session = runtime.session(str(tmp_path / "m.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape == (3, 16, 11, 7)
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()

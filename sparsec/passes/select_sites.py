@@ -65,6 +65,7 @@ class SelectSites(Pass):
                                        padding=blocks.padding(site.shape, block),
                                        balanced=group.balanced)
             chosen[name] = group.index
+        self._check_named_weights_are_sites(info)
         if self.require_sites:
             self._check_every_group_selects(info)
         for node in gm.graph.nodes:
@@ -74,6 +75,18 @@ class SelectSites(Pass):
                     if site_operand(user, gm) is not None:
                         set_node_info(user, ROLE_SITE_OP, str(node.target))
         return PassResult(gm, modified=False)
+
+    def _check_named_weights_are_sites(self, info) -> None:
+        """A target without wildcards names one weight: when that weight is not a site, the group
+        would silently prune less than asked, so it is an error that says why."""
+        for group in self.groups:
+            for target in group.targets:
+                if any(c in target for c in "*?[") or target in info.candidates:
+                    continue
+                why = info.left_out.get(target)
+                if why is not None and target not in info.sites:
+                    raise PassError(f"prune[{group.index}].targets names {target!r}, which cannot be pruned: "
+                                    f"it is {why}")
 
     def _check_every_group_selects(self, info) -> None:
         for group in self.groups:

@@ -92,3 +92,13 @@ def test_group_matching_nothing_suggests_site_names():
 def test_group_matching_only_excluded_sites_is_an_error():
     with pytest.raises(PassError, match=r"prune\[0\]\.targets \['fc1\.\*'\] selected no site"):
         _select(spec_dict(["fc1.*"], exclude=["*weight"]))
+
+
+def test_a_weight_named_exactly_that_cannot_be_pruned_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.Linear(16, 4))
+    spec = spec_dict(["0.weight", "1.weight"], method="magnitude", density=0.5)
+    with pytest.raises(PassError, match=r"prune\[0\].targets names '0.weight', which cannot be pruned: it is not "
+                                        r"the weight of a linear/conv/matmul \(used by embedding"):
+        _select(spec, model, (torch.tensor([[1, 2]]),))
+    _, info = _select(spec_dict(["*.weight"], method="magnitude", density=0.5), model, (torch.tensor([[1, 2]]),))
+    assert list(info.sites) == ["1.weight"] and "0.weight" in info.left_out   # a glob: left out, said so

@@ -6,7 +6,7 @@ A convolution weight [O, C, kh, kw] is masked as the matrix [O, C*kh*kw] (sparse
 packed so: output pixel (n, y, x) is W2d @ col(n, y, x), with col the C*kh*kw input values under
 the kernel, channel-major then kernel row and column (F.unfold's order).
 
-    match    conv2d(x, W, b, stride, padding, dilation, groups=1) with integer padding
+    match    conv2d(x, W, b, stride, padding, dilation, groups=1), padding integers, "same" or "valid"
     check    W is float32 and 4-D; the input is [N, C, H, W]; groups = 1; stride, padding and
              dilation are integers
     pack     padded blocked-ELL of the [O, C*kh*kw] matrix (sparsec.lowering.block_format): fp32
@@ -36,7 +36,7 @@ from sparsec.site import Site
 from sparsec.site_ops import site_operand
 
 aten = torch.ops.aten
-_CONV2D = (aten.conv2d.default, torch.nn.functional.conv2d)
+_CONV2D = (aten.conv2d.default, aten.conv2d.padding, torch.nn.functional.conv2d)
 
 
 def _pair(value: Any, default: int) -> tuple[int, int] | None:
@@ -61,12 +61,17 @@ def conv_args(node: fx.Node) -> dict[str, Any]:
 
 
 def geometry(node: fx.Node, weight: torch.Tensor) -> list[int]:
-    """[kh, kw, sh, sw, pt, pl, pb, pr, dh, dw] of a conv2d node (checked by `_unsupported`)."""
+    """[kh, kw, sh, sw, pt, pl, pb, pr, dh, dw] of a conv2d node (checked by `_unsupported`).
+    padding="same" pads d*(k-1) in all, the odd one at the bottom and right, as PyTorch does."""
     args = conv_args(node)
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(args.get(k), d) for k, d in  # type: ignore[misc]
-                                    (("stride", 1), ("padding", 0), ("dilation", 1)))
-    kh, kw = weight.shape[2:]
-    return [int(kh), int(kw), sh, sw, ph, pw, ph, pw, dh, dw]
+    (sh, sw), (dh, dw) = (_pair(args.get(k), d) for k, d in (("stride", 1), ("dilation", 1)))  # type: ignore[misc]
+    kh, kw = (int(v) for v in weight.shape[2:])
+    padding = args.get("padding")
+    if padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return [kh, kw, sh, sw, th // 2, tw // 2, th - th // 2, tw - tw // 2, dh, dw]
+    ph, pw = (0, 0) if padding == "valid" else _pair(padding, 0)  # type: ignore[misc]
+    return [kh, kw, sh, sw, ph, pw, ph, pw, dh, dw]
 
 
 def image_shape(node: fx.Node) -> tuple[int, int, int, int] | None:
@@ -118,6 +123,8 @@ class BlockSparseConvTarget(LoweringTarget):
         if args.get("groups", 1) != 1:
             return f"grouped convolution (groups = {args.get('groups')}): stays dense"
         for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            if key == "padding" and args.get(key) in ("same", "valid"):
+                continue
             if _pair(args.get(key), default) is None:
                 return f"{key} {args.get(key)!r} is not one or two integers: stays dense"
         return ""
