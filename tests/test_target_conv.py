@@ -210,6 +210,7 @@ def test_int8_blocks_fold_the_batch_norm_too(tmp_path):
     assert not [n for n in nodes if n.op_type in ("BatchNormalization", "Add", "Relu")]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")  # PyTorch's own
 def test_string_paddings_same_and_valid_are_sites_and_lower(tmp_path):
     from sparsec import runtime
 
