@@ -121,11 +121,16 @@ def test_int8_blocks_are_dequantized_when_packed():
 
 def test_a_nan_pixel_reaches_exactly_the_outputs_of_its_kept_weights():
     packed, dense, geometry, x, bias = _case(CASES[0], density=0.2)
-    x[1, 3, 2, 4] = np.nan
+    x[1, 0, 2, 4] = np.nan   # channel 0: the column block padding slots name
     got = _run(conv_op.single_layer_model(packed, geometry, list(x.shape), bias, activation="relu"), x)
     hit = np.isnan(x).astype(np.float32)
     reach = _torch_conv(np.nan_to_num(hit), (dense != 0).astype(np.float32), None, geometry) > 0
     assert reach.any() and (np.isnan(got) == reach).all()   # ReLU keeps NaN; pruned weights skip it
+    assert (packed.row_nnz < packed.values.shape[1]).any()  # padding slots (naming column block 0) too
+    ref = conv_op.block_sparse_conv2d(torch.from_numpy(x), torch.from_numpy(packed.values),
+                                      torch.from_numpy(packed.block_cols), torch.from_numpy(packed.row_nnz),
+                                      torch.from_numpy(bias), None, packed.N, packed.K, geometry, "relu").numpy()
+    assert (np.isnan(ref) == reach).all()                   # the PyTorch op reads what the kernel reads
 
 
 def _node_model(**attrs):

@@ -67,3 +67,30 @@ def test_fake_impl_exports_with_dynamic_batch():
     program = torch.export.export(M(), (torch.randn(3, 20),), dynamic_shapes=({0: batch},))
     x = torch.randn(9, 20)
     torch.testing.assert_close(program.module()(x), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_nan_input_reaches_exactly_the_outputs_of_the_kept_blocks_that_read_it():
+    """Padding slots (rows keeping fewer blocks than the longest) name column block 0 with zero
+    blocks: the op must skip them as the kernel does, or a NaN there would spread to every padded row."""
+    import numpy as np
+
+    from sparsec import runtime
+    from sparsec.lowering import onnx_op
+
+    n, k, block = 64, 96, (16, 16)
+    keep = random_keep(n, k, block, 0.4, seed=3)
+    keep[0] = False
+    keep[1, 0] = True                       # block row 1 reads column block 0; row 0 reads nothing
+    weight = torch.randn(n, k)
+    packed = pack(weight, keep, block)
+    assert (packed.row_nnz < packed.values.shape[1]).any() and (packed.block_cols[packed.row_nnz == 0] == 0).all()
+    x = torch.randn(5, k)
+    x[2, 3] = float("nan")                  # column 3: column block 0
+    got = block_sparse_linear(x, torch.from_numpy(packed.values), torch.from_numpy(packed.block_cols),
+                              torch.from_numpy(packed.row_nnz), None, None, n, k)
+    reads = torch.from_numpy(np.repeat(keep[:, 0], block[0])[:n])      # output rows whose blocks read column 3
+    assert torch.equal(torch.isnan(got[2]), reads) and not torch.isnan(got[[0, 1, 3, 4]]).any()
+    if runtime.kernel_available():
+        session = runtime.session(onnx_op.single_layer_model(packed).SerializeToString())
+        kernel = session.run(None, {"x": x.numpy()})[0]
+        assert np.array_equal(np.isnan(kernel), torch.isnan(got).numpy())

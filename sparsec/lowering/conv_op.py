@@ -25,7 +25,7 @@ One overload per variant: "conv_" + fp32|int8 + "_bias"? + "_residual"? + "_relu
 
 Non-finite inputs: the kernel skips pruned weights, so a NaN or Inf pixel reaches only the outputs
 of its kept weights; the function body's dense Conv multiplies it by the zeros too (NaN everywhere
-its receptive field reaches). The PyTorch op gathers only the kept blocks' columns, as the kernel.
+its receptive field reaches). The PyTorch op reads only the kept blocks' columns, as the kernel.
 """
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ OP_NAME = "sparsec::block_sparse_conv2d"
 INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual")
 ACTIVATIONS = ("relu",)
 # geometry = [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw]
-GEOMETRY = ("kh", "kw", "sh", "sw", "pt", "pl", "pb", "pr", "dh", "dw")
 
 
 def output_size(geometry: list[int] | tuple[int, ...], h: int, w: int) -> tuple[int, int]:
@@ -78,7 +77,7 @@ def block_sparse_conv2d(x: torch.Tensor, values: torch.Tensor, block_cols: torch
     padded = torch.nn.functional.pad(x.to(torch.float32), (pl, pr, pt, pb))
     patches = torch.nn.functional.unfold(padded, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [B, k, L]
     rows = patches.transpose(1, 2).reshape(-1, k)
-    y = gathered_product(rows, dequantize(values, scales), block_cols, n, k)                # [B*L, n]
+    y = gathered_product(rows, dequantize(values, scales), block_cols, n, k, row_nnz)       # [B*L, n]
     y = y.reshape(batch, ho * wo, n).transpose(1, 2).reshape(batch, n, ho, wo)
     if bias is not None:
         y = y + bias[None, :, None, None]

@@ -7,8 +7,8 @@ GraphModule still runs in PyTorch and can be compared with the dense program. It
 `sparsec::BlockSparseLinear` node (sparsec.lowering.translate).
 
 The reference implementation gathers the input's column blocks named by `block_cols` and contracts
-them with the blocks in one einsum; padding entries hold zero blocks, so they add nothing and
-`row_nnz` is not needed to get the right answer.
+them with the blocks in one einsum; padding slots (past `row_nnz`) read nothing, as in the kernel,
+so a NaN or Inf input reaches exactly the outputs of the kept blocks that read it.
 
 `int8_compute` (int8 values, `scales` [n] per output row) computes what the kernel's INT8 path
 computes (sparsec/runtime/kernel/block_sparse.h): each input row quantized to uint8 with a zero
@@ -31,27 +31,33 @@ def block_sparse_linear(x: torch.Tensor, values: torch.Tensor, block_cols: torch
         if scales is None or values.dtype != torch.int8:
             raise ValueError("int8_compute needs int8 values and per-row scales")
         q, x_scale = quantize_rows(x.reshape(-1, k).to(torch.float32))
-        acc = gathered_product(q, values.to(torch.float64), block_cols, n, k)  # exact integers
+        acc = gathered_product(q, values.to(torch.float64), block_cols, n, k, row_nnz)  # exact integers
         y = acc.to(torch.float32) * (x_scale[:, None] * scales[None, :])
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, n).to(x.dtype).contiguous()
     blocks_ = dequantize(values, scales)
-    y = gathered_product(x.reshape(-1, k).to(blocks_.dtype), blocks_, block_cols, n, k)
+    y = gathered_product(x.reshape(-1, k).to(blocks_.dtype), blocks_, block_cols, n, k, row_nnz)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, n).to(x.dtype).contiguous()
 
 
-def gathered_product(rows: torch.Tensor, blocks_: torch.Tensor, block_cols: torch.Tensor, n: int, k: int
-                      ) -> torch.Tensor:
-    """rows [M, k] @ W^T [k, n] with W's blocks `blocks_` [R, S, BR, BC] at `block_cols`."""
+def gathered_product(rows: torch.Tensor, blocks_: torch.Tensor, block_cols: torch.Tensor, n: int, k: int,
+                     row_nnz: torch.Tensor | None = None) -> torch.Tensor:
+    """rows [M, k] @ W^T [k, n] with W's blocks `blocks_` [R, S, BR, BC] at `block_cols`. With
+    `row_nnz`, padding slots read nothing (as in the kernel, which skips them): their zero blocks
+    would otherwise turn a NaN or Inf of the column block they name into NaN outputs."""
     r, s, br, bc = blocks_.shape
     cols = -(-k // bc)
     if cols * bc != k:
         rows = torch.nn.functional.pad(rows, (0, cols * bc - k))
     gathered = rows.reshape(rows.shape[0], cols, bc)[:, block_cols.reshape(-1)]
     gathered = gathered.reshape(rows.shape[0], r, s, bc)
+    if row_nnz is not None:
+        used = torch.arange(s, device=row_nnz.device)[None, :] < row_nnz[:, None]          # [R, S]
+        if not bool(used.all()):
+            gathered = torch.where(used[None, :, :, None], gathered, torch.zeros((), dtype=gathered.dtype))
     return torch.einsum("mrsj,rsij->mri", gathered, blocks_).reshape(rows.shape[0], r * br)[:, :n]
 
 
