@@ -42,8 +42,9 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
-from sparsec.lowering.onnx_op import (DOMAIN, IR_VERSION, ONNX_OPSET, attach_overloads, compact_values, nodes_of,
-                                      onnxscript_op, packed_schema)
+from sparsec.lowering.custom_ops import (DOMAIN, IR_VERSION, ONNX_OPSET, attach_overloads, nodes_of, onnxscript_op,
+                                         packed_schema)
+from sparsec.lowering.onnx_op import weight_initializers
 from sparsec.lowering.torch_op import gathered_product, dequantize
 
 OP = "BlockSparseConv"
@@ -272,18 +273,7 @@ def single_layer_model(packed: PackedBlocks, geometry: list[int] | tuple[int, ..
                        compact: bool = True, name: str = "block_sparse_conv") -> onnx.ModelProto:
     """y = BlockSparseConv(x), x [B, C, H, W] = `image`, the weight as initializers (values stored
     without padding slots when `compact`); `residual`: a second input "r" shaped like y."""
-    nodes: list[onnx.NodeProto] = []
-    inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
-             numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
-    if compact:
-        nodes, extra = compact_values(packed.values, packed.row_nnz, "W.values")
-        inits += extra
-    else:
-        inits.append(numpy_helper.from_array(packed.values, "W.values"))
-    if bias is not None:
-        inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
-    if packed.scales is not None:
-        inits.append(numpy_helper.from_array(packed.scales, "W.scales"))
+    nodes, inits = weight_initializers(packed, bias, compact)
     node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K, geometry,
                      bias="bias" if bias is not None else None,
                      scales="W.scales" if packed.scales is not None else None, activation=activation,

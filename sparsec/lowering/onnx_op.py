@@ -58,15 +58,11 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from sparsec.lowering.block_format import PackedBlocks
+from sparsec.lowering.custom_ops import (DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, attach_overloads,  # noqa: F401
+                                         nodes_of, onnxscript_op, packed_schema)
 
-DOMAIN = "sparsec"
 OP = "BlockSparseLinear"
 OP_TYPE = OP
-DOMAIN_VERSION = 1
-# Opset 23 has `Attention` (scaled_dot_product_attention exports as one node, onnxruntime's fused CPU
-# kernel); Gelu in the activation epilogue needs 20. The one place sparsec names its ONNX opset.
-ONNX_OPSET = 23
-IR_VERSION = 10  # function overloads need IR >= 10
 INPUTS = ("X", "values", "block_cols", "row_nnz", "bias", "scales", "residual", "ln_scale", "ln_bias")
 
 
@@ -306,42 +302,9 @@ def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
     return attach_overloads(model, OP, Variant, function_proto)
 
 
-def attach_overloads(model: onnx.ModelProto | ir.Model, op_type: str, variant: Any, body: Any) -> Any:
-    """attach_functions for any of sparsec's ops: `variant` reads a node's variant (`of`) and names
-    it (`overload`, `parse`, `inputs`); `body(variant, opset)` is its FunctionProto."""
-    if isinstance(model, onnx.ModelProto):
-        converted = ir.from_proto(model)
-        attach_overloads(converted, op_type, variant, body)
-        model.CopyFrom(ir.to_proto(converted))
-        return model
-    opset = model.opset_imports.get("", ONNX_OPSET)
-    needed = set()
-    for node in nodes_of(model, op_type):
-        found = variant.of(node)
-        node.resize_inputs(len(found.inputs()))
-        node.overload = found.overload
-        needed.add(found.overload)
-    for name in sorted(needed):
-        if (DOMAIN, op_type, name) not in model.functions:
-            function = ir.serde.deserialize_function(body(variant.parse(name), opset=opset))
-            model.functions[function.identifier()] = function
-    if needed:
-        model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
-        model.ir_version = max(model.ir_version or 0, IR_VERSION)
-    return model
-
-
 def sparse_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
     """The BlockSparseLinear nodes of a model's main graph (NodeProtos or onnx_ir Nodes)."""
     return nodes_of(model, OP)
-
-
-def nodes_of(model: onnx.ModelProto | ir.Model | ir.Graph, op_type: str) -> list[Any]:
-    """The nodes of sparsec's op `op_type` in a model's main graph (NodeProtos or onnx_ir Nodes)."""
-    if isinstance(model, onnx.ModelProto):
-        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
-    graph = model.graph if isinstance(model, ir.Model) else model
-    return [n for n in graph if n.domain == DOMAIN and n.op_type == op_type]
 
 
 def stored_values(node: ir.Node) -> tuple[tuple[int, ...], ir.DataType, int, int] | None:
@@ -371,31 +334,6 @@ def _schema() -> OpSchema:
     return packed_schema(OP, "Y[..., N] = X[..., K] @ W^T + bias, W [N, K] as padded blocked-ELL blocks.",
                          ("output features", "input features"),
                          [OpSchema.Attribute("compute", OpSchema.AttrType.STRING, "fp32 or int8", required=False)])
-
-
-def packed_schema(op_type: str, doc: str, n_and_k: tuple[str, str], attributes: list[Any]) -> OpSchema:
-    """The schema of one of sparsec's ops on packed blocks: inputs X, values, block_cols, row_nnz,
-    bias and scales (the last two optional), output Y, attributes N and K (described by `n_and_k`)
-    and `attributes`."""
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
-    return OpSchema(
-        op_type, DOMAIN, DOMAIN_VERSION, doc=doc,
-        inputs=[param("X", "T"), param("values", "V"), param("block_cols", "tensor(int64)"),
-                param("row_nnz", "tensor(int64)"), param("bias", "T", param_option=optional),
-                param("scales", "T", param_option=optional)],
-        outputs=[param("Y", "T")],
-        type_constraints=[("T", ["tensor(float)"], "activations"),
-                          ("V", ["tensor(float)", "tensor(int8)"], "fp32 or int8 blocks")],
-        attributes=[OpSchema.Attribute("N", OpSchema.AttrType.INT, n_and_k[0]),
-                    OpSchema.Attribute("K", OpSchema.AttrType.INT, n_and_k[1]), *attributes])
-
-
-def onnxscript_op(schema: OpSchema) -> Any:
-    """The onnxscript Op that torch.onnx's translations call for one of sparsec's ops."""
-    import onnxscript
-
-    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), schema.name, schema)
 
 
 @functools.lru_cache(maxsize=1)
@@ -450,14 +388,10 @@ def compact_values(values: np.ndarray, row_nnz: np.ndarray, values_name: str
     return [node], inits
 
 
-def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, leading: int = 1,
-                       compact: bool = True, opset: int = ONNX_OPSET, activation: str = "",
-                       residual: bool = False, layer_norm: tuple[np.ndarray, np.ndarray, float] | None = None,
-                       name: str = "block_sparse_linear") -> onnx.ModelProto:
-    """A model y = BlockSparseLinear(x) with the weight as initializers; x is [d0.., K] with
-    `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values).
-    `activation` and `residual` add the epilogue; the residual is a second input "r" shaped like y;
-    `layer_norm` = (scale, bias, epsilon) normalises each output row."""
+def weight_initializers(packed: PackedBlocks, bias: np.ndarray | None, compact: bool
+                        ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A one-node model's weight as initializers W.values (compact_values when `compact`),
+    W.block_cols, W.row_nnz, W.scales (INT8) and bias: (the nodes that expand them, initializers)."""
     nodes: list[onnx.NodeProto] = []
     inits = [numpy_helper.from_array(packed.block_cols, "W.block_cols"),
              numpy_helper.from_array(packed.row_nnz, "W.row_nnz")]
@@ -470,6 +404,18 @@ def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, 
         inits.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "bias"))
     if packed.scales is not None:
         inits.append(numpy_helper.from_array(packed.scales, "W.scales"))
+    return nodes, inits
+
+
+def single_layer_model(packed: PackedBlocks, bias: np.ndarray | None = None, *, leading: int = 1,
+                       compact: bool = True, opset: int = ONNX_OPSET, activation: str = "",
+                       residual: bool = False, layer_norm: tuple[np.ndarray, np.ndarray, float] | None = None,
+                       name: str = "block_sparse_linear") -> onnx.ModelProto:
+    """A model y = BlockSparseLinear(x) with the weight as initializers; x is [d0.., K] with
+    `leading` dynamic leading dims. `compact` stores the values without padding slots (compact_values).
+    `activation` and `residual` add the epilogue; the residual is a second input "r" shaped like y;
+    `layer_norm` = (scale, bias, epsilon) normalises each output row."""
+    nodes, inits = weight_initializers(packed, bias, compact)
     node = make_node("x", "W.values", "W.block_cols", "W.row_nnz", "y", packed.N, packed.K,
                      bias="bias" if bias is not None else None,
                      scales="W.scales" if packed.scales is not None else None, activation=activation,
