@@ -34,6 +34,7 @@ def save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp" + path.suffix)
     fig.savefig(tmp)
     os.replace(tmp, path)
