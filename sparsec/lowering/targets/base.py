@@ -26,7 +26,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.fx as fx
 
-from sparsec.ir import LayerPlan
+from sparsec.ir import (ROLE_SITE_OP, ROLE_WEIGHT, LayerPlan, del_attr, get_attr_value, node_info, packed_name,
+                        set_attr_tensor, set_node_info)
 from sparsec.site import Site
 
 
@@ -65,6 +66,50 @@ class LoweringTarget:
         """The call_function nodes of this target's torch op."""
         op = self.torch_op()
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+    def replace_with_call(self, gm: fx.GraphModule, node: fx.Node, site: str, packed: Any,
+                          arguments: Callable[[dict[str, fx.Node]], tuple]) -> fx.Node:
+        """Store `packed`'s buffers (values, block_cols, row_nnz, scales when INT8) as attributes of
+        the site, replace `node` by a call of `torch_op()` on `arguments(getters)` (the buffers'
+        get_attr nodes by part), and drop the dense weight. Returns the call."""
+        tensors = {part: torch.from_numpy(getattr(packed, part)) for part in ("values", "block_cols", "row_nnz")}
+        if packed.scales is not None:
+            tensors["scales"] = torch.from_numpy(packed.scales)
+        graph = gm.graph
+        with graph.inserting_before(node):
+            getters = {}
+            for part, value in tensors.items():
+                target = packed_name(site, part)
+                set_attr_tensor(gm, target, value.contiguous(), parameter=False)
+                getters[part] = graph.get_attr(target)
+                set_node_info(getters[part], ROLE_WEIGHT, site, part)
+            call = graph.call_function(self.torch_op(), arguments(getters))
+        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        set_node_info(call, ROLE_SITE_OP, site, self.name)
+        node.replace_all_uses_with(call)
+        weight_nodes = [n for n in node.all_input_nodes if n.op == "get_attr" and n.target == site]
+        graph.erase_node(node)
+        for getter in weight_nodes:
+            if not getter.users:
+                graph.erase_node(getter)
+        del_attr(gm, site)
+        return call
+
+    def lowered_call(self, gm: fx.GraphModule, plan: LayerPlan) -> tuple[fx.Node | None, str]:
+        """The one call of `torch_op()` computing the plan's site, and what is wrong with its packed
+        buffers against its N (args[6]) and K (args[7]) ('' when nothing)."""
+        calls = [n for n in self.calls(gm) if (info := node_info(n)) is not None and info.site == plan.site]
+        if len(calls) != 1:
+            return None, f"lowered but {len(calls)} {self.name} calls compute it (expected one)"
+        node = calls[0]
+        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
+        n_out, k_in = node.args[6], node.args[7]
+        r, s, br, bc = values.shape
+        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
+                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
+            return node, (f"packed blocks are inconsistent: values {tuple(values.shape)}, block_cols "
+                          f"{tuple(cols.shape)}, row_nnz {tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")
+        return node, ""
 
     @staticmethod
     def check_packed_node(node: Any, inputs: tuple[str, ...], variant: Any, attached: bool) -> str:

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from sparsec.ir import (ROLE_SITE_OP, ROLE_WEIGHT, LayerPlan, del_attr, get_attr_value, node_info, packed_name,
-                        set_attr_tensor, set_node_info)
+from sparsec.ir import LayerPlan, get_attr_value
 from sparsec.lowering import block_format, conv_op, cost
 from sparsec.lowering.targets.base import LoweringTarget
 from sparsec.site import Site
@@ -138,44 +137,16 @@ class BlockSparseConvTarget(LoweringTarget):
         # INT8: int8 blocks with one scale per block, dequantized when the kernel packs them
         packed = block_format.pack(matrix, block=plan.block, int8=int8, per_row=False)
         args = conv_args(node)
-        tensors = {part: torch.from_numpy(getattr(packed, part)) for part in ("values", "block_cols", "row_nnz")}
-        if packed.scales is not None:
-            tensors["scales"] = torch.from_numpy(packed.scales)
-        graph = gm.graph
-        with graph.inserting_before(node):
-            getters = {}
-            for part, value in tensors.items():
-                target = packed_name(plan.site, part)
-                set_attr_tensor(gm, target, value.contiguous(), parameter=False)
-                getters[part] = graph.get_attr(target)
-                set_node_info(getters[part], ROLE_WEIGHT, plan.site, part)
-            call = graph.call_function(self.torch_op(), (
-                args["input"], getters["values"], getters["block_cols"], getters["row_nnz"], args.get("bias"),
-                getters.get("scales"), int(o), int(matrix.shape[1]), geometry(node, weight), ""))
-        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        set_node_info(call, ROLE_SITE_OP, plan.site, self.name)
-        node.replace_all_uses_with(call)
-        weight_nodes = [n for n in node.all_input_nodes if n.op == "get_attr" and n.target == plan.site]
-        graph.erase_node(node)
-        for getter in weight_nodes:
-            if not getter.users:
-                graph.erase_node(getter)
-        del_attr(gm, plan.site)
-        return call
+        return self.replace_with_call(gm, node, plan.site, packed, lambda get: (
+            args["input"], get["values"], get["block_cols"], get["row_nnz"], args.get("bias"), get.get("scales"),
+            int(o), int(matrix.shape[1]), geometry(node, weight), ""))
 
     # --------------------------------------------------------------------------- verify
     def check_lowered(self, gm: fx.GraphModule, plan: LayerPlan) -> str:
-        calls = [n for n in self.calls(gm) if (info := node_info(n)) is not None and info.site == plan.site]
-        if len(calls) != 1:
-            return f"lowered but {len(calls)} block_sparse_conv2d calls compute it (expected one)"
-        node = calls[0]
-        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
+        node, problem = self.lowered_call(gm, plan)
+        if node is None or problem:
+            return problem
         n_out, k_in, geo = node.args[6], node.args[7], node.args[8]
-        r, s, br, bc = values.shape
-        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
-                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
-            return (f"packed blocks are inconsistent: values {tuple(values.shape)}, block_cols "
-                    f"{tuple(cols.shape)}, row_nnz {tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")
         if not isinstance(geo, list) or len(geo) != 10 or k_in % (geo[0] * geo[1]):  # type: ignore[operator]
             return f"geometry {geo!r} does not describe a [{n_out}, {k_in}] convolution weight"
         return ""

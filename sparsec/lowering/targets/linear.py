@@ -21,15 +21,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from sparsec.ir import (ROLE_SITE_OP, ROLE_WEIGHT, LayerPlan, del_attr, get_attr_value, packed_name,
-                        set_attr_tensor, set_node_info)
+from sparsec.ir import LayerPlan, get_attr_value
 from sparsec.lowering import block_format, cost, onnx_op, torch_op
 from sparsec.lowering.targets.base import LoweringTarget
 from sparsec.site import Site
 from sparsec.site_ops import site_operand
-
-# packed buffers in the op's argument order (INT8 adds `scales`)
-PACKED = ("values", "block_cols", "row_nnz")
 
 
 class BlockSparseLinearTarget(LoweringTarget):
@@ -88,45 +84,13 @@ class BlockSparseLinearTarget(LoweringTarget):
         assert plan.block is not None
         packed = block_format.pack(matrix, block=plan.block, int8=int8, per_row=int8)
         x, bias = _operands(node, plan.op)
-        tensors = {part: torch.from_numpy(getattr(packed, part)) for part in PACKED}
-        if packed.scales is not None:
-            tensors["scales"] = torch.from_numpy(packed.scales)
-        with gm.graph.inserting_before(node):
-            getters = {}
-            for part, value in tensors.items():
-                target = packed_name(plan.site, part)
-                set_attr_tensor(gm, target, value.contiguous(), parameter=False)
-                getters[part] = gm.graph.get_attr(target)
-                set_node_info(getters[part], ROLE_WEIGHT, plan.site, part)
-            call = gm.graph.call_function(self.torch_op(), (
-                x, getters["values"], getters["block_cols"], getters["row_nnz"], bias,
-                getters.get("scales"), int(matrix.shape[0]), int(matrix.shape[1]), bool(int8)))
-        call.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        set_node_info(call, ROLE_SITE_OP, plan.site, self.name)
-        node.replace_all_uses_with(call)
-        weight_nodes = [n for n in node.all_input_nodes if n.op == "get_attr" and n.target == plan.site]
-        gm.graph.erase_node(node)
-        for wnode in weight_nodes:
-            gm.graph.erase_node(wnode)
-        del_attr(gm, plan.site)
-        return call
+        return self.replace_with_call(gm, node, plan.site, packed, lambda get: (
+            x, get["values"], get["block_cols"], get["row_nnz"], bias, get.get("scales"),
+            int(matrix.shape[0]), int(matrix.shape[1]), bool(int8)))
 
     # --------------------------------------------------------------------------- verify
     def check_lowered(self, gm: fx.GraphModule, plan: LayerPlan) -> str:
-        from sparsec.ir import node_info
-
-        calls = [n for n in self.calls(gm) if (info := node_info(n)) is not None and info.site == plan.site]
-        if len(calls) != 1:
-            return f"lowered but {len(calls)} block_sparse_linear calls compute it (expected one)"
-        node = calls[0]
-        values, cols, nnz = (get_attr_value(gm, str(a.target)) for a in node.args[1:4])  # type: ignore[union-attr]
-        n_out, k_in = node.args[6], node.args[7]
-        r, s, br, bc = values.shape
-        if (r != -(-n_out // br) or tuple(cols.shape) != (r, s) or tuple(nnz.shape) != (r,)  # type: ignore[operator]
-                or cols.dtype != torch.int64 or (cols.numel() and int(cols.max()) * bc >= k_in)):  # type: ignore[operator]
-            return (f"packed blocks are inconsistent: values {tuple(values.shape)}, block_cols "
-                    f"{tuple(cols.shape)}, row_nnz {tuple(nnz.shape)} for a [{n_out}, {k_in}] weight")
-        return ""
+        return self.lowered_call(gm, plan)[1]
 
     # ----------------------------------------------------------------------------- ONNX
     def onnx_translation(self) -> dict:

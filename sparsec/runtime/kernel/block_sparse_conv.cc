@@ -94,7 +94,6 @@ struct ConvJob {
   int64_t tiles;              // per image
   int64_t tiles_per_task, chunks;
   std::vector<int64_t> group_start;  // block-row groups
-  int64_t BR;
 };
 
 // Copies the rows of a tile buffer (MR x kTile, grid pixels q0..q0+npx; bias added) into Y, dropping
@@ -486,7 +485,6 @@ void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const flo
   job.act = act;
   job.residual = residual;
   job.y = y;
-  job.BR = w.BR;
   const int64_t kept = w.row_start[w.R];
   job.off.assign(static_cast<size_t>(kept * w.BC), 0);
   for (int64_t blk = 0; blk < kept; ++blk) {
