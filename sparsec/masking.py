@@ -46,7 +46,9 @@ def kept_grid(state: SiteState) -> torch.Tensor:
 def write(states: Sequence[SiteState], grids: Sequence[torch.Tensor]) -> None:
     """Expand each block grid to its weight's shape into the site's mask buffer."""
     for st, grid in zip(states, grids):
-        st.mask.copy_(blocks.expand(grid, st.site.shape, st.site.block))
+        full = blocks.expand(grid, st.site.shape, st.site.block)
+        # torch converts uint8 to float several times faster than bool (same bytes, 0 or 1)
+        st.mask.copy_(full.view(torch.uint8) if full.dtype == torch.bool else full)
 
 
 @torch.no_grad()

@@ -181,7 +181,9 @@ class Program(torch.nn.Module):
         if int(self.step_count) % self._schedule.every == 0:
             self.update_masks()
         for plan in self._groups:
-            self._methods[plan.index].after_step(self.site_states(plan.index), context)
+            method = self._methods[plan.index]
+            if method.acts_after_step():
+                method.after_step(self.site_states(plan.index), context)
 
     def step_reads_parameters(self) -> bool:
         """Whether the next `step()` reads or writes weights, scores, gradients or the optimizer's

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from sparsec.errors import TrainingError
+
 _BRACKET_MIN = 1 << 20   # below this many values a plain kthvalue is fast enough
-_SAMPLE = 1 << 16
+_SAMPLE = 1 << 18
 
 
 def top_v(importances: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor] | None, density: float,
@@ -43,55 +46,83 @@ def _uniform(sizes: Sequence[torch.Tensor]) -> bool:
 
 
 def topk_masks(values: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Masks of the k largest entries across `values` (ties broken by tensor order, then position)."""
+    """Masks of the k largest entries across `values` (ties broken by tensor order, then position).
+    A NaN is never kept; when fewer than k entries are numbers, that is an error (the density asked
+    cannot be reached)."""
     n = sum(v.numel() for v in values)
-    if k >= n:
+    if k >= n and not any(bool(torch.isnan(v).any()) for v in values):
         return [torch.ones_like(v, dtype=torch.bool) for v in values]
     if k <= 0:
         return [torch.zeros_like(v, dtype=torch.bool) for v in values]
-    threshold = kth_largest(values, k)
-    keeps = [v > threshold for v in values]
-    missing = k - sum(int(torch.count_nonzero(keep)) for keep in keeps)
-    for v, keep in zip(values, keeps):
+    arrays = [_host(v) for v in values]
+    threshold, above = kth_largest(arrays, k)
+    keeps = [_greater(v, a, threshold) for v, a in zip(values, arrays)]
+    missing = k - above
+    for a, keep in zip(arrays, keeps):
         if missing <= 0:
             break
-        tied = torch.nonzero(v.reshape(-1) == threshold).flatten()[:missing]
-        keep.view(-1)[tied] = True
-        missing -= tied.numel()
+        tied = np.flatnonzero(a == threshold)[:missing]
+        keep.view(-1)[torch.from_numpy(tied).to(keep.device)] = True
+        missing -= tied.size
+    if missing > 0:
+        nans = sum(int(torch.isnan(v).sum()) for v in values)
+        raise TrainingError(f"Top_v cannot keep {k} of {n} blocks: {nans} importance value(s) are NaN "
+                            f"(a NaN gradient reached the scores or weights?)")
     return keeps
 
 
-def kth_largest(values: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """The k-th largest entry across `values` (1 <= k <= total size)."""
-    n = sum(v.numel() for v in values)
+def _host(v: torch.Tensor) -> np.ndarray:
+    """The values as a flat float32 numpy array (no copy for a contiguous float32 CPU tensor)."""
+    return v.detach().reshape(-1).to("cpu", torch.float32).numpy()
+
+
+def _greater(v: torch.Tensor, host: np.ndarray, threshold: np.floating) -> torch.Tensor:
+    """v > threshold as a bool tensor on v's device (numpy's comparison on the CPU: torch's is
+    several times slower there)."""
+    if v.device.type == "cpu":
+        return torch.from_numpy(np.greater(host, threshold)).reshape(v.shape)
+    return v > float(threshold)
+
+
+def kth_largest(arrays: Sequence[np.ndarray], k: int) -> tuple[np.floating, int]:
+    """The k-th largest number across flat float32 `arrays` (1 <= k <= their size), and how many
+    entries are strictly larger. NaNs are never counted; an error when fewer than k numbers exist."""
+    n = sum(a.size for a in arrays)
     if n >= _BRACKET_MIN:
-        found = _bracketed(values, k, n)
+        found = _bracketed(arrays, k, n)
         if found is not None:
             return found
-    flat = torch.cat([v.reshape(-1) for v in values])
-    return torch.kthvalue(flat, n - k + 1).values
+    flat = np.concatenate(arrays)
+    flat = flat[~np.isnan(flat)]
+    if flat.size < k:
+        return np.float32(np.nan), 0      # topk_masks reports the NaNs
+    threshold = np.partition(flat, flat.size - k)[flat.size - k]
+    return threshold, int(np.count_nonzero(flat > threshold))
 
 
-def _bracketed(values: Sequence[torch.Tensor], k: int, n: int) -> torch.Tensor | None:
-    """Exact k-th largest, or None when the sample's bracket missed it (then the caller selects
-    over everything)."""
+def _bracketed(arrays: Sequence[np.ndarray], k: int, n: int) -> tuple[np.floating, int] | None:
+    """kth_largest through a bracket, or None when the sample's bracket missed the answer (then
+    the caller selects over everything)."""
     stride = max(1, n // _SAMPLE)
-    sample = torch.cat([v.reshape(-1)[::stride] for v in values]).sort().values
-    m = sample.numel()
+    sample = np.sort(np.concatenate([a[::stride] for a in arrays]))
+    m = sample.size
     q = 1.0 - k / n
     margin = 4.0 / m ** 0.5
     lo = sample[max(0, int((q - margin) * (m - 1)))]
     hi = sample[min(m - 1, int((q + margin) * (m - 1)) + 1)]
-    above = sum(int(torch.count_nonzero(v > hi)) for v in values)
+    if np.isnan(lo) or np.isnan(hi):
+        return None
+    above = sum(int(np.count_nonzero(a > hi)) for a in arrays)
     need = k - above
     if need < 1:
         return None
-    if bool(lo == hi):  # a tie spans the bracket (common early in training): hi is the answer
-        return hi if sum(int(torch.count_nonzero(v == hi)) for v in values) >= need else None
-    inside = torch.cat([v[(v >= lo) & (v <= hi)] for v in values])
-    if need > inside.numel():
+    if lo == hi:  # a tie spans the bracket (common early in training): hi is the answer
+        return (hi, above) if sum(int(np.count_nonzero(a == hi)) for a in arrays) >= need else None
+    inside = np.concatenate([a[(a >= lo) & (a <= hi)] for a in arrays])
+    if need > inside.size:
         return None
-    return torch.kthvalue(inside, inside.numel() - need + 1).values
+    threshold = np.partition(inside, inside.size - need)[inside.size - need]
+    return threshold, above + int(np.count_nonzero(inside > threshold))
 
 
 def _nearest_prefix(imps: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor], density: float,
