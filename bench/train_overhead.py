@@ -12,13 +12,17 @@ Target (DESIGN.md): sparse / dense <= 1.10.
 
 `--ddp`: the same under data parallelism, 2 CPU processes (gloo, one thread each, batch 8 per
 process): dense DDP against movement pruning wrapped as `sparsec compile` wraps it under torchrun
-(sparsec.training.backend.DistributedBackend). Both step their own model, interleaved, and rank 0
-reports the medians.
+(sparsec.training.backend.DistributedBackend: DDP all-reduces movement's G = dL/dW_eff alone and
+the score gradients are made from it after; `--reduce-scores` all-reduces both gradients instead).
+Both step their own model, interleaved, and rank 0 reports the medians and the median ratio of
+adjacent steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -38,9 +42,11 @@ def adamw(groups) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=3e-5)
 
 
-def steps(args: argparse.Namespace, batch: int, wrap=None):
+def steps(args: argparse.Namespace, batch: int, wrap=None, backend=None):
     """(dense step, movement step, Program) on a MiniLM-size BERT; `wrap(module, prog)` returns
-    the module to call (DDP), identity by default."""
+    the module to call (DDP), identity by default. With a training `backend`, the movement step
+    runs its forward pass in `backend.autocast()` and its optimizer step through `backend.step()`,
+    as the fine-pruning loop does."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -66,10 +72,16 @@ def steps(args: argparse.Namespace, batch: int, wrap=None):
         opt_dense.step()
         opt_dense.zero_grad()
 
+    params = [p for group in opt_sparse.param_groups for p in group["params"]]
+
     def sparse_step() -> None:
-        loss = torch.nn.functional.cross_entropy(sparse_call(ids).logits, labels) + prog.regularization()
+        with backend.autocast() if backend is not None else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(sparse_call(ids).logits, labels) + prog.regularization()
         loss.backward()
-        opt_sparse.step()
+        if backend is not None:
+            backend.step(opt_sparse, params, 0.0)
+        else:
+            opt_sparse.step()
         prog.step()
         opt_sparse.zero_grad()
 
@@ -86,10 +98,11 @@ def report(args: argparse.Namespace, times: dict, prog, what: str) -> None:
     print(f"dense step            {t_dense * 1000:8.1f} ms")
     print(f"movement step         {t_sparse * 1000:8.1f} ms")
     print(f"ratio                 {t_sparse / t_dense:8.3f}   (target <= 1.10)")
+    paired = median([s / d for s, d in zip(times["movement"], times["dense"])])
+    print(f"median paired ratio   {paired:8.3f}   (each movement step over the dense step next to it)")
 
 
 def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    import os
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -106,7 +119,7 @@ def ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace) -> No
     def wrap(module, probe):
         return DistributedDataParallel(module) if probe is None else backend.place(module, probe)
 
-    dense_step, sparse_step, prog = steps(args, 16 // world, wrap)
+    dense_step, sparse_step, prog = steps(args, 16 // world, wrap, backend)
 
     def synced(step):
         def run() -> None:
@@ -128,6 +141,9 @@ def main() -> None:
     parser.add_argument("--settle", type=int, default=10, help="sparse steps before timing")
     parser.add_argument("--ddp", action="store_true", help="2 CPU processes with DistributedDataParallel")
     parser.add_argument("--block", type=int, default=1, help="square block side of the scores (1: unstructured)")
+    parser.add_argument("--reduce-scores", action="store_true",
+                        help="with --ddp: DDP all-reduces the scores' gradients too (SPARSEC_DDP_REDUCE_SCORES=1) "
+                             "instead of G = dL/dW_eff alone")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.ddp:
@@ -138,6 +154,10 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        if args.reduce_scores:
+            from sparsec.training.distributed import REDUCE_SCORES_ENV
+
+            os.environ[REDUCE_SCORES_ENV] = "1"
         mp.spawn(ddp_worker, args=(2, port, args), nprocs=2, join=True)
         return
     dense_step, sparse_step, prog = steps(args, 16)

@@ -5,6 +5,10 @@ They are plain Python functions so that the printed IR reads as runnable Python,
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 
 from sparsec import blocks
@@ -23,6 +27,11 @@ class _StraightThrough(torch.autograd.Function):
               dL/dS = dL/dW_eff * W   (for every weight, masked ones included; summed per block
                                        when one score covers a block)
     Accumulated over training this gives S = -alpha_S * sum_t (dL/dW)_t * W_t (Eq 4).
+
+    Both gradients are linear in G = dL/dW_eff. Under data parallelism (inside
+    `deferred_score_gradients()`) the backward leaves G itself in W.grad and nothing for S, so that
+    DDP all-reduces G once instead of two tensors of the weight's size; `finish_deferred` then
+    applies both formulas to the all-reduced G.
     """
 
     @staticmethod
@@ -30,16 +39,53 @@ class _StraightThrough(torch.autograd.Function):
         ctx.save_for_backward(weight, mask)
         ctx.block = tuple(block)
         ctx.scores_shape = scores.shape
+        ctx.defer = _DEFER.get() and weight.requires_grad and scores.requires_grad
         return weight * mask
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if ctx.defer:
+            return grad, None, None, None
         weight, mask = ctx.saved_tensors
         grad_weight = grad * mask if ctx.needs_input_grad[0] else None
         grad_scores = None
         if ctx.needs_input_grad[2]:
-            grad_scores = blocks.block_reduce(grad * weight, ctx.block, "sum").reshape(ctx.scores_shape)
+            grad_scores = score_gradient(grad, weight, ctx.block).reshape(ctx.scores_shape)
         return grad_weight, None, grad_scores, None
+
+
+_DEFER: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsec_defer_score_gradients", default=False)
+
+
+@contextlib.contextmanager
+def deferred_score_gradients() -> Iterator[None]:
+    """Forward passes inside leave the straight-through gradient G = dL/dW_eff unmasked in W.grad
+    and none in S.grad (for sites whose weight and scores both train); `finish_deferred` must
+    follow the backward pass."""
+    token = _DEFER.set(True)
+    try:
+        yield
+    finally:
+        _DEFER.reset(token)
+
+
+def score_gradient(grad: torch.Tensor, weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """dL/dS = dL/dW_eff * W, summed over each block (movement pruning Eq 2), as a block grid."""
+    return blocks.block_reduce(grad * weight, block, "sum")
+
+
+@torch.no_grad()
+def finish_deferred(weight: torch.nn.Parameter, mask: torch.Tensor, scores: torch.nn.Parameter,
+                    block: tuple[int, int]) -> None:
+    """After a backward pass in `deferred_score_gradients()` (and its all-reduce): W.grad holds G;
+    add dL/dS = G * W (per block) to S.grad and leave dL/dW = G * M in W.grad, the gradients the
+    plain backward gives."""
+    grad = weight.grad
+    if grad is None:
+        return
+    extra = score_gradient(grad, weight, block).reshape(scores.shape)
+    scores.grad = extra if scores.grad is None else scores.grad.add_(extra)
+    grad.mul_(mask)
 
 
 def straight_through_mask(weight: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,

@@ -73,8 +73,10 @@ def kill_all(marker: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def torchrun(*args: object, **popen) -> subprocess.Popen:
+def torchrun(*args: object, reduce_scores: bool = False, **popen) -> subprocess.Popen:
     env = dict(os.environ, SPARSEC_CHECK_RANKS="1", OMP_NUM_THREADS="1")
+    if reduce_scores:
+        env[distributed.REDUCE_SCORES_ENV] = "1"
     return subprocess.Popen([*TORCHRUN, "--master_port", str(free_port()), "-m", "sparsec", "compile",
                              *map(str, args), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
@@ -82,21 +84,22 @@ def torchrun(*args: object, **popen) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`runs(method, parallel)`: the folder of a finished 2-process run (run once per module)."""
-    done: dict[tuple[str, str], Path] = {}
+    """`runs(method, parallel, reduce_scores)`: the folder of a finished 2-process run (run once per
+    module); `reduce_scores`: DDP all-reduces the scores' gradients too, as FSDP does."""
+    done: dict[tuple[str, str, bool], Path] = {}
 
-    def run(method: str, parallel: str) -> Path:
-        if (method, parallel) not in done:
+    def run(method: str, parallel: str, reduce_scores: bool = False) -> Path:
+        if (method, parallel, reduce_scores) not in done:
             folder = tmp_path_factory.mktemp(f"{method}-{parallel}")
             model, spec = write_case(folder / "case", method, parallel=parallel)
             out = folder / "out"
-            proc = torchrun(model, "--spec", spec, "-o", out)
+            proc = torchrun(model, "--spec", spec, "-o", out, reduce_scores=reduce_scores)
             stdout, stderr = proc.communicate(timeout=600)
             assert proc.returncode == 0, stderr[-3000:]
             assert stdout.count("wrote ") == 1 and "steps trained 20" in stdout  # rank 0 alone reports
             assert sorted(p.name for p in folder.iterdir()) == ["case", "out"]  # one OUT, no leftovers
-            done[method, parallel] = out
-        return done[method, parallel]
+            done[method, parallel, reduce_scores] = out
+        return done[method, parallel, reduce_scores]
     return run
 
 
@@ -115,8 +118,10 @@ def test_fsdp_trains_exactly_as_ddp(method, runs):
     """FSDP2 shards parameters, gradients and optimizer state; sparsec gathers them whole for
     prog.step() (mask updates, pins' optimizer update, dynsparse's moment resets, lm's estimates)
     and checkpoints. On two gloo processes the reduction is the same average as DDP's, so every
-    tensor of the run (weights, scores, masks, method state, optimizer state) is bit-identical."""
-    ddp, fsdp = runs(method, "ddp"), runs(method, "fsdp")
+    tensor of the run (weights, scores, masks, method state, optimizer state) is bit-identical.
+    (FSDP reduces the scores' gradients as such, so the DDP run compared does too; by default DDP
+    all-reduces movement's G = dL/dW_eff alone, see test_ddp_all_reduces_g_once_for_movement.)"""
+    ddp, fsdp = runs(method, "ddp", reduce_scores=True), runs(method, "fsdp")
     assert_same_training(ddp, fsdp)
     assert json.loads((fsdp / "train_state.json").read_text())["layout"] == "fsdp"
 
@@ -149,6 +154,64 @@ def test_the_mask_check_stops_on_a_difference(tmp_path):
             in message
 
 
+def _gradients(rank: int, world: int, store: str, result: str) -> None:
+    """Rank `rank` of the deferred-gradient check: the same Program twice, once under DDP as it
+    comes (both gradients all-reduced), once placed by DistributedBackend; each process feeds its
+    own batch; the gradients after the all-reduce are saved for the parent."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        import sparsec
+        from sparsec.spec import TrainSpec
+        from sparsec.training.backend import DistributedBackend
+        from tests.helpers import mlp, mlp_input, spec_dict
+
+        torch.set_num_threads(1)
+        spec = spec_dict(["fc*"], method="movement", density=0.5, block=(2, 2))
+        x = mlp_input(batch=4, seed=10 + rank)
+        grads = {}
+        for kind in ("plain", "deferred"):
+            prog = sparsec.compile(mlp(0), spec, (mlp_input(),))
+            with torch.no_grad():
+                for scores in prog.scores().values():   # distinct scores: a mask worth the name
+                    scores.copy_(torch.randn(scores.shape, generator=torch.Generator().manual_seed(3)))
+            prog.update_masks()
+            if kind == "plain":
+                placed, backend = torch.nn.parallel.DistributedDataParallel(prog), None
+            else:
+                backend = DistributedBackend(TrainSpec(steps=1, device="cpu"))
+                placed = backend.place(prog, lambda: prog(x).square().mean())
+                assert sorted(placed.parameters_to_ignore) == sorted(f"module.{n}_scores" for n in prog.scores())
+            with backend.autocast() if backend else contextlib.nullcontext():
+                loss = placed(x).square().mean()
+            loss.backward()
+            if backend:
+                backend.finish_gradients()
+            grads[kind] = {n: p.grad.clone() for n, p in prog.named_parameters()}
+        torch.save(grads, f"{result}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+def test_ddp_all_reduces_g_once_for_movement(tmp_path):
+    """Movement's two gradients are both linear in G = dL/dW_eff (Eq 2): DistributedBackend has DDP
+    all-reduce G alone in the weight's gradient (half the bytes) and applies the formulas after.
+    The result equals DDP's plain all-reduce of both: the weights' gradients bit for bit, the
+    scores' up to float rounding (avg(G) * W vs avg(G * W)), and identical on both processes."""
+    mp.spawn(_gradients, args=(2, str(tmp_path / "store"), str(tmp_path / "grads")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"grads.{r}", weights_only=True) for r in (0, 1)]
+    for grads in ranks:
+        plain, deferred = grads["plain"], grads["deferred"]
+        assert plain.keys() == deferred.keys() and any("scores" in n for n in plain)
+        for name in plain:
+            if "scores" in name:
+                torch.testing.assert_close(deferred[name], plain[name], rtol=1e-5, atol=1e-7)
+                assert deferred[name].abs().sum() > 0
+            else:
+                assert torch.equal(deferred[name], plain[name]), name
+    for name in ranks[0]["deferred"]:
+        assert torch.equal(ranks[0]["deferred"][name], ranks[1]["deferred"][name]), name
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_killed_and_resumed_on_two_processes_is_bit_identical(parallel, tmp_path, runs):
     slow_model, slow_spec = write_case(tmp_path / "slow", "movement", delay=0.004, checkpoint_every=5,
@@ -167,7 +230,7 @@ def test_killed_and_resumed_on_two_processes_is_bit_identical(parallel, tmp_path
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed after step 10" in stdout
-    assert_same_training(runs("movement", "ddp"), out)
+    assert_same_training(runs("movement", parallel), out)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

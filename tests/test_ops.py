@@ -8,6 +8,9 @@ Magnitude pruning: W_eff = W * M, so dL/dW = g * M and nothing flows anywhere el
 """
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
 from sparsec import ops
@@ -106,3 +109,48 @@ def test_dense_gradient_mask_passes_the_gradient_to_pruned_weights():
     torch.testing.assert_close(out, w.detach() * m)
     out.backward(g)
     torch.testing.assert_close(w.grad, g)
+
+
+@pytest.mark.parametrize("shape, block", [((2, 3), (1, 1)), ((2, 3), (1, 3)), ((5, 3), (2, 2)), ((4, 6), (2, 1))])
+def test_deferred_gradients_once_finished_equal_the_plain_ones(shape, block):
+    """Under data parallelism the backward leaves G = dL/dW_eff in W.grad (what DDP all-reduces)
+    and `finish_deferred` applies Eq 2 after: the same gradients as the plain backward, bit for
+    bit, a score gradient already there (a regularizer's) included, over two accumulated passes."""
+    gen = torch.Generator().manual_seed(sum(shape) + block[0])
+    weight = torch.randn(shape, generator=gen)
+    mask = (torch.rand(shape, generator=gen) > 0.5).float()
+    grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    grads = [torch.randn(shape, generator=gen) for _ in range(2)]
+    regularizer = torch.randn(grid, generator=gen)
+
+    def run(deferred: bool):
+        w = weight.clone().requires_grad_(True)
+        s = torch.zeros(grid).requires_grad_(True)
+        for g in grads:
+            with ops.deferred_score_gradients() if deferred else contextlib.nullcontext():
+                out = ops.straight_through_mask(w, mask, s, block)
+            (out * g).sum().backward()
+            (s * regularizer).sum().backward()
+        if deferred:
+            assert torch.equal(w.grad, grads[0] + grads[1])   # G itself: nothing masked yet
+            assert torch.equal(s.grad, 2 * regularizer)        # only what did not come through G
+            ops.finish_deferred(w, mask, s, block)
+        return w.grad, s.grad
+
+    plain_w, plain_s = run(False)
+    done_w, done_s = run(True)
+    assert torch.equal(done_w, plain_w)
+    torch.testing.assert_close(done_s, plain_s, rtol=1e-6, atol=1e-6)   # (g1 + g2) * W vs g1 * W + g2 * W
+
+
+def test_a_frozen_weight_or_frozen_scores_keep_the_plain_gradient():
+    for w_grad, s_grad in ((False, True), (True, False)):
+        w = W.clone().requires_grad_(w_grad)
+        s = torch.zeros(2, 3).requires_grad_(s_grad)
+        with ops.deferred_score_gradients():
+            out = ops.straight_through_mask(w, M, s, (1, 1))
+        out.backward(G)
+        if w_grad:
+            assert torch.equal(w.grad, G * M)
+        else:
+            assert torch.equal(s.grad, G * W)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 
+from sparsec import ops
 from sparsec.errors import TrainingError
 from sparsec.training import distributed, fullview
 
@@ -178,6 +179,8 @@ class DistributedBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.check = distributed.check_requested(train)
+        self._deferred: list[str] = []   # sites whose score gradient is made from the all-reduced G
+        self._prog: Any = None
 
     @property
     def rank(self) -> int:  # type: ignore[override]
@@ -198,8 +201,35 @@ class DistributedBackend(Backend):
         # forward (which would also hide a divergence).
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
                           else {"broadcast_buffers": False})
+        self._prog, self._deferred = prog, distributed.deferrable_sites(prog)
+        if self._deferred:
+            # DDP all-reduces G = dL/dW_eff in the weight's gradient; the scores' gradients are made
+            # from it after the all-reduce (sparsec.ops.finish_deferred), so DDP leaves them out
+            scores = {id(prog.state_of(name).scores) for name in self._deferred}
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                prog, [n for n, p in prog.named_parameters() if id(p) in scores])
         return DistributedDataParallel(prog, device_ids=ids, find_unused_parameters=self._unused(prog, probe),
                                        **no_buffer_sync)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self._deferred:
+            return super().autocast()
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().autocast())
+        stack.enter_context(ops.deferred_score_gradients())
+        return stack
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+             max_grad_norm: float) -> None:
+        self.finish_gradients()   # before unscaling and clipping: both formulas are linear in G
+        super().step(optimizer, params, max_grad_norm)
+
+    def finish_gradients(self) -> None:
+        """After the backward passes of a step (and DDP's all-reduce): the weights' and scores'
+        gradients of the sites whose forward left G = dL/dW_eff in W.grad."""
+        for name in self._deferred:
+            st = self._prog.state_of(name)
+            ops.finish_deferred(st.weight, st.mask, st.scores, st.site.block)
 
     def _unused(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None) -> bool:
         """Whether some trainable parameter gets no gradient from the loss (a pooler the loss does
@@ -210,7 +240,8 @@ class DistributedBackend(Backend):
         generators = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         try:
             self.backward(probe())
-            unused = any(p.grad is None for p in prog.parameters() if p.requires_grad)
+            ignored = {id(prog.state_of(name).scores) for name in self._deferred}
+            unused = any(p.grad is None for p in prog.parameters() if p.requires_grad and id(p) not in ignored)
         finally:
             for p in prog.parameters():
                 p.grad = None
@@ -281,6 +312,7 @@ class ShardedBackend(DistributedBackend):
         from torch.distributed.fsdp import fully_shard
 
         prog.to(self.device)
+        self._prog, self._deferred = prog, []   # gradients are reduce-scattered in shards: all of them
         # Sharding draws from the random generators (the device mesh's set-up): keep them as they
         # were, so that a run under fsdp draws what the same run under ddp does.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -32,10 +32,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from sparsec import ops
 from sparsec.errors import TrainingError
 
 CHECK_ENV = "SPARSEC_CHECK_RANKS"
+REDUCE_SCORES_ENV = "SPARSEC_DDP_REDUCE_SCORES"
 
 
 def active() -> bool:
@@ -107,3 +110,23 @@ def check_masks(prog: Any) -> None:
         raise TrainingError(f"masks differ across processes after step {int(prog.step_count)}: site "
                             f"{site!r} on rank {dist.get_rank()} and rank {other_rank} (a method's "
                             f"selection is not deterministic under data parallelism)")
+
+
+def deferrable_sites(prog: Any) -> list[str]:
+    """The sites whose score gradient DDP need not all-reduce: movement pruning's straight-through
+    gradients (dL/dW = G * M, dL/dS = G * W, Eq 2) are both linear in G = dL/dW_eff, so all-reducing
+    G alone (in the weight's gradient) and applying both formulas after gives the same average
+    with one tensor of the weight's size on the wire instead of two (up to float rounding: the
+    scores' gradient is G's average times W rather than the average of G * W). Sites whose weight
+    or scores are frozen keep the plain gradients. None when SPARSEC_DDP_REDUCE_SCORES is set
+    (DDP then all-reduces both gradients, as FSDP does, e.g. to compare the two bit for bit)."""
+    if os.environ.get(REDUCE_SCORES_ENV, "").strip() not in ("", "0") or \
+            not hasattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model"):
+        return []
+    names = []
+    for st in prog.site_states():
+        method = prog.method(st.site.group)
+        if method.mask_module(st.site) is None and method.mask_op() is ops.straight_through_mask \
+                and st.scores is not None and st.weight.requires_grad and st.scores.requires_grad:
+            names.append(st.site.name)
+    return names
