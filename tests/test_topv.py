@@ -149,3 +149,27 @@ def test_large_tensor_with_many_ties_exact_and_by_position():
     (mask,) = top_v([x], None, 0.3)
     assert int(mask.sum()) == k
     assert torch.equal(mask, stable_top(x, k))
+
+
+@pytest.mark.parametrize("n", [1000, (1 << 20) + 7])
+def test_a_nan_importance_is_never_kept_and_the_count_stays_exact(n):
+    """Small (one selection) and large (bracketed) paths alike: NaN ranks below every number."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    nans = torch.arange(0, n, 97)
+    x[nans] = float("nan")
+    k = round(0.3 * n)
+    (mask,) = top_v([x], None, 0.3)
+    assert int(mask.sum()) == k and not mask[nans].any()
+    numbers = torch.nan_to_num(x, nan=float("-inf"))
+    assert torch.equal(mask, stable_top(numbers, k))
+
+
+def test_too_few_numbers_for_the_density_is_an_error_not_a_smaller_mask():
+    from sparsec.errors import TrainingError
+
+    x = torch.full((10,), float("nan"))
+    x[:2] = 1.0
+    with pytest.raises(TrainingError, match="cannot keep 5 of 10 blocks: 8 importance value"):
+        top_v([x], None, 0.5)
+    with pytest.raises(TrainingError, match="NaN"):
+        top_v([torch.full((4,), float("nan"))], None, 1.0)
