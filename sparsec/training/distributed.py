@@ -4,8 +4,9 @@ what sparsec's own state needs on top.
     torchrun --nproc_per_node 2 -m sparsec compile model.py --spec spec.toml -o OUT
 
 Every process captures the same graph, builds the same Program and reads its own shard of
-`train_data()`. DDP all-reduces the gradients of weights and scores, so every process takes the same
-optimizer step; masks are then recomputed on every process from identical inputs (scores, weights,
+`train_data()`. DDP all-reduces the gradients of weights and scores (for movement pruning, G =
+dL/dW_eff alone, from which both are made after: `deferrable_sites`), so every process takes the
+same optimizer step; masks are then recomputed on every process from identical inputs (scores, weights,
 all-reduced gradients and Fisher estimates, and seeded generators for random choices), so they are
 identical without being broadcast (DDP runs with `broadcast_buffers=False`). `check_masks` (the
 spec's `train.check_ranks`, or `SPARSEC_CHECK_RANKS=1`) compares a hash of every mask across
