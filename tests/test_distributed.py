@@ -154,7 +154,7 @@ def test_the_mask_check_stops_on_a_difference(tmp_path):
             in message
 
 
-def _gradients(rank: int, world: int, store: str, result: str) -> None:
+def _gradients(rank: int, world: int, store: str, result: str, method: str) -> None:
     """Rank `rank` of the deferred-gradient check: the same Program twice, once under DDP as it
     comes (both gradients all-reduced), once placed by DistributedBackend; each process feeds its
     own batch; the gradients after the all-reduce are saved for the parent."""
@@ -166,7 +166,7 @@ def _gradients(rank: int, world: int, store: str, result: str) -> None:
         from tests.helpers import mlp, mlp_input, spec_dict
 
         torch.set_num_threads(1)
-        spec = spec_dict(["fc*"], method="movement", density=0.5, block=(2, 2))
+        spec = spec_dict(["fc*"], method=method, density=0.5, block=(2, 2))
         x = mlp_input(batch=4, seed=10 + rank)
         grads = {}
         for kind in ("plain", "deferred"):
@@ -182,7 +182,7 @@ def _gradients(rank: int, world: int, store: str, result: str) -> None:
                 placed = backend.place(prog, lambda: prog(x).square().mean())
                 assert sorted(placed.parameters_to_ignore) == sorted(f"module.{n}_scores" for n in prog.scores())
             with backend.autocast() if backend else contextlib.nullcontext():
-                loss = placed(x).square().mean()
+                loss = placed(x).square().mean() + prog.regularization()   # soft movement's reaches S alone
             loss.backward()
             if backend:
                 backend.finish_gradients()
@@ -192,12 +192,13 @@ def _gradients(rank: int, world: int, store: str, result: str) -> None:
         distributed.shutdown()
 
 
-def test_ddp_all_reduces_g_once_for_movement(tmp_path):
+@pytest.mark.parametrize("method", ["movement", "soft_movement"])
+def test_ddp_all_reduces_g_once_for_movement(method, tmp_path):
     """Movement's two gradients are both linear in G = dL/dW_eff (Eq 2): DistributedBackend has DDP
     all-reduce G alone in the weight's gradient (half the bytes) and applies the formulas after.
     The result equals DDP's plain all-reduce of both: the weights' gradients bit for bit, the
     scores' up to float rounding (avg(G) * W vs avg(G * W)), and identical on both processes."""
-    mp.spawn(_gradients, args=(2, str(tmp_path / "store"), str(tmp_path / "grads")), nprocs=2, join=True)
+    mp.spawn(_gradients, args=(2, str(tmp_path / "store"), str(tmp_path / "grads"), method), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"grads.{r}", weights_only=True) for r in (0, 1)]
     for grads in ranks:
         plain, deferred = grads["plain"], grads["deferred"]
