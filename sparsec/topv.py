@@ -9,7 +9,9 @@ is exact to within one block. Ties are broken by (tensor order, position), deter
 The k-th largest value over many tensors is found without concatenating them: a strided sample
 brackets it, what lies above the bracket is counted, and the exact value is selected inside the
 bracket. That is a few linear passes instead of a selection over every element, which keeps
-mask recomputation at every step cheap on large models.
+mask recomputation at every step cheap on large models. The passes run in numpy on the tensors'
+memory: on the CPU torch's boolean comparisons and masked selection are several times slower.
+A NaN importance is never kept.
 """
 from __future__ import annotations
 

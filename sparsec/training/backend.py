@@ -169,7 +169,10 @@ class LocalBackend(Backend):
 
 class DistributedBackend(Backend):
     """One process of several: DDP around the Program, gradients all-reduced by DDP, evaluation
-    statistics and Fisher estimates all-reduced here, masks checked across processes on request."""
+    statistics and Fisher estimates all-reduced here, masks checked across processes on request.
+    For movement pruning's sites DDP all-reduces G = dL/dW_eff alone (in the weight's gradient; the
+    forward runs in `ops.deferred_score_gradients()`), and `step()` makes both gradients from it
+    first (sparsec.training.distributed.deferrable_sites)."""
 
     name = "ddp"
 
