@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import re
 import sys
 import traceback
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from sparsec.errors import SpecError, UserError
+from sparsec.errors import ModelFileError, SpecError, UserError
 from sparsec.pipeline import STAGES
 from sparsec.text import EscapingStream, escaped, format_table, plural
 
@@ -312,9 +313,25 @@ def printable(text: str) -> str:
 
 
 def _error_lines(exc: UserError) -> list[str]:
-    if isinstance(exc, SpecError):
-        return [printable(line) for line in exc.errors] or ["invalid spec"]
-    return [printable(str(exc)) or type(exc).__name__]
+    lines = ([printable(line) for line in exc.errors] or ["invalid spec"]) if isinstance(exc, SpecError) \
+        else [printable(str(exc)) or type(exc).__name__]
+    rank = _launched_rank()
+    if rank is None:
+        return lines
+    if isinstance(exc, (SpecError, ModelFileError)):
+        # every process of a torchrun launch read the same files and found the same: one says it
+        return lines if rank == 0 else []
+    return [f"[rank {rank}] {line}" for line in lines]
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started it as one of several, else None."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return None
+    return None
 
 
 def _quiet_libraries() -> None:

@@ -80,6 +80,25 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_under_torchrun_the_first_process_alone_reports_a_spec_error_and_others_name_their_rank(
+        sparsec_cli, tmp_path, monkeypatch):
+    """Every process of `torchrun -m sparsec compile` reads the same spec and model file: their
+    errors are reported once (rank 0); any other error says which process hit it."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[prune]]\ntargets = 3\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = sparsec_cli("validate", bad)
+        assert code == 2 and ("prune[0].targets" in err) == (rank == "0"), err
+        assert err.strip() if rank == "0" else err == "", err
+    for name in ("MASTER_ADDR", "MASTER_PORT"):   # a launcher's environment, half set by hand
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = sparsec_cli("compile", TINY, "--spec", SPEC, "-o", tmp_path / "out")
+    assert code == 2 and err.startswith("sparsec: error: [rank 1] cannot start the gloo process group"), err
+    assert "MASTER_ADDR" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------- compile
 def test_dry_run_lists_sites_and_left_out_weights_and_writes_nothing(sparsec_cli, tmp_path):
     out = tmp_path / "out"

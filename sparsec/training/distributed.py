@@ -68,7 +68,13 @@ def init_from_env(device: str = "auto") -> bool:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    try:
+        dist.init_process_group(backend)
+    except (ValueError, RuntimeError) as exc:   # a launcher environment without MASTER_ADDR, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"cannot start the {backend} process group from the launcher's environment "
+                            f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')}): {first}; launch with torchrun") from exc
     return True
 
 
