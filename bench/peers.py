@@ -3,7 +3,7 @@ quantization of the dense model, sparsec's file in fp32 and INT8 on sparsec's ke
 onnxruntime (function bodies), and DeepSparse when a Python that holds it is given.
 
     .venv/bin/python bench/peers.py [--model bert|linear] [--rounds 5] [--repeats 20] [--threads 2]
-                                    [--block 32x32] [--density 0.1]
+                                    [--block 32x32] [--density 0.1] [--balanced]
                                     [--deepsparse-python /path/to/venv/bin/python] [--out DIR]
 
 `bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
@@ -79,8 +79,8 @@ def build(kind: str):
     return model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: float = DENSITY
-                 ) -> dict[str, Path]:
+def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: float = DENSITY,
+                 balanced: bool = False) -> dict[str, Path]:
     """Prune with sparsec, export the fp32 and INT8 sparse files and the dense file, quantize the
     dense one with onnxruntime; the PyTorch reference output goes to reference.npy."""
     import sparsec
@@ -92,7 +92,7 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     targets = (["0.weight"] if kind == "linear" or kind in CONVS else ["*convolution.weight"] if kind == "resnet50"
                else ["encoder.layer.*.weight"])
     spec = {"prune": [{"targets": targets, "method": "magnitude", "density": density, "scope": "local",
-                       "block": list(block)}]}
+                       "block": list(block), "balanced": balanced}]}
     prog = sparsec.compile(model, spec, args, kwargs)
     prog.eval()
     files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--block", default="x".join(map(str, BLOCK)),
                         help="block shape of the masks, e.g. 32x32, 16x1, 1x16, 1x1 (unstructured)")
     parser.add_argument("--density", type=float, default=DENSITY)
+    parser.add_argument("--balanced", action="store_true",
+                        help="every block row keeps the same number of blocks (`balanced = true`)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     block = tuple(int(v) for v in args.block.lower().split("x"))
@@ -162,7 +164,7 @@ def main() -> None:
         parser.error(f"--block {args.block!r}: expected two positive sizes like 32x32")
     out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
     out.mkdir(parents=True, exist_ok=True)
-    files = export_files(args.model, out, block, args.density)
+    files = export_files(args.model, out, block, args.density, args.balanced)
     words = [w.strip() for w in args.engines.split(",") if w.strip()]
     engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items() if key in files
                and (not words or name == "dense onnxruntime fp32" or any(w in name for w in words))}
@@ -196,7 +198,8 @@ def main() -> None:
         summary[name] = {"median_ms": median, "per_process_ms": times, "speedup": dense_ms / median,
                          "error_rel": error}
     print(f"\nmachine: {machine()}")
-    print(f"model: {args.model}, density {args.density} in {block[0]}x{block[1]} blocks (local magnitude), "
+    print(f"model: {args.model}, density {args.density} in {block[0]}x{block[1]} blocks (local magnitude"
+          f"{', balanced rows' if args.balanced else ''}), "
           f"{args.threads} threads, {args.rounds} processes per engine x {args.repeats} timed calls\n")
     print("| engine | median ms | per-process min-max | vs dense fp32 | max error / output scale | note |")
     print("|---|---|---|---|---|---|")
@@ -204,6 +207,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     (out / "peers.json").write_text(json.dumps({"machine": machine(), "model": args.model,
                                                 "block": list(block), "density": args.density,
+                                                "balanced": args.balanced,
                                                 "threads": args.threads, "engines": summary}, indent=1))
     print(f"\nwrote {out / 'peers.json'}")
 
