@@ -109,7 +109,8 @@ TRAIN_FIELDS = {
                     "freezes the embeddings, section 5: `[\"*embeddings*\"]`). Each glob must match "
                     "a parameter; a frozen site is still pruned by its method.", default=[]),
     "optimizer": Field("str", "`adamw` (Adam with decoupled weight decay), `adam` (weight decay "
-                       "added to the gradient) or `sgd` (with `momentum`).", default="adamw",
+                       "added to the gradient) or `sgd` (with `momentum`). Adam runs torch's fused implementation "
+                       "on CPU and CUDA.", default="adamw",
                        choices=("adamw", "adam", "sgd")),
     "weight_decay": Field("float", "Weight decay coefficient of the optimizer.", default=0.0, ge=0),
     "momentum": Field("float", "Momentum of `sgd`; ignored by adam and adamw.", default=0.0, ge=0, lt=1),

@@ -20,13 +20,28 @@ def make_optimizer(prog: Any, train: Any) -> torch.optim.Optimizer:
     groups = [{"params": model_params, "lr": train.lr, "weight_decay": train.weight_decay}]
     if score_params:
         groups.append({"params": score_params, "lr": train.score_lr, "weight_decay": 0.0})
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr)
-    if train.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=train.lr)
+    if train.optimizer in ("adamw", "adam"):
+        return _fused_where_possible(torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam,
+                                     groups, train.lr)
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     raise TrainingError(f"unknown optimizer {train.optimizer!r} (allowed: adamw, adam, sgd)")
+
+
+def _fused_where_possible(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]],
+                          lr: float) -> torch.optim.Optimizer:
+    """torch's fused implementation (one kernel over every tensor: on the CPU about 3x faster than
+    the default per-tensor loop, which matters with one score per weight) when every parameter is
+    a floating-point CPU or CUDA tensor (FSDP's sharded DTensors included, so that a run under FSDP
+    computes what the same run under DDP does); the default implementation otherwise. The two
+    compute Adam's update and may differ in the last bit."""
+    params = [p for group in groups for p in group["params"]]
+    if all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params):
+        try:
+            return cls(groups, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):   # a torch without it for this device or dtype
+            pass
+    return cls(groups, lr=lr)
 
 
 @contextlib.contextmanager
