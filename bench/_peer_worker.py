@@ -18,10 +18,13 @@ WARMUP = 5
 
 def runner(runtime: str, file: str, threads: int, feeds: dict):
     if runtime == "deepsparse":
+        import onnx
         from deepsparse import compile_model
 
-        engine = compile_model(file, batch_size=1, num_cores=threads)
-        order = [feeds[name] for name in feeds]
+        graph = onnx.load(file, load_external_data=False).graph
+        stored = {t.name for t in graph.initializer}
+        order = [feeds[i.name] for i in graph.input if i.name not in stored]   # its inputs, in order
+        engine = compile_model(file, batch_size=int(order[0].shape[0]), num_cores=threads)
         return (lambda: engine(order)), "deepsparse " + getattr(__import__("deepsparse"), "__version__", "")
     import onnxruntime as ort
 

@@ -31,7 +31,8 @@ engine's output on the timed input is compared with the PyTorch program (fp32 wi
 output scale; INT8's error is reported).
 
 DeepSparse 1.8 (end of life) installs from the registry as `deepsparse==1.8.0` on Python 3.11: a
-benchmark-only peer, never a dependency of sparsec. It runs the dense file with the pruned zeros.
+benchmark-only peer, never a dependency of sparsec. It runs the pruned model as a dense file with the
+zeros baked in, exported for it by torch.onnx at opset 18 and ONNX IR 9 (what its onnxruntime reads).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def build(kind: str):
 
 
 def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: float = DENSITY,
-                 balanced: bool = False) -> dict[str, Path]:
+                 balanced: bool = False, deepsparse: bool = False) -> dict[str, Path]:
     """Prune with sparsec, export the fp32 and INT8 sparse files and the dense file, quantize the
     dense one with onnxruntime; the PyTorch reference output goes to reference.npy."""
     import sparsec
@@ -107,6 +108,9 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     # MatMul/Gemm only: onnxruntime's QAttention does not take the opset-23 Attention node
     quantize_dynamic(str(files["dense"]), str(files["dense_int8"]), weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul", "Gemm"])
+    if deepsparse:   # its onnxruntime reads ONNX IR <= 9, opsets without Attention
+        files["dense_deepsparse"] = out / "dense.deepsparse.onnx"
+        export_for_deepsparse(prog.finalize(), args, kwargs, files["dense_deepsparse"])
     with torch.no_grad():
         result = prog.finalize()(*args, **kwargs)
     reference = result if isinstance(result, torch.Tensor) else result[0]
@@ -118,6 +122,17 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
         {k: v.numpy() for k, v in kwargs.items() if k in names}
     np.savez(out / "feeds.npz", **feeds)
     return files
+
+
+def export_for_deepsparse(model: torch.nn.Module, args: tuple, kwargs: dict, path: Path) -> None:
+    """The pruned model (zeros baked in) as a dense ONNX file DeepSparse 1.8 loads: torch.onnx at
+    opset 18 (attention decomposed into MatMul and Softmax), IR version 9."""
+    import onnx
+
+    torch.onnx.export(model, args, str(path), kwargs=kwargs, opset_version=18, dynamo=True, external_data=False)
+    proto = onnx.load(str(path))
+    proto.ir_version = 9
+    onnx.save(proto, str(path))
 
 
 ENGINES = {  # name: (file key, runtime)
@@ -164,12 +179,12 @@ def main() -> None:
         parser.error(f"--block {args.block!r}: expected two positive sizes like 32x32")
     out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
     out.mkdir(parents=True, exist_ok=True)
-    files = export_files(args.model, out, block, args.density, args.balanced)
+    files = export_files(args.model, out, block, args.density, args.balanced, bool(args.deepsparse_python))
     words = [w.strip() for w in args.engines.split(",") if w.strip()]
     engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items() if key in files
                and (not words or name == "dense onnxruntime fp32" or any(w in name for w in words))}
     if args.deepsparse_python:
-        engines[DEEPSPARSE] = (files["dense"], "deepsparse")
+        engines[DEEPSPARSE] = (files["dense_deepsparse"], "deepsparse")
     reference = np.load(out / "reference.npy")
     scale = float(np.abs(reference).max()) or 1.0
     runs: dict[str, list[dict]] = {name: [] for name in engines}
