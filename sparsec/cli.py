@@ -326,12 +326,12 @@ def _error_lines(exc: UserError) -> list[str]:
 
 def _launched_rank() -> int | None:
     """This process's rank when a launcher (torchrun) started it as one of several, else None."""
+    from sparsec.training import distributed
+
     try:
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
+        return int(os.environ.get("RANK", "0") or 0) if distributed.launched() else None
+    except ValueError:   # a malformed WORLD_SIZE or RANK: report the error as for one process
         return None
-    return None
 
 
 def _quiet_libraries() -> None:

@@ -205,13 +205,13 @@ class DistributedBackend(Backend):
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
                           else {"broadcast_buffers": False})
         self._prog, self._deferred = prog, distributed.deferrable_sites(prog)
-        if self._deferred:
-            # DDP all-reduces G = dL/dW_eff in the weight's gradient; the scores' gradients are made
-            # from it after the all-reduce (sparsec.ops.finish_deferred), so DDP leaves them out
-            scores = {id(prog.state_of(name).scores) for name in self._deferred}
+        # DDP all-reduces G = dL/dW_eff in the weight's gradient; the scores' gradients are made
+        # from it after the all-reduce (sparsec.ops.finish_deferred), so DDP leaves them out
+        scores = {id(prog.state_of(name).scores) for name in self._deferred}
+        if scores:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 prog, [n for n, p in prog.named_parameters() if id(p) in scores])
-        return DistributedDataParallel(prog, device_ids=ids, find_unused_parameters=self._unused(prog, probe),
+        return DistributedDataParallel(prog, device_ids=ids, find_unused_parameters=self._unused(prog, probe, scores),
                                        **no_buffer_sync)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -234,16 +234,16 @@ class DistributedBackend(Backend):
             st = self._prog.state_of(name)
             ops.finish_deferred(st.weight, st.mask, st.scores, st.site.block)
 
-    def _unused(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None) -> bool:
+    def _unused(self, prog: torch.nn.Module, probe: Callable[[], torch.Tensor] | None, ignored: set[int]) -> bool:
         """Whether some trainable parameter gets no gradient from the loss (a pooler the loss does
         not use): DDP must then look for unused parameters every step. Decided on the first batch
-        by every process together; without a probe, assume so."""
+        by every process together; without a probe, assume so. `ignored`: ids of the parameters DDP
+        leaves out (scores whose gradient is made after the all-reduce)."""
         if probe is None:
             return True
         generators = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         try:
             self.backward(probe())
-            ignored = {id(prog.state_of(name).scores) for name in self._deferred}
             unused = any(p.grad is None for p in prog.parameters() if p.requires_grad and id(p) not in ignored)
         finally:
             for p in prog.parameters():
