@@ -5,14 +5,19 @@
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so [--block 16x16] [--shape 3072x768]
                                         [--rows 128] [--density 0.1] [--threads 1] [--calls 300]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --conv 64,64,3,56,1 [--block 32x32]
+    .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --model sparse.onnx --feeds feeds.npz
 
 For kernel changes on a shared or noisy machine: timing each build in its own process (as
 bench/peers.py does between engines) compares two different moments of the machine, while here
 both sessions see the same load, call after call (the order alternates every call). With one
-thread neither session keeps a spinning pool. Both outputs are compared (the builds must agree to
+thread neither session keeps a pool; with more, both pools are told not to spin (each call then
+pays a thread wake-up, so absolute times are above a deployed session's). Both outputs are compared (the builds must agree to
 1e-5 of the output scale) and the medians printed. The layer is y = x @ W^T + b, W [N, K] with
 `--density` of its blocks kept at random; with `--conv IN,OUT,KERNEL,SIZE,STRIDE` it is a
 BlockSparseConv instead (padding KERNEL // 2, one image [1, IN, SIZE, SIZE], W [OUT, IN*KERNEL^2]).
+With `--model` a whole exported file is timed (e.g. the sparse.onnx and feeds.npz that
+`bench/peers.py --out DIR` leaves), which is where the weights come cold from memory: a BERT-base
+streams 35 MB of packed weights per inference, a single layer keeps its own in cache.
 """
 from __future__ import annotations
 
@@ -45,10 +50,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--conv", default="", help="IN,OUT,KERNEL,SIZE,STRIDE: time a convolution instead")
+    parser.add_argument("--model", type=Path, default=None, help="time this ONNX file instead (with --feeds)")
+    parser.add_argument("--feeds", type=Path, default=None, help=".npz of the model's inputs, by name")
     args = parser.parse_args()
     for lib in (args.a, args.b):
         if not lib.is_file():
             parser.error(f"{lib}: no such library")
+    if (args.model is None) != (args.feeds is None):
+        parser.error("--model and --feeds go together")
 
     import onnxruntime as ort
 
@@ -56,7 +65,11 @@ def main() -> None:
     from sparsec.lowering.block_format import pack, random_keep
 
     rng = np.random.default_rng(0)
-    if args.conv:
+    if args.model is not None:
+        model, what = str(args.model), f"model {args.model}"
+        with np.load(args.feeds) as data:
+            feeds = {name: data[name] for name in data.files}
+    elif args.conv:
         from sparsec.lowering import conv_op
 
         c_in, n, kernel, size, stride = (int(v) for v in args.conv.split(","))
@@ -66,22 +79,25 @@ def main() -> None:
     else:
         (n, k), x = args.shape, rng.standard_normal((args.rows, args.shape[1])).astype(np.float32)
         what = f"W {n}x{k}, {args.rows} rows"
-    keep = random_keep(n, k, args.block, args.density, seed=0)
-    weight = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32)
-    if args.conv:
-        geometry = [kernel, kernel, stride, stride, pad, pad, pad, pad, 1, 1]
-        model = conv_op.single_layer_model(pack(weight, keep, args.block), geometry, list(x.shape),
-                                           bias).SerializeToString()
-    else:
-        model = onnx_op.single_layer_model(pack(weight, keep, args.block), bias).SerializeToString()
+    if args.model is None:
+        keep = random_keep(n, k, args.block, args.density, seed=0)
+        weight = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        feeds = {"x": x}
+        if args.conv:
+            geometry = [kernel, kernel, stride, stride, pad, pad, pad, pad, 1, 1]
+            model = conv_op.single_layer_model(pack(weight, keep, args.block), geometry, list(x.shape),
+                                               bias).SerializeToString()
+        else:
+            model = onnx_op.single_layer_model(pack(weight, keep, args.block), bias).SerializeToString()
     sessions = {}
     for name, lib in (("a", args.a), ("b", args.b)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
+        if args.threads > 1:  # two spinning pools in one process would take each other's cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.register_custom_ops_library(str(lib))
         sessions[name] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    feeds = {"x": x}
     out_a, out_b = (sessions[s].run(None, feeds)[0] for s in ("a", "b"))
     scale = float(np.abs(out_a).max()) or 1.0
     error = float(np.abs(out_a - out_b).max()) / scale
@@ -94,8 +110,8 @@ def main() -> None:
             sessions[name].run(None, feeds)
             times[name].append(time.perf_counter() - start)
     a, b = (statistics.median(times[s]) * 1e3 for s in ("a", "b"))
-    print(f"{args.block[0]}x{args.block[1]} blocks, {what}, density {args.density}, "
-          f"{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
+    layer = "" if args.model is not None else f"{args.block[0]}x{args.block[1]} blocks, density {args.density}, "
+    print(f"{what}, {layer}{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
           f"(outputs agree to {error:.1e})")
 
 

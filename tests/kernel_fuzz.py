@@ -201,6 +201,8 @@ MALFORMED: list[tuple[str, Callable[[Layer], None], str]] = [
     ("block_cols past K", _arr("block_cols", _cols(3)), "block_cols"),
     ("block_cols INT64_MAX", _arr("block_cols", _cols(INT64_MAX)), "block_cols"),
     ("block_cols INT64_MIN", _arr("block_cols", _cols(INT64_MIN)), "block_cols"),
+    ("block_cols repeated in a row", _arr("block_cols", lambda a: np.concatenate([a[:, :1], a[:, :-1]], axis=1)),
+     "must ascend"),
     ("row_nnz > S", _arr("row_nnz", _nnz(4)), "row_nnz"),
     ("row_nnz negative", _arr("row_nnz", _nnz(-1)), "row_nnz"),
     ("row_nnz INT64_MAX", _arr("row_nnz", _nnz(INT64_MAX)), "row_nnz"),

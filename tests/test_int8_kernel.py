@@ -15,7 +15,8 @@ from sparsec.lowering.block_format import int8_reference, pack, quantize_rows, r
 from tests.test_runtime_kernel import inputs, kernel_session, stock_session
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16)]
+BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16),
+          (1, 1), (1, 3), (1, 8)]  # one output high: the row path's 4-byte windows
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def check_exact(lib, packed, x, isa, bias=None):
 
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
-@pytest.mark.parametrize("rows", [1, 7, 128])
+@pytest.mark.parametrize("rows", [1, 7, 128, 200])
 def test_every_path_matches_the_integer_reference(lib, isa, block, rows):
     n, k = 100, 90  # neither divisible by the blocks (except 1-wide ones)
     packed = layer(n, k, block, 0.35, seed=rows + block[0])
@@ -92,12 +93,14 @@ def test_divisible_shapes_and_zero_rows(lib, isa):
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
-def test_overflow_corners_long_k(lib, isa):
+@pytest.mark.parametrize("block", [(32, 32), (1, 16), (1, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_overflow_corners_long_k(lib, isa, block):
     """Weights all +-127 and inputs at the ends of their range over K = 65536: the largest sums
-    (|acc| up to 255 * 127 * K, just under 2^31) are still exact."""
+    (|acc| up to 255 * 127 * K, just under 2^31) are still exact, on the block path and the row
+    path's windows."""
     n, k = 40, 1 << 16
     sign = np.where(np.arange(n)[:, None] % 2 == 0, 1.0, -1.0)
-    packed = layer(n, k, (32, 32), 1.0, weights=np.broadcast_to(sign, (n, k)).copy())
+    packed = layer(n, k, block, 1.0, weights=np.broadcast_to(sign, (n, k)).copy())
     assert set(np.unique(packed.values[:, :1])) <= {-127, 0, 127}
     x = np.empty((3, k), np.float32)
     x[0] = 1.0                                            # xq = 255, zero point 0
@@ -159,7 +162,8 @@ def int8_model(packed, bias, **kw):
 
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (32, 32)), (100, 70, (16, 16)),
-                                       (50, 45, (8, 32))], ids=["32x32", "32x32-ragged", "16x16-ragged", "8x32"])
+                                       (50, 45, (8, 32)), (100, 70, (1, 16)), (50, 45, (1, 1))],
+                         ids=["32x32", "32x32-ragged", "16x16-ragged", "8x32", "1x16-ragged", "unstructured"])
 def test_kernel_and_function_body_agree(lib, monkeypatch, isa, n, k, block):
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     packed = layer(n, k, block, 0.4, seed=n)
@@ -177,10 +181,11 @@ def test_kernel_and_function_body_agree(lib, monkeypatch, isa, n, k, block):
 @pytest.mark.parametrize("activation", ["", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual):
+@pytest.mark.parametrize("block", [(16, 16), (1, 16)], ids=["16x16", "1x16"])
+def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual, block):
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     n, k = 80, 96
-    packed = layer(n, k, (16, 16), 0.5)
+    packed = layer(n, k, block, 0.5)
     bias = inputs((n,), seed=4)
     ln = (inputs((n,), seed=5), inputs((n,), seed=6), 1e-5)
     for layer_norm in (None, ln):
@@ -200,6 +205,21 @@ def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual):
         scale = float(zt.abs().max())
         np.testing.assert_allclose(got, zt.numpy(), atol=2e-5 * scale, rtol=0)
         np.testing.assert_allclose(stock, zt.numpy(), atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("block", [(1, 16), (1, 1)], ids=["1x16", "unstructured"])
+def test_row_path_on_two_threads(lib, monkeypatch, isa, block):
+    """A layer large enough to be split over the pool (the windows of X transposed by 16-row tasks,
+    the outputs by groups of equal window counts, 128-row passes): 200 rows through onnxruntime on
+    two threads, against the integer reference."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed = layer(768, 768, block, 0.1, seed=8)
+    bias = inputs((768,), seed=2)
+    x = inputs((200, 768), seed=3)
+    _, want = int8_reference(x, packed, bias)
+    got = kernel_session(int8_model(packed, bias), threads=2).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
 
 
 @pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512"])

@@ -128,11 +128,14 @@ def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
                                        (90, 100, (32, 16)), (3072, 768, (32, 32)), (90, 1024, (16, 16)),
                                        (70, 2048, (16, 32)), (100, 70, (16, 1)), (70, 45, (32, 1)),
                                        (90, 101, (16, 2)), (70, 203, (32, 4)), (100, 70, (16, 8))])
-def test_packed_input_panel_row_counts(kernel_library, n, k, block):
+@pytest.mark.parametrize("order", ["resident", "streaming"])
+def test_packed_input_panel_row_counts(kernel_library, monkeypatch, order, n, k, block):
     """Both AVX-512 paths for 16/32-row blocks: X read in place (12- or 16-row tiles) and X copied
     into a packed panel of 16-row tiles (BR = 16 with K a multiple of 1024, and every narrow block
-    width 1, 2, 4, 8): row counts around the tile heights and the 48-row task quantum, edge blocks
-    cut by N and K, one and two threads."""
+    width 1, 2, 4, 8), the in-place path in both loop orders (SPARSEC_KERNEL_ORDER; by default it
+    streams once the process's packed weights outgrow L2): row counts around the tile heights and the
+    48-row task quantum, edge blocks cut by N and K, one and two threads."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ORDER", order)
     check_row_counts(make_layer(n, k, block, 0.3, seed=3), k, (2, 11, 12, 13, 16, 17, 47, 49, 97, 130))
 
 
@@ -229,6 +232,11 @@ def test_invalid_block_columns_fail_with_a_clear_error(kernel_library):
         kernel_session(onnx_op.single_layer_model(bad, b))
     bad = PackedBlocks(packed.values, packed.block_cols, packed.row_nnz + 3, None, packed.N, packed.K)
     with pytest.raises(Exception, match="row_nnz"):
+        kernel_session(onnx_op.single_layer_model(bad, b, compact=False))
+    cols = packed.block_cols.copy()
+    cols[1, 1] = cols[1, 0]  # a block twice in one row: the layout keeps each once, ascending
+    bad = PackedBlocks(packed.values, cols, packed.row_nnz, None, packed.N, packed.K)
+    with pytest.raises(Exception, match=r"block_cols\[1, 1\]=0 does not follow block_cols\[1, 0\]=0"):
         kernel_session(onnx_op.single_layer_model(bad, b, compact=False))
 
 
@@ -377,11 +385,14 @@ def test_epilogue_function_body_and_kernel(kernel_library, n, k, block, int8, ac
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-@pytest.mark.parametrize("block", [(32, 32), (1, 1)], ids=["32x32", "unstructured"])
-def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation, block):
-    """Each micro-kernel family (and the row path) applies the same epilogue, over the whole GELU
-    range (|v| up to ~12, where the erf tail and the exp clamp matter) and for rows 1 and many."""
+@pytest.mark.parametrize("block", [(32, 32), (1, 1), (16, 16)], ids=["32x32", "unstructured", "16x16"])
+@pytest.mark.parametrize("order", ["resident", "streaming"])
+def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation, block, order):
+    """Each micro-kernel family (and the row path) applies the same epilogue, in both loop orders,
+    over the whole GELU range (|v| up to ~12, where the erf tail and the exp clamp matter) and for
+    rows 1 and many."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    monkeypatch.setenv("SPARSEC_KERNEL_ORDER", order)
     packed, b = make_layer(70, 200, block, 0.4, seed=4)
     model = onnx_op.single_layer_model(packed, b, activation=activation, residual=True)
     sess = kernel_session(model)
@@ -416,11 +427,14 @@ def test_epilogue_overloads_and_bad_inputs(kernel_library):
 @pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (16, 16)), (768, 96, (32, 32)),
                                        (70, 45, (1, 1))],
                          ids=["32x32", "16x16-ragged", "wide", "unstructured"])
-def test_layer_norm_epilogue(kernel_library, monkeypatch, isa, n, k, block):
+@pytest.mark.parametrize("order", ["resident", "streaming"])
+def test_layer_norm_epilogue(kernel_library, monkeypatch, isa, n, k, block, order):
     """LayerNorm(X W^T + b + residual) * scale + shift over each output row, on stock onnxruntime
-    (the function body's LayerNormalization) and with the kernel on every instruction set, for
-    rows 1, odd and 128 and a 3-D input; N not a multiple of 16 exercises the masked tail."""
+    (the function body's LayerNormalization) and with the kernel on every instruction set and in
+    both loop orders, for rows 1, odd and 128 and a 3-D input; N not a multiple of 16 exercises the
+    masked tail."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    monkeypatch.setenv("SPARSEC_KERNEL_ORDER", order)
     packed, b = make_layer(n, k, block, 0.4, seed=6)
     rng = np.random.default_rng(7)
     layer_norm = (rng.uniform(0.5, 1.5, n).astype(np.float32), rng.standard_normal(n).astype(np.float32), 1e-12)

@@ -27,6 +27,33 @@ struct FreeDeleter {
 };
 using FloatBuffer = std::unique_ptr<float[], FreeDeleter>;
 
+// The bytes of packed weights alive in this process, counted by the PackedBytes each packed weight
+// holds. The kernel's guess whether a node's weights are still in cache from its last call: a
+// model whose packed weights fit a core's L2 keeps them there between calls, a larger one (a
+// BERT-base streams 35 MB per inference) reads them from L3 or memory every time.
+int64_t packed_bytes_alive();
+
+class PackedBytes {
+ public:
+  PackedBytes() = default;
+  explicit PackedBytes(int64_t bytes);
+  PackedBytes(PackedBytes&& other) noexcept : bytes_(other.bytes_) { other.bytes_ = 0; }
+  PackedBytes& operator=(PackedBytes&& other) noexcept;
+  PackedBytes(const PackedBytes&) = delete;
+  PackedBytes& operator=(const PackedBytes&) = delete;
+  ~PackedBytes();
+
+ private:
+  int64_t bytes_ = 0;
+};
+
+// How a call that reads X in place (AVX-512, blocks 32 rows high or wider than 16 columns) orders its
+// row tiles and block rows (block_sparse.cc, "Two loop orders"): kAuto picks kStreaming when
+// packed_bytes_alive() exceeds one core's L2, else kResident.
+enum class LoopOrder { kAuto = 0, kResident = 1, kStreaming = 2 };
+// kAuto, or what env SPARSEC_KERNEL_ORDER asks ("resident" or "streaming"); read when a weight is packed.
+LoopOrder select_order();
+
 // Kept blocks only (no padding slots), block row after block row, so that the weights of
 // consecutive block rows are one sequential stream for the hardware prefetcher.
 struct PackedWeight {
@@ -38,6 +65,8 @@ struct PackedWeight {
   FloatBuffer blocks;      // [kept][BC][BRp], 64-byte aligned, zero padded
   std::vector<int64_t> cols;       // [kept] first input column of each kept block (c * BC)
   std::vector<int64_t> row_start;  // [R + 1] kept blocks of block row r are [row_start[r], row_start[r+1])
+  LoopOrder order = LoopOrder::kAuto;
+  PackedBytes counted;             // this weight's share of packed_bytes_alive()
 
   const float* block(int64_t b) const { return blocks.get() + b * BC * BRp; }
   int64_t cost(int64_t r) const { return row_start[r + 1] - row_start[r] + 1; }  // +1: the epilogue
@@ -106,8 +135,12 @@ constexpr int64_t kMaxInt8K = int64_t(1) << 16;
 // Kept blocks as in PackedWeight, each stored [BCq][BRp][4] int8: for a group of 4 consecutive
 // reduction indices, the 4 weights of each output row are one 32-bit lane (the operand layout of
 // vpdpbusd). BC is padded to 4 * BCq, BR to BRp, and weights at columns >= K are zero.
+// Blocks one output high (BR == 1) are packed as windows instead (`windows`): per output row, 4-byte
+// windows of consecutive weights from a kept column, `cols` their first columns, `row_start` [N + 1],
+// `blocks` the windows' bytes (block_sparse_int8_rows.cc).
 struct PackedInt8 {
   int64_t N = 0, K = 0, R = 0, BR = 0, BC = 0;
+  bool windows = false;
   int64_t BRp = 0;  // BR rounded up to 16
   int64_t BCq = 0;  // ceil(BC / 4)
   int64_t NBc = 0;  // ceil(K / BC)
@@ -117,6 +150,7 @@ struct PackedInt8 {
   // Per output row, indexed r * BRp + i (padded rows are zero), 64 entries of slack for vector loads.
   std::vector<float> scales;
   std::vector<int32_t> colsum;
+  PackedBytes counted;  // this weight's share of packed_bytes_alive()
 
   const int8_t* block(int64_t b) const { return blocks.get() + b * BCq * BRp * 4; }
 };

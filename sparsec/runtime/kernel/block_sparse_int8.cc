@@ -75,11 +75,18 @@ std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, Packed
   out.R = in.R;
   out.BR = in.BR;
   out.BC = in.BC;
-  out.BRp = ceil_div(in.BR, 16) * 16;
+  out.windows = in.BR == 1;  // the row path (block_sparse_int8_rows.cc)
+  out.BRp = out.windows ? 1 : ceil_div(in.BR, 16) * 16;
   out.BCq = ceil_div(in.BC, 4);
   out.NBc = ceil_div(K, in.BC);
   const int64_t padded_rows = checked_mul(in.R, out.BRp);
   if (padded_rows < 0 || padded_rows > kMaxPackedFloats) return "the packed weight would be too large";
+  if (out.windows) {
+    out.scales.assign(static_cast<size_t>(N + 64), 0.0f);
+    out.colsum.assign(static_cast<size_t>(N + 64), 0);
+    std::copy(in.row_scales, in.row_scales + N, out.scales.begin());
+    return pack_windows_int8(in, N, K, out);
+  }
   out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
   for (int64_t r = 0; r < in.R; ++r) out.row_start[r + 1] = out.row_start[r] + in.row_nnz[r];
   const int64_t kept = out.row_start[in.R];
@@ -90,6 +97,7 @@ std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, Packed
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, alloc);
   out.blocks = ByteBuffer(static_cast<int8_t*>(p));
+  out.counted = PackedBytes(static_cast<int64_t>(alloc));
   out.cols.assign(static_cast<size_t>(kept), 0);
   out.scales.assign(static_cast<size_t>(padded_rows + 64), 0.0f);
   out.colsum.assign(static_cast<size_t>(padded_rows + 64), 0);
@@ -125,13 +133,6 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Quantized input: X per row as u8 (see block_sparse.h), with its scales and zero points.
-
-struct QuantizedX {
-  const uint8_t* data = nullptr;
-  int64_t ld = 0;  // bytes between rows
-  const float* scale = nullptr;
-  const int32_t* zero = nullptr;
-};
 
 // Row scale and zero point from the row's min and max (both already folded with 0).
 void row_params(float lo, float hi, float& scale, int32_t& zero) {
@@ -488,6 +489,12 @@ void run_task(void* data, size_t t) {
 }
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
+
+Epilogue ep_with_y(const Epilogue& ep, float* y) {
+  Epilogue e = ep;
+  e.y = y;
+  return e;
+}
 constexpr int64_t kTaskInputBytes = 256 * 1024;
 constexpr int64_t kSerialMacs = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32
 
@@ -503,7 +510,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   thread_local AlignedScratch<uint8_t> q_buffer;
   thread_local AlignedScratch<float> q_scale_buffer;
   thread_local AlignedScratch<int32_t> q_zero_buffer;
-  uint8_t* q_data = q_buffer.reserve(static_cast<size_t>(M * ld));
+  uint8_t* q_data = q_buffer.reserve(static_cast<size_t>(M * ld + 64));  // + the row path's 64-byte loads
   float* q_scale = q_scale_buffer.reserve(static_cast<size_t>(M));
   int32_t* q_zero = q_zero_buffer.reserve(static_cast<size_t>(M));
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
@@ -522,6 +529,22 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     for (size_t t = 0; t < q_tasks; ++t) quantize_task(&qjob, t);
   }
 
+  if (w.windows) {
+    const QuantizedX xq{q_data, ld, q_scale, q_zero};
+#if SPARSEC_X86
+    if (isa == Isa::kAvx512) {
+      windows_vnni(w, xq, M, ep_with_y(epilogue, y), y, raw, threads, parallel_for, runner_state);
+    } else {
+      windows_scalar(w, xq, M, ep_with_y(epilogue, y), y, raw);
+    }
+#else
+    windows_scalar(w, xq, M, ep_with_y(epilogue, y), y, raw);
+#endif
+    if (raw == nullptr && epilogue.ln_scale != nullptr) {
+      layer_norm_rows(epilogue, y, M, w.N, isa, threads ? parallel_for : nullptr, runner_state);
+    }
+    return;
+  }
   const int64_t input_rows = std::max<int64_t>(1, kTaskInputBytes / ld);
   const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, input_rows), kRowQuantum) * kRowQuantum);
   const int64_t row_tasks = ceil_div(M, rows_per_task);

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <new>
 #include <vector>
 
@@ -91,6 +92,24 @@ bool row_path(const PackedWeight& w, Isa isa);
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                        Isa isa, ParallelFor parallel_for, void* runner_state);
 
+// X quantized per row for INT8 compute (block_sparse_int8.cc): u8 rows `ld` bytes apart, zero past K.
+struct QuantizedX {
+  const uint8_t* data = nullptr;
+  int64_t ld = 0;  // bytes between rows
+  const float* scale = nullptr;
+  const int32_t* zero = nullptr;
+};
+
+// INT8 compute for blocks one output high (block_sparse_int8_rows.cc): the weights packed as 4-byte
+// windows per output row (PackedInt8::windows), computed by the VNNI row path or the scalar loop.
+std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, PackedInt8& out);
+void windows_scalar(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
+                    int32_t* raw);
+#if SPARSEC_X86
+void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
+                  int32_t* raw, bool threads, ParallelFor parallel_for, void* runner_state);
+#endif
+
 float activate_scalar(float v, Activation act);
 // Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).
 void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy);
@@ -157,6 +176,41 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_tanh512(__m512 v) {
   const __m512 u = _mm512_mul_ps(_mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v), _mm512_set1_ps(-1.5957691216057308f));
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
 }
+
+// r[i] (16 lanes each) becomes its transpose: afterwards lane j of r[i] is lane i of the old r[j].
+SPARSEC_AVX512 SPARSEC_INLINE void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3)
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // gather lane L of the four row groups: column 4L + c
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// A strip of the row path: `count` (<= 16) outputs from n0, each a column of results over the rows,
+// strip[i * 16 nv + m] for output n0 + i and row m < 16 nv, transposed 16 x 16 into the rows of Y
+// [rows, N] (y at the strip's first row) with the activation and residual of `ep`.
+void store_strip_avx512(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows, int64_t N,
+                        const Epilogue& ep, float* y);
 
 SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
   if (act == Activation::kGelu) return gelu512(v);

@@ -45,35 +45,6 @@ struct RowJob {
   std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
 };
 
-// r[i] (16 lanes each) becomes its transpose: afterwards lane j of r[i] is lane i of the old r[j].
-SPARSEC_AVX512 SPARSEC_INLINE void transpose16(__m512 (&r)[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // within each 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3)
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  __m512 u[16];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // u[4i + c], lane L: rows 4i..4i+3 of column 4L + c
-    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {  // gather lane L of the four row groups: column 4L + c
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
-    r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
-    r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
-  }
-}
-
 struct TransposeJob {
   const float* x;
   int64_t M, K, Mp;
@@ -130,23 +101,7 @@ SPARSEC_AVX512 void strip_avx512(const PackedWeight& w, int64_t n0, int64_t coun
   for (int64_t i = 0; i < count; ++i) {
     output_avx512<NV>(w, n0 + i, xt, Mp, ep.bias ? ep.bias[n0 + i] : 0.0f, strip + i * 16 * NV);
   }
-  const __mmask16 outs = lane_mask16(count);
-  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
-  for (int v = 0; v < NV; ++v) {
-    __m512 r[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      r[i] = i < count ? _mm512_load_ps(strip + i * 16 * NV + 16 * v) : _mm512_setzero_ps();
-    }
-    transpose16(r);  // r[l]: outputs n0.. of row 16 v + l
-    const int64_t valid = std::min<int64_t>(16, rows - 16 * v);
-    for (int64_t l = 0; l < valid; ++l) {
-      const int64_t at = (16 * v + l) * w.N + n0;
-      __m512 out = activate512(r[l], ep.act);
-      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(outs, res + at));
-      _mm512_mask_storeu_ps(y + at, outs, out);
-    }
-  }
+  store_strip_avx512(strip, NV, n0, count, rows, w.N, ep, y);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -293,6 +248,29 @@ void row_task(void* data, size_t t) {
 #endif  // SPARSEC_X86
 
 namespace detail {
+
+#if SPARSEC_X86
+SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
+                                       int64_t N, const Epilogue& ep, float* y) {
+  const __mmask16 outs = lane_mask16(count);
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  for (int64_t v = 0; v < nv; ++v) {
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < count ? _mm512_load_ps(strip + i * 16 * nv + 16 * v) : _mm512_setzero_ps();
+    }
+    transpose16(r);  // r[l]: outputs n0.. of row 16 v + l
+    const int64_t valid = std::min<int64_t>(16, rows - 16 * v);
+    for (int64_t l = 0; l < valid; ++l) {
+      const int64_t at = (16 * v + l) * N + n0;
+      __m512 out = activate512(r[l], ep.act);
+      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(outs, res + at));
+      _mm512_mask_storeu_ps(y + at, outs, out);
+    }
+  }
+}
+#endif
 
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                        Isa isa, ParallelFor parallel_for, void* runner_state) {

@@ -1,0 +1,268 @@
+// INT8 compute for blocks one output high (BR == 1: unstructured masks, [1, BC] row vectors): the
+// row path of block_sparse_rows.cc with VNNI. The block path vectorises over 16 outputs of a block
+// row, so one output would fill 1 of 16 lanes (a [1, 16] BERT-base ran at 1.1x dense). Here:
+//
+// Weights as windows. Each output row n keeps its weights as 4-byte windows: a window starts at a
+// kept column k and holds W[n, k..k+3] (zero where not kept), one 32-bit lane of vpdpbusd. Windows
+// are laid greedily from the row's first kept column, so a [1, 16] block is exactly 4 windows and
+// unstructured weights share a window when they fall within 4 columns of each other.
+//
+// Inputs as windows. X is quantized per row as for the block path (xq, rows ld bytes apart, zero
+// padded past K), then transposed into XW [K][Mp] int32: XW[k][m] = the 4 bytes xq[m, k..k+3]. Any
+// window start k is then one aligned load of 16 rows.
+//
+//   acc[m] = sum over the windows (n, k) of dot4(XW[k][m], window)      (vpdpbusd, u8 x s8, exact)
+//   Y[m, n] = sx[m] * sw[n] * (acc[m] - zx[m] * colsum[n]) + bias[n]
+//
+// with the lanes over 16 rows of X and up to 8 vectors (128 rows) per pass; 16 outputs at a time
+// are transposed into rows of Y (store_strip_avx512), where the fp32 epilogue runs. The sums are
+// those of the block path: the window bytes past a row's kept weights are zero weights, and
+// |acc| <= 255 * 128 * K < 2^31 for K <= kMaxInt8K. AVX2 and scalar CPUs run the windows through
+// the scalar loop (exact, slow: the measurement at export keeps such layers dense or fp32 there).
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+
+#include "block_sparse.h"
+#include "block_sparse_internal.h"
+
+#if SPARSEC_X86
+#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#endif
+
+namespace sparsec {
+namespace detail {
+
+std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, PackedInt8& out) {
+  // Dense scratch of one output row: its weights and which columns are kept.
+  std::vector<int8_t> row(static_cast<size_t>(K) + 4, 0);
+  std::vector<uint8_t> kept(static_cast<size_t>(K) + 4, 0);
+  const int8_t* vq = static_cast<const int8_t*>(in.values);
+  std::vector<int64_t> starts;
+  std::vector<int32_t> windows;
+  out.row_start.assign(static_cast<size_t>(N + 1), 0);
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t first = K, last = -1;
+    for (int64_t s = 0; s < in.row_nnz[n]; ++s) {
+      const int64_t k0 = in.block_cols[n * in.S + s] * in.BC;
+      const int64_t jn = std::min(in.BC, K - k0);
+      for (int64_t j = 0; j < jn; ++j) {
+        row[k0 + j] = vq[(n * in.S + s) * in.BC + j];
+        kept[k0 + j] = 1;
+      }
+      if (jn > 0) first = std::min(first, k0), last = std::max(last, k0 + jn - 1);
+    }
+    int32_t colsum = 0;
+    for (int64_t k = first; k <= last;) {
+      if (!kept[k]) {
+        ++k;
+        continue;
+      }
+      int8_t bytes[4] = {row[k], row[k + 1], row[k + 2], row[k + 3]};  // zero past K (scratch padding)
+      int32_t window = 0;
+      std::memcpy(&window, bytes, 4);
+      starts.push_back(k);
+      windows.push_back(window);
+      for (int t = 0; t < 4; ++t) colsum += bytes[t];
+      k += 4;
+    }
+    for (int64_t k = std::max<int64_t>(first, 0); k <= last; ++k) row[k] = 0, kept[k] = 0;
+    out.row_start[n + 1] = static_cast<int64_t>(starts.size());
+    out.colsum[n] = colsum;
+  }
+  const int64_t count = static_cast<int64_t>(windows.size());
+  const size_t alloc = static_cast<size_t>((std::max<int64_t>(count * 4, 1) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, alloc);
+  if (p == nullptr) throw std::bad_alloc();
+  std::memset(p, 0, alloc);
+  if (count > 0) std::memcpy(p, windows.data(), static_cast<size_t>(count) * 4);
+  out.blocks = ByteBuffer(static_cast<int8_t*>(p));
+  out.counted = PackedBytes(static_cast<int64_t>(alloc + starts.size() * sizeof(int64_t)));
+  out.cols = std::move(starts);
+  return {};
+}
+
+// The scalar loop over windows (AVX2, scalar, and the reference the VNNI path is tested against).
+void windows_scalar(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
+                    int32_t* raw) {
+  const int32_t* win = reinterpret_cast<const int32_t*>(w.blocks.get());
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* xm = xq.data + m * xq.ld;
+    for (int64_t n = 0; n < w.N; ++n) {
+      int32_t acc = 0;
+      for (int64_t g = w.row_start[n]; g < w.row_start[n + 1]; ++g) {
+        int8_t bytes[4];
+        std::memcpy(bytes, win + g, 4);
+        const uint8_t* xk = xm + w.cols[g];
+        for (int t = 0; t < 4; ++t) acc += static_cast<int32_t>(xk[t]) * bytes[t];
+      }
+      acc -= xq.zero[m] * w.colsum[n];
+      if (raw != nullptr) {
+        raw[m * w.N + n] = acc;
+        continue;
+      }
+      y[m * w.N + n] = static_cast<float>(acc) * (xq.scale[m] * w.scales[n]) + (ep.bias ? ep.bias[n] : 0.0f);
+    }
+    if (raw == nullptr) finish_tile_scalar(ep, y + m * w.N, 1, w.N, w.N);
+  }
+}
+
+#if SPARSEC_X86
+namespace {
+
+constexpr int kMaxVectors = 8;  // vectors of 16 rows of X per pass: 128 rows
+
+struct WindowJob {
+  const uint8_t* q;  // quantized X, rows ld bytes apart, 64 bytes of slack after the last
+  int64_t M, Mp, K, ld;
+  int32_t* xw;       // [K][Mp]
+};
+
+// Task t: rows [16 t, 16 t + 16) of the quantized X into XW. For 64 columns from k0 and a byte
+// offset o, one 64-byte load of a row read as 16 int32 is the windows at k0 + o + 4 i; the 16 rows'
+// loads transposed give those windows as XW rows.
+SPARSEC_VNNI void windows_task(void* data, size_t t) {
+  const WindowJob& job = *static_cast<const WindowJob*>(data);
+  const int64_t m0 = static_cast<int64_t>(t) * 16;
+  const int64_t rows = std::min<int64_t>(16, job.M - m0);
+  for (int64_t k0 = 0; k0 < job.K; k0 += 64) {
+    for (int64_t o = 0; o < 4 && k0 + o < job.K; ++o) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(job.q + (m0 + i) * job.ld + k0 + o))
+                        : _mm512_setzero_ps();
+      }
+      transpose16(r);  // r[i]: the window at k0 + o + 4 i of the 16 rows
+      for (int64_t i = 0; i < 16 && k0 + o + 4 * i < job.K; ++i) {
+        _mm512_store_si512(job.xw + (k0 + o + 4 * i) * job.Mp + m0, _mm512_castps_si512(r[i]));
+      }
+    }
+  }
+}
+
+struct RowJob {
+  const PackedInt8* w;
+  const int32_t* xw;
+  int64_t Mp;
+  QuantizedX xq;  // scales and zero points padded to Mp (scale 0, zero 0)
+  Epilogue ep;
+  float* y;
+  int32_t* raw;
+  int64_t M;
+  int64_t rows_per_task;
+  std::vector<int64_t> group_start;  // [groups + 1] output boundaries
+};
+
+// Outputs [n0, n0 + count) (count <= 16) for the rows [m0, m0 + rows): the exact sums of each output
+// over NV vectors of rows, dequantized into `strip` (or copied into raw), then stored as rows of Y.
+template <int NV>
+SPARSEC_VNNI void strip_vnni(const RowJob& job, int64_t m0, int64_t rows, int64_t n0, int64_t count,
+                             float* strip) {
+  const PackedInt8& w = *job.w;
+  const int32_t* win = reinterpret_cast<const int32_t*>(w.blocks.get());
+  const int32_t* xw = job.xw + m0;
+  __m512i zero[NV];
+  __m512 scale[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    zero[v] = _mm512_loadu_si512(job.xq.zero + m0 + 16 * v);
+    scale[v] = _mm512_loadu_ps(job.xq.scale + m0 + 16 * v);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = n0 + i;
+    __m512i acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_si512();
+    for (int64_t g = w.row_start[n]; g < w.row_start[n + 1]; ++g) {
+      const __m512i wv = _mm512_set1_epi32(win[g]);
+      const int32_t* xk = xw + w.cols[g] * job.Mp;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_load_si512(xk + 16 * v), wv);
+    }
+    const __m512i colsum = _mm512_set1_epi32(w.colsum[n]);
+    const __m512 sw = _mm512_set1_ps(w.scales[n]);
+    const __m512 bias = _mm512_set1_ps(job.ep.bias ? job.ep.bias[n] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __m512i exact = _mm512_sub_epi32(acc[v], _mm512_mullo_epi32(zero[v], colsum));
+      if (job.raw != nullptr) {
+        alignas(64) int32_t lanes[16];
+        _mm512_store_si512(lanes, exact);
+        for (int64_t l = 0; l < 16 && 16 * v + l < rows; ++l) job.raw[(m0 + 16 * v + l) * w.N + n] = lanes[l];
+        continue;
+      }
+      _mm512_store_ps(strip + i * 16 * NV + 16 * v,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(scale[v], sw), bias));
+    }
+  }
+  if (job.raw == nullptr) store_strip_avx512(strip, NV, n0, count, rows, w.N, job.ep, job.y + m0 * w.N);
+}
+
+void row_task(void* data, size_t t) {
+  const RowJob& job = *static_cast<const RowJob*>(data);
+  const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
+  if (span.empty()) return;
+  alignas(64) float strip[16 * 16 * kMaxVectors];
+  const int64_t nv = ceil_div(span.rows, 16);
+  for (int64_t n0 = span.r0; n0 < span.r1; n0 += 16) {
+    const int64_t count = std::min<int64_t>(16, span.r1 - n0);
+    const auto run = [&](auto vectors) {
+      strip_vnni<decltype(vectors)::value>(job, span.m0, span.rows, n0, count, strip);
+    };
+    switch (nv) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      default: run(std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
+
+}  // namespace
+
+void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
+                  int32_t* raw, bool threads, ParallelFor parallel_for, void* runner_state) {
+  const int64_t Mp = ceil_div(M, 16) * 16;
+  // XW and the padded row parameters live in buffers of the calling thread, reused across calls.
+  thread_local AlignedScratch<int32_t> xw_buffer;
+  thread_local AlignedScratch<float> scale_buffer;
+  thread_local AlignedScratch<int32_t> zero_buffer;
+  int32_t* xw = xw_buffer.reserve(static_cast<size_t>(w.K * Mp));
+  float* scale = scale_buffer.reserve(static_cast<size_t>(Mp));
+  int32_t* zero = zero_buffer.reserve(static_cast<size_t>(Mp));
+  std::copy(xq.scale, xq.scale + M, scale);
+  std::copy(xq.zero, xq.zero + M, zero);
+  std::fill(scale + M, scale + Mp, 0.0f);
+  std::fill(zero + M, zero + Mp, 0);
+  WindowJob wjob{xq.data, M, Mp, w.K, xq.ld, xw};
+  const size_t transposes = static_cast<size_t>(Mp / 16);
+  if (threads && transposes > 1) {
+    parallel_for(runner_state, windows_task, transposes, &wjob);
+  } else {
+    for (size_t t = 0; t < transposes; ++t) windows_task(&wjob, t);
+  }
+  const int64_t rows_per_task = 16 * kMaxVectors;
+  const int64_t row_tasks = ceil_div(M, rows_per_task);
+  static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
+  const int64_t groups = std::min(w.N, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
+  Epilogue e = ep;
+  e.y = y;
+  RowJob job{&w, xw, Mp, QuantizedX{xq.data, xq.ld, scale, zero}, e, y, raw, M, rows_per_task,
+             balanced_groups(w.row_start, groups)};
+  const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
+  if (total == 1 || !threads) {
+    for (size_t t = 0; t < total; ++t) row_task(&job, t);
+  } else {
+    parallel_for(runner_state, row_task, total, &job);
+  }
+}
+#endif  // SPARSEC_X86
+
+}  // namespace detail
+}  // namespace sparsec
