@@ -4,7 +4,7 @@ onnxruntime (function bodies), and DeepSparse when a Python that holds it is giv
 
     .venv/bin/python bench/peers.py [--model bert|linear] [--rounds 5] [--repeats 20] [--threads 2]
                                     [--block 32x32] [--density 0.1] [--balanced]
-                                    [--deepsparse-python /path/to/venv/bin/python] [--out DIR]
+                                    [--deepsparse-python /path/to/venv/bin/python] [--profile] [--out DIR]
 
 `bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
 128, every encoder linear pruned to density 0.1 in 32x32 blocks by local magnitude (block rows keep
@@ -21,6 +21,10 @@ benchmark only: with random weights, the blocks kept in one layer rarely read th
 layer before kept, so the pruned network's features die out (its logits are the classifier's bias
 and every engine's error reads 0); the numerical checks of convolutions are the single layers
 above and the tests.
+
+`--profile` adds, per onnxruntime engine, where its time goes by kind of node (onnxruntime's
+profiler on a second session in the first round's process, after the timed calls): sparsec's nodes
+by weight shape and fused epilogue, other nodes by type and weight shape.
 
 Every measurement is a fresh process that loads one file into one session, warms up, and times
 `--repeats` calls (median); the engines take turns (`--rounds` times, the order reversed every
@@ -151,7 +155,7 @@ def measure(engine: str, file: Path, runtime: str, out: Path, args: argparse.Nam
     result = out / f"{tag}.json"
     command = [python, str(WORKER), "--runtime", runtime, "--file", str(file), "--feeds",
                str(out / "feeds.npz"), "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--result", str(result)]
+               "--result", str(result)] + (["--profile"] if args.profile and tag.startswith("r0-") else [])
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -172,6 +176,8 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--balanced", action="store_true",
                         help="every block row keeps the same number of blocks (`balanced = true`)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where each onnxruntime engine's time goes, by kind of node (first round)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     block = tuple(int(v) for v in args.block.lower().split("x"))
@@ -220,6 +226,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    profiles = {name: results[0]["profile"] for name, results in runs.items() if results and "profile" in results[0]}
+    for name, table in profiles.items():
+        total = sum(row["ms"] for row in table.values()) or 1.0
+        print(f"\n{name}: time per inference by kind of node (onnxruntime profiler, first process)\n")
+        print("| node | nodes | ms | share |")
+        print("|---|---|---|---|")
+        for label, row in sorted(table.items(), key=lambda kv: -kv[1]["ms"]):
+            if row["ms"] >= 0.005 * total:
+                print(f"| {label} | {row['nodes']} | {row['ms']:.2f} | {100 * row['ms'] / total:.0f}% |")
+        summary[name]["profile_ms"] = table
     (out / "peers.json").write_text(json.dumps({"machine": machine(), "model": args.model,
                                                 "block": list(block), "density": args.density,
                                                 "balanced": args.balanced,
