@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
-#include <type_traits>
 
 #include "block_sparse.h"
 #include "block_sparse_internal.h"
@@ -211,16 +210,7 @@ void row_task(void* data, size_t t) {
     const auto run = [&](auto vectors) {
       strip_vnni<decltype(vectors)::value>(job, span.m0, span.rows, n0, count, strip);
     };
-    switch (nv) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 7: run(std::integral_constant<int, 7>{}); break;
-      default: run(std::integral_constant<int, 8>{}); break;
-    }
+    with_vectors(nv, run);
   }
 }
 

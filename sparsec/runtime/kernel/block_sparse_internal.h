@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <new>
 #include <vector>
 
@@ -80,6 +81,22 @@ inline int64_t checked_mul(int64_t a, int64_t b) {
 // Boundaries splitting block rows into `groups` runs of about equal cost; block row r costs its
 // kept blocks (row_start[r + 1] - row_start[r]) plus one (the epilogue).
 std::vector<int64_t> balanced_groups(const std::vector<int64_t>& row_start, int64_t groups);
+
+// The row paths' passes hold up to 8 vectors of rows: calls run(std::integral_constant<int, V>{})
+// with V = nv (8 for more), so that the vector count is a template argument.
+template <class Run>
+void with_vectors(int64_t nv, Run&& run) {
+  switch (nv) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 // Tasks per call: 4 per core (BERT-base on 2 cores: 8 tasks 8.69 ms, 16 8.85, 24 8.90, 2 9.07),
 // enough to balance the pool, few enough for long runs per task.

@@ -13,7 +13,6 @@
 // block path).
 #include <algorithm>
 #include <thread>
-#include <type_traits>
 
 #include "block_sparse_internal.h"
 
@@ -231,16 +230,7 @@ void row_task(void* data, size_t t) {
     const auto run = [&](auto vectors) {
       Path::template strip<decltype(vectors)::value>(w, n0, count, xt, job.Mp, span.rows, job.ep, y, buffer);
     };
-    switch (nv) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 7: run(std::integral_constant<int, 7>{}); break;
-      default: run(std::integral_constant<int, 8>{}); break;
-    }
+    with_vectors(nv, run);
   }
 }
 
