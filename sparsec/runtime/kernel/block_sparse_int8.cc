@@ -532,8 +532,8 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   if (w.windows) {
     const QuantizedX xq{q_data, ld, q_scale, q_zero};
 #if SPARSEC_X86
-    if (isa == Isa::kAvx512) {
-      windows_vnni(w, xq, M, ep_with_y(epilogue, y), y, raw, threads, parallel_for, runner_state);
+    if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
+      windows_simd(w, xq, M, ep_with_y(epilogue, y), y, raw, isa, threads, parallel_for, runner_state);
     } else {
       windows_scalar(w, xq, M, ep_with_y(epilogue, y), y, raw);
     }

@@ -17,8 +17,14 @@
 // with the lanes over 16 rows of X and up to 8 vectors (128 rows) per pass; 16 outputs at a time
 // are transposed into rows of Y (store_strip_avx512), where the fp32 epilogue runs. The sums are
 // those of the block path: the window bytes past a row's kept weights are zero weights, and
-// |acc| <= 255 * 128 * K < 2^31 for K <= kMaxInt8K. AVX2 and scalar CPUs run the windows through
-// the scalar loop (exact, slow: the measurement at export keeps such layers dense or fp32 there).
+// |acc| <= 255 * 128 * K < 2^31 for K <= kMaxInt8K.
+//
+// AVX2 has no vpdpbusd, and vpmaddubsw adds two u8 x s8 products into an int16 with saturation.
+// Instead the 4 input bytes of a lane are split into two int16 pairs, (x0, x2) by a mask and
+// (x1, x3) by a shift, and vpmaddwd multiplies each by the matching pair of weights and adds the two
+// products into an int32 (at most 2 * 255 * 128: exact); 8 rows per vector, 64 per pass, the scalar
+// epilogue. That costs about what fp32's AVX2 row path costs per weight: exactness, not speed, is
+// what it buys over the fp32 file there. CPUs without AVX2 run the scalar loop.
 #include <algorithm>
 #include <cstring>
 #include <thread>
@@ -141,6 +147,20 @@ SPARSEC_VNNI void windows_task(void* data, size_t t) {
   }
 }
 
+// The same XW without AVX-512: one unaligned 4-byte load per window and row.
+void windows_task_scalar(void* data, size_t t) {
+  const WindowJob& job = *static_cast<const WindowJob*>(data);
+  const int64_t m0 = static_cast<int64_t>(t) * 16;
+  for (int64_t k = 0; k < job.K; ++k) {
+    int32_t* out = job.xw + k * job.Mp + m0;
+    for (int64_t i = 0; i < 16; ++i) {
+      int32_t v = 0;
+      if (m0 + i < job.M) std::memcpy(&v, job.q + (m0 + i) * job.ld + k, 4);
+      out[i] = v;
+    }
+  }
+}
+
 struct RowJob {
   const PackedInt8* w;
   const int32_t* xw;
@@ -153,6 +173,11 @@ struct RowJob {
   int64_t rows_per_task;
   std::vector<int64_t> group_start;  // [groups + 1] output boundaries
 };
+
+// The exact sums of output n for the rows [m, m + width) that are below `end` into raw [M, N] (tests).
+inline void store_raw(const RowJob& job, const int32_t* lanes, int64_t width, int64_t m, int64_t end, int64_t n) {
+  for (int64_t l = 0; l < width && m + l < end; ++l) job.raw[(m + l) * job.w->N + n] = lanes[l];
+}
 
 // Outputs [n0, n0 + count) (count <= 16) for the rows [m0, m0 + rows): the exact sums of each output
 // over NV vectors of rows, dequantized into `strip` (or copied into raw), then stored as rows of Y.
@@ -189,7 +214,7 @@ SPARSEC_VNNI void strip_vnni(const RowJob& job, int64_t m0, int64_t rows, int64_
       if (job.raw != nullptr) {
         alignas(64) int32_t lanes[16];
         _mm512_store_si512(lanes, exact);
-        for (int64_t l = 0; l < 16 && 16 * v + l < rows; ++l) job.raw[(m0 + 16 * v + l) * w.N + n] = lanes[l];
+        store_raw(job, lanes, 16, m0 + 16 * v, m0 + rows, n);
         continue;
       }
       _mm512_store_ps(strip + i * 16 * NV + 16 * v,
@@ -199,16 +224,78 @@ SPARSEC_VNNI void strip_vnni(const RowJob& job, int64_t m0, int64_t rows, int64_
   if (job.raw == nullptr) store_strip_avx512(strip, NV, n0, count, rows, w.N, job.ep, job.y + m0 * w.N);
 }
 
+// The AVX2 strip: 8 rows per vector (see the file's comment for the arithmetic).
+template <int NV>
+SPARSEC_AVX2 void strip_avx2(const RowJob& job, int64_t m0, int64_t rows, int64_t n0, int64_t count, float* strip) {
+  const PackedInt8& w = *job.w;
+  const int32_t* win = reinterpret_cast<const int32_t*>(w.blocks.get());
+  const int32_t* xw = job.xw + m0;
+  const __m256i low_bytes = _mm256_set1_epi32(0x00FF00FF);
+  __m256i zero[NV];
+  __m256 scale[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    zero[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(job.xq.zero + m0 + 8 * v));
+    scale[v] = _mm256_loadu_ps(job.xq.scale + m0 + 8 * v);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = n0 + i;
+    __m256i acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_si256();
+    for (int64_t g = w.row_start[n]; g < w.row_start[n + 1]; ++g) {
+      int8_t b[4];
+      std::memcpy(b, win + g, 4);
+      // int16 pairs (w0, w2) and (w1, w3), sign-extended, each pair one 32-bit lane.
+      const __m256i w02 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(b[0]) |
+                                                                 (static_cast<uint32_t>(static_cast<uint16_t>(b[2])) << 16)));
+      const __m256i w13 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(b[1]) |
+                                                                 (static_cast<uint32_t>(static_cast<uint16_t>(b[3])) << 16)));
+      const int32_t* xk = xw + w.cols[g] * job.Mp;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xk + 8 * v));
+        const __m256i even = _mm256_and_si256(x, low_bytes);  // (x0, x2) as int16
+        const __m256i odd = _mm256_srli_epi16(x, 8);          // (x1, x3)
+        acc[v] = _mm256_add_epi32(acc[v], _mm256_add_epi32(_mm256_madd_epi16(even, w02), _mm256_madd_epi16(odd, w13)));
+      }
+    }
+    const __m256i colsum = _mm256_set1_epi32(w.colsum[n]);
+    const __m256 sw = _mm256_set1_ps(w.scales[n]);
+    const __m256 bias = _mm256_set1_ps(job.ep.bias ? job.ep.bias[n] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __m256i exact = _mm256_sub_epi32(acc[v], _mm256_mullo_epi32(zero[v], colsum));
+      if (job.raw != nullptr) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), exact);
+        store_raw(job, lanes, 8, m0 + 8 * v, m0 + rows, n);
+        continue;
+      }
+      _mm256_store_ps(strip + i * 8 * NV + 8 * v,
+                      _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(scale[v], sw), bias));
+    }
+  }
+  if (job.raw == nullptr) store_strip_avx2(strip, NV, n0, count, rows, w.N, job.ep, job.y + m0 * w.N);
+}
+
+// One task of either instruction set: its outputs in strips of kLanes, its rows in vectors.
+template <bool kVnni>
 void row_task(void* data, size_t t) {
+  constexpr int64_t L = kVnni ? 16 : 8;
   const RowJob& job = *static_cast<const RowJob*>(data);
   const TaskSpan span(job.group_start, job.rows_per_task, job.M, t);
   if (span.empty()) return;
   alignas(64) float strip[16 * 16 * kMaxVectors];
-  const int64_t nv = ceil_div(span.rows, 16);
-  for (int64_t n0 = span.r0; n0 < span.r1; n0 += 16) {
-    const int64_t count = std::min<int64_t>(16, span.r1 - n0);
+  const int64_t nv = ceil_div(span.rows, L);
+  for (int64_t n0 = span.r0; n0 < span.r1; n0 += L) {
+    const int64_t count = std::min<int64_t>(L, span.r1 - n0);
     const auto run = [&](auto vectors) {
-      strip_vnni<decltype(vectors)::value>(job, span.m0, span.rows, n0, count, strip);
+      if constexpr (kVnni) {
+        strip_vnni<decltype(vectors)::value>(job, span.m0, span.rows, n0, count, strip);
+      } else {
+        strip_avx2<decltype(vectors)::value>(job, span.m0, span.rows, n0, count, strip);
+      }
     };
     with_vectors(nv, run);
   }
@@ -216,8 +303,9 @@ void row_task(void* data, size_t t) {
 
 }  // namespace
 
-void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
-                  int32_t* raw, bool threads, ParallelFor parallel_for, void* runner_state) {
+void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y, int32_t* raw,
+                  Isa isa, bool threads, ParallelFor parallel_for, void* runner_state) {
+  const bool vnni = isa == Isa::kAvx512;
   const int64_t Mp = ceil_div(M, 16) * 16;
   // XW and the padded row parameters live in buffers of the calling thread, reused across calls.
   thread_local AlignedScratch<int32_t> xw_buffer;
@@ -232,12 +320,13 @@ void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Ep
   std::fill(zero + M, zero + Mp, 0);
   WindowJob wjob{xq.data, M, Mp, w.K, xq.ld, xw};
   const size_t transposes = static_cast<size_t>(Mp / 16);
+  void (*build)(void*, size_t) = vnni ? windows_task : windows_task_scalar;
   if (threads && transposes > 1) {
-    parallel_for(runner_state, windows_task, transposes, &wjob);
+    parallel_for(runner_state, build, transposes, &wjob);
   } else {
-    for (size_t t = 0; t < transposes; ++t) windows_task(&wjob, t);
+    for (size_t t = 0; t < transposes; ++t) build(&wjob, t);
   }
-  const int64_t rows_per_task = 16 * kMaxVectors;
+  const int64_t rows_per_task = (vnni ? 16 : 8) * kMaxVectors;
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t groups = std::min(w.N, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
@@ -246,10 +335,11 @@ void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Ep
   RowJob job{&w, xw, Mp, QuantizedX{xq.data, xq.ld, scale, zero}, e, y, raw, M, rows_per_task,
              balanced_groups(w.row_start, groups)};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
+  void (*task)(void*, size_t) = vnni ? row_task<true> : row_task<false>;
   if (total == 1 || !threads) {
-    for (size_t t = 0; t < total; ++t) row_task(&job, t);
+    for (size_t t = 0; t < total; ++t) task(&job, t);
   } else {
-    parallel_for(runner_state, row_task, total, &job);
+    parallel_for(runner_state, task, total, &job);
   }
 }
 #endif  // SPARSEC_X86

@@ -118,13 +118,15 @@ struct QuantizedX {
 };
 
 // INT8 compute for blocks one output high (block_sparse_int8_rows.cc): the weights packed as 4-byte
-// windows per output row (PackedInt8::windows), computed by the VNNI row path or the scalar loop.
+// windows per output row (PackedInt8::windows), computed by the VNNI or AVX2 row path or the scalar
+// loop.
 std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, PackedInt8& out);
 void windows_scalar(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
                     int32_t* raw);
 #if SPARSEC_X86
-void windows_vnni(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
-                  int32_t* raw, bool threads, ParallelFor parallel_for, void* runner_state);
+// isa: kAvx512 (VNNI) or kAvx2.
+void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y, int32_t* raw,
+                  Isa isa, bool threads, ParallelFor parallel_for, void* runner_state);
 #endif
 
 float activate_scalar(float v, Activation act);
@@ -228,6 +230,9 @@ SPARSEC_AVX512 SPARSEC_INLINE void transpose16(__m512 (&r)[16]) {
 // [rows, N] (y at the strip's first row) with the activation and residual of `ep`.
 void store_strip_avx512(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows, int64_t N,
                         const Epilogue& ep, float* y);
+// The same for the AVX2 row paths: 8 rows per vector, strip[i * 8 nv + m], the scalar epilogue.
+void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows, int64_t N,
+                      const Epilogue& ep, float* y);
 
 SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
   if (act == Activation::kGelu) return gelu512(v);

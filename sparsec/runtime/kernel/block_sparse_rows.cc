@@ -181,16 +181,7 @@ SPARSEC_AVX2 void strip_avx2(const PackedWeight& w, int64_t n0, int64_t count, c
   for (int64_t i = 0; i < count; ++i) {
     output_avx2<NV>(w, n0 + i, xt, Mp, ep.bias ? ep.bias[n0 + i] : 0.0f, strip + i * 8 * NV);
   }
-  const __m256i outs = lanes8(count);
-  for (int v = 0; v < NV; ++v) {
-    __m256 r[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) r[i] = i < count ? _mm256_load_ps(strip + i * 8 * NV + 8 * v) : _mm256_setzero_ps();
-    transpose8(r);
-    const int64_t valid = std::min<int64_t>(8, rows - 8 * v);
-    for (int64_t l = 0; l < valid; ++l) _mm256_maskstore_ps(y + (8 * v + l) * w.N + n0, outs, r[l]);
-    if (valid > 0) finish_tile_scalar(ep, y + 8 * v * w.N + n0, valid, count, w.N);
-  }
+  store_strip_avx2(strip, NV, n0, count, rows, w.N, ep, y);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -258,6 +249,19 @@ SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n
       if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(outs, res + at));
       _mm512_mask_storeu_ps(y + at, outs, out);
     }
+  }
+}
+SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
+                                   int64_t N, const Epilogue& ep, float* y) {
+  const __m256i outs = lanes8(count);
+  for (int64_t v = 0; v < nv; ++v) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = i < count ? _mm256_load_ps(strip + i * 8 * nv + 8 * v) : _mm256_setzero_ps();
+    transpose8(r);
+    const int64_t valid = std::min<int64_t>(8, rows - 8 * v);
+    for (int64_t l = 0; l < valid; ++l) _mm256_maskstore_ps(y + (8 * v + l) * N + n0, outs, r[l]);
+    if (valid > 0) finish_tile_scalar(ep, y + 8 * v * N + n0, valid, count, N);
   }
 }
 #endif
