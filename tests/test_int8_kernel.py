@@ -16,7 +16,8 @@ from tests.test_runtime_kernel import inputs, kernel_session, stock_session
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16),
-          (1, 1), (1, 3), (1, 8)]  # one output high: the row path's 4-byte windows
+          (1, 1), (1, 3), (1, 8),  # one output high: the row path's 4-byte windows
+          (16, 2), (32, 3)]        # narrower than 4 (and [16, 1], [4, 1]): merged into 4-column windows
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,11 @@ def test_divisible_shapes_and_zero_rows(lib, isa):
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
-@pytest.mark.parametrize("block", [(32, 32), (1, 16), (1, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("block", [(32, 32), (1, 16), (1, 1), (16, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_overflow_corners_long_k(lib, isa, block):
     """Weights all +-127 and inputs at the ends of their range over K = 65536: the largest sums
-    (|acc| up to 255 * 127 * K, just under 2^31) are still exact, on the block path and the row
-    path's windows."""
+    (|acc| up to 255 * 127 * K, just under 2^31) are still exact, on the block path, the row
+    path's windows and narrow blocks merged into windows."""
     n, k = 40, 1 << 16
     sign = np.where(np.arange(n)[:, None] % 2 == 0, 1.0, -1.0)
     packed = layer(n, k, block, 1.0, weights=np.broadcast_to(sign, (n, k)).copy())
