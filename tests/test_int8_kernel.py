@@ -113,6 +113,25 @@ def test_overflow_corners_long_k(lib, isa, block):
     assert np.abs(want).max() > 2 ** 31 * 0.9
 
 
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_quantization_near_ties_is_exact(lib, isa):
+    """The kernel quantizes with x * (1 / s) and takes the exact quotient x / s only near a half:
+    rows full of values at (j + 0.5) * s and one ulp either side (where the product and the quotient
+    round to different integers in hundreds of lanes) must quantize as the division does."""
+    rows = []
+    for hi in (25.5, 3.3, 1.7, 0.9, 77.7, 12.34):
+        s = np.float32(np.float32(hi) / np.float32(255))
+        ties = ((np.arange(255, dtype=np.float32) + np.float32(0.5)) * s).astype(np.float32)
+        near = np.concatenate([ties, np.nextafter(ties, np.float32(1e9)), np.nextafter(ties, np.float32(-1e9))])
+        rows.append(np.concatenate([[0.0, hi], near]).astype(np.float32))        # zero point 0
+        rows.append(np.concatenate([[0.0, -hi], -near]).astype(np.float32))      # zero point 255
+    x = np.stack(rows)
+    product = np.rint(x * (np.float32(1) / quantize_rows(x)[1])[:, None].astype(np.float32))
+    assert (product != np.rint(x / quantize_rows(x)[1][:, None])).sum() > 100   # the case is real
+    packed = layer(40, x.shape[1], (32, 32), 0.5, seed=5)
+    check_exact(lib, packed, x, isa)
+
+
 def test_k_above_the_exact_bound_is_refused(lib):
     packed = layer(4, (1 << 16) + 4, (4, 4), 0.01)
     with pytest.raises(AssertionError, match="K <= 65536"):

@@ -211,12 +211,23 @@ SPARSEC_VNNI void quantize_row_avx512(const float* x, int64_t K, uint8_t* q, flo
   hi = _mm512_max_ps(hi, vt);
   row_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), scale, zero);
   const __m512 s = _mm512_set1_ps(scale);
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
   const __m512i z = _mm512_set1_epi32(zero);
   const __m512i zero_i = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
   for (k = 0; k < K; k += 16) {
     const __mmask16 m = lane_mask16(K - k);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    // x * (1 / s) instead of a division per element (BERT-base INT8: 0.98x the time): the two differ
+    // by at most |quot| 2^-23 (two roundings), which changes the integer only where quot is that
+    // close to a half; there (|frac(quot) - 0.5| <= |quot| 2^-20, 8x the bound) the exact quotient
+    // is taken, so the result is always the division's (tests/test_int8_kernel.py, near ties).
+    __m512 quot = _mm512_mul_ps(xv, inv);
+    const __m512 frac = _mm512_sub_ps(quot, _mm512_roundscale_ps(quot, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    const __mmask16 near_half = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(frac, _mm512_set1_ps(0.5f))),
+                                                   _mm512_mul_ps(_mm512_abs_ps(quot), _mm512_set1_ps(0x1p-20f)), _CMP_LE_OQ);
+    if (near_half) quot = _mm512_mask_div_ps(quot, near_half, xv, s);
     // cvtps rounds with MXCSR's mode: nearest, ties to even (like std::nearbyint above).
-    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), s)), z);
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(quot), z);
     v = _mm512_min_epi32(_mm512_max_epi32(v, zero_i), top);
     _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(v));
   }
