@@ -81,17 +81,17 @@ std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, Packed
   out.NBc = ceil_div(K, in.BC);
   const int64_t padded_rows = checked_mul(in.R, out.BRp);
   if (padded_rows < 0 || padded_rows > kMaxPackedFloats) return "the packed weight would be too large";
-  if (out.windows) {
-    out.scales.assign(static_cast<size_t>(N + 64), 0.0f);
-    out.colsum.assign(static_cast<size_t>(N + 64), 0);
-    std::copy(in.row_scales, in.row_scales + N, out.scales.begin());
-    return pack_windows_int8(in, N, K, out);
+  out.scales.assign(static_cast<size_t>(padded_rows + 64), 0.0f);
+  out.colsum.assign(static_cast<size_t>(padded_rows + 64), 0);
+  for (int64_t r = 0; r < in.R; ++r) {
+    for (int64_t i = 0; i < in.BR && r * in.BR + i < N; ++i) out.scales[r * out.BRp + i] = in.row_scales[r * in.BR + i];
   }
+  if (out.windows) return pack_windows_int8(in, N, K, out);
   // Blocks narrower than 4 columns ([16, 1], [32, 2], ...): a group of 4 reduction indices would hold
   // BC real ones, so each block row's kept columns are merged into 4-column windows laid greedily from
   // a kept column (as the row path's), each packed as a block of width 4 that starts at its column,
-  // [1][BRp][4], zero where a column is not kept. Random [16, 1] blocks at density 0.1: 0.77 windows
-  // per block.
+  // [1][BRp][4], zero where a column is not kept (random [16, 1] blocks at density 0.1: about 0.77
+  // windows per block).
   const bool merge = in.BC < 4;
   std::vector<int64_t> starts;  // merged: the windows' first columns, block row after block row
   out.row_start.assign(static_cast<size_t>(in.R + 1), 0);
@@ -127,11 +127,6 @@ std::string pack_weight_int8(const BlockInputs& in, int64_t N, int64_t K, Packed
   out.counted = PackedBytes(static_cast<int64_t>(alloc));
   out.cols.assign(static_cast<size_t>(kept), 0);
   if (merge) std::copy(starts.begin(), starts.end(), out.cols.begin());
-  out.scales.assign(static_cast<size_t>(padded_rows + 64), 0.0f);
-  out.colsum.assign(static_cast<size_t>(padded_rows + 64), 0);
-  for (int64_t r = 0; r < in.R; ++r) {
-    for (int64_t i = 0; i < in.BR && r * in.BR + i < N; ++i) out.scales[r * out.BRp + i] = in.row_scales[r * in.BR + i];
-  }
 
   const int8_t* vq = static_cast<const int8_t*>(in.values);
   for (int64_t r = 0; r < in.R; ++r) {
@@ -541,12 +536,6 @@ void run_task(void* data, size_t t) {
 }
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
-
-Epilogue ep_with_y(const Epilogue& ep, float* y) {
-  Epilogue e = ep;
-  e.y = y;
-  return e;
-}
 constexpr int64_t kTaskInputBytes = 256 * 1024;
 constexpr int64_t kSerialMacs = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32
 
@@ -581,16 +570,18 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     for (size_t t = 0; t < q_tasks; ++t) quantize_task(&qjob, t);
   }
 
+  Epilogue ep = epilogue;
+  ep.y = y;
   if (w.windows) {
     const QuantizedX xq{q_data, ld, q_scale, q_zero};
 #if SPARSEC_X86
     if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
-      windows_simd(w, xq, M, ep_with_y(epilogue, y), y, raw, isa, threads, parallel_for, runner_state);
+      windows_simd(w, xq, M, ep, y, raw, isa, threads, parallel_for, runner_state);
     } else {
-      windows_scalar(w, xq, M, ep_with_y(epilogue, y), y, raw);
+      windows_scalar(w, xq, M, ep, y, raw);
     }
 #else
-    windows_scalar(w, xq, M, ep_with_y(epilogue, y), y, raw);
+    windows_scalar(w, xq, M, ep, y, raw);
 #endif
     if (raw == nullptr && epilogue.ln_scale != nullptr) {
       layer_norm_rows(epilogue, y, M, w.N, isa, threads ? parallel_for : nullptr, runner_state);
@@ -602,8 +593,6 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
-  Epilogue ep = epilogue;
-  ep.y = y;
   Job job{&w, QuantizedX{q_data, ld, q_scale, q_zero}, ep, y, raw, M,
           rows_per_task, balanced_groups(w.row_start, groups), isa};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));

@@ -88,7 +88,7 @@ std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, Packe
   return {};
 }
 
-// The scalar loop over windows (AVX2, scalar, and the reference the VNNI path is tested against).
+// The scalar loop over windows: CPUs without AVX2, and the reference the SIMD paths follow.
 void windows_scalar(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
                     int32_t* raw) {
   const int32_t* win = reinterpret_cast<const int32_t*>(w.blocks.get());
