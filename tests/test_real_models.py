@@ -48,7 +48,7 @@ lr = 1e-3
 policy = "always"
 bench = false
 """
-NAMES = ["bert", "bert_dataset", "distilbert", "gpt2", "llama", "t5", "vit", "resnet", "cnn", "transformer_encoder"]
+NAMES = ["bert", "bert_dict_samples", "distilbert", "gpt2", "llama", "t5", "vit", "resnet", "cnn", "transformer_encoder"]
 DENSE_ONLY: set[str] = set()  # every model has lowered sites (ResNet's and the CNN's convolutions too)
 
 
