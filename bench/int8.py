@@ -152,7 +152,7 @@ def main() -> None:
     library = runtime.kernel_path()
     if library is None:
         raise SystemExit(f"kernel unavailable: {runtime.unavailable_reason()}")
-    print(f"kernel: {library} (fp32 {library_isa(library)})")
+    print(f"kernel: {library} (fp32 {library_isa(library)}, INT8 {library_isa(library, int8=True)})")
     if not args.no_linear:
         with tempfile.TemporaryDirectory(prefix="sparsec-int8-") as tmp:
             files = linear_models(Path(tmp))

@@ -3,7 +3,7 @@
     .venv/bin/python -m sparsec.runtime.build          # prints the library of the current sources
     # change the sources, build again, then:
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so [--block 16x16] [--shape 3072x768]
-                                        [--rows 128] [--density 0.1] [--threads 1] [--calls 300]
+                                        [--rows 128] [--density 0.1] [--int8] [--threads 1] [--calls 300]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --conv 64,64,3,56,1 [--block 32x32]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --model sparse.onnx --feeds feeds.npz
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--shape", type=pair, default=(3072, 768), help="N x K of the weight")
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--int8", action="store_true", help="INT8 compute (int8 weights, one scale per row)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--conv", default="", help="IN,OUT,KERNEL,SIZE,STRIDE: time a convolution instead")
@@ -89,7 +90,8 @@ def main() -> None:
             model = conv_op.single_layer_model(pack(weight, keep, args.block), geometry, list(x.shape),
                                                bias).SerializeToString()
         else:
-            model = onnx_op.single_layer_model(pack(weight, keep, args.block), bias).SerializeToString()
+            packed = pack(weight, keep, args.block, int8=True, per_row=True) if args.int8 else pack(weight, keep, args.block)
+            model = onnx_op.single_layer_model(packed, bias).SerializeToString()
     sessions = {}
     for name, lib in (("a", args.a), ("b", args.b)):
         options = ort.SessionOptions()
@@ -111,6 +113,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     a, b = (statistics.median(times[s]) * 1e3 for s in ("a", "b"))
     layer = "" if args.model is not None else f"{args.block[0]}x{args.block[1]} blocks, density {args.density}, "
+    layer += "INT8, " if args.int8 else ""
     print(f"{what}, {layer}{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
           f"(outputs agree to {error:.1e})")
 

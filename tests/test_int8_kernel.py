@@ -4,6 +4,7 @@ stock-onnxruntime function body against the kernel, and the bad inputs the kerne
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ from sparsec.lowering import onnx_op
 from sparsec.lowering.block_format import int8_reference, pack, quantize_rows, random_keep, unpack
 from tests.test_runtime_kernel import inputs, kernel_session, stock_session
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16),
           (1, 1), (1, 3), (1, 8),  # one output high: the row path's 4-byte windows
-          (16, 2), (32, 3)]        # narrower than 4 (and [16, 1], [4, 1]): merged into 4-column windows
+          (16, 2), (32, 3),        # narrower than 4 (and [16, 1], [4, 1]): merged into 4-column windows
+          (16, 128), (48, 16)]     # AMX: two 16-group chunks per block; a 16-output slice after a 32-output one
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def test_kernel_and_function_body_agree(lib, monkeypatch, isa, n, k, block):
 
 @pytest.mark.parametrize("activation", ["", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2"])
 @pytest.mark.parametrize("block", [(16, 16), (1, 16)], ids=["16x16", "1x16"])
 def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual, block):
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
@@ -242,7 +244,31 @@ def test_row_path_on_two_threads(lib, monkeypatch, isa, block):
     np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
 
 
-@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+@pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 16), (8, 32), (48, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_block_path_on_two_threads(lib, monkeypatch, isa, block):
+    """The block path split over the pool, 200 rows (AMX: 32-row passes, the last one reading the zero
+    rows after X), through onnxruntime on two threads, against the integer reference."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed = layer(768, 768, block, 0.1, seed=8)
+    bias = inputs((768,), seed=2)
+    x = inputs((200, 768), seed=3)
+    _, want = int8_reference(x, packed, bias)
+    got = kernel_session(int8_model(packed, bias), threads=2).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
+
+
+def test_amx_is_chosen_where_the_cpu_has_it(lib, monkeypatch):
+    """Without a cap, INT8 compute takes AMX exactly when this CPU reports AMX-TILE and AMX-INT8
+    (and Linux grants the tile state, which it does wherever both flags are shown)."""
+    monkeypatch.delenv("SPARSEC_KERNEL_ISA", raising=False)
+    lib.SparsecKernelIsaInt8.restype = ctypes.c_char_p
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    has_amx = "amx_tile" in flags and "amx_int8" in flags and "avx512_vnni" in flags
+    assert (lib.SparsecKernelIsaInt8().decode() == "amx") == has_amx
+
+
+@pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512", "amx"])
 def test_dispatch_follows_the_cap(lib, monkeypatch, cap):
     """SPARSEC_KERNEL_ISA caps the INT8 path as it caps the fp32 one (VNNI needed for avx512)."""
     lib.SparsecKernelIsaInt8.restype = ctypes.c_char_p

@@ -49,6 +49,7 @@ int64_t valid_cols(const PackedWeight& w, int64_t r) { return std::min(w.BR, w.N
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -65,12 +66,17 @@ Isa select_isa() {
     best = Isa::kAvx2;
   }
 #endif
-  const char* want = std::getenv("SPARSEC_KERNEL_ISA");
-  if (want == nullptr || *want == '\0') return best;
-  Isa cap = best;
-  if (std::strcmp(want, "scalar") == 0) cap = Isa::kScalar;
-  if (std::strcmp(want, "avx2") == 0) cap = Isa::kAvx2;
+  const Isa cap = isa_cap();
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+Isa isa_cap() {
+  const char* want = std::getenv("SPARSEC_KERNEL_ISA");
+  if (want == nullptr) return Isa::kAmx;
+  if (std::strcmp(want, "scalar") == 0) return Isa::kScalar;
+  if (std::strcmp(want, "avx2") == 0) return Isa::kAvx2;
+  if (std::strcmp(want, "avx512") == 0) return Isa::kAvx512;
+  return Isa::kAmx;
 }
 
 namespace {

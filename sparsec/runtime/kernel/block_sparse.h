@@ -15,12 +15,16 @@
 
 namespace sparsec {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAmx is INT8 compute only: AMX tile multiplies for the block path, AVX-512 VNNI for the rest.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
-// Best instruction set this CPU (and OS) supports, capped by env SPARSEC_KERNEL_ISA when set
-// (scalar | avx2 | avx512); a request above what the CPU has falls back to the best available.
+// Best instruction set this CPU (and OS) supports for fp32 compute (at most kAvx512), capped by env
+// SPARSEC_KERNEL_ISA when set (scalar | avx2 | avx512 | amx); a request above what the CPU has falls
+// back to the best available.
 Isa select_isa();
+// The cap SPARSEC_KERNEL_ISA asks for (kAmx, no cap, when unset or unknown).
+Isa isa_cap();
 
 struct FreeDeleter {
   void operator()(float* p) const;

@@ -47,6 +47,7 @@ bool isa_int8_supported(Isa isa) {
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAmx: return isa_int8_supported(Isa::kAvx512) && amx_int8_ready();
 #endif
     default: return false;
   }
@@ -54,12 +55,14 @@ bool isa_int8_supported(Isa isa) {
 
 Isa select_isa_int8() {
   Isa best = Isa::kScalar;
-  if (isa_int8_supported(Isa::kAvx512)) {
+  if (isa_int8_supported(Isa::kAmx)) {
+    best = Isa::kAmx;
+  } else if (isa_int8_supported(Isa::kAvx512)) {
     best = Isa::kAvx512;
   } else if (isa_int8_supported(Isa::kAvx2)) {
     best = Isa::kAvx2;
   }
-  const Isa cap = select_isa();  // the fp32 choice, capped by SPARSEC_KERNEL_ISA
+  const Isa cap = isa_cap();
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
@@ -365,23 +368,14 @@ SPARSEC_VNNI void tile_vnni(const PackedInt8& w, int64_t r, int64_t o0, int64_t 
     wscale[v] = _mm512_loadu_ps(w.scales.data() + pcol + 16 * v);
     bias[v] = ep.bias ? _mm512_maskz_loadu_ps(mask[v], ep.bias + col + 16 * v) : _mm512_setzero_ps();
   }
-  const float* res = ep.residual ? ep.residual + (y + col - ep.y) : nullptr;
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
-    const __m512i zp = _mm512_set1_epi32(xq.zero[m]);
-    const __m512 xs = _mm512_set1_ps(xq.scale[m]);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const __m512i exact = _mm512_sub_epi32(acc[m][v], _mm512_mullo_epi32(zp, colsum[v]));
-      if (raw != nullptr) {
-        _mm512_mask_storeu_epi32(raw + m * w.N + col + 16 * v, mask[v], exact);
-        continue;
-      }
-      __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(xs, wscale[v]), bias[v]);
-      out = activate512(out, ep.act);
-      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * w.N + 16 * v));
-      _mm512_mask_storeu_ps(y + m * w.N + col + 16 * v, mask[v], out);
+      const int64_t at = m * w.N + col + 16 * v;
+      store_sums16(acc[m][v], mask[v], colsum[v], wscale[v], bias[v], xq.zero[m], xq.scale[m], ep, y + at,
+                   raw ? raw + at : nullptr);
     }
   }
 }
@@ -528,6 +522,13 @@ void run_task(void* data, size_t t) {
   int32_t* raw = job.raw ? job.raw + m0 * w.N : nullptr;
   switch (job.isa) {
 #if SPARSEC_X86
+    case Isa::kAmx:
+      if (amx_takes(w)) {
+        block_rows_amx(w, r0, r1, xq, rows, job.ep, y, raw);
+      } else {
+        block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw);
+      }
+      break;
     case Isa::kAvx512: block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw); break;
     case Isa::kAvx2: block_rows_avx2(w, r0, r1, xq, rows, job.ep, y, raw); break;
 #endif
@@ -551,13 +552,15 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   thread_local AlignedScratch<uint8_t> q_buffer;
   thread_local AlignedScratch<float> q_scale_buffer;
   thread_local AlignedScratch<int32_t> q_zero_buffer;
-  uint8_t* q_data = q_buffer.reserve(static_cast<size_t>(M * ld + 64));  // + the row path's 64-byte loads
+  // + the row path's 64-byte loads, and 32 zero rows that AMX's last tiles read (not stored).
+  uint8_t* q_data = q_buffer.reserve(static_cast<size_t>((M + 32) * ld + 64));
+  std::memset(q_data + M * ld, 0, static_cast<size_t>(32 * ld + 64));
   float* q_scale = q_scale_buffer.reserve(static_cast<size_t>(M));
   int32_t* q_zero = q_zero_buffer.reserve(static_cast<size_t>(M));
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
   const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
 #if SPARSEC_X86
-  const bool vector = isa == Isa::kAvx512;
+  const bool vector = isa == Isa::kAvx512 || isa == Isa::kAmx;
 #else
   const bool vector = false;
 #endif
@@ -572,11 +575,12 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
 
   Epilogue ep = epilogue;
   ep.y = y;
+  const Isa fp32_isa = isa == Isa::kAmx ? Isa::kAvx512 : isa;  // the epilogue's and the row path's
   if (w.windows) {
     const QuantizedX xq{q_data, ld, q_scale, q_zero};
 #if SPARSEC_X86
-    if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
-      windows_simd(w, xq, M, ep, y, raw, isa, threads, parallel_for, runner_state);
+    if (fp32_isa == Isa::kAvx512 || fp32_isa == Isa::kAvx2) {
+      windows_simd(w, xq, M, ep, y, raw, fp32_isa, threads, parallel_for, runner_state);
     } else {
       windows_scalar(w, xq, M, ep, y, raw);
     }
@@ -584,7 +588,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     windows_scalar(w, xq, M, ep, y, raw);
 #endif
     if (raw == nullptr && epilogue.ln_scale != nullptr) {
-      layer_norm_rows(epilogue, y, M, w.N, isa, threads ? parallel_for : nullptr, runner_state);
+      layer_norm_rows(epilogue, y, M, w.N, fp32_isa, threads ? parallel_for : nullptr, runner_state);
     }
     return;
   }
@@ -602,7 +606,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     parallel_for(runner_state, run_task, total, &job);
   }
   if (raw == nullptr && ep.ln_scale != nullptr) {
-    layer_norm_rows(ep, y, M, w.N, isa, threads ? parallel_for : nullptr, runner_state);
+    layer_norm_rows(ep, y, M, w.N, fp32_isa, threads ? parallel_for : nullptr, runner_state);
   }
 }
 

@@ -240,7 +240,31 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 activate512(__m512 v, Activation act) {
   if (act == Activation::kRelu) return _mm512_max_ps(_mm512_setzero_ps(), v);  // max(0, NaN) = NaN: the 2nd operand
   return v;
 }
+// The INT8 block paths' store of 16 outputs of one row of X (VNNI and AMX): exact = sums - zero *
+// colsum in int32, then either those integers into raw_at (tests), or Y = exact * (xscale * wscale)
+// + bias with the activation and residual, `mask` lanes at y_at.
+SPARSEC_AVX512 SPARSEC_INLINE void store_sums16(__m512i sums, __mmask16 mask, __m512i colsum, __m512 wscale,
+                                                __m512 bias, int32_t zero, float xscale, const Epilogue& ep,
+                                                float* y_at, int32_t* raw_at) {
+  const __m512i exact = _mm512_sub_epi32(sums, _mm512_mullo_epi32(_mm512_set1_epi32(zero), colsum));
+  if (raw_at != nullptr) {
+    _mm512_mask_storeu_epi32(raw_at, mask, exact);
+    return;
+  }
+  __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_mul_ps(_mm512_set1_ps(xscale), wscale), bias);
+  out = activate512(out, ep.act);
+  if (ep.residual != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, ep.residual + (y_at - ep.y)));
+  _mm512_mask_storeu_ps(y_at, mask, out);
+}
 #endif  // SPARSEC_X86
+
+// INT8 compute on AMX tiles (block_sparse_int8_amx.cc) for the block path: whether this CPU and OS
+// allow it (asks the OS for the tile state once), whether a weight's blocks suit it, and the pass
+// over block rows [r0, r1) for `rows` rows of xq, whose buffer holds 32 readable rows past them.
+bool amx_int8_ready();
+bool amx_takes(const PackedInt8& w);
+void block_rows_amx(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
+                    const Epilogue& ep, float* y, int32_t* raw);
 
 }  // namespace detail
 }  // namespace sparsec

@@ -559,7 +559,7 @@ SPARSEC_EXPORT const char* SparsecKernelIsa() { return sparsec::isa_name(sparsec
 SPARSEC_EXPORT const char* SparsecKernelIsaInt8() { return sparsec::isa_name(sparsec::select_isa_int8()); }
 
 // For tests (ctypes), without onnxruntime: one INT8-compute layer on instruction set `isa` (0 scalar,
-// 1 avx2, 2 avx512 VNNI), single-threaded. Writes the exact int32 sums (block_sparse.h: acc) to
+// 1 avx2, 2 avx512 VNNI, 3 AMX), single-threaded. Writes the exact int32 sums (block_sparse.h: acc) to
 // `raw` [M, N] and Y = sx * sw * acc + bias to `y` [M, N]. Returns 0, or 1 with a message in `error`
 // (2 when this CPU lacks `isa`).
 SPARSEC_EXPORT int SparsecInt8Linear(const int8_t* values, const float* scales, const int64_t* block_cols,
@@ -568,7 +568,7 @@ SPARSEC_EXPORT int SparsecInt8Linear(const int8_t* values, const float* scales, 
   try {
     // dims: R, S, BR, BC, N, K
     const auto isa_value = static_cast<sparsec::Isa>(isa);
-    if (isa < 0 || isa > 2 || !sparsec::isa_int8_supported(isa_value)) return 2;
+    if (isa < 0 || isa > 3 || !sparsec::isa_int8_supported(isa_value)) return 2;
     sparsec::BlockInputs in;
     in.values = values;
     in.int8 = true;
