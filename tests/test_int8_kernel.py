@@ -229,26 +229,16 @@ def test_epilogue_in_fp32(lib, monkeypatch, isa, activation, residual, block):
         np.testing.assert_allclose(stock, zt.numpy(), atol=2e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
-@pytest.mark.parametrize("block", [(1, 16), (1, 1)], ids=["1x16", "unstructured"])
-def test_row_path_on_two_threads(lib, monkeypatch, isa, block):
-    """A layer large enough to be split over the pool (the windows of X transposed by 16-row tasks,
-    the outputs by groups of equal window counts, 128-row passes): 200 rows through onnxruntime on
-    two threads, against the integer reference."""
-    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
-    packed = layer(768, 768, block, 0.1, seed=8)
-    bias = inputs((768,), seed=2)
-    x = inputs((200, 768), seed=3)
-    _, want = int8_reference(x, packed, bias)
-    got = kernel_session(int8_model(packed, bias), threads=2).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
+TWO_THREADS = [(isa, block) for isa in ("avx512", "avx2") for block in ((1, 16), (1, 1))] + \
+              [(isa, block) for isa in ("amx", "avx512") for block in ((32, 32), (64, 64), (16, 16), (8, 32), (48, 16))]
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512"])
-@pytest.mark.parametrize("block", [(32, 32), (64, 64), (16, 16), (8, 32), (48, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
-def test_block_path_on_two_threads(lib, monkeypatch, isa, block):
-    """The block path split over the pool, 200 rows (AMX: 32-row passes, the last one reading the zero
-    rows after X), through onnxruntime on two threads, against the integer reference."""
+@pytest.mark.parametrize("isa,block", TWO_THREADS, ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
+def test_two_threads(lib, monkeypatch, isa, block):
+    """A layer large enough to be split over the pool, 200 rows through onnxruntime on two threads,
+    against the integer reference: the row path (windows of X transposed by 16-row tasks, outputs in
+    groups of equal window counts, 128-row passes) and the block path (AMX: 32-row passes, the last
+    one reading the zero rows after X)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     packed = layer(768, 768, block, 0.1, seed=8)
     bias = inputs((768,), seed=2)
