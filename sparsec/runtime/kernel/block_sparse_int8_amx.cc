@@ -22,7 +22,8 @@
 
 #include "block_sparse_internal.h"
 
-#if SPARSEC_X86 && defined(__linux__)
+// GCC 11 and clang 12 know the AMX intrinsics; older compilers build the library without this path.
+#if SPARSEC_X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define SPARSEC_HAS_AMX 1

@@ -2,14 +2,17 @@
 // row path of block_sparse_rows.cc with VNNI. The block path vectorises over 16 outputs of a block
 // row, so one output would fill 1 of 16 lanes (a [1, 16] BERT-base ran at 1.1x dense). Here:
 //
-// Weights as windows. Each output row n keeps its weights as 4-byte windows: a window starts at a
-// kept column k and holds W[n, k..k+3] (zero where not kept), one 32-bit lane of vpdpbusd. Windows
-// are laid greedily from the row's first kept column, so a [1, 16] block is exactly 4 windows and
-// unstructured weights share a window when they fall within 4 columns of each other.
+// Weights as windows. Each output row n keeps its weights as 4-byte windows: a window is a group of
+// 4 columns k..k+3 with k a multiple of 4 that holds a kept weight, W[n, k..k+3] (zero where not
+// kept), one 32-bit lane of vpdpbusd. A [1, 16] or [1, 8] block is exactly 4 or 2 windows, and
+// unstructured weights share a window when they fall in the same group (at density 0.1: 1.16
+// weights a window, where windows laid from any kept column held 1.2).
 //
 // Inputs as windows. X is quantized per row as for the block path (xq, rows ld bytes apart, zero
-// padded past K), then transposed into XW [K][Mp] int32: XW[k][m] = the 4 bytes xq[m, k..k+3]. Any
-// window start k is then one aligned load of 16 rows.
+// padded past K), then transposed into XW [ceil(K / 4)][Mp] int32: XW[j][m] = the 4 bytes
+// xq[m, 4j..4j+3], X's bytes in place read as int32 and transposed by 16 x 16 register transposes
+// (a quarter of the bytes, and a quarter of the work, that windows at any column needed). A window
+// at column 4j is then one aligned load of 16 rows.
 //
 //   acc[m] = sum over the windows (n, k) of dot4(XW[k][m], window)      (vpdpbusd, u8 x s8, exact)
 //   Y[m, n] = sx[m] * sw[n] * (acc[m] - zx[m] * colsum[n]) + bias[n]
@@ -59,20 +62,17 @@ std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, Packe
       if (jn > 0) first = std::min(first, k0), last = std::max(last, k0 + jn - 1);
     }
     int32_t colsum = 0;
-    for (int64_t k = first; k <= last;) {
-      if (!kept[k]) {
-        ++k;
-        continue;
-      }
+    const int64_t begin = first / 4 * 4;
+    for (int64_t k = begin; k <= last; k += 4) {
+      if (!(kept[k] || kept[k + 1] || kept[k + 2] || kept[k + 3])) continue;
       int8_t bytes[4] = {row[k], row[k + 1], row[k + 2], row[k + 3]};  // zero past K (scratch padding)
       int32_t window = 0;
       std::memcpy(&window, bytes, 4);
       starts.push_back(k);
       windows.push_back(window);
       for (int t = 0; t < 4; ++t) colsum += bytes[t];
-      k += 4;
     }
-    for (int64_t k = std::max<int64_t>(first, 0); k <= last; ++k) row[k] = 0, kept[k] = 0;
+    for (int64_t k = std::max<int64_t>(begin, 0); k <= last; ++k) row[k] = 0, kept[k] = 0;
     out.row_start[n + 1] = static_cast<int64_t>(starts.size());
     out.colsum[n] = colsum;
   }
@@ -121,38 +121,35 @@ constexpr int kMaxVectors = 8;  // vectors of 16 rows of X per pass: 128 rows
 struct WindowJob {
   const uint8_t* q;  // quantized X, rows ld bytes apart, 64 bytes of slack after the last
   int64_t M, Mp, K, ld;
-  int32_t* xw;       // [K][Mp]
+  int32_t* xw;       // [ceil(K / 4)][Mp]
 };
 
-// Task t: rows [16 t, 16 t + 16) of the quantized X into XW. For 64 columns from k0 and a byte
-// offset o, one 64-byte load of a row read as 16 int32 is the windows at k0 + o + 4 i; the 16 rows'
-// loads transposed give those windows as XW rows.
+// Task t: rows [16 t, 16 t + 16) of the quantized X into XW. One 64-byte load of a row at column k0
+// (a multiple of 64), read as 16 int32, is its windows at k0 + 4 i; the 16 rows' loads transposed
+// are 16 rows of XW.
 SPARSEC_VNNI void windows_task(void* data, size_t t) {
   const WindowJob& job = *static_cast<const WindowJob*>(data);
   const int64_t m0 = static_cast<int64_t>(t) * 16;
   const int64_t rows = std::min<int64_t>(16, job.M - m0);
   for (int64_t k0 = 0; k0 < job.K; k0 += 64) {
-    for (int64_t o = 0; o < 4 && k0 + o < job.K; ++o) {
-      __m512 r[16];
+    __m512 r[16];
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(job.q + (m0 + i) * job.ld + k0 + o))
-                        : _mm512_setzero_ps();
-      }
-      transpose16(r);  // r[i]: the window at k0 + o + 4 i of the 16 rows
-      for (int64_t i = 0; i < 16 && k0 + o + 4 * i < job.K; ++i) {
-        _mm512_store_si512(job.xw + (k0 + o + 4 * i) * job.Mp + m0, _mm512_castps_si512(r[i]));
-      }
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(job.q + (m0 + i) * job.ld + k0)) : _mm512_setzero_ps();
+    }
+    transpose16(r);  // r[i]: the window at k0 + 4 i of the 16 rows
+    for (int64_t i = 0; i < 16 && k0 + 4 * i < job.K; ++i) {
+      _mm512_store_si512(job.xw + (k0 / 4 + i) * job.Mp + m0, _mm512_castps_si512(r[i]));
     }
   }
 }
 
-// The same XW without AVX-512: one unaligned 4-byte load per window and row.
+// The same XW without AVX-512: one 4-byte load per window and row.
 void windows_task_scalar(void* data, size_t t) {
   const WindowJob& job = *static_cast<const WindowJob*>(data);
   const int64_t m0 = static_cast<int64_t>(t) * 16;
-  for (int64_t k = 0; k < job.K; ++k) {
-    int32_t* out = job.xw + k * job.Mp + m0;
+  for (int64_t k = 0; k < job.K; k += 4) {
+    int32_t* out = job.xw + k / 4 * job.Mp + m0;
     for (int64_t i = 0; i < 16; ++i) {
       int32_t v = 0;
       if (m0 + i < job.M) std::memcpy(&v, job.q + (m0 + i) * job.ld + k, 4);
@@ -201,7 +198,7 @@ SPARSEC_VNNI void strip_vnni(const RowJob& job, int64_t m0, int64_t rows, int64_
     for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_si512();
     for (int64_t g = w.row_start[n]; g < w.row_start[n + 1]; ++g) {
       const __m512i wv = _mm512_set1_epi32(win[g]);
-      const int32_t* xk = xw + w.cols[g] * job.Mp;
+      const int32_t* xk = xw + (w.cols[g] >> 2) * job.Mp;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[v] = _mm512_dpbusd_epi32(acc[v], _mm512_load_si512(xk + 16 * v), wv);
     }
@@ -251,7 +248,7 @@ SPARSEC_AVX2 void strip_avx2(const RowJob& job, int64_t m0, int64_t rows, int64_
                                                                  (static_cast<uint32_t>(static_cast<uint16_t>(b[2])) << 16)));
       const __m256i w13 = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint16_t>(b[1]) |
                                                                  (static_cast<uint32_t>(static_cast<uint16_t>(b[3])) << 16)));
-      const int32_t* xk = xw + w.cols[g] * job.Mp;
+      const int32_t* xk = xw + (w.cols[g] >> 2) * job.Mp;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
         const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xk + 8 * v));
@@ -311,7 +308,7 @@ void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Ep
   thread_local AlignedScratch<int32_t> xw_buffer;
   thread_local AlignedScratch<float> scale_buffer;
   thread_local AlignedScratch<int32_t> zero_buffer;
-  int32_t* xw = xw_buffer.reserve(static_cast<size_t>(w.K * Mp));
+  int32_t* xw = xw_buffer.reserve(static_cast<size_t>(ceil_div(w.K, 4) * Mp));
   float* scale = scale_buffer.reserve(static_cast<size_t>(Mp));
   int32_t* zero = zero_buffer.reserve(static_cast<size_t>(Mp));
   std::copy(xq.scale, xq.scale + M, scale);
