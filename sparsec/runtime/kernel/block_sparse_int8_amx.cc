@@ -94,17 +94,10 @@ SPARSEC_AMX void finish_pass(const int32_t (&sums)[32][32], const PackedInt8& w,
     const __m512i colsum = _mm512_loadu_si512(w.colsum.data() + pcol + 16 * v);
     const __m512 wscale = _mm512_loadu_ps(w.scales.data() + pcol + 16 * v);
     const __m512 bias = ep.bias ? _mm512_maskz_loadu_ps(mask, ep.bias + col + 16 * v) : _mm512_setzero_ps();
-    const int64_t at = col + 16 * v;
-    if (raw != nullptr) {
-      for (int64_t m = 0; m < mr; ++m) {
-        store_sums16(_mm512_load_si512(&sums[m][16 * v]), mask, colsum, wscale, bias, xq.zero[m], xq.scale[m], act,
-                     y + m * w.N + at, raw + m * w.N + at);
-      }
-    } else {
-      for (int64_t m = 0; m < mr; ++m) {
-        store_sums16(_mm512_load_si512(&sums[m][16 * v]), mask, colsum, wscale, bias, xq.zero[m], xq.scale[m], act,
-                     y + m * w.N + at, nullptr);
-      }
+    for (int64_t m = 0; m < mr; ++m) {
+      const int64_t at = m * w.N + col + 16 * v;
+      store_sums16(_mm512_load_si512(&sums[m][16 * v]), mask, colsum, wscale, bias, xq.zero[m], xq.scale[m], act,
+                   y + at, raw ? raw + at : nullptr);
     }
   }
 }
