@@ -27,7 +27,7 @@
 #include "block_sparse_internal.h"
 
 #if SPARSEC_X86
-#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #endif
 
 namespace sparsec {
@@ -46,7 +46,8 @@ bool isa_int8_supported(Isa isa) {
     case Isa::kAvx512:
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni");
     case Isa::kAmx: return isa_int8_supported(Isa::kAvx512) && amx_int8_ready();
 #endif
     default: return false;
@@ -196,38 +197,57 @@ void quantize_row_scalar(const float* x, int64_t K, uint8_t* q, float& scale, in
 
 #if SPARSEC_X86
 SPARSEC_VNNI void quantize_row_avx512(const float* x, int64_t K, uint8_t* q, float& scale, int32_t& zero) {
-  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  // The row's bounds: four pairs of running bounds, so that no vminps waits on the previous one.
+  __m512 lo4[4], hi4[4];
+  for (int u = 0; u < 4; ++u) lo4[u] = hi4[u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 v = _mm512_loadu_ps(x + k);
+  for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512 v = _mm512_loadu_ps(x + k + 16 * u);
+      lo4[u] = _mm512_min_ps(lo4[u], v);
+      hi4[u] = _mm512_max_ps(hi4[u], v);
+    }
+  }
+  __m512 lo = _mm512_min_ps(_mm512_min_ps(lo4[0], lo4[1]), _mm512_min_ps(lo4[2], lo4[3]));
+  __m512 hi = _mm512_max_ps(_mm512_max_ps(hi4[0], hi4[1]), _mm512_max_ps(hi4[2], hi4[3]));
+  for (; k < K; k += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(lane_mask16(K - k), x + k);  // zeros outside the row: 0 is in [lo, hi]
     lo = _mm512_min_ps(lo, v);
     hi = _mm512_max_ps(hi, v);
   }
-  const __mmask16 tail = lane_mask16(K - k);
-  const __m512 vt = _mm512_maskz_loadu_ps(tail, x + k);  // zeros outside the row: 0 is in [lo, hi]
-  lo = _mm512_min_ps(lo, vt);
-  hi = _mm512_max_ps(hi, vt);
   row_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), scale, zero);
   const __m512 s = _mm512_set1_ps(scale);
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
   const __m512i z = _mm512_set1_epi32(zero);
-  const __m512i zero_i = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
-  for (k = 0; k < K; k += 16) {
-    const __mmask16 m = lane_mask16(K - k);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    // x * (1 / s) instead of a division per element (BERT-base INT8: 0.98x the time): the two differ
-    // by at most |quot| 2^-23 (two roundings), which changes the integer only where quot is that
-    // close to a half; there (|frac(quot) - 0.5| <= |quot| 2^-20, 8x the bound) the exact quotient
-    // is taken, so the result is always the division's (tests/test_int8_kernel.py, near ties).
-    __m512 quot = _mm512_mul_ps(xv, inv);
-    const __m512 frac = _mm512_sub_ps(quot, _mm512_roundscale_ps(quot, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-    const __mmask16 near_half = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(frac, _mm512_set1_ps(0.5f))),
-                                                   _mm512_mul_ps(_mm512_abs_ps(quot), _mm512_set1_ps(0x1p-20f)), _CMP_LE_OQ);
-    if (near_half) quot = _mm512_mask_div_ps(quot, near_half, xv, s);
-    // cvtps rounds with MXCSR's mode: nearest, ties to even (like std::nearbyint above).
-    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(quot), z);
-    v = _mm512_min_epi32(_mm512_max_epi32(v, zero_i), top);
-    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(v));
+  const __m512 near_edge = _mm512_set1_ps(0.5f - 0x1p-12f);
+  // 64 quantized bytes from four vectors: two saturating packs (int32 -> int16 -> u8, which clamp to
+  // [0, 255] as std::min/max would) interleave 128-bit lanes; this puts the 4-byte groups back in order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (k = 0; k < K; k += 64) {
+    __m512i v[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const __m512 xv = _mm512_maskz_loadu_ps(lane_mask16(K - k - 16 * u), x + k + 16 * u);
+      // x * (1 / s) instead of a division per element: the two differ by at most |quot| 2^-23 (two
+      // roundings), which can change the integer only where quot is that close to a half. |quot| <=
+      // 256 here (|x| <= hi - lo = 255 s, or s = 1), so wherever quot is within 2^-12 of a half
+      // (vreduceps: quot minus its nearest integer) the exact quotient is taken; the result is
+      // always the division's (tests/test_int8_kernel.py, near ties).
+      __m512 quot = _mm512_mul_ps(xv, inv);
+      const __m512 off = _mm512_reduce_ps(quot, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __mmask16 near_half = _mm512_cmp_ps_mask(_mm512_abs_ps(off), near_edge, _CMP_GE_OQ);
+      if (near_half) quot = _mm512_mask_div_ps(quot, near_half, xv, s);
+      // cvtps rounds with MXCSR's mode: nearest, ties to even (like std::nearbyint in row_params).
+      v[u] = _mm512_add_epi32(_mm512_cvtps_epi32(quot), z);
+    }
+    const __m512i bytes = _mm512_permutexvar_epi32(
+        order, _mm512_packus_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3])));
+    if (K - k >= 64) {
+      _mm512_storeu_si512(q + k, bytes);
+    } else {
+      _mm512_mask_storeu_epi8(q + k, (uint64_t{1} << (K - k)) - 1, bytes);
+    }
   }
 }
 #endif
