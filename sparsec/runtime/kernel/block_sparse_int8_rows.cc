@@ -14,7 +14,7 @@
 // (a quarter of the bytes, and a quarter of the work, that windows at any column needed). A window
 // at column 4j is then one aligned load of 16 rows.
 //
-//   acc[m] = sum over the windows (n, k) of dot4(XW[k][m], window)      (vpdpbusd, u8 x s8, exact)
+//   acc[m] = sum over the windows (n, k) of dot4(XW[k / 4][m], window)  (vpdpbusd, u8 x s8, exact)
 //   Y[m, n] = sx[m] * sw[n] * (acc[m] - zx[m] * colsum[n]) + bias[n]
 //
 // with the lanes over 16 rows of X and up to 8 vectors (128 rows) per pass; 16 outputs at a time
