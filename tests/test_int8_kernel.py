@@ -134,6 +134,22 @@ def test_quantization_near_ties_is_exact(lib, isa):
     check_exact(lib, packed, x, isa)
 
 
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_quantization_of_tiny_rows_is_exact(lib, isa):
+    """Rows whose range is so small that 1 / s overflows float32 (s below 1 / FLT_MAX, subnormal
+    inputs included) still quantize as the division does, where a multiply by 1 / s would give
+    inf or NaN."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for magnitude in (1e-36, 1e-37, 3e-39, 1e-41, 1e-44):
+        rows.append(rng.standard_normal(96) * magnitude)
+        rows.append(np.abs(rng.standard_normal(96)) * magnitude)
+    x = np.stack(rows).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.float32(1) / quantize_rows(x)[1]).all()  # the case is real
+    check_exact(lib, layer(40, 96, (32, 32), 0.5, seed=5), x, isa)
+
+
 def test_k_above_the_exact_bound_is_refused(lib):
     packed = layer(4, (1 << 16) + 4, (4, 4), 0.01)
     with pytest.raises(AssertionError, match="K <= 65536"):

@@ -221,6 +221,8 @@ SPARSEC_VNNI void quantize_row_avx512(const float* x, int64_t K, uint8_t* q, flo
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
   const __m512i z = _mm512_set1_epi32(zero);
   const __m512 near_edge = _mm512_set1_ps(0.5f - 0x1p-12f);
+  // Rows of tiny values (s below 1 / FLT_MAX) have no finite 1 / s: every lane divides.
+  const __mmask16 divide_all = std::isfinite(1.0f / scale) ? 0 : 0xFFFF;
   // 64 quantized bytes from four vectors: two saturating packs (int32 -> int16 -> u8, which clamp to
   // [0, 255] as std::min/max would) interleave 128-bit lanes; this puts the 4-byte groups back in order.
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -236,7 +238,7 @@ SPARSEC_VNNI void quantize_row_avx512(const float* x, int64_t K, uint8_t* q, flo
       // always the division's (tests/test_int8_kernel.py, near ties).
       __m512 quot = _mm512_mul_ps(xv, inv);
       const __m512 off = _mm512_reduce_ps(quot, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __mmask16 near_half = _mm512_cmp_ps_mask(_mm512_abs_ps(off), near_edge, _CMP_GE_OQ);
+      const __mmask16 near_half = _mm512_cmp_ps_mask(_mm512_abs_ps(off), near_edge, _CMP_GE_OQ) | divide_all;
       if (near_half) quot = _mm512_mask_div_ps(quot, near_half, xv, s);
       // cvtps rounds with MXCSR's mode: nearest, ties to even (like std::nearbyint in row_params).
       v[u] = _mm512_add_epi32(_mm512_cvtps_epi32(quot), z);
