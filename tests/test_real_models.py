@@ -1,6 +1,6 @@
-"""Real architectures end to end through the CLI: Hugging Face BERT (dict batches and a Dataset),
-DistilBERT, GPT-2, Llama, T5, ViT and ResNet built from small configs, a plain CNN and a
-torch.nn.TransformerEncoder (tests/models/zoo/). Each is captured, movement-pruned to 25% in 16x16
+"""Real architectures end to end through the CLI: Hugging Face BERT (dict batches, and a Dataset of
+dict samples in a model file the test writes), DistilBERT, GPT-2, Llama, T5, ViT and ResNet built
+from small configs, a plain CNN and a torch.nn.TransformerEncoder (tests/models/zoo/). Each is captured, movement-pruned to 25% in 16x16
 blocks, fine-tuned, lowered and verified; then this test checks, apart from sparsec's own checks:
 
 - the report: every group at the asked density, no warning, one sparse node per lowered site;
@@ -47,6 +47,19 @@ lr = 1e-3
 [export]
 policy = "always"
 bench = false
+"""
+# BERT (zoo/bert.py) trained from a torch Dataset of dict samples: a model file made in the test's
+# folder, since a model file's own folder is what it can import from.
+DICT_SAMPLES = """import sys
+if {zoo!r} not in sys.path:
+    sys.path.append({zoo!r})
+from _zoo import DictSamples
+from bert import build_model, example_inputs
+
+def train_data():
+    return DictSamples()
+
+eval_data = train_data
 """
 NAMES = ["bert", "bert_dict_samples", "distilbert", "gpt2", "llama", "t5", "vit", "resnet", "cnn", "transformer_encoder"]
 DENSE_ONLY: set[str] = set()  # every model has lowered sites (ResNet's and the CNN's convolutions too)
@@ -102,12 +115,21 @@ def kept_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[int, int]
     return kept, n * k
 
 
+def model_file(name: str, folder: Path) -> Path:
+    if name != "bert_dict_samples":
+        return ZOO / f"{name}.py"
+    path = folder / f"{name}.py"
+    path.write_text(DICT_SAMPLES.format(zoo=str(ZOO)))
+    return path
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_compile_lower_and_run_at_other_sizes(name, tmp_path, sparsec_cli):
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC)
     out = tmp_path / "out"
-    code, stdout, stderr = sparsec_cli("compile", ZOO / f"{name}.py", "--spec", spec, "-o", out, "--no-progress")
+    path = model_file(name, tmp_path)
+    code, stdout, stderr = sparsec_cli("compile", path, "--spec", spec, "-o", out, "--no-progress")
     assert code == 0, stderr
     report = json.loads((out / "report.json").read_text())
     assert report["warnings"] == [] and "warning" not in stderr.lower()
@@ -118,7 +140,7 @@ def test_compile_lower_and_run_at_other_sizes(name, tmp_path, sparsec_cli):
     assert report["steps_trained"] == 40 and np.isfinite(report["final_loss"])
 
     # model.safetensors: strict into a fresh model; the site weights keep exactly the reported blocks
-    model = modelfile.load(ZOO / f"{name}.py").model
+    model = modelfile.load(path).model
     model.load_state_dict(load_file(out / "model.safetensors"), strict=True)
     model.eval()
     state = model.state_dict()

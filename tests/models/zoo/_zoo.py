@@ -21,6 +21,18 @@ def text_batches(labels):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels(ids)}
 
 
+class DictSamples(torch.utils.data.Dataset):
+    """32 single sequences as dict samples with a label, for the DataLoader to batch (a Dataset
+    rather than an iterable of batches)."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = tokens(1, SEQ, 100 + i)[0]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[0] % 3}
+
+
 def image_example() -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
 
