@@ -1,7 +1,8 @@
 """Real architectures end to end through the CLI: Hugging Face BERT (dict batches, and a Dataset of
 dict samples in a model file the test writes), DistilBERT, GPT-2, Llama, T5, ViT and ResNet built
-from small configs, a plain CNN and a torch.nn.TransformerEncoder (tests/models/zoo/). Each is captured, movement-pruned to 25% in 16x16
-blocks, fine-tuned, lowered and verified; then this test checks, apart from sparsec's own checks:
+from small configs, a plain CNN and a torch.nn.TransformerEncoder (tests/models/zoo/). Each is
+captured, movement-pruned to 25% in 16x16 blocks, fine-tuned, lowered and verified; then this test
+checks, apart from sparsec's own checks:
 
 - the report: every group at the asked density, no warning, one sparse node per lowered site;
 - model.safetensors loads strictly into a fresh model from model.py, and its site weights keep
