@@ -30,7 +30,9 @@ vpdpbusd per window and 16 rows of X, so a window of 4 kept weights costs what o
 does. Its efficiency depends on how full the windows are (`row_efficiency_int8`), measured on the
 same layer, one thread, against dense onnxruntime at 3.6 ms: [1, 16] 0.63 ms and [1, 8] 0.62 ms
 (0.57-0.58), [1, 4] 0.84 ms (0.43), [1, 1] 1.62 ms (0.22: unstructured weights rarely share a
-window, and fp32's row path is faster there, 1.36 ms). On AVX2 the windows cost about what fp32
+window, and fp32's row path was faster there, 1.36 ms). Windows at multiples of 4 columns later made
+these 0.73-0.94x the time ([1, 1] 1.11 ms, now below fp32's); the estimates keep the older, lower
+figures, and the measurement at export has the last word. On AVX2 the windows cost about what fp32
 weights do ([1, 16] 1.94 ms against 1.69 ms), on older CPUs they run a scalar loop; the
 measurement at export sees either.
 

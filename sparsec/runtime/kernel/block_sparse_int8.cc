@@ -576,7 +576,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   thread_local AlignedScratch<int32_t> q_zero_buffer;
   // + the row path's 64-byte loads, and 32 zero rows that AMX's last tiles read (not stored).
   uint8_t* q_data = q_buffer.reserve(static_cast<size_t>((M + 32) * ld + 64));
-  std::memset(q_data + M * ld, 0, static_cast<size_t>(32 * ld + 64));
+  if (isa == Isa::kAmx) std::memset(q_data + M * ld, 0, static_cast<size_t>(32 * ld + 64));
   float* q_scale = q_scale_buffer.reserve(static_cast<size_t>(M));
   int32_t* q_zero = q_zero_buffer.reserve(static_cast<size_t>(M));
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
