@@ -50,12 +50,20 @@ policy = "always"
 bench = false
 """
 # BERT (zoo/bert.py) trained from a torch Dataset of dict samples: a model file made in the test's
-# folder, since a model file's own folder is what it can import from.
-DICT_SAMPLES = """import sys
-if {zoo!r} not in sys.path:
-    sys.path.append({zoo!r})
-from _zoo import DictSamples
-from bert import build_model, example_inputs
+# folder. It loads bert.py by path under a name of its own (the CLI runs in this process, where
+# another test's model file may have left a module called "bert"), with the zoo importable meanwhile.
+DICT_SAMPLES = """import importlib.util
+import sys
+
+sys.path.insert(0, {zoo!r})
+try:
+    from _zoo import DictSamples
+    _spec = importlib.util.spec_from_file_location("zoo_bert_for_dict_samples", {bert!r})
+    _bert = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_bert)
+finally:
+    sys.path.remove({zoo!r})
+build_model, example_inputs = _bert.build_model, _bert.example_inputs
 
 def train_data():
     return DictSamples()
@@ -120,7 +128,7 @@ def model_file(name: str, folder: Path) -> Path:
     if name != "bert_dict_samples":
         return ZOO / f"{name}.py"
     path = folder / f"{name}.py"
-    path.write_text(DICT_SAMPLES.format(zoo=str(ZOO)))
+    path.write_text(DICT_SAMPLES.format(zoo=str(ZOO), bert=str(ZOO / "bert.py")))
     return path
 
 
