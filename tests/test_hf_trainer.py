@@ -81,6 +81,7 @@ sys.path.insert(0, {root!r})
 from tests.test_hf_trainer import Sentences, bert
 from transformers import TrainingArguments
 from sparsec.integrations.hf import SparsecTrainer
+from sparsec.training import distributed
 from sparsec.training.distributed import mask_digests
 
 spec = json.loads({spec!r})
@@ -96,6 +97,7 @@ result = {{"world": torch.distributed.get_world_size(), "steps": int(prog.step_c
           "total": sum(m.numel() for m in prog.masks().values())}}
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump(result, f)
+distributed.shutdown()   # a gloo group left to the interpreter's exit can abort the process
 '''
 
 LM_SPEC = {"prune": [{"targets": ["*encoder.layer.*"], "method": "lm", "density": 0.25, "scope": "global",

@@ -29,6 +29,9 @@ What the subclass changes, and why:
   DDP, the loss-modelling estimates by sparsec), and `SPARSEC_CHECK_RANKS=1` (or the spec's
   `[train] check_ranks`) compares them across processes after every mask update. The Trainer's FSDP
   is refused with a clear error: sparsec's FSDP is `[train] parallel = "fsdp"` in `sparsec compile`.
+  End such a script with `sparsec.training.distributed.shutdown()` (every process waits for the
+  others, then the process group is destroyed): a gloo group left for the interpreter's exit to tear
+  down can abort the process ("terminate called without an active exception") after its work is done.
 """
 from __future__ import annotations
 
