@@ -1,5 +1,5 @@
-"""Crafted BlockSparseLinear and BlockSparseConv nodes against the native kernel, run in a process of
-its own.
+"""Crafted BlockSparseLinear, BlockSparseConv and Attention nodes against the native kernel, run in a
+process of its own.
 
     LD_PRELOAD=<libasan>:<libubsan> ASAN_OPTIONS=detect_leaks=0 SPARSEC_KERNEL_LIB=<sanitized lib> \
         python tests/kernel_fuzz.py
@@ -432,6 +432,31 @@ def conv_cases(isa: str | None, failures: list[str]) -> int:
     return count
 
 
+def attention_cases(isa: str | None, failures: list[str]) -> int:
+    """sparsec::Attention: with `isa` None the malformed nodes and inputs, else every valid case in
+    fp32 and bf16 against the float64 reference (bf16's own rounding within 3e-2)."""
+    import test_attention_kernel as att
+
+    if isa is None:
+        for attrs, change, pattern in att.BAD:
+            expect_error(f"attention {pattern}", lambda: att.run_bad(attrs, change), pattern, failures)
+        return len(att.BAD)
+    os.environ["SPARSEC_KERNEL_ISA"] = isa
+    count = 0
+    for shape, mshape, kind, causal in att.CASES:
+        f, mask = att.case_inputs(shape, mshape, kind)
+        want = att.reference(f, shape, mask, causal)
+        for compute in ("fp32", "bf16"):
+            for threads in (1, 2):
+                data = att.model("sparsec", *shape, mask, compute=compute, is_causal=causal)
+                got = att.session(data, kernel=True, threads=threads).run(None, f)[0]
+                tolerance = 3e-2 if compute == "bf16" and isa == "amx" else 2e-5
+                if got.shape != want.shape or not np.allclose(got, want, atol=tolerance, rtol=0):
+                    failures.append(f"attention {shape} {compute} threads={threads} isa={isa}: wrong result")
+                count += 1
+    return count
+
+
 def main() -> int:
     if not os.environ.get("SPARSEC_KERNEL_LIB"):
         print("set SPARSEC_KERNEL_LIB to the library to fuzz", file=sys.stderr)
@@ -440,9 +465,10 @@ def main() -> int:
     maps = open("/proc/self/maps").read()
     print("sanitizers:", "on" if "libasan" in maps and "libubsan" in maps else "off")
     failures: list[str] = []
-    count = malformed_cases(failures) + conv_cases(None, failures)
-    for isa in ("amx", "avx512", "avx2", "scalar"):  # amx: INT8 compute's tiles where the CPU has them
-        count += valid_cases(isa, failures) + (conv_cases(isa, failures) if isa != "amx" else 0)
+    count = malformed_cases(failures) + conv_cases(None, failures) + attention_cases(None, failures)
+    for isa in ("amx", "avx512", "avx2", "scalar"):  # amx: INT8 compute's and bf16 attention's tiles
+        count += valid_cases(isa, failures) + (conv_cases(isa, failures) if isa != "amx" else 0) + \
+            attention_cases(isa, failures)
     for line in failures:
         print("FAIL", line)
     print(f"{count} cases, {len(failures)} failures")

@@ -64,7 +64,7 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
     """Export `module` (eval mode; lowered or not) to `path` through the ONNX passes, checked;
     raises ExportError naming `shown` (default: `path`; where the file will end up). `instruments`
     print, time and snapshot the ONNX passes."""
-    from sparsec.lowering import targets
+    from sparsec.lowering import attention_op, targets
     from sparsec.passes import build_onnx_pipeline
 
     start = time.perf_counter()
@@ -81,13 +81,19 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
             model = to_onnx(module, args, kwargs, options.dynamic)
         inst.record("exported", "onnx", lambda: _text(model, "torch.onnx export"))
         passes = build_onnx_pipeline(static=static_input_dims(module),
-                                     inputs=example_input_records(args, kwargs))
+                                     inputs=example_input_records(args, kwargs),
+                                     attention=options.attention_lowering)
         model = run_pipeline(model, passes, inst)
         sparse = sum(len(target.onnx_nodes(model)) for target in targets.all_targets())
+        attention = len(attention_op.attention_nodes(model))
         with inst.timed("write and check ONNX"):
             ir.save(model, str(tmp))
             checks, error_vs_dense, notes = check_file(tmp, shown, module, args, kwargs, options,
-                                                       reference, sparse)
+                                                       reference, sparse + attention)
+        if attention:
+            notes.append(f"{attention} Attention node(s) run sparsec's attention kernel "
+                         f"({options.attention_lowering['compute']}; stock onnxruntime runs its own "
+                         f"Attention in fp32)")
         os.chmod(tmp, file_mode())  # temporary files are private; the file is an ordinary one
         os.replace(tmp, path)
     except ExportError:

@@ -118,9 +118,11 @@ def _shapes(session: Any, args: tuple, kwargs: dict) -> dict[str, list[int]]:
 
 def check_file(path: Path, shown: Path, module: torch.nn.Module, args: tuple, kwargs: dict,
                options: ExportOptions, reference: torch.nn.Module | None,
-               sparse_nodes: int) -> tuple[list[Check], float | None, list[str]]:
+               kernel_nodes: int) -> tuple[list[Check], float | None, list[str]]:
     """Check the file at `path` (named `shown` in messages) against `module`; returns the checks,
-    the lowered program's error against `reference` and notes. Raises ExportError on a mismatch."""
+    the lowered program's error against `reference` and notes. Raises ExportError on a mismatch.
+    `kernel_nodes`: how many nodes run on sparsec's kernel (sparse layers, attention): with none,
+    the file is checked on stock onnxruntime only."""
     import onnx
 
     onnx.checker.check_model(str(path))
@@ -135,7 +137,7 @@ def check_file(path: Path, shown: Path, module: torch.nn.Module, args: tuple, kw
             raise ExportError(f"{shown}: the lowered PyTorch program differs from the dense one by "
                               f"{error_vs_dense:.3g} (relative to the output scale; allowed "
                               f"{options.tolerance})")
-    sessions, notes = _sessions(path, options.kernel and sparse_nodes > 0)
+    sessions, notes = _sessions(path, options.kernel and kernel_nodes > 0)
     cases = [(args, kwargs)]
     other = other_inputs(sessions[0][1], args, kwargs)
     if other is not None:

@@ -17,9 +17,19 @@ EXPORT_FIELDS = {
                   "uint8 at run time and the products summed in int32 (kernel and function body "
                   "alike); the accuracy cost against fp32 is reported, and onnxruntime is checked "
                   "against the INT8 PyTorch program within `int8_tolerance`.", default=False),
-    "int8_tolerance": Field("float", "With `int8`: largest allowed max abs error of onnxruntime vs "
-                            "the INT8 PyTorch program, relative to the output scale (a rounding "
-                            "tie can move one quantized input by one step).", default=1e-2, gt=0),
+    "int8_tolerance": Field("float", "With `int8` (or bf16 attention): largest allowed max abs "
+                            "error of onnxruntime vs the INT8 PyTorch program, relative to the "
+                            "output scale (a rounding tie can move one quantized input by one "
+                            "step).", default=1e-2, gt=0),
+    "attention": Field("str", "How the file's Attention nodes run (scaled_dot_product_attention on "
+                       "[batch, seq, heads * head] projections): `onnx` onnxruntime's own Attention; "
+                       "`kernel` sparsec's attention kernel in fp32; `bf16` sparsec's kernel with "
+                       "its two products in bf16 on AMX tiles (Intel Sapphire Rapids and later, "
+                       "about 2x faster; fp32 elsewhere), checked within `int8_tolerance`; `auto` on "
+                       "the `sparsec` target bf16 with `int8`, else the fp32 kernel for heads of at "
+                       "most 64 (onnxruntime's Attention elsewhere), on `stock` onnx. Either kernel form "
+                       "keeps onnxruntime's Attention as its function body (stock onnxruntime runs "
+                       "it in fp32).", default="auto", choices=("auto", "onnx", "kernel", "bf16")),
     "policy": Field("str", "Which sites become sparse ops: `cost` those the cost model expects to be "
                     "at least `min_speedup` faster, `always` every site a lowering target accepts, "
                     "`never` none (a dense file).", default="cost", choices=("cost", "always", "never")),
@@ -76,6 +86,7 @@ class ExportOptions:
     verify: bool = True
     tolerance: float = default(EXPORT_FIELDS, "tolerance")
     int8_tolerance: float = default(EXPORT_FIELDS, "int8_tolerance")
+    attention: str = default(EXPORT_FIELDS, "attention")
     kernel: bool = True            # also verify with sparsec's kernel when it is available
 
     @classmethod
@@ -90,6 +101,9 @@ class ExportOptions:
         if values.get("target", "sparsec") not in EXPORT_FIELDS["target"].choices:
             raise ExportError(f"export_onnx: target {values['target']!r} is not one of "
                               f"{', '.join(EXPORT_FIELDS['target'].choices)}")
+        if values.get("attention", "auto") not in EXPORT_FIELDS["attention"].choices:
+            raise ExportError(f"export_onnx: attention {values['attention']!r} is not one of "
+                              f"{', '.join(EXPORT_FIELDS['attention'].choices)}")
         if values.get("block") is not None:
             values["block"] = tuple(int(b) for b in values["block"])
         return cls(**values)
@@ -99,7 +113,8 @@ class ExportOptions:
         """From the spec's resolved [export] table (every key present) and [capture] dynamic."""
         return cls(int8=table["int8"], policy=table["policy"], min_speedup=table["min_speedup"],
                    target=table["target"], measure=table["measure"], threads=table["threads"],
-                   tolerance=table["tolerance"], int8_tolerance=table["int8_tolerance"], dynamic=dynamic)
+                   tolerance=table["tolerance"], int8_tolerance=table["int8_tolerance"],
+                   attention=table["attention"], dynamic=dynamic)
 
     def dense(self) -> "ExportOptions":
         """The options of the dense comparison file: nothing lowered, the same checks."""
@@ -107,9 +122,24 @@ class ExportOptions:
                              tolerance=self.tolerance, kernel=False)
 
     @property
+    def attention_lowering(self) -> dict[str, Any]:
+        """The lower_attention pass's arguments: `compute` ("fp32" | "bf16", or "" where the file
+        keeps ONNX Attention; the dense file always does) and `max_head` (0: any head size)."""
+        if not self.lower or self.attention == "onnx":
+            return {"compute": "", "max_head": 0}
+        if self.attention == "auto":
+            if self.target != "sparsec":
+                return {"compute": "", "max_head": 0}
+            # measured in BERT-base: 0.29 ms a node in fp32 against onnxruntime's 0.44, bf16 0.21;
+            # heads of 128 run at onnxruntime's speed in fp32 (docs/BENCHMARKS.md)
+            return {"compute": "bf16", "max_head": 0} if self.int8 else {"compute": "fp32", "max_head": 64}
+        return {"compute": "fp32" if self.attention == "kernel" else "bf16", "max_head": 0}
+
+    @property
     def file_tolerance(self) -> float:
         """The allowed error of onnxruntime vs the (lowered) PyTorch program for this file."""
-        return self.int8_tolerance if self.int8 and self.lower else self.tolerance
+        reduced = self.int8 or self.attention_lowering["compute"] == "bf16"
+        return self.int8_tolerance if reduced and self.lower else self.tolerance
 
     def lowering(self) -> dict[str, Any]:
         """Keyword arguments of sparsec.lowering.stage.lowered_copy."""

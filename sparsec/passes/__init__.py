@@ -19,6 +19,7 @@ from sparsec.passes.drop_softmax_nan_guards import DropSoftmaxNanGuards
 from sparsec.passes.find_sites import FindSites
 from sparsec.passes.fuse_epilogues import FuseEpilogues
 from sparsec.passes.insert_masks import InsertMasks
+from sparsec.passes.lower_attention import LowerAttention
 from sparsec.passes.lower_block_sparse import LowerBlockSparse
 from sparsec.passes.make_mode_aware import MakeModeAware
 from sparsec.passes.pin_input_dims import PinInputDims
@@ -29,7 +30,7 @@ from sparsec.pipeline import STAGES, Pass
 
 __all__ = ["AttachFunctions", "AttachSchedule", "AttentionHeadLayout", "BakeMasks",
            "ChooseSparseLayers", "CompactPadding", "DropSoftmaxNanGuards", "FindSites",
-           "FuseEpilogues", "InsertMasks", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
+           "FuseEpilogues", "InsertMasks", "LowerAttention", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
            "RecordExampleInputs", "SafeViews", "SelectSites", "build_pipeline", "build_lowering_pipeline",
            "build_onnx_pipeline", "STAGES"]
 
@@ -63,13 +64,15 @@ def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedu
     ]
 
 
-def build_onnx_pipeline(static: tuple = (), inputs: tuple = ()) -> list[Pass]:
-    """The ONNX passes over the exported model: `static` input dims (pin_input_dims) and the
-    example inputs' (shape, dtype) (record_example_inputs)."""
+def build_onnx_pipeline(static: tuple = (), inputs: tuple = (), attention: dict | None = None) -> list[Pass]:
+    """The ONNX passes over the exported model: `static` input dims (pin_input_dims), the example
+    inputs' (shape, dtype) (record_example_inputs) and which Attention nodes run on sparsec's
+    kernel, how (lower_attention's `compute` and `max_head`; none by default)."""
     return [
         PinInputDims(static=static),
         DropSoftmaxNanGuards(),
         AttentionHeadLayout(),
+        LowerAttention(**(attention or {})),
         FuseEpilogues(),
         AttachFunctions(),
         CompactPadding(),

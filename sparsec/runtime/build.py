@@ -243,11 +243,13 @@ def sanitizer_preload() -> list[Path]:
     return found
 
 
-def library_isa(library: Path, int8: bool = False) -> str:
-    """The instruction set the library picks on this machine for fp32 compute, or with `int8` for
-    INT8 compute ("amx" where the CPU has AMX tiles), loading it without onnxruntime."""
+def library_isa(library: Path, int8: bool = False, bf16_attention: bool = False) -> str:
+    """The instruction set the library picks on this machine for fp32 compute, with `int8` for
+    INT8 compute, with `bf16_attention` for bf16 attention ("amx" where the CPU has AMX tiles of
+    that kind), loading it without onnxruntime."""
     lib = ctypes.CDLL(str(library))
-    entry = lib.SparsecKernelIsaInt8 if int8 else lib.SparsecKernelIsa
+    entry = lib.SparsecKernelIsaAttentionBf16 if bf16_attention else \
+        lib.SparsecKernelIsaInt8 if int8 else lib.SparsecKernelIsa
     entry.restype = ctypes.c_char_p
     return entry().decode()
 
@@ -272,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  load with: LD_PRELOAD={':'.join(str(p) for p in sanitizer_preload())} "
               f"ASAN_OPTIONS=detect_leaks=0 SPARSEC_KERNEL_LIB={info.library}")
     else:
-        print(f"  isa on this machine: {library_isa(info.library)} (INT8 compute: {library_isa(info.library, int8=True)})")
+        print(f"  isa on this machine: {library_isa(info.library)} (INT8 compute: "
+              f"{library_isa(info.library, int8=True)}, bf16 attention: "
+              f"{library_isa(info.library, bf16_attention=True)})")
     return 0
 
 

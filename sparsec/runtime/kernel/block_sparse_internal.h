@@ -148,8 +148,8 @@ SPARSEC_AVX512 SPARSEC_INLINE __mmask16 lane_mask16(int64_t n) {
 
 // exp(x): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error
 // below 2e-7), times 2^n. Inputs are clamped to where float neither overflows nor flushes.
-SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+// exp512_in_range takes x already in [-87, 88].
+SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512_in_range(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 = hi + lo
@@ -162,6 +162,9 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
+  return exp512_in_range(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)));
 }
 
 // gelu(v) = v * Phi(v) = max(v, 0) - |v| * erfc(z) / 2 with z = |v| / sqrt(2) (Phi(v) is

@@ -1,5 +1,5 @@
-// onnxruntime custom-op library: domain "sparsec", ops "BlockSparseLinear" and "BlockSparseConv"
-// (opset 1).
+// onnxruntime custom-op library: domain "sparsec", ops "BlockSparseLinear", "BlockSparseConv" and
+// "Attention" (opset 1).
 //
 // BlockSparseLinear inputs: 0 X float [..., K]; 1 values float [R, S, BR, BC] (int8 when scales
 // are given); 2 block_cols int64 [R, S]; 3 row_nnz int64 [R]; 4 bias float [N] (optional);
@@ -17,6 +17,13 @@
 // Conv's, optional), activation (optional: "relu"). Output Y float [B, N, Ho, Wo] =
 // activation(conv2d(X, W) + bias + residual) (block_sparse_conv.cc).
 //
+// Attention inputs: 0 Q float [B, Sq, Hq * D]; 1 K float [B, Skv, Hkv * D]; 2 V float
+// [B, Skv, Hkv * Dv]; 3 attn_mask bool or float (optional), broadcastable to [B, Hq, Sq, Skv].
+// Attributes q_num_heads, kv_num_heads, scale (float, optional: 1 / sqrt(D)), is_causal (optional,
+// 0 | 1), softcap (optional, 0 only), compute (optional: "fp32" | "bf16", the products in bf16 on AMX
+// tiles). Output Y float [B, Sq, Hq * Dv]: ONNX Attention (opset 23) on these inputs (attention.h,
+// attention.cc, attention_amx.cc).
+//
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
 // kMinApi, and into newer ones than the headers it was compiled with.
@@ -24,12 +31,14 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "block_sparse.h"
 
 namespace {
@@ -39,6 +48,7 @@ constexpr uint32_t kParallelForApi = 17;  // KernelContext_ParallelFor
 constexpr const char* kDomain = "sparsec";
 constexpr const char* kLinearName = "BlockSparseLinear";
 constexpr const char* kConvName = "BlockSparseConv";
+constexpr const char* kAttentionName = "Attention";
 // The op whose kernel this thread is creating or running: names it in error messages.
 thread_local const char* t_op_name = kLinearName;
 
@@ -163,6 +173,7 @@ struct Kernel {
 // Sets t_op_name for the scope of one call into the library.
 struct OpScope {
   explicit OpScope(bool conv) { t_op_name = conv ? kConvName : kLinearName; }
+  explicit OpScope(const char* name) { t_op_name = name; }
 };
 
 // An optional ints attribute of exactly `n` values: `out` keeps its defaults when absent.
@@ -524,6 +535,183 @@ OrtCustomOp make_op(bool conv) {
   return op;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Attention
+
+enum AttentionInput : size_t { kQ = 0, kK, kV, kMask, kAttentionInputs };
+
+struct AttentionKernel {
+  int64_t Hq = 0, Hkv = 0;
+  float scale = 0.0f;  // 0: 1 / sqrt(D), known at the first call
+  bool causal = false;
+  bool bf16 = false;
+  sparsec::Isa isa = sparsec::Isa::kScalar;
+};
+
+// A required int attribute.
+OrtStatus* int_attribute(const OrtKernelInfo* info, const char* attr, int64_t& out) {
+  OrtStatus* status = g_ort->KernelInfoGetAttribute_int64(info, attr, &out);
+  if (status == nullptr) return nullptr;
+  g_ort->ReleaseStatus(status);
+  return fail(std::string("attribute ") + attr + " is required");
+}
+
+// An optional attribute: `out` keeps its value when absent.
+template <typename T, typename Get>
+OrtStatus* optional_attribute(const OrtKernelInfo* info, const char* attr, Get get, T& out) {
+  T value{};
+  OrtStatus* status = get(info, attr, &value);
+  if (status != nullptr) {
+    g_ort->ReleaseStatus(status);
+    return nullptr;
+  }
+  out = value;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  const OpScope scope(kAttentionName);
+  try {
+    auto k = std::make_unique<AttentionKernel>();
+    SPARSEC_RETURN_IF_ERROR(int_attribute(info, "q_num_heads", k->Hq));
+    SPARSEC_RETURN_IF_ERROR(int_attribute(info, "kv_num_heads", k->Hkv));
+    if (k->Hq < 1 || k->Hkv < 1 || k->Hq % k->Hkv != 0 || k->Hq > sparsec::kMaxDim) {
+      return fail("q_num_heads (" + std::to_string(k->Hq) + ") must be a positive multiple of kv_num_heads (" +
+                  std::to_string(k->Hkv) + ")");
+    }
+    SPARSEC_RETURN_IF_ERROR(optional_attribute(info, "scale", g_ort->KernelInfoGetAttribute_float, k->scale));
+    if (!std::isfinite(k->scale)) return fail("attribute scale must be finite");
+    int64_t causal = 0;
+    SPARSEC_RETURN_IF_ERROR(optional_attribute(info, "is_causal", g_ort->KernelInfoGetAttribute_int64, causal));
+    if (causal != 0 && causal != 1) return fail("attribute is_causal must be 0 or 1, got " + std::to_string(causal));
+    k->causal = causal == 1;
+    float softcap = 0.0f;
+    SPARSEC_RETURN_IF_ERROR(optional_attribute(info, "softcap", g_ort->KernelInfoGetAttribute_float, softcap));
+    if (softcap != 0.0f) return fail("attribute softcap is not supported (only 0)");
+    std::string compute_mode;
+    SPARSEC_RETURN_IF_ERROR(string_attribute(info, "compute", "fp32", compute_mode));
+    if (compute_mode != "fp32" && compute_mode != "bf16") {
+      return fail("unknown compute \"" + compute_mode + "\" (allowed: fp32, bf16)");
+    }
+    k->bf16 = compute_mode == "bf16";
+    k->isa = sparsec::select_isa_attention(k->bf16);
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(t_op_name) + ": " + e.what()).c_str());
+  }
+}
+
+// The mask's strides over [B, Hq, Sq, Skv] (right-aligned, a dimension of 1 broadcasts).
+OrtStatus* mask_strides(const TensorView& mask, const sparsec::AttentionShape& s, sparsec::AttentionMask& m) {
+  const std::vector<int64_t> full{s.B, s.Hq, s.Sq, s.Skv};
+  if (mask.shape.empty() || mask.shape.size() > 4) {
+    return fail("attn_mask must have 1 to 4 dimensions, got " + shape_str(mask.shape));
+  }
+  int64_t strides[4] = {0, 0, 0, 0};
+  int64_t stride = 1;
+  for (size_t back = 0; back < mask.shape.size(); ++back) {
+    const size_t axis = 3 - back;
+    const int64_t dim = mask.shape[mask.shape.size() - 1 - back];
+    if (dim != 1 && dim != full[axis]) {
+      return fail("attn_mask " + shape_str(mask.shape) + " does not broadcast to [batch, heads, q_seq, kv_seq] = " +
+                  shape_str(full));
+    }
+    strides[axis] = dim == 1 ? 0 : stride;
+    stride *= dim;
+  }
+  m.sb = strides[0], m.sh = strides[1], m.si = strides[2], m.sj = strides[3];
+  if (mask.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    m.add = static_cast<const float*>(mask.data);
+  } else if (mask.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) {
+    m.keep = static_cast<const uint8_t*>(mask.data);
+  } else {
+    return fail("attn_mask must be bool or float");
+  }
+  return nullptr;
+}
+
+OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context) {
+  size_t count = 0;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInputCount(context, &count));
+  const OrtValue* inputs[kAttentionInputs] = {};
+  for (size_t i = 0; i < std::min<size_t>(count, kAttentionInputs); ++i) {
+    SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetInput(context, i, &inputs[i]));
+  }
+  TensorView q, key, value;
+  const char* names[3] = {"Q", "K", "V"};
+  TensorView* views[3] = {&q, &key, &value};
+  for (size_t i = 0; i < 3; ++i) {
+    if (inputs[i] == nullptr) return fail(std::string(names[i]) + " is required");
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[i], *views[i]));
+    if (views[i]->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || views[i]->shape.size() != 3) {
+      return fail(std::string(names[i]) + " must be float [batch, seq, heads * head], got " +
+                  shape_str(views[i]->shape));
+    }
+  }
+  sparsec::AttentionShape s;
+  s.B = q.shape[0], s.Sq = q.shape[1], s.Skv = key.shape[1], s.Hq = k.Hq, s.Hkv = k.Hkv;
+  if (key.shape[0] != s.B || value.shape[0] != s.B || value.shape[1] != s.Skv || q.shape[2] % k.Hq != 0 ||
+      key.shape[2] % k.Hkv != 0 || value.shape[2] % k.Hkv != 0 || q.shape[2] / k.Hq != key.shape[2] / k.Hkv) {
+    return fail("Q " + shape_str(q.shape) + ", K " + shape_str(key.shape) + " and V " + shape_str(value.shape) +
+                " do not fit " + std::to_string(k.Hq) + " query and " + std::to_string(k.Hkv) + " key/value heads");
+  }
+  s.D = q.shape[2] / k.Hq;
+  s.Dv = value.shape[2] / k.Hkv;
+  s.scale = k.scale != 0.0f ? k.scale : 1.0f / std::sqrt(static_cast<float>(s.D));
+  s.causal = k.causal;
+  s.bf16 = k.bf16;
+  const std::string error = sparsec::check_attention(s);
+  if (!error.empty()) return fail(error + " (Q " + shape_str(q.shape) + ", K " + shape_str(key.shape) + ")");
+  sparsec::AttentionMask mask;
+  if (inputs[kMask] != nullptr) {
+    TensorView m;
+    SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kMask], m));
+    SPARSEC_RETURN_IF_ERROR(mask_strides(m, s, mask));
+  }
+  const std::vector<int64_t> y_shape{s.B, s.Sq, s.Hq * s.Dv};
+  OrtValue* y_value = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
+  if (s.B * s.Sq * s.Hq * s.Dv == 0) return nullptr;
+  void* y = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
+  sparsec::attention(s, static_cast<const float*>(q.data), static_cast<const float*>(key.data),
+                     static_cast<const float*>(value.data), mask, static_cast<float*>(y), k.isa, ort_parallel_for,
+                     context);
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute_attention_kernel(void* kernel, OrtKernelContext* context) {
+  const OpScope scope(kAttentionName);
+  try {
+    return compute_attention(*static_cast<const AttentionKernel*>(kernel), context);
+  } catch (const std::exception& e) {
+    return g_ort->CreateStatus(ORT_FAIL, (std::string(t_op_name) + ": " + e.what()).c_str());
+  }
+}
+
+void ORT_API_CALL destroy_attention(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+const char* ORT_API_CALL attention_name(const OrtCustomOp*) { return kAttentionName; }
+ONNXTensorElementDataType ORT_API_CALL attention_input_type(const OrtCustomOp*, size_t index) {
+  return index == kMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL attention_inputs(const OrtCustomOp*) { return kAttentionInputs; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL attention_input_characteristic(const OrtCustomOp*, size_t index) {
+  return index == kMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+OrtCustomOp make_attention_op() {
+  OrtCustomOp op = make_op(false);
+  op.GetName = attention_name;
+  op.GetInputType = attention_input_type;
+  op.GetInputTypeCount = attention_inputs;
+  op.GetInputCharacteristic = attention_input_characteristic;
+  op.KernelDestroy = destroy_attention;
+  op.CreateKernelV2 = create_attention;
+  op.KernelComputeV2 = compute_attention_kernel;
+  return op;
+}
+
 }  // namespace
 
 // The library is built with -fvisibility=hidden; these are its only exported symbols.
@@ -546,17 +734,22 @@ SPARSEC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
   }
   static OrtCustomOp linear = make_op(false);
   static OrtCustomOp conv = make_op(true);
+  static OrtCustomOp attention = make_attention_op();
   // The domain must outlive every session built from these options; it is deliberately never freed.
   OrtCustomOpDomain* domain = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->CreateCustomOpDomain(kDomain, &domain));
   SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &linear));
   SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &conv));
+  SPARSEC_RETURN_IF_ERROR(g_ort->CustomOpDomain_Add(domain, &attention));
   return g_ort->AddCustomOpDomain(options, domain);
 }
 
 // For diagnostics (ctypes): the instruction set the kernel would use now, and the API it was built for.
 SPARSEC_EXPORT const char* SparsecKernelIsa() { return sparsec::isa_name(sparsec::select_isa()); }
 SPARSEC_EXPORT const char* SparsecKernelIsaInt8() { return sparsec::isa_name(sparsec::select_isa_int8()); }
+SPARSEC_EXPORT const char* SparsecKernelIsaAttentionBf16() {
+  return sparsec::isa_name(sparsec::select_isa_attention(true));
+}
 
 // For tests (ctypes), without onnxruntime: one INT8-compute layer on instruction set `isa` (0 scalar,
 // 1 avx2, 2 avx512 VNNI, 3 AMX), single-threaded. Writes the exact int32 sums (block_sparse.h: acc) to

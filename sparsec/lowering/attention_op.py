@@ -1,0 +1,90 @@
+"""The ONNX op `sparsec::Attention` (domain "sparsec", version 1): ONNX's Attention (opset 23) on
+[batch, seq, heads * head] projections, computed by sparsec's kernel (sparsec/runtime/kernel/
+attention.cc), with ONNX's Attention itself as its function body so that stock onnxruntime runs the
+file unchanged.
+
+    Y = sparsec::Attention <q_num_heads, kv_num_heads, scale?, is_causal?, compute> (Q, K, V, attn_mask?)
+
+Q [B, Sq, Hq * D], K [B, Skv, Hkv * D], V [B, Skv, Hkv * Dv], attn_mask bool (False masks a key) or
+float (added to the scores), broadcastable to [B, Hq, Sq, Skv]; Y [B, Sq, Hq * Dv]. `compute`:
+- "fp32": the kernel's AVX-512 fp32 path (onnxruntime's results within float rounding);
+- "bf16": Q, K, V and the softmax weights rounded to bf16 for the two products, sums and softmax
+  in fp32, on AMX tiles (Intel Sapphire Rapids and later; where the CPU has none, the fp32 path).
+  About 2e-4 of BERT-base's output scale against fp32 (random weights).
+The function body ignores `compute`: on stock onnxruntime the node is its Attention in fp32.
+
+The kernel keeps onnxruntime's Attention's results where they matter to a user: a row whose scores
+hold a NaN (or +inf) is NaN, a row with every key masked is 0 (NaN where a value is NaN or
+infinite), a masked key weighs exactly 0 (tests/test_attention_kernel.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx import AttributeProto, helper
+
+from sparsec.lowering.custom_ops import ONNX_OPSET, DOMAIN, attach_overloads, nodes_of
+
+OP = "Attention"
+COMPUTES = ("fp32", "bf16")
+# the attributes the body passes on to ONNX's Attention, with their types
+FORWARDED = {"q_num_heads": AttributeProto.INT, "kv_num_heads": AttributeProto.INT,
+             "scale": AttributeProto.FLOAT, "is_causal": AttributeProto.INT}
+INPUTS = ("Q", "K", "V", "attn_mask")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Whether a node has the mask input; names its function overload."""
+
+    mask: bool = False
+
+    @property
+    def overload(self) -> str:
+        return "mask" if self.mask else "nomask"
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        if name not in ("mask", "nomask"):
+            raise ValueError(f"unknown {OP} overload {name!r}")
+        return cls(name == "mask")
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto | ir.Node) -> "Variant":
+        if isinstance(node, onnx.NodeProto):
+            return cls(len(node.input) > 3 and node.input[3] != "")
+        return cls(len(node.inputs) > 3 and node.inputs[3] is not None)
+
+    def inputs(self) -> list[str]:
+        return list(INPUTS[:4 if self.mask else 3])
+
+
+def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionProto:
+    """The body: one ONNX Attention node with the node's attributes (an absent `scale` or
+    `is_causal` stays absent: Attention's defaults)."""
+    if opset < 23:
+        raise ValueError(f"{OP} needs ONNX opset >= 23 (Attention), not {opset}")
+    node = helper.make_node("Attention", variant.inputs(), ["Y"])
+    for name, kind in FORWARDED.items():
+        ref = AttributeProto()
+        ref.name, ref.type, ref.ref_attr_name = name, kind, name
+        node.attribute.append(ref)
+    fn = helper.make_function(DOMAIN, OP, variant.inputs(), ["Y"], [node], [helper.make_opsetid("", opset)],
+                              attributes=[*FORWARDED, "compute"],
+                              doc_string=f"{OP} ({variant.overload}): ONNX Attention on 3-D projections "
+                                         "(compute is the kernel's business)")
+    fn.overload = variant.overload
+    return fn
+
+
+def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
+    """Name each sparsec::Attention node's overload and add the function bodies it uses; in place."""
+    return attach_overloads(model, OP, Variant, function_proto)
+
+
+def attention_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
+    """The sparsec::Attention nodes of a model's main graph."""
+    return nodes_of(model, OP)

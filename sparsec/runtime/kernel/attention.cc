@@ -1,0 +1,417 @@
+// Attention (attention.h): one task per (batch, query head, run of query rows). A task transposes its
+// head's keys once into 64-key panels, then takes its rows 6 at a time: scores for 64 keys per pass
+// (6 x 4 zmm accumulators, one broadcast query value times 4 panel loads per step), the softmax in
+// place, and the weighted sum of values (6 x up to 4 zmm per 64 value columns). Scores of a row
+// tile live in a per-thread buffer (6 x Skv floats); nothing is written but Y.
+#include "attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attention_internal.h"
+#include "block_sparse_internal.h"
+
+namespace sparsec {
+namespace {
+
+using detail::AlignedScratch;
+using detail::ceil_div;
+using detail::checked_mul;
+using detail::HeadRows;
+using detail::RowSoftmax;
+
+constexpr int64_t kMaxSeq = int64_t(1) << 24;
+constexpr int64_t kMaxHead = int64_t(1) << 16;
+constexpr int64_t kPanel = 64;  // keys per transposed panel (4 zmm)
+constexpr int kRows = 6;        // query rows per tile
+constexpr int64_t kTasksWanted = 8;  // 4 per core on 2 cores, as the linear kernel
+
+struct Job {
+  const AttentionShape* s;
+  const float *q, *k, *v;
+  const AttentionMask* mask;
+  float* y;
+  int64_t row_chunks, rows_per_task;
+  Isa isa;
+};
+
+// Pointers to row i of query head h (q, y) and key/value row j of head kvh (k, v) in batch b.
+inline const float* q_row(const Job& job, int64_t b, int64_t i, int64_t h) {
+  const AttentionShape& s = *job.s;
+  return job.q + ((b * s.Sq + i) * s.Hq + h) * s.D;
+}
+inline const float* k_row(const Job& job, int64_t b, int64_t j, int64_t kvh) {
+  const AttentionShape& s = *job.s;
+  return job.k + ((b * s.Skv + j) * s.Hkv + kvh) * s.D;
+}
+inline const float* v_row(const Job& job, int64_t b, int64_t j, int64_t kvh) {
+  const AttentionShape& s = *job.s;
+  return job.v + ((b * s.Skv + j) * s.Hkv + kvh) * s.Dv;
+}
+inline float* y_row(const Job& job, int64_t b, int64_t i, int64_t h) {
+  const AttentionShape& s = *job.s;
+  return job.y + ((b * s.Sq + i) * s.Hq + h) * s.Dv;
+}
+
+// The mask's scores adjustment for (b, h, i, j): added to the score (0 without a mask, -inf where a
+// boolean mask is false).
+inline float mask_at(const AttentionMask& m, int64_t b, int64_t h, int64_t i, int64_t j) {
+  const int64_t at = b * m.sb + h * m.sh + i * m.si + j * m.sj;
+  if (m.add != nullptr) return m.add[at];
+  if (m.keep != nullptr && m.keep[at] == 0) return -std::numeric_limits<float>::infinity();
+  return 0.0f;
+}
+
+// Scalar reference: the weights of row p[0, Skv) in place.
+RowSoftmax softmax_scalar(float* p, int64_t n) {
+  RowSoftmax out;
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(p[j])) out.nan = true;
+    m = std::max(m, p[j]);
+  }
+  // s_j - m is NaN only for a NaN score or when m = +inf (inf - inf): either way the row is NaN
+  if (m == std::numeric_limits<float>::infinity()) out.nan = true;
+  if (!out.nan && m == -std::numeric_limits<float>::infinity()) out.zero = true;
+  if (out.nan || out.zero) {
+    std::fill(p, p + n, 0.0f);
+    out.inv = out.nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    return out;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  out.inv = 1.0f / sum;
+  return out;
+}
+
+void rows_scalar(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, float* p) {
+  const AttentionShape& s = *job.s;
+  const int64_t kvh = h / (s.Hq / s.Hkv);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* qi = q_row(job, b, i, h);
+    for (int64_t j = 0; j < s.Skv; ++j) {
+      const float* kj = k_row(job, b, j, kvh);
+      float acc = 0.0f;
+      for (int64_t d = 0; d < s.D; ++d) acc += qi[d] * kj[d];
+      p[j] = acc * s.scale + mask_at(*job.mask, b, h, i, j);
+      if (s.causal && j > i) p[j] += -std::numeric_limits<float>::infinity();
+    }
+    const RowSoftmax w = softmax_scalar(p, s.Skv);
+    float* yi = y_row(job, b, i, h);
+    for (int64_t d = 0; d < s.Dv; ++d) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < s.Skv; ++j) acc += p[j] * v_row(job, b, j, kvh)[d];
+      yi[d] = acc * w.inv;
+    }
+  }
+}
+
+#if SPARSEC_X86
+using detail::lane_mask16;
+
+// exp(x) for -inf <= x <= 0 (scores minus their maximum): exactly 0 below -87 (so -inf, a masked
+// key, weighs exactly 0), else exp512's argument reduction and polynomial (x needs no upper clamp).
+SPARSEC_AVX512 SPARSEC_INLINE __m512 exp_weight512(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(live, detail::exp512_in_range(_mm512_max_ps(x, _mm512_set1_ps(-87.0f))));
+}
+
+// Keys [0, Skv) of the head transposed into panels: kt[c][d][jj] = k[c * 64 + jj][d], zero past Skv.
+SPARSEC_AVX512 void pack_keys_avx512(const Job& job, int64_t b, int64_t kvh, float* kt) {
+  const AttentionShape& s = *job.s;
+  const int64_t panels = ceil_div(s.Skv, kPanel);
+  for (int64_t c = 0; c < panels; ++c) {
+    float* panel = kt + c * s.D * kPanel;
+    for (int64_t g = 0; g < kPanel / 16; ++g) {
+      const int64_t j0 = c * kPanel + g * 16;
+      for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
+        const __mmask16 dm = lane_mask16(s.D - d0);
+        __m512 r[16];
+        for (int t = 0; t < 16; ++t) {
+          r[t] = j0 + t < s.Skv ? _mm512_maskz_loadu_ps(dm, k_row(job, b, j0 + t, kvh) + d0) : _mm512_setzero_ps();
+        }
+        detail::transpose16(r);
+        const int64_t dn = std::min<int64_t>(16, s.D - d0);
+        for (int64_t t = 0; t < dn; ++t) _mm512_store_ps(panel + (d0 + t) * kPanel + g * 16, r[t]);
+      }
+    }
+  }
+}
+
+// Scores of a tile of query rows (row pointers qs) against panel c (unscaled), into p (rows ldp apart).
+SPARSEC_AVX512 void scores_avx512(const float* const* qs, int64_t D, int64_t c, const float* kt, float* p,
+                                  int64_t ldp) {
+  const float* panel = kt + c * D * kPanel;
+  __m512 acc[kRows][4];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kd = panel + d * kPanel;
+    const __m512 b0 = _mm512_load_ps(kd), b1 = _mm512_load_ps(kd + 16), b2 = _mm512_load_ps(kd + 32),
+                 b3 = _mm512_load_ps(kd + 48);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(qs[r][d]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(p + r * ldp + c * kPanel + 16 * v, acc[r][v]);
+}
+
+// Row i's scores p[0, Skv) (unscaled; lanes up to the 64-key panel end) scaled, with the mask and
+// causality applied, then turned into weights in place (zero past Skv).
+SPARSEC_AVX512 RowSoftmax softmax_avx512(const Job& job, int64_t b, int64_t h, int64_t i, float* p) {
+  const AttentionShape& s = *job.s;
+  const AttentionMask& m = *job.mask;
+  const int64_t n = s.Skv;
+  const int64_t limit = s.causal ? std::min(n, i + 1) : n;  // keys at or past `limit` are masked (causal)
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(s.scale);
+  const int64_t base = b * m.sb + h * m.sh + i * m.si;
+  __m512 vmax = neg_inf;
+  __mmask16 nan = 0;
+  const int64_t padded = ceil_div(n, kPanel) * kPanel;
+  for (int64_t j = 0; j < padded; j += 16) {
+    __m512 x = _mm512_mul_ps(_mm512_load_ps(p + j), vscale);
+    if (j < n && (m.add != nullptr || m.keep != nullptr)) {
+      if (m.add != nullptr) {
+        const __mmask16 in = lane_mask16(n - j);
+        const __m512 a = m.sj == 1 ? _mm512_maskz_loadu_ps(in, m.add + base + j)
+                                   : _mm512_set1_ps(m.add[base + j * m.sj]);
+        x = _mm512_add_ps(x, a);
+      } else {
+        __mmask16 keep;
+        if (m.sj == 1) {
+          __m128i bytes;
+          if (n - j >= 16) {
+            bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m.keep + base + j));
+          } else {  // the row's last bytes: no read past the mask
+            alignas(16) uint8_t tail[16] = {};
+            std::memcpy(tail, m.keep + base + j, static_cast<size_t>(n - j));
+            bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+          }
+          const __m512i wide = _mm512_cvtepu8_epi32(bytes);
+          keep = _mm512_test_epi32_mask(wide, wide);
+        } else {
+          keep = m.keep[base + j * m.sj] != 0 ? static_cast<__mmask16>(0xFFFF) : 0;
+        }
+        x = _mm512_add_ps(x, _mm512_mask_mov_ps(neg_inf, keep, _mm512_setzero_ps()));  // + -inf, as ONNX: inf - inf is NaN
+      }
+    }
+    if (limit < n) {  // causal: -inf added past the diagonal (a +inf score there makes the row NaN)
+      x = _mm512_add_ps(x, _mm512_mask_mov_ps(neg_inf, lane_mask16(limit - j), _mm512_setzero_ps()));
+    }
+    x = _mm512_mask_mov_ps(neg_inf, lane_mask16(n - j), x);  // lanes past Skv weigh nothing
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, x);
+    _mm512_store_ps(p + j, x);
+  }
+  RowSoftmax out;
+  const float mx = _mm512_reduce_max_ps(vmax);
+  // s_j - m is NaN only for a NaN score or when m = +inf (inf - inf): either way the row is NaN
+  if (nan != 0 || mx == std::numeric_limits<float>::infinity()) {
+    out.nan = true;
+  } else if (mx == -std::numeric_limits<float>::infinity()) {
+    out.zero = true;
+  }
+  if (out.nan || out.zero) {
+    for (int64_t j = 0; j < padded; j += 16) _mm512_store_ps(p + j, _mm512_setzero_ps());
+    out.inv = out.nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    return out;
+  }
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 16) {
+    const __m512 e = exp_weight512(_mm512_sub_ps(_mm512_load_ps(p + j), vm));
+    sum = _mm512_add_ps(sum, e);
+    _mm512_store_ps(p + j, e);
+  }
+  out.inv = 1.0f / _mm512_reduce_add_ps(sum);
+  return out;
+}
+
+// y rows (pointers ys, `rows` of them valid) = weights p (rows ldp apart) times V's columns
+// [c0, c0 + 16 NV), scaled by inv.
+// (FULL: all 16 NV columns exist, so the loads need no mask.)
+template <int NV, bool FULL>
+SPARSEC_AVX512 void weighted_values_avx512(const Job& job, int64_t b, int64_t kvh, const float* p, int64_t ldp,
+                                           int64_t c0, const RowSoftmax* w, float* const* ys, int rows) {
+  const AttentionShape& s = *job.s;
+  __mmask16 cm[NV];
+  for (int v = 0; v < NV; ++v) cm[v] = lane_mask16(s.Dv - c0 - 16 * v);
+  __m512 acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const int64_t ldv = s.Hkv * s.Dv;
+  const float* vj = v_row(job, b, 0, kvh) + c0;
+  for (int64_t j = 0; j < s.Skv; ++j, vj += ldv) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = FULL ? _mm512_loadu_ps(vj + 16 * v) : _mm512_maskz_loadu_ps(cm[v], vj + 16 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(w[r].inv);
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(ys[r] + c0 + 16 * v, cm[v], _mm512_mul_ps(acc[r][v], inv));
+  }
+}
+
+// Rows [i0, i1) of head h, kRows at a time: scores against every panel of keys, the softmax in
+// place, the weighted values. p holds a tile's scores (kRows rows, ldp apart).
+SPARSEC_AVX512 void rows_avx512(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, float* kt, float* p) {
+  const AttentionShape& s = *job.s;
+  const int64_t kvh = h / (s.Hq / s.Hkv);
+  const int64_t panels = ceil_div(s.Skv, kPanel);
+  const int64_t ldp = panels * kPanel;
+  pack_keys_avx512(job, b, kvh, kt);
+  for (int64_t t0 = i0; t0 < i1; t0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, i1 - t0));
+    const float* qs[kRows];
+    float* ys[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = t0 + std::min(r, rows - 1);  // a short tile repeats its last row, not stored
+      qs[r] = q_row(job, b, i, h);
+      ys[r] = y_row(job, b, i, h);
+    }
+    for (int64_t c = 0; c < panels; ++c) scores_avx512(qs, s.D, c, kt, p, ldp);
+    RowSoftmax w[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      if (r < rows) {
+        w[r] = softmax_avx512(job, b, h, t0 + r, p + r * ldp);
+      } else {
+        for (int64_t j = 0; j < ldp; j += 16) _mm512_store_ps(p + r * ldp + j, _mm512_setzero_ps());
+      }
+    }
+    for (int64_t c0 = 0; c0 < s.Dv; c0 += 64) {
+      const int64_t width = std::min<int64_t>(64, s.Dv - c0);
+      if (width == 64) {
+        weighted_values_avx512<4, true>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      } else if (width == 32) {
+        weighted_values_avx512<2, true>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      } else {
+        switch (ceil_div(width, 16)) {
+          case 1: weighted_values_avx512<1, false>(job, b, kvh, p, ldp, c0, w, ys, rows); break;
+          case 2: weighted_values_avx512<2, false>(job, b, kvh, p, ldp, c0, w, ys, rows); break;
+          case 3: weighted_values_avx512<3, false>(job, b, kvh, p, ldp, c0, w, ys, rows); break;
+          default: weighted_values_avx512<4, false>(job, b, kvh, p, ldp, c0, w, ys, rows); break;
+        }
+      }
+    }
+  }
+}
+
+// The bf16 tile path's row softmax: the fp32 path's, for one (batch, head).
+struct SoftmaxContext {
+  const Job* job;
+  int64_t b, h;
+};
+SPARSEC_AVX512 RowSoftmax softmax_row(const void* context, int64_t i, float* p) {
+  const auto* c = static_cast<const SoftmaxContext*>(context);
+  return softmax_avx512(*c->job, c->b, c->h, i, p);
+}
+
+void rows_amx_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+  const AttentionShape& s = *job.s;
+  const int64_t kvh = h / (s.Hq / s.Hkv);
+  const SoftmaxContext context{&job, b, h};
+  HeadRows rows;
+  rows.q = q_row(job, b, 0, h);
+  rows.k = k_row(job, b, 0, kvh);
+  rows.v = v_row(job, b, 0, kvh);
+  rows.y = y_row(job, b, 0, h);
+  rows.ldq = s.Hq * s.D, rows.ldk = s.Hkv * s.D, rows.ldv = s.Hkv * s.Dv, rows.ldy = s.Hq * s.Dv;
+  rows.Skv = s.Skv, rows.D = s.D, rows.Dv = s.Dv, rows.i0 = i0, rows.i1 = i1;
+  rows.softmax = softmax_row;
+  rows.context = &context;
+  detail::head_rows_amx_bf16(rows);
+}
+#endif
+
+void run_task(void* data, size_t t) {
+  const Job& job = *static_cast<const Job*>(data);
+  const AttentionShape& s = *job.s;
+  const int64_t unit = static_cast<int64_t>(t) / job.row_chunks;
+  const int64_t chunk = static_cast<int64_t>(t) % job.row_chunks;
+  const int64_t b = unit / s.Hq, h = unit % s.Hq;
+  const int64_t i0 = chunk * job.rows_per_task;
+  const int64_t i1 = std::min(s.Sq, i0 + job.rows_per_task);
+  if (i0 >= i1) return;
+  thread_local AlignedScratch<float> kt_buffer;
+  thread_local AlignedScratch<float> p_buffer;
+  const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
+#if SPARSEC_X86
+  if (s.bf16 && job.isa == Isa::kAmx) {
+    rows_amx_bf16(job, b, h, i0, i1);
+    return;
+  }
+  if (job.isa == Isa::kAvx512 || job.isa == Isa::kAmx) {
+    float* kt = kt_buffer.reserve(static_cast<size_t>(ldp * s.D));
+    float* p = p_buffer.reserve(static_cast<size_t>(kRows * ldp));
+    rows_avx512(job, b, h, i0, i1, kt, p);
+    return;
+  }
+#endif
+  rows_scalar(job, b, h, i0, i1, p_buffer.reserve(static_cast<size_t>(s.Skv)));
+}
+
+}  // namespace
+
+Isa select_isa_attention(bool bf16) {
+  const Isa isa = select_isa();
+  if (bf16 && isa == Isa::kAvx512 && isa_cap() == Isa::kAmx && detail::amx_bf16_ready()) return Isa::kAmx;
+  return isa;
+}
+
+std::string check_attention(const AttentionShape& s) {
+  if (s.B < 0 || s.Sq < 0 || s.Skv < 0) return "batch and sequence lengths must not be negative";
+  if (s.Sq > kMaxSeq || s.Skv > kMaxSeq) return "sequence lengths above 2^24 are not supported";
+  if (s.Hq < 1 || s.Hkv < 1 || s.Hq % s.Hkv != 0) {
+    return "q_num_heads (" + std::to_string(s.Hq) + ") must be a positive multiple of kv_num_heads (" +
+           std::to_string(s.Hkv) + ")";
+  }
+  if (s.D < 1 || s.Dv < 1 || s.D > kMaxHead || s.Dv > kMaxHead) return "head sizes must be in [1, 65536]";
+  if (!std::isfinite(s.scale)) return "scale must be finite";
+  // the buffers of one task (panels of keys, a tile's scores) and every tensor's size fit an int64
+  const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
+  if (checked_mul(ldp, s.D) < 0 || checked_mul(checked_mul(s.B, s.Sq), checked_mul(s.Hq, std::max(s.D, s.Dv))) < 0 ||
+      checked_mul(checked_mul(s.B, s.Skv), checked_mul(s.Hkv, std::max(s.D, s.Dv))) < 0) {
+    return "tensor sizes overflow";
+  }
+  return "";
+}
+
+void attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
+               float* y, Isa isa, ParallelFor parallel_for, void* runner_state) {
+  const int64_t units = s.B * s.Hq;
+  if (units == 0 || s.Sq == 0) return;
+  if (s.Skv == 0) {  // no key: every row is fully masked, weights of nothing
+    std::fill(y, y + units * s.Sq * s.Dv, 0.0f);
+    return;
+  }
+  // enough tasks to balance the pool: split the rows of each head when there are few heads
+  const int64_t chunks = std::max<int64_t>(1, std::min(ceil_div(kTasksWanted, units), ceil_div(s.Sq, 4 * kRows)));
+  const int64_t tile = s.bf16 ? 16 : kRows;
+  const int64_t rows = ceil_div(ceil_div(s.Sq, chunks), tile) * tile;
+  Job job{&s, q, k, v, &mask, y, ceil_div(s.Sq, rows), rows, isa};
+  const size_t total = static_cast<size_t>(units * job.row_chunks);
+  if (parallel_for != nullptr && total > 1) {
+    parallel_for(runner_state, run_task, total, &job);
+  } else {
+    for (size_t t = 0; t < total; ++t) run_task(&job, t);
+  }
+}
+
+}  // namespace sparsec
