@@ -1,6 +1,7 @@
-"""sparsec::Attention: the kernel (fp32 on every ISA, bf16 on AMX tiles) against onnxruntime's own
-Attention, NaN / inf / masked-row semantics included; its function body on stock onnxruntime; bad
-nodes and inputs; and the lower_attention pass in an export."""
+"""sparsec::Attention: the kernel (fp32 on AVX-512, bf16 on AMX tiles; below AVX-512 it invokes
+onnxruntime's own Attention) against onnxruntime's Attention and a float64 reference, NaN / inf /
+masked-row semantics included; its function body on stock onnxruntime; bad nodes and inputs; and the
+lower_attention choices in an export."""
 from __future__ import annotations
 
 import numpy as np
@@ -112,6 +113,8 @@ def test_fp32_kernel_matches_onnxruntime(lib, monkeypatch, isa, shape, mshape, k
     assert_same_specials(want, got)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
     np.testing.assert_allclose(got, reference(f, shape, mask, causal), atol=2e-6, rtol=0)
+    if isa != "avx512":   # onnxruntime's own Attention, invoked by the kernel: the same bits
+        np.testing.assert_array_equal(got, want)
 
 
 def bf16(x: np.ndarray) -> np.ndarray:

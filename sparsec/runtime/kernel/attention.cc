@@ -54,62 +54,6 @@ inline float* y_row(const Job& job, int64_t b, int64_t i, int64_t h) {
   return job.y + ((b * s.Sq + i) * s.Hq + h) * s.Dv;
 }
 
-// The mask's scores adjustment for (b, h, i, j): added to the score (0 without a mask, -inf where a
-// boolean mask is false).
-inline float mask_at(const AttentionMask& m, int64_t b, int64_t h, int64_t i, int64_t j) {
-  const int64_t at = b * m.sb + h * m.sh + i * m.si + j * m.sj;
-  if (m.add != nullptr) return m.add[at];
-  if (m.keep != nullptr && m.keep[at] == 0) return -std::numeric_limits<float>::infinity();
-  return 0.0f;
-}
-
-// Scalar reference: the weights of row p[0, Skv) in place.
-RowSoftmax softmax_scalar(float* p, int64_t n) {
-  RowSoftmax out;
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    if (std::isnan(p[j])) out.nan = true;
-    m = std::max(m, p[j]);
-  }
-  // s_j - m is NaN only for a NaN score or when m = +inf (inf - inf): either way the row is NaN
-  if (m == std::numeric_limits<float>::infinity()) out.nan = true;
-  if (!out.nan && m == -std::numeric_limits<float>::infinity()) out.zero = true;
-  if (out.nan || out.zero) {
-    std::fill(p, p + n, 0.0f);
-    out.inv = out.nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
-    return out;
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - m);
-    sum += p[j];
-  }
-  out.inv = 1.0f / sum;
-  return out;
-}
-
-void rows_scalar(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, float* p) {
-  const AttentionShape& s = *job.s;
-  const int64_t kvh = h / (s.Hq / s.Hkv);
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* qi = q_row(job, b, i, h);
-    for (int64_t j = 0; j < s.Skv; ++j) {
-      const float* kj = k_row(job, b, j, kvh);
-      float acc = 0.0f;
-      for (int64_t d = 0; d < s.D; ++d) acc += qi[d] * kj[d];
-      p[j] = acc * s.scale + mask_at(*job.mask, b, h, i, j);
-      if (s.causal && j > i) p[j] += -std::numeric_limits<float>::infinity();
-    }
-    const RowSoftmax w = softmax_scalar(p, s.Skv);
-    float* yi = y_row(job, b, i, h);
-    for (int64_t d = 0; d < s.Dv; ++d) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < s.Skv; ++j) acc += p[j] * v_row(job, b, j, kvh)[d];
-      yi[d] = acc * w.inv;
-    }
-  }
-}
-
 #if SPARSEC_X86
 using detail::lane_mask16;
 
@@ -340,6 +284,7 @@ void rows_amx_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1)
 }
 #endif
 
+#if SPARSEC_X86
 void run_task(void* data, size_t t) {
   const Job& job = *static_cast<const Job*>(data);
   const AttentionShape& s = *job.s;
@@ -349,23 +294,18 @@ void run_task(void* data, size_t t) {
   const int64_t i0 = chunk * job.rows_per_task;
   const int64_t i1 = std::min(s.Sq, i0 + job.rows_per_task);
   if (i0 >= i1) return;
-  thread_local AlignedScratch<float> kt_buffer;
-  thread_local AlignedScratch<float> p_buffer;
-  const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
-#if SPARSEC_X86
   if (s.bf16 && job.isa == Isa::kAmx) {
     rows_amx_bf16(job, b, h, i0, i1);
     return;
   }
-  if (job.isa == Isa::kAvx512 || job.isa == Isa::kAmx) {
-    float* kt = kt_buffer.reserve(static_cast<size_t>(ldp * s.D));
-    float* p = p_buffer.reserve(static_cast<size_t>(kRows * ldp));
-    rows_avx512(job, b, h, i0, i1, kt, p);
-    return;
-  }
-#endif
-  rows_scalar(job, b, h, i0, i1, p_buffer.reserve(static_cast<size_t>(s.Skv)));
+  thread_local AlignedScratch<float> kt_buffer;
+  thread_local AlignedScratch<float> p_buffer;
+  const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
+  float* kt = kt_buffer.reserve(static_cast<size_t>(ldp * s.D));
+  float* p = p_buffer.reserve(static_cast<size_t>(kRows * ldp));
+  rows_avx512(job, b, h, i0, i1, kt, p);
 }
+#endif
 
 }  // namespace
 
@@ -393,13 +333,15 @@ std::string check_attention(const AttentionShape& s) {
   return "";
 }
 
-void attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
+bool attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
                float* y, Isa isa, ParallelFor parallel_for, void* runner_state) {
+#if SPARSEC_X86
+  if (isa != Isa::kAvx512 && isa != Isa::kAmx) return false;
   const int64_t units = s.B * s.Hq;
-  if (units == 0 || s.Sq == 0) return;
+  if (units == 0 || s.Sq == 0) return true;
   if (s.Skv == 0) {  // no key: every row is fully masked, weights of nothing
     std::fill(y, y + units * s.Sq * s.Dv, 0.0f);
-    return;
+    return true;
   }
   // enough tasks to balance the pool: split the rows of each head when there are few heads
   const int64_t chunks = std::max<int64_t>(1, std::min(ceil_div(kTasksWanted, units), ceil_div(s.Sq, 4 * kRows)));
@@ -412,6 +354,11 @@ void attention(const AttentionShape& s, const float* q, const float* k, const fl
   } else {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
   }
+  return true;
+#else
+  (void)s, (void)q, (void)k, (void)v, (void)mask, (void)y, (void)isa, (void)parallel_for, (void)runner_state;
+  return false;
+#endif
 }
 
 }  // namespace sparsec

@@ -45,13 +45,14 @@ struct AttentionMask {
 std::string check_attention(const AttentionShape& s);
 
 // The instruction set for attention: kAmx for bf16 compute where the CPU and OS allow AMX-BF16 and
-// SPARSEC_KERNEL_ISA does not cap it below amx, else select_isa() (bf16 then computes in fp32).
+// SPARSEC_KERNEL_ISA does not cap it below amx, else select_isa() (bf16 then computes in fp32 on
+// AVX-512; below AVX-512, attention() declines).
 Isa select_isa_attention(bool bf16);
 
 // q [B, Sq, Hq * D], k [B, Skv, Hkv * D], v [B, Skv, Hkv * Dv] -> y [B, Sq, Hq * Dv]. The shape must
-// pass check_attention. bf16 AMX tiles with `s.bf16` and `isa` kAmx, AVX-512 where `isa` allows it,
-// else the scalar loop (the reference).
-void attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
+// pass check_attention. bf16 AMX tiles with `s.bf16` and `isa` kAmx, else AVX-512 fp32. Returns false
+// (and computes nothing) for any other `isa`: the caller runs onnxruntime's own Attention there.
+bool attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
                float* y, Isa isa, ParallelFor parallel_for, void* runner_state);
 
 }  // namespace sparsec

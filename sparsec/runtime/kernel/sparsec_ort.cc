@@ -22,7 +22,8 @@
 // Attributes q_num_heads, kv_num_heads, scale (float, optional: 1 / sqrt(D)), is_causal (optional,
 // 0 | 1), softcap (optional, 0 only), compute (optional: "fp32" | "bf16", the products in bf16 on AMX
 // tiles). Output Y float [B, Sq, Hq * Dv]: ONNX Attention (opset 23) on these inputs (attention.h,
-// attention.cc, attention_amx.cc).
+// attention.cc, attention_amx.cc). Where the CPU has no AVX-512 (or SPARSEC_KERNEL_ISA caps it), the
+// kernel invokes onnxruntime's own Attention instead (InvokeOp).
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
 // does not link against libonnxruntime: it loads into any onnxruntime whose API version is at least
@@ -540,13 +541,71 @@ OrtCustomOp make_op(bool conv) {
 
 enum AttentionInput : size_t { kQ = 0, kK, kV, kMask, kAttentionInputs };
 
+// onnxruntime's own Attention (opset 23), created by the kernel and invoked in its place where the CPU
+// has no AVX-512: the node then runs as fast as the plain file would.
+struct OrtAttention {
+  OrtOp* op = nullptr;
+  ~OrtAttention() {
+    if (op != nullptr) g_ort->ReleaseOp(op);
+  }
+};
+
 struct AttentionKernel {
   int64_t Hq = 0, Hkv = 0;
   float scale = 0.0f;  // 0: 1 / sqrt(D), known at the first call
   bool causal = false;
   bool bf16 = false;
   sparsec::Isa isa = sparsec::Isa::kScalar;
+  std::unique_ptr<OrtAttention> native;  // set where the kernel delegates to onnxruntime
 };
+
+// The element type the model declares for input `index` (UNDEFINED where it declares none).
+OrtStatus* declared_input_type(const OrtKernelInfo* info, size_t index, ONNXTensorElementDataType& type) {
+  type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  OrtTypeInfo* type_info = nullptr;
+  SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfo_GetInputTypeInfo(info, index, &type_info));
+  const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+  OrtStatus* status = g_ort->CastTypeInfoToTensorInfo(type_info, &tensor);
+  if (status == nullptr && tensor != nullptr) status = g_ort->GetTensorElementType(tensor, &type);
+  g_ort->ReleaseTypeInfo(type_info);
+  return status;
+}
+
+// onnxruntime's Attention with the node's attributes, for CPUs without AVX-512.
+OrtStatus* create_native_attention(const OrtKernelInfo* info, const AttentionKernel& k, size_t inputs,
+                                   std::unique_ptr<OrtAttention>& out) {
+  ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (inputs > kMask) SPARSEC_RETURN_IF_ERROR(declared_input_type(info, kMask, mask_type));
+  if (mask_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL) mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const int64_t causal = k.causal ? 1 : 0;
+  struct Attr {
+    const char* name;
+    const void* data;
+    OrtOpAttrType type;
+  };
+  std::vector<Attr> wanted{{"q_num_heads", &k.Hq, ORT_OP_ATTR_INT},
+                           {"kv_num_heads", &k.Hkv, ORT_OP_ATTR_INT},
+                           {"is_causal", &causal, ORT_OP_ATTR_INT}};
+  if (k.scale != 0.0f) wanted.push_back({"scale", &k.scale, ORT_OP_ATTR_FLOAT});
+  std::vector<OrtOpAttr*> attrs;
+  OrtStatus* status = nullptr;
+  for (const Attr& a : wanted) {
+    OrtOpAttr* attr = nullptr;
+    status = g_ort->CreateOpAttr(a.name, a.data, 1, a.type, &attr);
+    if (status != nullptr) break;
+    attrs.push_back(attr);
+  }
+  if (status == nullptr) {
+    const char* names[] = {"T1", "T2", "U"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                               mask_type};
+    out = std::make_unique<OrtAttention>();
+    status = g_ort->CreateOp(info, "Attention", "", 23, names, types, 3, attrs.data(), static_cast<int>(attrs.size()),
+                             static_cast<int>(inputs), 1, &out->op);
+  }
+  for (OrtOpAttr* attr : attrs) g_ort->ReleaseOpAttr(attr);
+  return status;
+}
 
 // A required int attribute.
 OrtStatus* int_attribute(const OrtKernelInfo* info, const char* attr, int64_t& out) {
@@ -595,6 +654,11 @@ OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp*, const OrtApi*, cons
     }
     k->bf16 = compute_mode == "bf16";
     k->isa = sparsec::select_isa_attention(k->bf16);
+    if (k->isa != sparsec::Isa::kAvx512 && k->isa != sparsec::Isa::kAmx) {
+      size_t inputs = 0;
+      SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfo_GetInputCount(info, &inputs));
+      SPARSEC_RETURN_IF_ERROR(create_native_attention(info, *k, std::min<size_t>(inputs, kAttentionInputs), k->native));
+    }
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -673,11 +737,17 @@ OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   if (s.B * s.Sq * s.Hq * s.Dv == 0) return nullptr;
+  if (k.native != nullptr) {
+    const size_t n = inputs[kMask] != nullptr ? kAttentionInputs : kMask;
+    return g_ort->InvokeOp(context, k.native->op, inputs, static_cast<int>(n), &y_value, 1);
+  }
   void* y = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
-  sparsec::attention(s, static_cast<const float*>(q.data), static_cast<const float*>(key.data),
-                     static_cast<const float*>(value.data), mask, static_cast<float*>(y), k.isa, ort_parallel_for,
-                     context);
+  if (!sparsec::attention(s, static_cast<const float*>(q.data), static_cast<const float*>(key.data),
+                          static_cast<const float*>(value.data), mask, static_cast<float*>(y), k.isa,
+                          ort_parallel_for, context)) {
+    return fail(std::string("no ") + sparsec::isa_name(k.isa) + " path (onnxruntime's Attention was not created)");
+  }
   return nullptr;
 }
 
