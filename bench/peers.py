@@ -3,7 +3,7 @@ quantization of the dense model, sparsec's file in fp32 and INT8 on sparsec's ke
 onnxruntime (function bodies), and DeepSparse when a Python that holds it is given.
 
     .venv/bin/python bench/peers.py [--model bert|linear] [--rounds 5] [--repeats 20] [--threads 2]
-                                    [--block 32x32] [--density 0.1] [--balanced]
+                                    [--block 32x32] [--density 0.1] [--balanced] [--attention auto]
                                     [--deepsparse-python /path/to/venv/bin/python] [--profile] [--out DIR]
 
 `bert`: BERT-base (random weights from the default config: speed, not accuracy), batch 1, sequence
@@ -85,9 +85,10 @@ def build(kind: str):
 
 
 def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: float = DENSITY,
-                 balanced: bool = False, deepsparse: bool = False) -> dict[str, Path]:
-    """Prune with sparsec, export the fp32 and INT8 sparse files and the dense file, quantize the
-    dense one with onnxruntime; the PyTorch reference output goes to reference.npy."""
+                 balanced: bool = False, deepsparse: bool = False, attention: str = "auto") -> dict[str, Path]:
+    """Prune with sparsec, export the fp32 and INT8 sparse files (their Attention nodes as [export]
+    `attention` says) and the dense file, quantize the dense one with onnxruntime; the PyTorch
+    reference output goes to reference.npy."""
     import sparsec
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -102,9 +103,9 @@ def export_files(kind: str, out: Path, block: tuple[int, int] = BLOCK, density: 
     prog.eval()
     files = {"sparse_fp32": out / "sparse.onnx", "sparse_int8": out / "sparse.int8.onnx",
              "dense": out / "dense.onnx", "dense_int8": out / "dense.ortint8.onnx"}
-    prog.export_onnx(files["sparse_fp32"], policy="always", measure=False)
+    prog.export_onnx(files["sparse_fp32"], policy="always", measure=False, attention=attention)
     try:
-        prog.export_onnx(files["sparse_int8"], policy="always", int8=True, measure=False)
+        prog.export_onnx(files["sparse_int8"], policy="always", int8=True, measure=False, attention=attention)
     except ExportError as exc:   # e.g. INT8 beyond its tolerance: no INT8 engines, said so
         print(f"INT8 file not written, its engines are skipped: {exc}", flush=True)
         del files["sparse_int8"]
@@ -176,6 +177,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--balanced", action="store_true",
                         help="every block row keeps the same number of blocks (`balanced = true`)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "onnx", "kernel", "bf16"),
+                        help="the sparse files' Attention nodes ([export] attention; auto: sparsec's kernel, "
+                             "bf16 in the INT8 file)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where each onnxruntime engine's time goes, by kind of node (first round)")
     parser.add_argument("--out", default=None)
@@ -185,7 +189,8 @@ def main() -> None:
         parser.error(f"--block {args.block!r}: expected two positive sizes like 32x32")
     out = Path(args.out or tempfile.mkdtemp(prefix=f"sparsec-peers-{args.model}-"))
     out.mkdir(parents=True, exist_ok=True)
-    files = export_files(args.model, out, block, args.density, args.balanced, bool(args.deepsparse_python))
+    files = export_files(args.model, out, block, args.density, args.balanced, bool(args.deepsparse_python),
+                         args.attention)
     words = [w.strip() for w in args.engines.split(",") if w.strip()]
     engines = {name: (files[key], runtime) for name, (key, runtime) in ENGINES.items() if key in files
                and (not words or name == "dense onnxruntime fp32" or any(w in name for w in words))}
@@ -220,7 +225,7 @@ def main() -> None:
                          "error_rel": error}
     print(f"\nmachine: {machine()}")
     print(f"model: {args.model}, density {args.density} in {block[0]}x{block[1]} blocks (local magnitude"
-          f"{', balanced rows' if args.balanced else ''}), "
+          f"{', balanced rows' if args.balanced else ''}; attention {args.attention}), "
           f"{args.threads} threads, {args.rounds} processes per engine x {args.repeats} timed calls\n")
     print("| engine | median ms | per-process min-max | vs dense fp32 | max error / output scale | note |")
     print("|---|---|---|---|---|---|")
@@ -238,7 +243,7 @@ def main() -> None:
         summary[name]["profile_ms"] = table
     (out / "peers.json").write_text(json.dumps({"machine": machine(), "model": args.model,
                                                 "block": list(block), "density": args.density,
-                                                "balanced": args.balanced,
+                                                "balanced": args.balanced, "attention": args.attention,
                                                 "threads": args.threads, "engines": summary}, indent=1))
     print(f"\nwrote {out / 'peers.json'}")
 

@@ -121,8 +121,8 @@ def test_compile_writes_the_whole_output_folder(compiled):
     # the lowering passes' FX IR, the exported ONNX and the IR after every ONNX pass
     assert irs[6:10] == ["06_bake_masks.py.txt", "07_choose_sparse_layers.py.txt",
                          "08_lower_block_sparse.py.txt", "09_safe_views.py.txt"]
-    assert irs[10] == "10_exported.onnx.txt" and irs[-1] == "17_record_example_inputs.onnx.txt"
-    assert "main_graph" in (compiled / "ir" / "14_fuse_epilogues.onnx.txt").read_text()
+    assert irs[10] == "10_exported.onnx.txt" and irs[-1] == "18_record_example_inputs.onnx.txt"
+    assert "main_graph" in (compiled / "ir" / "15_fuse_epilogues.onnx.txt").read_text()
     assert not list(compiled.parent.glob(".tiny.*")), "no temporary folder left behind"
 
 
