@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "amx.h"
 #include "attention_internal.h"
 #include "block_sparse_internal.h"
 
@@ -311,7 +312,9 @@ void run_task(void* data, size_t t) {
 
 Isa select_isa_attention(bool bf16) {
   const Isa isa = select_isa();
-  if (bf16 && isa == Isa::kAvx512 && isa_cap() == Isa::kAmx && detail::amx_bf16_ready()) return Isa::kAmx;
+  if (bf16 && isa == Isa::kAvx512 && isa_cap() == Isa::kAmx && detail::amx_ready(detail::AmxKind::kBf16)) {
+    return Isa::kAmx;
+  }
   return isa;
 }
 

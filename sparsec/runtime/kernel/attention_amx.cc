@@ -7,53 +7,23 @@
 //             times 1 / sum per row.
 // Q, K, V and the weights are rounded to bf16 (8 significant bits, round to nearest even); the sums
 // and the softmax stay fp32. Padding (D to 32, keys to 16 and 32, Dv to 16) is zeros.
-//
-// The OS must grant a process the tile data state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, once).
 #include <algorithm>
 #include <cstring>
 
+#include "amx.h"
 #include "attention_internal.h"
 #include "block_sparse_internal.h"
 
-// GCC 11 and clang 12 know the AMX intrinsics; older compilers build the library without this path.
-#if SPARSEC_X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SPARSEC_HAS_AMX_BF16 1
+#if SPARSEC_HAS_AMX
 #define SPARSEC_AMX_BF16 \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma")))
-#else
-#define SPARSEC_HAS_AMX_BF16 0
 #endif
 
 namespace sparsec {
 namespace detail {
 
-#if SPARSEC_HAS_AMX_BF16
+#if SPARSEC_HAS_AMX
 namespace {
-
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXfeatureTileData = 18;
-
-bool cpu_has_amx_bf16() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0));
-  if (eax < 7) return false;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1, avx512bw = (ebx >> 30) & 1;
-  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
-  const bool avx512_bf16 = (eax >> 5) & 1;
-  return tile && bf16 && avx512bw && avx512_bf16;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
 // Every tile 16 rows x 64 bytes: C 0-3, A 4, B 5-7.
 TileConfig full_tiles() {
@@ -106,15 +76,40 @@ SPARSEC_AMX_BF16 void pack_values(const HeadRows& h, int64_t skv32, int64_t dv16
   }
 }
 
-}  // namespace
-
-bool amx_bf16_ready() {
-  static const bool ready = [] {
-    if (!cpu_has_amx_bf16()) return false;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
-  }();
-  return ready;
+// C tiles 0 .. tiles-1 (zeroed first) += sum over `steps` reduction chunks of A . B: chunk c's A tile is
+// 16 rows (lda bytes apart) at a + c * a_step bf16, its B tiles 16 pair rows (ldb bytes apart) at
+// b + c * b_step units, one tile per 16 output columns.
+SPARSEC_AMX_BF16 void tile_products(const uint32_t* a, int64_t lda, int64_t a_step, int64_t steps, const uint32_t* b,
+                                    int64_t ldb, int64_t b_step, int64_t tiles) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < steps; ++c) {
+    const uint32_t* bc = b + c * b_step;
+    _tile_loadd(4, a + c * a_step / 2, lda);
+    _tile_loadd(5, bc, ldb);
+    if (tiles > 1) _tile_loadd(6, bc + 16, ldb);
+    if (tiles > 2) _tile_loadd(7, bc + 32, ldb);
+    _tile_dpbf16ps(0, 4, 5);
+    if (tiles > 1) _tile_dpbf16ps(1, 4, 6);
+    if (tiles > 2) _tile_dpbf16ps(2, 4, 7);
+    if (tiles > 3) {
+      _tile_loadd(5, bc + 48, ldb);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
 }
+
+// C tiles 0 .. tiles-1 to fp32 rows ld bytes apart, 16 columns each, side by side from `out`.
+SPARSEC_AMX_BF16 void store_sums(float* out, int64_t ld, int64_t tiles) {
+  _tile_stored(0, out, ld);
+  if (tiles > 1) _tile_stored(1, out + 16, ld);
+  if (tiles > 2) _tile_stored(2, out + 32, ld);
+  if (tiles > 3) _tile_stored(3, out + 48, ld);
+}
+
+}  // namespace
 
 SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
   const int64_t Dp = ceil_div(h.D, 32) * 32;
@@ -144,28 +139,8 @@ SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
     // scores, 64 keys a pass
     for (int64_t j0 = 0; j0 < skv16; j0 += 64) {
       const int64_t tiles = std::min<int64_t>(4, (skv16 - j0) / 16);
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-        const uint32_t* kd = kb + d0 / 2 * skv16 + j0;
-        _tile_loadd(4, qb + d0 / 2, Dp * 2);
-        _tile_loadd(5, kd, skv16 * 4);
-        if (tiles > 1) _tile_loadd(6, kd + 16, skv16 * 4);
-        if (tiles > 2) _tile_loadd(7, kd + 32, skv16 * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        if (tiles > 1) _tile_dpbf16ps(1, 4, 6);
-        if (tiles > 2) _tile_dpbf16ps(2, 4, 7);
-        if (tiles > 3) {
-          _tile_loadd(5, kd + 48, skv16 * 4);
-          _tile_dpbf16ps(3, 4, 5);
-        }
-      }
-      _tile_stored(0, s + j0, ldp * 4);
-      if (tiles > 1) _tile_stored(1, s + j0 + 16, ldp * 4);
-      if (tiles > 2) _tile_stored(2, s + j0 + 32, ldp * 4);
-      if (tiles > 3) _tile_stored(3, s + j0 + 48, ldp * 4);
+      tile_products(qb, Dp * 2, 32, Dp / 32, kb + j0, skv16 * 4, 16 * skv16, tiles);
+      store_sums(s + j0, ldp * 4, tiles);
     }
     // weights, as bf16 rows of skv32 (zero past Skv; rows past the block's end are zero)
     RowSoftmax w[kBlock];
@@ -180,28 +155,8 @@ SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
     // values, 64 columns a pass
     for (int64_t c0 = 0; c0 < dv16; c0 += 64) {
       const int64_t tiles = std::min<int64_t>(4, (dv16 - c0) / 16);
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t j = 0; j < skv32; j += 32) {
-        _tile_loadd(4, pb + j / 2, skv32 * 2);
-        const uint32_t* vj = vb + j / 2 * dv16 + c0;
-        _tile_loadd(5, vj, dv16 * 4);
-        if (tiles > 1) _tile_loadd(6, vj + 16, dv16 * 4);
-        if (tiles > 2) _tile_loadd(7, vj + 32, dv16 * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        if (tiles > 1) _tile_dpbf16ps(1, 4, 6);
-        if (tiles > 2) _tile_dpbf16ps(2, 4, 7);
-        if (tiles > 3) {
-          _tile_loadd(5, vj + 48, dv16 * 4);
-          _tile_dpbf16ps(3, 4, 5);
-        }
-      }
-      _tile_stored(0, out, 256);
-      if (tiles > 1) _tile_stored(1, out + 16, 256);
-      if (tiles > 2) _tile_stored(2, out + 32, 256);
-      if (tiles > 3) _tile_stored(3, out + 48, 256);
+      tile_products(pb, skv32 * 2, 32, skv32 / 32, vb + c0, dv16 * 4, 16 * dv16, tiles);
+      store_sums(out, 256, tiles);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 inv = _mm512_set1_ps(w[r].inv);
         float* yr = h.y + (i0 + r) * h.ldy + c0;
@@ -217,7 +172,6 @@ SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
 
 #else
 
-bool amx_bf16_ready() { return false; }
 void head_rows_amx_bf16(const HeadRows&) {}
 
 #endif

@@ -30,8 +30,7 @@ struct HeadRows {
   const void* context;
 };
 
-// bf16 compute on AMX tiles (attention_amx.cc): whether this CPU and OS allow it, and the rows.
-bool amx_bf16_ready();
+// bf16 compute on AMX tiles (attention_amx.cc; amx_ready(AmxKind::kBf16) says whether it may run).
 void head_rows_amx_bf16(const HeadRows& rows);
 
 }  // namespace detail

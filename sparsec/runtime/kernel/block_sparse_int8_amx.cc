@@ -15,21 +15,18 @@
 // zero rows the caller appends to the quantized X; their sums are not stored.
 //
 // The OS must grant a process the tile data state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, once);
-// `amx_int8_ready` asks for it and says whether the CPU and the OS allow AMX.
+// `amx_ready` (amx.h) asks for it and says whether the CPU and the OS allow a kind of AMX.
 #include <algorithm>
 #include <cstring>
 #include <utility>
 
+#include "amx.h"
 #include "block_sparse_internal.h"
 
-// GCC 11 and clang 12 know the AMX intrinsics; older compilers build the library without this path.
-#if SPARSEC_X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#if SPARSEC_HAS_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
-#define SPARSEC_HAS_AMX 1
 #define SPARSEC_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-#else
-#define SPARSEC_HAS_AMX 0
 #endif
 
 namespace sparsec {
@@ -41,24 +38,22 @@ namespace {
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureTileData = 18;
 
-bool cpu_has_amx_int8() {
+struct CpuAmx {
+  bool tile = false, int8 = false, bf16 = false, avx512bw = false, avx512_bf16 = false;
+};
+
+CpuAmx cpu_amx() {
+  CpuAmx out;
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0));
-  if (eax < 7) return false;
+  if (eax < 7) return out;
   __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
-  return tile && int8;
+  out.tile = (edx >> 24) & 1, out.int8 = (edx >> 25) & 1, out.bf16 = (edx >> 22) & 1;
+  out.avx512bw = (ebx >> 30) & 1;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(1));
+  out.avx512_bf16 = (eax >> 5) & 1;
+  return out;
 }
-
-// The tile configuration (64 bytes, palette 1): rows and bytes per row of each tile register.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
 
 // Tiles: C 0-3 (row tile i, output slice v: 2 i + v), A 4-5 (row tiles), B 6-7 (output slices).
 TileConfig config_for(int64_t kq) {
@@ -151,13 +146,14 @@ SPARSEC_AMX void pass_amx(const PackedInt8& w, int64_t r, int64_t o0, int64_t nc
 
 }  // namespace
 
-bool amx_int8_ready() {
-  static const bool ready = [] {
-    if (!cpu_has_amx_int8()) return false;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
-  }();
-  return ready;
+bool amx_ready(AmxKind kind) {
+  static const CpuAmx cpu = cpu_amx();
+  static const bool permitted = cpu.tile && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureTileData) == 0;
+  if (!permitted) return false;
+  return kind == AmxKind::kInt8 ? cpu.int8 : cpu.bf16 && cpu.avx512bw && cpu.avx512_bf16;
 }
+
+bool amx_int8_ready() { return amx_ready(AmxKind::kInt8); }
 
 bool amx_takes(const PackedInt8& w) {
   // Blocks at least 16 columns wide (4 groups a multiply; narrower ones waste most of each tile),
@@ -190,6 +186,7 @@ SPARSEC_AMX void block_rows_amx(const PackedInt8& w, int64_t r0, int64_t r1, con
 
 #else
 
+bool amx_ready(AmxKind) { return false; }
 bool amx_int8_ready() { return false; }
 bool amx_takes(const PackedInt8&) { return false; }
 void block_rows_amx(const PackedInt8&, int64_t, int64_t, const QuantizedX&, int64_t, const Epilogue&, float*,
