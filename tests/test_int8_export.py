@@ -33,8 +33,11 @@ def test_bert_int8_compute_accuracy_vs_fp32(tmp_path):
     prog = sparsec.compile(model, spec, (), kwargs).eval()
     fp32 = prog.export_onnx(tmp_path / "bert.onnx", policy="always")
     int8 = prog.export_onnx(tmp_path / "bert.int8.onnx", policy="always", int8=True)
-    nodes = [n for n in onnx.load(int8.path).graph.node if n.domain == "sparsec"]
-    assert len(nodes) == 12 and all(any(a.name == "compute" for a in n.attribute) for n in nodes)
+    graph = onnx.load(int8.path).graph
+    compute = {(n.op_type, a.s.decode()) for n in graph.node if n.domain == "sparsec" for a in n.attribute
+               if a.name == "compute"}
+    assert compute == {("BlockSparseLinear", "int8"), ("Attention", "bf16")}   # attention: [export] auto
+    assert sum(n.op_type == "BlockSparseLinear" and n.domain == "sparsec" for n in graph.node) == 12
     assert len({c.runtime for c in int8.checks}) == 2  # stock onnxruntime and the kernel
     assert max(c.error for c in int8.checks) < 1e-2     # vs the INT8 PyTorch program (int8_tolerance)
 
