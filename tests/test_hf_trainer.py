@@ -98,6 +98,8 @@ result = {{"world": torch.distributed.get_world_size(), "steps": int(prog.step_c
 with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump(result, f)
 distributed.shutdown()   # a gloo group left to the interpreter's exit can abort the process
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)   # and so, now and then, can torch's teardown of DDP's objects after it (2 of 14 runs under load)
 '''
 
 LM_SPEC = {"prune": [{"targets": ["*encoder.layer.*"], "method": "lm", "density": 0.25, "scope": "global",

@@ -30,8 +30,9 @@ What the subclass changes, and why:
   `[train] check_ranks`) compares them across processes after every mask update. The Trainer's FSDP
   is refused with a clear error: sparsec's FSDP is `[train] parallel = "fsdp"` in `sparsec compile`.
   End such a script with `sparsec.training.distributed.shutdown()` (every process waits for the
-  others, then the process group is destroyed): a gloo group left for the interpreter's exit to tear
-  down can abort the process ("terminate called without an active exception") after its work is done.
+  others, then the process group is destroyed). With gloo, torch's teardown at interpreter exit can
+  still abort a process now and then ("terminate called without an active exception") after its
+  work is done and its files are written; tests/test_hf_trainer.py's script ends with `os._exit(0)`.
 """
 from __future__ import annotations
 
