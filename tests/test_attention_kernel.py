@@ -25,26 +25,12 @@ def lib():
         pytest.skip(f"native kernel cannot be built here: {err}")
 
 
-def model(domain: str, B, Sq, Skv, Hq, Hkv, D, Dv, mask=None, **attrs):
+def model(domain: str, B, Sq, Skv, Hq, Hkv, D, Dv, mask=None, compute: str = "fp32", **attrs) -> bytes:
     """One Attention node (ONNX's, or sparsec's with its function body) on 3-D q, k, v."""
-    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [B, Sq, Hq * D]),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, [B, Skv, Hkv * D]),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, [B, Skv, Hkv * Dv])]
-    names = ["q", "k", "v"]
-    if mask is not None:
-        kind = TensorProto.BOOL if mask.dtype == bool else TensorProto.FLOAT
-        inputs.append(helper.make_tensor_value_info("mask", kind, list(mask.shape)))
-        names.append("mask")
-    if not domain:
-        attrs.pop("compute", None)
-    node = helper.make_node("Attention", names, ["y"], domain=domain, q_num_heads=Hq, kv_num_heads=Hkv, **attrs)
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 23)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    m = helper.make_model(graph, opset_imports=opsets)
-    m.ir_version = 10
-    if domain:
-        attention_op.attach_functions(m)
-    return m.SerializeToString()
+    kind = "" if mask is None else "bool" if mask.dtype == bool else "float"
+    shape = () if mask is None else mask.shape
+    return attention_op.single_node_model((B, Sq, Skv, Hq, Hkv, D, Dv), compute if domain else "", kind, shape,
+                                          **attrs).SerializeToString()
 
 
 def session(data: bytes, kernel: bool, threads: int = 2) -> ort.InferenceSession:

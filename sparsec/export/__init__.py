@@ -91,9 +91,12 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
             checks, error_vs_dense, notes = check_file(tmp, shown, module, args, kwargs, options,
                                                        reference, sparse + attention)
         if attention:
+            from sparsec.passes.lower_attention import MEASURED
+
+            found = sorted({n.metadata_props.get(MEASURED, "") for n in attention_op.attention_nodes(model)} - {""})
             notes.append(f"{attention} Attention node(s) run sparsec's attention kernel "
-                         f"({options.attention_lowering['compute']}; stock onnxruntime runs its own "
-                         f"Attention in fp32)")
+                         f"({options.attention_lowering['compute']}{'; ' + '; '.join(found) if found else ''}; "
+                         f"stock onnxruntime runs its own Attention in fp32)")
         os.chmod(tmp, file_mode())  # temporary files are private; the file is an ordinary one
         os.replace(tmp, path)
     except ExportError:

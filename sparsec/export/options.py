@@ -26,8 +26,9 @@ EXPORT_FIELDS = {
                        "`kernel` sparsec's attention kernel in fp32; `bf16` sparsec's kernel with "
                        "its two products in bf16 on AMX tiles (Intel Sapphire Rapids and later, "
                        "about 2x faster; fp32 elsewhere), checked within `int8_tolerance`; `auto` on "
-                       "the `sparsec` target bf16 with `int8`, else the fp32 kernel for heads of at "
-                       "most 64 (onnxruntime's Attention elsewhere), on `stock` onnx. Either kernel form "
+                       "the `sparsec` target bf16 with `int8`, else fp32, each node only where it "
+                       "measures faster on this machine (with `measure`; unmeasured, fp32 for heads "
+                       "of at most 64), on `stock` onnx. Either kernel form "
                        "keeps onnxruntime's Attention as its function body (stock onnxruntime runs "
                        "it in fp32).", default="auto", choices=("auto", "onnx", "kernel", "bf16")),
     "policy": Field("str", "Which sites become sparse ops: `cost` those the cost model expects to be "
@@ -124,16 +125,19 @@ class ExportOptions:
     @property
     def attention_lowering(self) -> dict[str, Any]:
         """The lower_attention pass's arguments: `compute` ("fp32" | "bf16", or "" where the file
-        keeps ONNX Attention; the dense file always does) and `max_head` (0: any head size)."""
-        if not self.lower or self.attention == "onnx":
-            return {"compute": "", "max_head": 0}
+        keeps ONNX Attention; the dense file always does), `max_head` (0: any head size), `measure`
+        and `threads` (auto: each node's shape timed on this machine)."""
+        from sparsec.lowering import calibrate
+
+        if not self.lower or self.attention == "onnx" or (self.attention == "auto" and self.target != "sparsec"):
+            return {"compute": ""}
         if self.attention == "auto":
-            if self.target != "sparsec":
-                return {"compute": "", "max_head": 0}
-            # measured in BERT-base: 0.29 ms a node in fp32 against onnxruntime's 0.44, bf16 0.21;
-            # heads of 128 run at onnxruntime's speed in fp32 (docs/BENCHMARKS.md)
-            return {"compute": "bf16", "max_head": 0} if self.int8 else {"compute": "fp32", "max_head": 64}
-        return {"compute": "fp32" if self.attention == "kernel" else "bf16", "max_head": 0}
+            # unmeasured, this project's measurements decide: in BERT-base 0.29 ms a node in fp32
+            # against onnxruntime's 0.44, bf16 0.21; heads of 128 at onnxruntime's speed in fp32
+            measure = self.measure and not calibrate.measuring_disabled()
+            compute, max_head = ("bf16", 0) if self.int8 else ("fp32", 64)
+            return {"compute": compute, "max_head": max_head, "measure": measure, "threads": self.threads}
+        return {"compute": "fp32" if self.attention == "kernel" else "bf16"}
 
     @property
     def file_tolerance(self) -> float:

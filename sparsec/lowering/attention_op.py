@@ -24,9 +24,9 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
-from onnx import AttributeProto, helper
+from onnx import AttributeProto, TensorProto, helper
 
-from sparsec.lowering.custom_ops import ONNX_OPSET, DOMAIN, attach_overloads, nodes_of
+from sparsec.lowering.custom_ops import DOMAIN, DOMAIN_VERSION, IR_VERSION, ONNX_OPSET, attach_overloads, nodes_of
 
 OP = "Attention"
 COMPUTES = ("fp32", "bf16")
@@ -88,3 +88,26 @@ def attach_functions(model: onnx.ModelProto | ir.Model) -> Any:
 def attention_nodes(model: onnx.ModelProto | ir.Model | ir.Graph) -> list[Any]:
     """The sparsec::Attention nodes of a model's main graph."""
     return nodes_of(model, OP)
+
+
+def single_node_model(shape: tuple[int, ...], compute: str = "", mask: str = "",
+                      mask_shape: tuple[int, ...] = (), **attributes: Any) -> onnx.ModelProto:
+    """One attention node on 3-D inputs q, k, v (and `mask`: "bool" | "float"), output y: ONNX's
+    Attention (`compute` empty) or sparsec's with its function body. `shape` is (B, Sq, Skv, Hq,
+    Hkv, D, Dv); `attributes` are scale / is_causal (q_num_heads and kv_num_heads come from it)."""
+    B, Sq, Skv, Hq, Hkv, D, Dv = shape
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [B, Sq, Hq * D]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, [B, Skv, Hkv * D]),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, [B, Skv, Hkv * Dv])]
+    if mask:
+        kind = TensorProto.BOOL if mask == "bool" else TensorProto.FLOAT
+        inputs.append(helper.make_tensor_value_info("mask", kind, list(mask_shape)))
+    extra = {"domain": DOMAIN, "compute": compute} if compute else {}
+    node = helper.make_node("Attention", [i.name for i in inputs], ["y"], q_num_heads=Hq, kv_num_heads=Hkv,
+                            **attributes, **extra)
+    graph = helper.make_graph([node], "attention", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, Sq, Hq * Dv])])
+    opsets = [helper.make_opsetid("", ONNX_OPSET)] + ([helper.make_opsetid(DOMAIN, DOMAIN_VERSION)] if compute else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="sparsec")
+    model.ir_version = IR_VERSION
+    return attach_functions(model) if compute else model

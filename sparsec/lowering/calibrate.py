@@ -66,6 +66,18 @@ class LayerCase:
 
 
 @dataclass(frozen=True)
+class AttentionCase:
+    """What one attention measurement times: onnxruntime's Attention against sparsec's kernel."""
+
+    shape: tuple[int, ...]        # B, Sq, Skv, Hq, Hkv, D, Dv
+    compute: str                  # fp32 | bf16
+    mask: str                     # "" | bool | float, shaped [B, 1, Sq, Skv]
+    causal: bool
+    threads: int
+    target: str = "sparsec"
+
+
+@dataclass(frozen=True)
 class Measurement:
     """Medians of one LayerCase: dense MatMul vs the sparse node, milliseconds per call."""
 
@@ -120,13 +132,13 @@ def _kernel_build() -> str:
     return path.parent.name if path is not None else ""
 
 
-def cache_key(case: LayerCase) -> str:
+def cache_key(case: LayerCase | AttentionCase) -> str:
     fields = {"version": CACHE_VERSION, "machine": machine(), "case": asdict(case),
               "kernel": _kernel_build() if case.target == "sparsec" else ""}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_path(case: LayerCase) -> Path:
+def cache_path(case: LayerCase | AttentionCase) -> Path:
     from sparsec.runtime.build import cache_dir
 
     return cache_dir() / "cost" / f"{cache_key(case)}.json"
@@ -143,6 +155,37 @@ def measure_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) 
         pass
     dense_ms, sparse_ms, calls = time_layer(case, weight, bias)
     result = Measurement(dense_ms, sparse_ms, RUNTIME[case.target], calls)
+    _write_atomic(path, json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
+    return result
+
+
+def measure_attention(case: AttentionCase) -> Measurement:
+    """The case's cached measurement, or time it now (ONNX Attention as "dense", sparsec::Attention
+    as "sparse", random inputs) and cache it. Raises RuntimeError where the kernel cannot run."""
+    from sparsec.lowering import attention_op
+
+    path = cache_path(case)
+    try:
+        return Measurement(**{**json.loads(path.read_text()), "cached": True})
+    except (OSError, ValueError, TypeError):
+        pass
+    reason = kernel_unavailable()
+    if reason:
+        raise RuntimeError(f"sparsec's kernel is not available ({reason})")
+    B, Sq, Skv, Hq, Hkv, D, Dv = case.shape
+    mask_shape = (B, 1, Sq, Skv)
+    attrs = {"is_causal": int(case.causal)}
+    onnx_model = attention_op.single_node_model(case.shape, "", case.mask, mask_shape, **attrs)
+    kernel_model = attention_op.single_node_model(case.shape, case.compute, case.mask, mask_shape, **attrs)
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((B, Sq, Hq * D)).astype(np.float32),
+             "k": rng.standard_normal((B, Skv, Hkv * D)).astype(np.float32),
+             "v": rng.standard_normal((B, Skv, Hkv * Dv)).astype(np.float32)}
+    if case.mask:
+        feeds["mask"] = np.ones(mask_shape, bool) if case.mask == "bool" else np.zeros(mask_shape, np.float32)
+    onnx_ms, kernel_ms, calls = time_models(onnx_model.SerializeToString(), kernel_model.SerializeToString(),
+                                            feeds, True, case.threads)
+    result = Measurement(onnx_ms, kernel_ms, RUNTIME["sparsec"], calls)
     _write_atomic(path, json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
     return result
 

@@ -39,7 +39,7 @@ def graph(mask: bool = False, four_d: bool = False, softcap: float = 0.0, extra_
     return model
 
 
-def lowered(model: onnx.ModelProto, **kw) -> tuple[bool, onnx.ModelProto, list[str]]:
+def lowered_(model: onnx.ModelProto, **kw) -> tuple[bool, onnx.ModelProto, list[str]]:
     converted = ir.from_proto(model)
     pass_ = LowerAttention(**kw)
     reasons = pass_.explain(ir.from_proto(model))
@@ -60,7 +60,7 @@ def feeds(mask: bool, head: int = D) -> dict:
 def test_attention_becomes_sparsecs_with_the_same_results_on_stock_onnxruntime(compute, mask):
     model = graph(mask)
     want = run_ort(model, feeds(mask))[0]
-    modified, out, _ = lowered(model, compute=compute)
+    modified, out, _ = lowered_(model, compute=compute)
     assert modified
     onnx.checker.check_model(out)
     (node,) = out.graph.node
@@ -77,19 +77,67 @@ def test_attention_becomes_sparsecs_with_the_same_results_on_stock_onnxruntime(c
     ({"extra_output": True}, None),   # a pattern of one output: the node is not even a match
 ])
 def test_attentions_the_kernel_does_not_compute_stay_and_say_why(kw, reason):
-    modified, out, reasons = lowered(graph(**kw), compute="fp32")
+    modified, out, reasons = lowered_(graph(**kw), compute="fp32")
     assert not modified
     assert [n.domain for n in out.graph.node] == [""]
     assert reason is None or any(reason in line for line in reasons), reasons
 
 
 def test_max_head_keeps_larger_heads_on_onnxruntime():
-    modified, _, reasons = lowered(graph(head=128), compute="fp32", max_head=64)
+    modified, _, reasons = lowered_(graph(head=128), compute="fp32", max_head=64)
     assert not modified and any("at most 64" in line for line in reasons)
-    modified, out, _ = lowered(graph(head=64), compute="fp32", max_head=64)
+    modified, out, _ = lowered_(graph(head=64), compute="fp32", max_head=64)
     assert modified and attention_op.attention_nodes(out)
 
 
 def test_no_compute_leaves_the_file_alone():
-    modified, out, _ = lowered(graph(), compute="")
+    modified, out, _ = lowered_(graph(), compute="")
     assert not modified and out.graph.node[0].domain == ""
+
+
+@pytest.mark.parametrize("speedup,lowered", [(2.0, True), (1.0, False)])
+def test_measured_nodes_move_only_where_faster_and_say_what_was_measured(monkeypatch, speedup, lowered):
+    from sparsec.lowering import calibrate
+    from sparsec.passes.lower_attention import MEASURED
+
+    cases = []
+
+    def fake(case):
+        cases.append(case)
+        return calibrate.Measurement(1.0, 1.0 / speedup, "sparsec kernel", 10)
+
+    monkeypatch.setattr(calibrate, "measure_attention", fake)
+    modified, out, reasons = lowered_(graph(mask=True), compute="fp32", measure=True, threads=2)
+    assert modified == lowered
+    assert cases and cases[0] == calibrate.AttentionCase((1, S, S, H, H, D, D), "fp32", "bool", False, 2)
+    if lowered:
+        (node,) = out.graph.node
+        props = {p.key: p.value for p in node.metadata_props}
+        assert props[MEASURED].startswith("measured 2.00x onnxruntime's Attention")
+    else:
+        assert out.graph.node[0].domain == "" and any("measured 1.00x" in r and "as fast" in r for r in reasons)
+
+
+def test_unmeasurable_nodes_fall_back_to_the_head_size_rule(monkeypatch):
+    from sparsec.lowering import calibrate
+
+    def unavailable(case):
+        raise RuntimeError("sparsec's kernel is not available (test)")
+
+    monkeypatch.setattr(calibrate, "measure_attention", unavailable)
+    assert lowered_(graph(head=64), compute="fp32", measure=True, max_head=64)[0]
+    assert not lowered_(graph(head=128), compute="fp32", measure=True, max_head=64)[0]
+
+
+def test_a_real_measurement_is_cached_and_decides():
+    """On this machine, with the kernel: the pass's choice is the cached measurement's."""
+    from sparsec import runtime
+    from sparsec.lowering import calibrate
+    from sparsec.passes.lower_attention import MIN_SPEEDUP
+
+    if not runtime.kernel_available():
+        pytest.skip("native kernel not available")
+    modified, _, _ = lowered_(graph(), compute="fp32", measure=True, threads=1)
+    case = calibrate.AttentionCase((1, S, S, H, H, D, D), "fp32", "", False, 1)
+    assert calibrate.cache_path(case).is_file()
+    assert modified == (calibrate.measure_attention(case).speedup >= MIN_SPEEDUP)
