@@ -147,13 +147,17 @@ def cache_path(case: LayerCase | AttentionCase) -> Path:
 def measure_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) -> Measurement:
     """The case's cached measurement, or time it now (`weight` [N, K] with its pruned zeros, the
     layer's bias) and cache it. Raises RuntimeError when the target runtime cannot run here."""
+    return _cached(case, lambda: time_layer(case, weight, bias))
+
+
+def _cached(case: LayerCase | AttentionCase, time_it: Callable[[], tuple[float, float, int]]) -> Measurement:
+    """The case's measurement from the cache, or `time_it()` (dense ms, sparse ms, calls) written to it."""
     path = cache_path(case)
     try:
-        found = json.loads(path.read_text())
-        return Measurement(**{**found, "cached": True})
+        return Measurement(**{**json.loads(path.read_text()), "cached": True})
     except (OSError, ValueError, TypeError):
         pass
-    dense_ms, sparse_ms, calls = time_layer(case, weight, bias)
+    dense_ms, sparse_ms, calls = time_it()
     result = Measurement(dense_ms, sparse_ms, RUNTIME[case.target], calls)
     _write_atomic(path, json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
     return result
@@ -162,13 +166,13 @@ def measure_layer(case: LayerCase, weight: np.ndarray, bias: np.ndarray | None) 
 def measure_attention(case: AttentionCase) -> Measurement:
     """The case's cached measurement, or time it now (ONNX Attention as "dense", sparsec::Attention
     as "sparse", random inputs) and cache it. Raises RuntimeError where the kernel cannot run."""
+    return _cached(case, lambda: _time_attention(case))
+
+
+def _time_attention(case: AttentionCase) -> tuple[float, float, int]:
+    """(onnxruntime's Attention ms, the kernel's ms, calls): one-node models on random inputs."""
     from sparsec.lowering import attention_op
 
-    path = cache_path(case)
-    try:
-        return Measurement(**{**json.loads(path.read_text()), "cached": True})
-    except (OSError, ValueError, TypeError):
-        pass
     reason = kernel_unavailable()
     if reason:
         raise RuntimeError(f"sparsec's kernel is not available ({reason})")
@@ -183,11 +187,7 @@ def measure_attention(case: AttentionCase) -> Measurement:
              "v": rng.standard_normal((B, Skv, Hkv * Dv)).astype(np.float32)}
     if case.mask:
         feeds["mask"] = np.ones(mask_shape, bool) if case.mask == "bool" else np.zeros(mask_shape, np.float32)
-    onnx_ms, kernel_ms, calls = time_models(onnx_model.SerializeToString(), kernel_model.SerializeToString(),
-                                            feeds, True, case.threads)
-    result = Measurement(onnx_ms, kernel_ms, RUNTIME["sparsec"], calls)
-    _write_atomic(path, json.dumps({k: v for k, v in asdict(result).items() if k != "cached"}))
-    return result
+    return time_models(onnx_model.SerializeToString(), kernel_model.SerializeToString(), feeds, True, case.threads)
 
 
 def _write_atomic(path: Path, text: str) -> None:

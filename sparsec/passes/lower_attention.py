@@ -4,7 +4,7 @@ before: y = Attention <q_num_heads=H, kv_num_heads=Hkv, scale?, is_causal?> (q, 
 after:  y = sparsec::Attention <the same, compute="bf16" | "fp32"> (q, k, v, mask?), whose function
         body is that Attention (stock onnxruntime still runs the file)
 Only Attentions the kernel computes as onnxruntime does: 3-D inputs (attention_head_layout made
-them), no past key/value, no output but the first read, softcap 0. With `measure` (`attention =
+them; the pattern is a node of one output), no past key/value, softcap 0. With `measure` (`attention =
 "auto"` and `[export] measure`), each node's shape is timed on this machine (batch 1, its static
 sequence lengths or 128; cached like the layers' measurements, sparsec.lowering.calibrate) and
 moves only where the kernel is at least MIN_SPEEDUP faster; the node records what was measured.
@@ -40,7 +40,7 @@ class AttentionOnKernel(RewriteRuleClassBase):
         self.max_head = max_head
         self.measure = measure
         self.threads = threads
-        self._measured: dict[int, str] = {}
+        self._note = ""   # what the measurement of the node in hand found, for its rewrite
 
     def pattern(self, op, q, k, v):
         return op.Attention(q, k, v, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
@@ -48,10 +48,9 @@ class AttentionOnKernel(RewriteRuleClassBase):
     def check(self, context, q, k, v, y, **_) -> MatchResult:
         result = MatchResult()
         node = y.producer()
+        self._note = ""
         if any(x is not None for x in node.inputs[4:]):
             return result.fail("Attention has past key/value inputs")
-        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-            return result.fail("Attention's present key/value or QK outputs are read")
         if g.attr(node, "q_num_heads") is None or g.attr(node, "kv_num_heads") is None:
             return result.fail("Attention takes 4-D inputs (attention_head_layout left it)")
         if g.attr(node, "softcap", 0.0) != 0.0:
@@ -66,7 +65,7 @@ class AttentionOnKernel(RewriteRuleClassBase):
                 speedup, text = verdict
                 if speedup < MIN_SPEEDUP:
                     return result.fail(f"{text}: onnxruntime's own Attention is as fast (needs {MIN_SPEEDUP}x)")
-                self._measured[id(node)] = text
+                self._note = text
                 return result
         if self.max_head:   # not measured: the measurement on the development machine decides
             dims, heads = g.dims(q), g.attr(node, "q_num_heads")
@@ -107,8 +106,8 @@ class AttentionOnKernel(RewriteRuleClassBase):
         attrs = {name: node.attributes[name].value for name in attention_op.FORWARDED if name in node.attributes}
         out = op.Attention(q, k, v, mask, _domain=DOMAIN, _version=DOMAIN_VERSION, compute=self.compute, **attrs)
         out.shape, out.dtype = y.shape, y.dtype
-        if id(node) in self._measured:
-            out.producer().metadata_props[MEASURED] = self._measured[id(node)]
+        if self._note:
+            out.producer().metadata_props[MEASURED] = self._note
         return out
 
 

@@ -20,7 +20,6 @@ using detail::AlignedScratch;
 using detail::ceil_div;
 using detail::checked_mul;
 using detail::HeadRows;
-using detail::RowSoftmax;
 
 constexpr int64_t kMaxSeq = int64_t(1) << 24;
 constexpr int64_t kMaxHead = int64_t(1) << 16;
@@ -112,8 +111,9 @@ SPARSEC_AVX512 void scores_avx512(const float* const* qs, int64_t D, int64_t c, 
 }
 
 // Row i's scores p[0, Skv) (unscaled; lanes up to the 64-key panel end) scaled, with the mask and
-// causality applied, then turned into weights in place (zero past Skv).
-SPARSEC_AVX512 RowSoftmax softmax_avx512(const Job& job, int64_t b, int64_t h, int64_t i, float* p) {
+// causality applied, then turned into weights in place (zero past Skv); returns the row's scale
+// (detail::SoftmaxRow says which).
+SPARSEC_AVX512 float softmax_avx512(const Job& job, int64_t b, int64_t h, int64_t i, float* p) {
   const AttentionShape& s = *job.s;
   const AttentionMask& m = *job.mask;
   const int64_t n = s.Skv;
@@ -159,18 +159,12 @@ SPARSEC_AVX512 RowSoftmax softmax_avx512(const Job& job, int64_t b, int64_t h, i
     vmax = _mm512_max_ps(vmax, x);
     _mm512_store_ps(p + j, x);
   }
-  RowSoftmax out;
   const float mx = _mm512_reduce_max_ps(vmax);
   // s_j - m is NaN only for a NaN score or when m = +inf (inf - inf): either way the row is NaN
-  if (nan != 0 || mx == std::numeric_limits<float>::infinity()) {
-    out.nan = true;
-  } else if (mx == -std::numeric_limits<float>::infinity()) {
-    out.zero = true;
-  }
-  if (out.nan || out.zero) {
+  const bool nan_row = nan != 0 || mx == std::numeric_limits<float>::infinity();
+  if (nan_row || mx == -std::numeric_limits<float>::infinity()) {  // NaN, or every key masked
     for (int64_t j = 0; j < padded; j += 16) _mm512_store_ps(p + j, _mm512_setzero_ps());
-    out.inv = out.nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
-    return out;
+    return nan_row ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
   }
   const __m512 vm = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
@@ -179,16 +173,15 @@ SPARSEC_AVX512 RowSoftmax softmax_avx512(const Job& job, int64_t b, int64_t h, i
     sum = _mm512_add_ps(sum, e);
     _mm512_store_ps(p + j, e);
   }
-  out.inv = 1.0f / _mm512_reduce_add_ps(sum);
-  return out;
+  return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
 // y rows (pointers ys, `rows` of them valid) = weights p (rows ldp apart) times V's columns
-// [c0, c0 + 16 NV), scaled by inv.
+// [c0, c0 + 16 NV), row r scaled by inv[r].
 // (FULL: all 16 NV columns exist, so the loads need no mask.)
 template <int NV, bool FULL>
 SPARSEC_AVX512 void weighted_values_avx512(const Job& job, int64_t b, int64_t kvh, const float* p, int64_t ldp,
-                                           int64_t c0, const RowSoftmax* w, float* const* ys, int rows) {
+                                           int64_t c0, const float* inv, float* const* ys, int rows) {
   const AttentionShape& s = *job.s;
   __mmask16 cm[NV];
   for (int v = 0; v < NV; ++v) cm[v] = lane_mask16(s.Dv - c0 - 16 * v);
@@ -209,8 +202,8 @@ SPARSEC_AVX512 void weighted_values_avx512(const Job& job, int64_t b, int64_t kv
     }
   }
   for (int r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(w[r].inv);
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(ys[r] + c0 + 16 * v, cm[v], _mm512_mul_ps(acc[r][v], inv));
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(ys[r] + c0 + 16 * v, cm[v], _mm512_mul_ps(acc[r][v], scale));
   }
 }
 
@@ -232,7 +225,7 @@ SPARSEC_AVX512 void rows_avx512(const Job& job, int64_t b, int64_t h, int64_t i0
       ys[r] = y_row(job, b, i, h);
     }
     for (int64_t c = 0; c < panels; ++c) scores_avx512(qs, s.D, c, kt, p, ldp);
-    RowSoftmax w[kRows];
+    float w[kRows] = {};
     for (int r = 0; r < kRows; ++r) {
       if (r < rows) {
         w[r] = softmax_avx512(job, b, h, t0 + r, p + r * ldp);
@@ -263,7 +256,7 @@ struct SoftmaxContext {
   const Job* job;
   int64_t b, h;
 };
-SPARSEC_AVX512 RowSoftmax softmax_row(const void* context, int64_t i, float* p) {
+SPARSEC_AVX512 float softmax_row(const void* context, int64_t i, float* p) {
   const auto* c = static_cast<const SoftmaxContext*>(context);
   return softmax_avx512(*c->job, c->b, c->h, i, p);
 }

@@ -143,7 +143,7 @@ SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
       store_sums(s + j0, ldp * 4, tiles);
     }
     // weights, as bf16 rows of skv32 (zero past Skv; rows past the block's end are zero)
-    RowSoftmax w[kBlock];
+    float w[kBlock] = {};
     for (int64_t r = 0; r < kBlock; ++r) {
       float* row = s + r * ldp;
       if (r < rows) w[r] = h.softmax(h.context, i0 + r, row);
@@ -158,7 +158,7 @@ SPARSEC_AMX_BF16 void head_rows_amx_bf16(const HeadRows& h) {
       tile_products(pb, skv32 * 2, 32, skv32 / 32, vb + c0, dv16 * 4, 16 * dv16, tiles);
       store_sums(out, 256, tiles);
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 inv = _mm512_set1_ps(w[r].inv);
+        const __m512 inv = _mm512_set1_ps(w[r]);
         float* yr = h.y + (i0 + r) * h.ldy + c0;
         for (int64_t t = 0; t < tiles; ++t) {
           _mm512_mask_storeu_ps(yr + 16 * t, lane_mask16(h.Dv - c0 - 16 * t),

@@ -7,17 +7,11 @@
 namespace sparsec {
 namespace detail {
 
-// How a row's scores turn into weights: `nan` (the row is NaN), `zero` (every key masked), else
-// weights exp(s_j - max) and `inv` = 1 / their sum (NaN for a NaN row, 0 for a masked one).
-struct RowSoftmax {
-  float inv = 0.0f;
-  bool nan = false;
-  bool zero = false;
-};
-
 // The weights of query row i in place: p holds its unscaled scores q_i . k_j for j < Skv, in a row
-// padded to a multiple of 64 floats (64-byte aligned); afterwards p holds the weights, zero past Skv.
-using SoftmaxRow = RowSoftmax (*)(const void* context, int64_t i, float* p);
+// padded to a multiple of 64 floats (64-byte aligned); afterwards p holds the unnormalised weights,
+// zero past Skv, and the result is what the weighted values are multiplied by: 1 / the weights' sum,
+// NaN for a NaN row (its weights are zero, so a NaN value still shows), 0 for a fully masked one.
+using SoftmaxRow = float (*)(const void* context, int64_t i, float* p);
 
 // Rows [i0, i1) of one query head against its key/value head. Row i of Q is q + i * ldq, key and
 // value row j k + j * ldk and v + j * ldv, output row i y + i * ldy (all in floats).
