@@ -1,4 +1,4 @@
-"""sparsec::Attention: the kernel (fp32 on AVX-512, bf16 on AMX tiles; below AVX-512 it invokes
+"""sparsec::Attention: the kernel (fp32 on AVX-512, bf16 on AMX tiles or AVX512-BF16; below AVX-512 it invokes
 onnxruntime's own Attention) against onnxruntime's Attention and a float64 reference, NaN / inf /
 masked-row semantics included; its function body on stock onnxruntime; bad nodes and inputs; and the
 lower_attention choices in an export."""
@@ -125,28 +125,45 @@ def reference(f, shape, mask, causal, bf16_products: bool = False):
     return y.transpose(0, 2, 1, 3).reshape(B, Sq, Hq * Dv)
 
 
+BF16_PATHS = ("amx", "avx512_bf16")   # where compute="bf16" really rounds to bf16
+
+
+@pytest.mark.parametrize("cap", ["amx", "avx512"])
 @pytest.mark.parametrize("shape,mshape,kind,causal", CASES, ids=IDS)
-def test_bf16_kernel_is_the_bf16_computation(lib, shape, mshape, kind, causal):
-    """On AMX: the bf16 rounding of q, k, v and the weights, nothing more (an exp that differs in the
-    last bits can move a weight's rounding by one bf16 step: 1e-3 of a unit output); elsewhere the
-    fp32 computation."""
+def test_bf16_kernel_is_the_bf16_computation(lib, monkeypatch, cap, shape, mshape, kind, causal):
+    """On AMX tiles (cap amx) and with AVX512-BF16 (cap avx512, or a CPU without AMX): the bf16
+    rounding of q, k, v and the weights, nothing more (an exp that differs in the last bits can move
+    a weight's rounding by one bf16 step: 1e-3 of a unit output); on a CPU with neither, the fp32
+    computation."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", cap)
     f, mask = case_inputs(shape, mshape, kind)
     want, got = both(f, shape, mask, compute="bf16", is_causal=causal)
     assert_same_specials(want, got)
-    if library_isa(lib, bf16_attention=True) != "amx":
+    if library_isa(lib, bf16_attention=True) not in BF16_PATHS:
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
         return
     np.testing.assert_allclose(got, reference(f, shape, mask, causal, bf16_products=True), atol=1e-3, rtol=0)
     assert 1e-4 < np.abs(got - want).max() < 3e-2   # bf16 products, not fp32 ones
 
 
-def test_bf16_follows_the_isa_cap(lib, monkeypatch):
-    """SPARSEC_KERNEL_ISA=avx512 (or lower) keeps bf16 attention off the AMX tiles: fp32 results."""
-    monkeypatch.setenv("SPARSEC_KERNEL_ISA", "avx512")
+@pytest.mark.parametrize("cap", ["avx512", "avx2"])
+def test_bf16_follows_the_isa_cap(lib, monkeypatch, cap):
+    """SPARSEC_KERNEL_ISA=avx512 keeps bf16 attention off the AMX tiles (AVX512-BF16's dot products
+    where the CPU has them, else fp32 results); avx2 runs onnxruntime's own Attention, bit for bit."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", cap)
+    path = library_isa(lib, bf16_attention=True)
+    assert path != "amx"
     shape = (1, 40, 40, 2, 2, 32, 32)
     f = feeds(*shape)
     want, got = both(f, shape, compute="bf16")
-    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    if path == "avx512_bf16":
+        assert cap == "avx512"
+        np.testing.assert_allclose(got, reference(f, shape, None, False, bf16_products=True), atol=1e-3, rtol=0)
+        assert np.abs(got - want).max() > 1e-4
+    elif cap == "avx2" or path != "avx512":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
 def special_feeds():

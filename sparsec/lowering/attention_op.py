@@ -9,7 +9,8 @@ Q [B, Sq, Hq * D], K [B, Skv, Hkv * D], V [B, Skv, Hkv * Dv], attn_mask bool (Fa
 float (added to the scores), broadcastable to [B, Hq, Sq, Skv]; Y [B, Sq, Hq * Dv]. `compute`:
 - "fp32": the kernel's AVX-512 fp32 path (onnxruntime's results within float rounding);
 - "bf16": Q, K, V and the softmax weights rounded to bf16 for the two products, sums and softmax
-  in fp32, on AMX tiles (Intel Sapphire Rapids and later; where the CPU has none, the fp32 path).
+  in fp32, on AMX tiles (Intel Sapphire Rapids and later), else with AVX512-BF16's dot products
+  (AMD Zen 4 and 5, Intel Cooper Lake); where the CPU has neither, the fp32 path.
   About 2e-4 of BERT-base's output scale against fp32 (random weights).
 The function body ignores `compute`: on stock onnxruntime the node is its Attention in fp32.
 

@@ -246,7 +246,8 @@ def sanitizer_preload() -> list[Path]:
 def library_isa(library: Path, int8: bool = False, bf16_attention: bool = False) -> str:
     """The instruction set the library picks on this machine for fp32 compute, with `int8` for
     INT8 compute, with `bf16_attention` for bf16 attention ("amx" where the CPU has AMX tiles of
-    that kind), loading it without onnxruntime."""
+    that kind, "avx512_bf16" where it has AVX512-BF16 only, "avx512" where bf16 computes in fp32),
+    loading it without onnxruntime."""
     lib = ctypes.CDLL(str(library))
     entry = lib.SparsecKernelIsaAttentionBf16 if bf16_attention else \
         lib.SparsecKernelIsaInt8 if int8 else lib.SparsecKernelIsa

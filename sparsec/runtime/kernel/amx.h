@@ -1,4 +1,4 @@
-// Internal to the kernel's AMX paths (block_sparse_int8_amx.cc: INT8 blocks; attention_amx.cc: bf16
+// Internal to the kernel's AMX paths (block_sparse_int8_amx.cc: INT8 blocks; attention_bf16.cc: bf16
 // attention): whether the compiler knows the intrinsics, the tile configuration, and whether this
 // CPU and OS allow a kind of tile multiply.
 #pragma once

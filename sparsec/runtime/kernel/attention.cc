@@ -251,7 +251,7 @@ SPARSEC_AVX512 void rows_avx512(const Job& job, int64_t b, int64_t h, int64_t i0
   }
 }
 
-// The bf16 tile path's row softmax: the fp32 path's, for one (batch, head).
+// The bf16 paths' row softmax: the fp32 path's, for one (batch, head).
 struct SoftmaxContext {
   const Job* job;
   int64_t b, h;
@@ -261,7 +261,8 @@ SPARSEC_AVX512 float softmax_row(const void* context, int64_t i, float* p) {
   return softmax_avx512(*c->job, c->b, c->h, i, p);
 }
 
-void rows_amx_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1) {
+// Rows [i0, i1) of head h on a bf16 path (detail::head_rows_amx_bf16 or head_rows_avx512_bf16).
+void rows_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, void (*path)(const HeadRows&)) {
   const AttentionShape& s = *job.s;
   const int64_t kvh = h / (s.Hq / s.Hkv);
   const SoftmaxContext context{&job, b, h};
@@ -274,7 +275,7 @@ void rows_amx_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1)
   rows.Skv = s.Skv, rows.D = s.D, rows.Dv = s.Dv, rows.i0 = i0, rows.i1 = i1;
   rows.softmax = softmax_row;
   rows.context = &context;
-  detail::head_rows_amx_bf16(rows);
+  path(rows);
 }
 #endif
 
@@ -289,7 +290,11 @@ void run_task(void* data, size_t t) {
   const int64_t i1 = std::min(s.Sq, i0 + job.rows_per_task);
   if (i0 >= i1) return;
   if (s.bf16 && job.isa == Isa::kAmx) {
-    rows_amx_bf16(job, b, h, i0, i1);
+    rows_bf16(job, b, h, i0, i1, detail::head_rows_amx_bf16);
+    return;
+  }
+  if (s.bf16 && detail::avx512_bf16_ready()) {
+    rows_bf16(job, b, h, i0, i1, detail::head_rows_avx512_bf16);
     return;
   }
   thread_local AlignedScratch<float> kt_buffer;
@@ -309,6 +314,12 @@ Isa select_isa_attention(bool bf16) {
     return Isa::kAmx;
   }
   return isa;
+}
+
+const char* attention_bf16_path() {
+  const Isa isa = select_isa_attention(true);
+  if (isa == Isa::kAvx512 && detail::avx512_bf16_ready()) return "avx512_bf16";
+  return isa_name(isa);
 }
 
 std::string check_attention(const AttentionShape& s) {

@@ -1,8 +1,15 @@
-// Internal to the attention kernel (attention.cc, attention_amx.cc): one head's rows as plain
-// pointers and strides, and the row softmax that the bf16 tile path borrows from the fp32 one.
+// Internal to the attention kernel (attention.cc, attention_bf16.cc): one head's rows as plain
+// pointers and strides, and the row softmax that the bf16 paths borrow from the fp32 one.
 #pragma once
 
 #include <cstdint>
+
+// GCC 10 and clang 9 know the AVX512-BF16 intrinsics; older compilers build no bf16 paths.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define SPARSEC_HAS_BF16 1
+#else
+#define SPARSEC_HAS_BF16 0
+#endif
 
 namespace sparsec {
 namespace detail {
@@ -24,8 +31,13 @@ struct HeadRows {
   const void* context;
 };
 
-// bf16 compute on AMX tiles (attention_amx.cc; amx_ready(AmxKind::kBf16) says whether it may run).
+// bf16 compute on AMX tiles (attention_bf16.cc; amx_ready(AmxKind::kBf16) says whether it may run).
 void head_rows_amx_bf16(const HeadRows& rows);
+// bf16 compute with AVX512-BF16's VDPBF16PS (attention_bf16.cc; avx512_bf16_ready() says whether it
+// may run). The same rounding as the AMX path.
+void head_rows_avx512_bf16(const HeadRows& rows);
+// Whether this CPU has AVX512-F, -BW, -VL and -BF16 (and the compiler the intrinsics).
+bool avx512_bf16_ready();
 
 }  // namespace detail
 }  // namespace sparsec

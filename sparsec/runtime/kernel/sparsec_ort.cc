@@ -22,7 +22,7 @@
 // Attributes q_num_heads, kv_num_heads, scale (float, optional: 1 / sqrt(D)), is_causal (optional,
 // 0 | 1), softcap (optional, 0 only), compute (optional: "fp32" | "bf16", the products in bf16 on AMX
 // tiles). Output Y float [B, Sq, Hq * Dv]: ONNX Attention (opset 23) on these inputs (attention.h,
-// attention.cc, attention_amx.cc). Where the CPU has no AVX-512 (or SPARSEC_KERNEL_ISA caps it), the
+// attention.cc, attention_bf16.cc). Where the CPU has no AVX-512 (or SPARSEC_KERNEL_ISA caps it), the
 // kernel invokes onnxruntime's own Attention instead (InvokeOp).
 //
 // Only the C API is used, through the OrtApi table handed to RegisterCustomOps, so the library
@@ -817,9 +817,7 @@ SPARSEC_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opti
 // For diagnostics (ctypes): the instruction set the kernel would use now, and the API it was built for.
 SPARSEC_EXPORT const char* SparsecKernelIsa() { return sparsec::isa_name(sparsec::select_isa()); }
 SPARSEC_EXPORT const char* SparsecKernelIsaInt8() { return sparsec::isa_name(sparsec::select_isa_int8()); }
-SPARSEC_EXPORT const char* SparsecKernelIsaAttentionBf16() {
-  return sparsec::isa_name(sparsec::select_isa_attention(true));
-}
+SPARSEC_EXPORT const char* SparsecKernelIsaAttentionBf16() { return sparsec::attention_bf16_path(); }
 
 // For tests (ctypes), without onnxruntime: one INT8-compute layer on instruction set `isa` (0 scalar,
 // 1 avx2, 2 avx512 VNNI, 3 AMX), single-threaded. Writes the exact int32 sums (block_sparse.h: acc) to
