@@ -4,8 +4,8 @@
 
 #include <cstdint>
 
-// GCC 10 and clang 9 know the AVX512-BF16 intrinsics; older compilers build no bf16 paths.
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+// GCC 10 and clang 12 know the AVX512-BF16 intrinsics and CPU check; older compilers build no bf16 paths.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 10)
 #define SPARSEC_HAS_BF16 1
 #else
 #define SPARSEC_HAS_BF16 0
