@@ -91,51 +91,57 @@ SPARSEC_BF16 void bf16_rows(Row row, int64_t rows, int64_t valid, int64_t width,
 
 // ---- AVX512-BF16 ----
 
-// Scores of the tile's rows (qb: kDotRows rows of `units` pairs) against keys [j0, j0 + 64) (kb:
-// rows of `keys` pairs), unscaled, into s (rows ldp apart).
-SPARSEC_BF16 void dot_scores(const uint32_t* qb, int64_t units, const uint32_t* kb, int64_t keys, int64_t j0, float* s,
-                             int64_t ldp) {
-  __m512 acc[kDotRows][4];
-  for (int r = 0; r < kDotRows; ++r)
+// One head's operands for the AVX512-BF16 path: K and V packed, the buffers of a tile of rows.
+struct DotHead {
+  const uint32_t *kb, *vb;  // K pairs [units][ldp], V pairs [pairs][dv16]
+  uint32_t *qb, *pb;        // a tile's Q rows (units pairs each), its weights (pairs pairs each)
+  float* s;                 // a tile's scores, then weights, rows ldp apart
+  int64_t Dp, units, ldp, skv32, pairs, dv16;
+};
+
+// Scores of the tile's R rows (qb) against keys [j0, j0 + 64), unscaled, into s.
+template <int R>
+SPARSEC_BF16 void dot_scores(const DotHead& d, int64_t j0) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint32_t* kj = kb + j0;
-  for (int64_t u = 0; u < units; ++u, kj += keys) {
+  const uint32_t* kj = d.kb + j0;
+  for (int64_t u = 0; u < d.units; ++u, kj += d.ldp) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(kj), b1 = (__m512bh)_mm512_load_si512(kj + 16),
                    b2 = (__m512bh)_mm512_load_si512(kj + 32), b3 = (__m512bh)_mm512_load_si512(kj + 48);
 #pragma GCC unroll 6
-    for (int r = 0; r < kDotRows; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[r * units + u]));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(d.qb[r * d.units + u]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
       acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
     }
   }
-  for (int r = 0; r < kDotRows; ++r)
-    for (int v = 0; v < 4; ++v) _mm512_store_ps(s + r * ldp + j0 + 16 * v, acc[r][v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_store_ps(d.s + r * d.ldp + j0 + 16 * v, acc[r][v]);
 }
 
-// y rows [0, rows) (row r at y + r * ldy) columns [c0, c0 + 16 NV) = weights pb (kDotRows rows of
-// `pairs` pairs) times V's pairs vb (rows dv16 apart), row r scaled by w[r].
-template <int NV>
-SPARSEC_BF16 void dot_values(const uint32_t* pb, int64_t pairs, const uint32_t* vb, int64_t dv16, int64_t c0,
-                             const float* w, float* y, int64_t ldy, int rows, int64_t Dv) {
-  __m512 acc[kDotRows][NV];
-  for (int r = 0; r < kDotRows; ++r)
+// y rows [0, R) (row r at y + r * ldy) columns [c0, c0 + 16 NV) = the tile's weights (pb) times V's
+// pairs, row r scaled by w[r].
+template <int R, int NV>
+SPARSEC_BF16 void dot_values(const DotHead& d, int64_t c0, const float* w, float* y, int64_t ldy, int64_t Dv) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const uint32_t* vp = vb + c0;
-  for (int64_t p = 0; p < pairs; ++p, vp += dv16) {
+  const uint32_t* vp = d.vb + c0;
+  for (int64_t p = 0; p < d.pairs; ++p, vp += d.dv16) {
     __m512bh b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_load_si512(vp + 16 * v);
 #pragma GCC unroll 6
-    for (int r = 0; r < kDotRows; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(pb[r * pairs + p]));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(d.pb[r * d.pairs + p]));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
     }
   }
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < R; ++r) {
     const __m512 inv = _mm512_set1_ps(w[r]);
     for (int v = 0; v < NV; ++v) {
       _mm512_mask_storeu_ps(y + r * ldy + c0 + 16 * v, lane_mask16(Dv - c0 - 16 * v), _mm512_mul_ps(acc[r][v], inv));
@@ -143,37 +149,52 @@ SPARSEC_BF16 void dot_values(const uint32_t* pb, int64_t pairs, const uint32_t* 
   }
 }
 
+// Query rows [i0, i0 + R) of the head: scores, softmax, weights rounded to bf16, weighted values. A
+// tile is exactly as tall as the rows it has (a sequence's last rows run a shorter tile, not a padded one).
+template <int R>
+SPARSEC_BF16 void dot_tile(const HeadRows& h, const DotHead& d, int64_t i0) {
+  bf16_rows([&](int64_t r) { return h.q + (i0 + r) * h.ldq; }, R, R, d.Dp, h.D, d.qb, d.units);
+  for (int64_t j0 = 0; j0 < d.ldp; j0 += 64) dot_scores<R>(d, j0);
+  float w[R];
+  for (int r = 0; r < R; ++r) w[r] = h.softmax(h.context, i0 + r, d.s + r * d.ldp);
+  bf16_rows([&](int64_t r) { return d.s + r * d.ldp; }, R, R, d.skv32, d.skv32, d.pb, d.pairs);
+  float* y = h.y + i0 * h.ldy;
+  for (int64_t c0 = 0; c0 < d.dv16; c0 += 64) {
+    switch (std::min<int64_t>(4, (d.dv16 - c0) / 16)) {
+      case 1: dot_values<R, 1>(d, c0, w, y, h.ldy, h.Dv); break;
+      case 2: dot_values<R, 2>(d, c0, w, y, h.ldy, h.Dv); break;
+      case 3: dot_values<R, 3>(d, c0, w, y, h.ldy, h.Dv); break;
+      default: dot_values<R, 4>(d, c0, w, y, h.ldy, h.Dv); break;
+    }
+  }
+}
+
 }  // namespace
 
 SPARSEC_BF16 void head_rows_avx512_bf16(const HeadRows& h) {
-  const int64_t Dp = ceil_div(h.D, 32) * 32, units = Dp / 2;
-  const int64_t ldp = ceil_div(h.Skv, 64) * 64;  // the softmax's padded row, and the packed keys'
-  const int64_t skv32 = ceil_div(h.Skv, 32) * 32, pairs = skv32 / 2;
-  const int64_t dv16 = ceil_div(h.Dv, 16) * 16;
+  DotHead d;
+  d.Dp = ceil_div(h.D, 32) * 32, d.units = d.Dp / 2;
+  d.ldp = ceil_div(h.Skv, 64) * 64;  // the softmax's padded row, and the packed keys'
+  d.skv32 = ceil_div(h.Skv, 32) * 32, d.pairs = d.skv32 / 2;
+  d.dv16 = ceil_div(h.Dv, 16) * 16;
   thread_local AlignedScratch<uint32_t> kb_buffer, vb_buffer, qb_buffer, pb_buffer;
   thread_local AlignedScratch<float> s_buffer;
-  uint32_t* kb = kb_buffer.reserve(static_cast<size_t>(units * ldp));
-  uint32_t* vb = vb_buffer.reserve(static_cast<size_t>(pairs * dv16));
-  uint32_t* qb = qb_buffer.reserve(static_cast<size_t>(kDotRows * units));
-  uint32_t* pb = pb_buffer.reserve(static_cast<size_t>(kDotRows * pairs));
-  float* s = s_buffer.reserve(static_cast<size_t>(kDotRows * ldp));
-  pack_keys(h, Dp, ldp, kb);
-  pack_values(h, skv32, dv16, vb);
+  uint32_t* kb = kb_buffer.reserve(static_cast<size_t>(d.units * d.ldp));
+  uint32_t* vb = vb_buffer.reserve(static_cast<size_t>(d.pairs * d.dv16));
+  d.qb = qb_buffer.reserve(static_cast<size_t>(kDotRows * d.units));
+  d.pb = pb_buffer.reserve(static_cast<size_t>(kDotRows * d.pairs));
+  d.s = s_buffer.reserve(static_cast<size_t>(kDotRows * d.ldp));
+  pack_keys(h, d.Dp, d.ldp, kb);
+  pack_values(h, d.skv32, d.dv16, vb);
+  d.kb = kb, d.vb = vb;
   for (int64_t i0 = h.i0; i0 < h.i1; i0 += kDotRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kDotRows, h.i1 - i0));
-    bf16_rows([&](int64_t r) { return h.q + (i0 + r) * h.ldq; }, kDotRows, rows, Dp, h.D, qb, units);
-    for (int64_t j0 = 0; j0 < ldp; j0 += 64) dot_scores(qb, units, kb, ldp, j0, s, ldp);
-    float w[kDotRows] = {};
-    for (int r = 0; r < rows; ++r) w[r] = h.softmax(h.context, i0 + r, s + r * ldp);
-    bf16_rows([&](int64_t r) { return s + r * ldp; }, kDotRows, rows, skv32, skv32, pb, pairs);
-    float* y = h.y + i0 * h.ldy;
-    for (int64_t c0 = 0; c0 < dv16; c0 += 64) {
-      switch (std::min<int64_t>(4, (dv16 - c0) / 16)) {
-        case 1: dot_values<1>(pb, pairs, vb, dv16, c0, w, y, h.ldy, rows, h.Dv); break;
-        case 2: dot_values<2>(pb, pairs, vb, dv16, c0, w, y, h.ldy, rows, h.Dv); break;
-        case 3: dot_values<3>(pb, pairs, vb, dv16, c0, w, y, h.ldy, rows, h.Dv); break;
-        default: dot_values<4>(pb, pairs, vb, dv16, c0, w, y, h.ldy, rows, h.Dv); break;
-      }
+    switch (std::min<int64_t>(kDotRows, h.i1 - i0)) {
+      case 1: dot_tile<1>(h, d, i0); break;
+      case 2: dot_tile<2>(h, d, i0); break;
+      case 3: dot_tile<3>(h, d, i0); break;
+      case 4: dot_tile<4>(h, d, i0); break;
+      case 5: dot_tile<5>(h, d, i0); break;
+      default: dot_tile<kDotRows>(h, d, i0); break;
     }
   }
 }
