@@ -32,7 +32,8 @@ other round), so no other session's spinning threads share the cores and slow dr
 machine hit every engine alike. The table gives the median over rounds and the spread over
 processes (min-max), which shows when one engine's time is bimodal between processes; a second
 table sets each process's median beside its fastest tenth of calls (p10), which tells a process
-stuck in a slow mode (both high) from noise within processes (only the median high). Each
+slow for all its calls (both high: a mode of the process, or a slow period of the machine longer
+than its calls) from noise within processes (only the median high). Each
 engine's output on the timed input is compared with the PyTorch program (fp32 within 1e-4 of the
 output scale; INT8's error is reported).
 
@@ -242,8 +243,9 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print("\nThe spread between processes: each process's median, and its fastest tenth of calls (p10).\n"
-          "A process stuck in a slow mode shows in both; noise within processes (another VM's load on\n"
-          "the cores) moves the medians only.\n")
+          "A process slow for all its timed calls shows in both (a mode of the process, or a slow period\n"
+          "of the machine longer than its calls: time one session in slices to tell them apart); noise\n"
+          "within a process moves the medians only.\n")
     print("| engine | medians min-max | max / min | p10 min-max | max / min |")
     print("|---|---|---|---|---|")
     for name, times, fastest in spread:
