@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsec import runtime
 from sparsec.lowering import onnx_op
 from sparsec.lowering.block_format import PackedBlocks, int8_reference, pack, random_keep, reference, unpack
+from sparsec.runtime.build import library_isa
 from test_runtime_kernel import epilogue_reference  # tests/ is sys.path[0] when run as a script
 
 INT64_MAX = 2**63 - 1
@@ -444,7 +445,7 @@ def attention_cases(isa: str | None, failures: list[str]) -> int:
         return len(att.BAD)
     os.environ["SPARSEC_KERNEL_ISA"] = isa
     # bf16 rounds its products on AMX tiles or with AVX512-BF16 (whichever this CPU has under the cap)
-    bf16_rounds = att.library_isa(os.environ["SPARSEC_KERNEL_LIB"], bf16_attention=True) in att.BF16_PATHS
+    bf16_rounds = library_isa(os.environ["SPARSEC_KERNEL_LIB"], bf16_attention=True) in att.BF16_PATHS
     count = 0
     for shape, mshape, kind, causal in att.CASES:
         f, mask = att.case_inputs(shape, mshape, kind)

@@ -14,7 +14,6 @@
 // FMA; 6 rows x 4 zmm of sums, one broadcast pair of Q (or of the weights) against 4 loads of K
 // (or V) pairs per step, as the fp32 path does with single values.
 #include <algorithm>
-#include <cstring>
 
 #include "amx.h"
 #include "attention_internal.h"
