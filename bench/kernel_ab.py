@@ -6,6 +6,7 @@
                                         [--rows 128] [--density 0.1] [--int8] [--threads 1] [--calls 300]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --conv 64,64,3,56,1 [--block 32x32]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --model sparse.onnx --feeds feeds.npz
+    .venv/bin/python bench/kernel_ab.py --a LIB.so --b LIB.so --model OLD.onnx --model-b NEW.onnx --feeds feeds.npz
 
 For kernel changes on a shared or noisy machine: timing each build in its own process (as
 bench/peers.py does between engines) compares two different moments of the machine, while here
@@ -18,7 +19,9 @@ and the medians printed. The layer is y = x @ W^T + b, W [N, K] with
 BlockSparseConv instead (padding KERNEL // 2, one image [1, IN, SIZE, SIZE], W [OUT, IN*KERNEL^2]).
 With `--model` a whole exported file is timed (e.g. the sparse.onnx and feeds.npz that
 `bench/peers.py --out DIR` leaves), which is where the weights come cold from memory: a BERT-base
-streams 35 MB of packed weights per inference, a single layer keeps its own in cache.
+streams 35 MB of packed weights per inference, a single layer keeps its own in cache. With
+`--model-b`, build b runs that file instead: two exports of one model (a lowering change) on one
+build, timed the same way.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--conv", default="", help="IN,OUT,KERNEL,SIZE,STRIDE: time a convolution instead")
     parser.add_argument("--model", type=Path, default=None, help="time this ONNX file instead (with --feeds)")
+    parser.add_argument("--model-b", type=Path, default=None,
+                        help="with --model: the file build b runs (another export of the same model)")
     parser.add_argument("--feeds", type=Path, default=None, help=".npz of the model's inputs, by name")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest difference between the builds' outputs, relative to the output scale")
@@ -62,6 +67,8 @@ def main() -> None:
             parser.error(f"{lib}: no such library")
     if (args.model is None) != (args.feeds is None):
         parser.error("--model and --feeds go together")
+    if args.model_b is not None and args.model is None:
+        parser.error("--model-b needs --model")
 
     import onnxruntime as ort
 
@@ -70,7 +77,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     if args.model is not None:
-        model, what = str(args.model), f"model {args.model}"
+        model, what = str(args.model), f"model {args.model}" + (f" (b: {args.model_b})" if args.model_b else "")
         with np.load(args.feeds) as data:
             feeds = {name: data[name] for name in data.files}
     elif args.conv:
@@ -102,7 +109,8 @@ def main() -> None:
         if args.threads > 1:  # two spinning pools in one process would take each other's cores
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.register_custom_ops_library(str(lib))
-        sessions[name] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        file = str(args.model_b) if name == "b" and args.model_b is not None else model
+        sessions[name] = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
     out_a, out_b = (sessions[s].run(None, feeds)[0] for s in ("a", "b"))
     scale = float(np.abs(out_a).max()) or 1.0
     error = float(np.abs(out_a - out_b).max()) / scale

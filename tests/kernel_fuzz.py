@@ -459,6 +459,16 @@ def attention_cases(isa: str | None, failures: list[str]) -> int:
                 if got.shape != want.shape or not np.allclose(got, want, atol=tolerance, rtol=0):
                     failures.append(f"attention {shape} {compute} threads={threads} isa={isa}: wrong result")
                 count += 1
+    for shape, mshape, kind, causal in att.PACKED_CASES:   # Q, K, V read in place from one tensor
+        f, mask = att.case_inputs(shape, mshape, kind)
+        for compute in ("fp32", "bf16"):
+            rounded = compute == "bf16" and bf16_rounds
+            want = att.reference(f, shape, mask, causal, bf16_products=rounded)
+            data = att.model("sparsec", *shape, mask, compute=compute, packed=True, is_causal=causal)
+            got = att.session(data, kernel=True, threads=2).run(None, att.packed_feeds(f))[0]
+            if got.shape != want.shape or not np.allclose(got, want, atol=1e-3 if rounded else 2e-5, rtol=0):
+                failures.append(f"packed attention {shape} {compute} isa={isa}: wrong result")
+            count += 1
     return count
 
 

@@ -25,12 +25,14 @@ def lib():
         pytest.skip(f"native kernel cannot be built here: {err}")
 
 
-def model(domain: str, B, Sq, Skv, Hq, Hkv, D, Dv, mask=None, compute: str = "fp32", **attrs) -> bytes:
-    """One Attention node (ONNX's, or sparsec's with its function body) on 3-D q, k, v."""
+def model(domain: str, B, Sq, Skv, Hq, Hkv, D, Dv, mask=None, compute: str = "fp32", packed: bool = False,
+          **attrs) -> bytes:
+    """One Attention node (ONNX's, or sparsec's with its function body) on 3-D q, k, v (sparsec's
+    `packed`: one input qkv, packed_qkv)."""
     kind = "" if mask is None else "bool" if mask.dtype == bool else "float"
     shape = () if mask is None else mask.shape
     return attention_op.single_node_model((B, Sq, Skv, Hq, Hkv, D, Dv), compute if domain else "", kind, shape,
-                                          **attrs).SerializeToString()
+                                          packed=packed, **attrs).SerializeToString()
 
 
 def session(data: bytes, kernel: bool, threads: int = 2) -> ort.InferenceSession:
@@ -222,6 +224,39 @@ def test_function_body_runs_on_stock_onnxruntime(mask):
         np.testing.assert_array_equal(stock, want)
 
 
+def packed_feeds(f: dict) -> dict:
+    """The feeds of a packed node: q, k and v side by side as one qkv."""
+    out = {"qkv": np.concatenate([f["q"], f["k"], f["v"]], axis=-1)}
+    if "mask" in f:
+        out["mask"] = f["mask"]
+    return out
+
+
+# (B, S, S, Hq, Hkv, D, Dv), mask shape and kind, causal
+PACKED_CASES = [((1, 128, 128, 12, 12, 64, 64), (1, 1, 128, 128), float, 0),
+                ((2, 19, 19, 4, 2, 8, 24), (2, 1, 19, 19), bool, 1),     # grouped K/V, D != Dv, tails
+                ((1, 1, 1, 2, 1, 40, 72), None, None, 0)]                # one row, Dv over 64
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+@pytest.mark.parametrize("isa", ISAS + ["amx"])
+@pytest.mark.parametrize("shape,mshape,kind,causal", PACKED_CASES, ids=["bert", "gqa-causal", "one-row"])
+def test_packed_qkv_reads_its_columns_in_place(lib, monkeypatch, compute, isa, shape, mshape, kind, causal):
+    """packed_qkv: Q, K and V as columns of one tensor (what fuse_qkv makes) give the bits of the
+    same node on separate inputs, on every path (the kernel's row strides; below AVX-512 the copies
+    it hands onnxruntime's Attention), and the function body gives onnxruntime's Attention's bits."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    f, mask = case_inputs(shape, mshape, kind)
+    separate = session(model("sparsec", *shape, mask, compute=compute, is_causal=causal), kernel=True).run(None, f)[0]
+    packed = session(model("sparsec", *shape, mask, compute=compute, packed=True, is_causal=causal),
+                     kernel=True).run(None, packed_feeds(f))[0]
+    np.testing.assert_array_equal(packed, separate)
+    want = session(model("", *shape, mask, is_causal=causal), kernel=False).run(None, f)[0]
+    stock = session(model("sparsec", *shape, mask, compute=compute, packed=True, is_causal=causal),
+                    kernel=False).run(None, packed_feeds(f))[0]
+    np.testing.assert_array_equal(stock, want)
+
+
 def loose_model(mask_type: int, **attrs) -> bytes:
     """sparsec::Attention whose inputs declare no shape (and the mask the given element type), so
     that onnxruntime hands the kernel whatever it is fed."""
@@ -248,11 +283,16 @@ BAD = [
     ({}, {"mask": np.ones((1, 1, 4, 6), bool)}, "does not broadcast"),
     ({}, {"mask": np.ones((1, 1, 1, 1, 6), bool)}, "1 to 4 dimensions"),
     ({}, {"mask": np.ones((1, 1, 5, 6), np.int32)}, "bool or float"),
+    ({"packed_qkv": [32, 32, -32]}, {}, "packed_qkv must hold three positive widths"),
+    ({"packed_qkv": [32, 32]}, {}, "packed_qkv must have 3 values"),
+    ({"packed_qkv": [32, 32, 32]}, {}, "needs Q, K and V of width 96"),
+    ({"packed_qkv": [32, 30, 34]}, {"q": np.zeros((1, 5, 96), np.float32), "k": np.zeros((1, 6, 96), np.float32),
+                                    "v": np.zeros((1, 6, 96), np.float32)}, "\\(packed_qkv\\) do not fit"),
 ]
 
 
 @pytest.mark.parametrize("attrs,change,message", BAD, ids=["heads", "softcap", "compute", "causal", "q-width", "v-rows", "k-rank", "mask-shape", "mask-rank",
-        "mask-type"])
+        "mask-type", "packed-negative", "packed-length", "packed-width", "packed-heads"])
 def test_bad_nodes_and_inputs_are_refused_with_the_reason(lib, attrs, change, message):
     """Attributes at session creation, shapes and types at run time: an error naming the op."""
     with pytest.raises(Exception, match=message) as info:
@@ -270,8 +310,9 @@ def run_bad(attrs: dict, change: dict) -> None:
 
 def test_export_lowers_attention_where_asked(tmp_path):
     """`auto`: a BERT exported with INT8 runs its attentions on the kernel in bf16, in fp32 without
-    INT8 (heads of 16), and keeps onnxruntime's Attention on the stock target; `onnx` keeps it;
-    every file passes the export's checks on both runtimes."""
+    INT8 (heads of 16), with their Q, K and V projections fused, and keeps onnxruntime's Attention
+    (and three projections) on the stock target; `onnx` keeps it; every file passes the export's
+    checks on both runtimes."""
     import onnx
     from transformers import BertConfig, BertModel
 
@@ -300,3 +341,8 @@ def test_export_lowers_attention_where_asked(tmp_path):
                    for n in nodes for a in n.attribute if a.name == "compute")
         assert len(result.checks) == 4 and any(c.runtime.endswith("kernel") for c in result.checks), name
         assert (f"{count} Attention node(s)" in " ".join(result.notes)) == bool(count)
+        # on the kernel each layer's Q, K and V are one sparse node the Attention reads packed (fuse_qkv):
+        # 4 sparse nodes per layer instead of 6
+        assert all(any(a.name == attention_op.PACKED for a in n.attribute) for n in nodes), name
+        assert result.sparse_nodes == (8 if count else 12), name
+        assert (f"{count} of them read Q, K and V from one fused projection node" in " ".join(result.notes)) == bool(count)

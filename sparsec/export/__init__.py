@@ -94,9 +94,11 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
             from sparsec.passes.lower_attention import MEASURED
 
             found = sorted({n.metadata_props.get(MEASURED, "") for n in attention_op.attention_nodes(model)} - {""})
+            packed = sum(attention_op.PACKED in n.attributes for n in attention_op.attention_nodes(model))
             notes.append(f"{attention} Attention node(s) run sparsec's attention kernel "
                          f"({options.attention_lowering['compute']}{'; ' + '; '.join(found) if found else ''}; "
-                         f"stock onnxruntime runs its own Attention in fp32)")
+                         f"stock onnxruntime runs its own Attention in fp32)"
+                         + (f"; {packed} of them read Q, K and V from one fused projection node" if packed else ""))
         os.chmod(tmp, file_mode())  # temporary files are private; the file is an ordinary one
         os.replace(tmp, path)
     except ExportError:

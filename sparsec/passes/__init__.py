@@ -18,6 +18,7 @@ from sparsec.passes.compact_padding import CompactPadding
 from sparsec.passes.drop_softmax_nan_guards import DropSoftmaxNanGuards
 from sparsec.passes.find_sites import FindSites
 from sparsec.passes.fuse_epilogues import FuseEpilogues
+from sparsec.passes.fuse_qkv import FuseQkvProjections
 from sparsec.passes.insert_masks import InsertMasks
 from sparsec.passes.lower_attention import LowerAttention
 from sparsec.passes.lower_block_sparse import LowerBlockSparse
@@ -30,7 +31,7 @@ from sparsec.pipeline import STAGES, Pass
 
 __all__ = ["AttachFunctions", "AttachSchedule", "AttentionHeadLayout", "BakeMasks",
            "ChooseSparseLayers", "CompactPadding", "DropSoftmaxNanGuards", "FindSites",
-           "FuseEpilogues", "InsertMasks", "LowerAttention", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
+           "FuseEpilogues", "FuseQkvProjections", "InsertMasks", "LowerAttention", "LowerBlockSparse", "MakeModeAware", "PinInputDims",
            "RecordExampleInputs", "SafeViews", "SelectSites", "build_pipeline", "build_lowering_pipeline",
            "build_onnx_pipeline", "STAGES"]
 
@@ -74,6 +75,7 @@ def build_onnx_pipeline(static: tuple = (), inputs: tuple = (), attention: dict 
         AttentionHeadLayout(),
         LowerAttention(**(attention or {})),
         FuseEpilogues(),
+        FuseQkvProjections(),
         AttachFunctions(),
         CompactPadding(),
         RecordExampleInputs(inputs=inputs),

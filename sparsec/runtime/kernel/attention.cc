@@ -39,15 +39,15 @@ struct Job {
 // Pointers to row i of query head h (q, y) and key/value row j of head kvh (k, v) in batch b.
 inline const float* q_row(const Job& job, int64_t b, int64_t i, int64_t h) {
   const AttentionShape& s = *job.s;
-  return job.q + ((b * s.Sq + i) * s.Hq + h) * s.D;
+  return job.q + (b * s.Sq + i) * s.q_stride() + h * s.D;
 }
 inline const float* k_row(const Job& job, int64_t b, int64_t j, int64_t kvh) {
   const AttentionShape& s = *job.s;
-  return job.k + ((b * s.Skv + j) * s.Hkv + kvh) * s.D;
+  return job.k + (b * s.Skv + j) * s.k_stride() + kvh * s.D;
 }
 inline const float* v_row(const Job& job, int64_t b, int64_t j, int64_t kvh) {
   const AttentionShape& s = *job.s;
-  return job.v + ((b * s.Skv + j) * s.Hkv + kvh) * s.Dv;
+  return job.v + (b * s.Skv + j) * s.v_stride() + kvh * s.Dv;
 }
 inline float* y_row(const Job& job, int64_t b, int64_t i, int64_t h) {
   const AttentionShape& s = *job.s;
@@ -188,7 +188,7 @@ SPARSEC_AVX512 void weighted_values_avx512(const Job& job, int64_t b, int64_t kv
   __m512 acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  const int64_t ldv = s.Hkv * s.Dv;
+  const int64_t ldv = s.v_stride();
   const float* vj = v_row(job, b, 0, kvh) + c0;
   for (int64_t j = 0; j < s.Skv; ++j, vj += ldv) {
     __m512 bv[NV];
@@ -271,7 +271,7 @@ void rows_bf16(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, voi
   rows.k = k_row(job, b, 0, kvh);
   rows.v = v_row(job, b, 0, kvh);
   rows.y = y_row(job, b, 0, h);
-  rows.ldq = s.Hq * s.D, rows.ldk = s.Hkv * s.D, rows.ldv = s.Hkv * s.Dv, rows.ldy = s.Hq * s.Dv;
+  rows.ldq = s.q_stride(), rows.ldk = s.k_stride(), rows.ldv = s.v_stride(), rows.ldy = s.Hq * s.Dv;
   rows.Skv = s.Skv, rows.D = s.D, rows.Dv = s.Dv, rows.i0 = i0, rows.i1 = i1;
   rows.softmax = softmax_row;
   rows.context = &context;
@@ -335,6 +335,15 @@ std::string check_attention(const AttentionShape& s) {
   const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
   if (checked_mul(ldp, s.D) < 0 || checked_mul(checked_mul(s.B, s.Sq), checked_mul(s.Hq, std::max(s.D, s.Dv))) < 0 ||
       checked_mul(checked_mul(s.B, s.Skv), checked_mul(s.Hkv, std::max(s.D, s.Dv))) < 0) {
+    return "tensor sizes overflow";
+  }
+  // a row stride covers its heads, and the strided tensors' sizes fit an int64
+  if (s.ldq < 0 || s.ldk < 0 || s.ldv < 0 || s.q_stride() < s.Hq * s.D || s.k_stride() < s.Hkv * s.D ||
+      s.v_stride() < s.Hkv * s.Dv) {
+    return "row strides must cover the heads (ldq >= Hq * D, ldk >= Hkv * D, ldv >= Hkv * Dv)";
+  }
+  if (checked_mul(checked_mul(s.B, s.Sq), s.q_stride()) < 0 ||
+      checked_mul(checked_mul(s.B, s.Skv), std::max(s.k_stride(), s.v_stride())) < 0) {
     return "tensor sizes overflow";
   }
   return "";

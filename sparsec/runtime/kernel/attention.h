@@ -31,6 +31,13 @@ struct AttentionShape {
   // on AMX tiles where the CPU has them, else with AVX512-BF16's dot products; elsewhere the fp32
   // computation.
   bool bf16 = false;
+  // Row strides of Q, K and V in floats (0: the rows are packed, Hq * D, Hkv * D, Hkv * Dv): a
+  // projection of Q, K and V computed as one [B, S, Hq * D + Hkv * D + Hkv * Dv] tensor is read in
+  // place, each from its own first column, with the whole width as every stride.
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  int64_t q_stride() const { return ldq != 0 ? ldq : Hq * D; }
+  int64_t k_stride() const { return ldk != 0 ? ldk : Hkv * D; }
+  int64_t v_stride() const { return ldv != 0 ? ldv : Hkv * Dv; }
 };
 
 // The mask's element for (b, h, i, j) is at offset b * sb + h * sh + i * si + j * sj (0 strides
@@ -53,7 +60,8 @@ Isa select_isa_attention(bool bf16);
 // or below AVX-512 the name of select_isa() (the caller runs onnxruntime's Attention there).
 const char* attention_bf16_path();
 
-// q [B, Sq, Hq * D], k [B, Skv, Hkv * D], v [B, Skv, Hkv * Dv] -> y [B, Sq, Hq * Dv]. The shape must
+// q [B, Sq, Hq * D], k [B, Skv, Hkv * D], v [B, Skv, Hkv * Dv] (rows s.ldq, s.ldk, s.ldv floats
+// apart where set) -> y [B, Sq, Hq * Dv]. The shape must
 // pass check_attention. With `s.bf16`: AMX tiles when `isa` is kAmx, else AVX512-BF16 where the CPU
 // has it; otherwise AVX-512 fp32. Returns false
 // (and computes nothing) for any other `isa`: the caller runs onnxruntime's own Attention there.

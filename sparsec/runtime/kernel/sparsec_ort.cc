@@ -21,7 +21,9 @@
 // [B, Skv, Hkv * Dv]; 3 attn_mask bool or float (optional), broadcastable to [B, Hq, Sq, Skv].
 // Attributes q_num_heads, kv_num_heads, scale (float, optional: 1 / sqrt(D)), is_causal (optional,
 // 0 | 1), softcap (optional, 0 only), compute (optional: "fp32" | "bf16", the products in bf16 on AMX
-// tiles). Output Y float [B, Sq, Hq * Dv]: ONNX Attention (opset 23) on these inputs (attention.h,
+// tiles), packed_qkv (optional: [NQ, NK, NV], then Q, K and V are each [B, S, NQ + NK + NV], one
+// projection's output as a rule, and the node reads Q's columns [0, NQ), K's [NQ, NQ + NK) and V's
+// [NQ + NK, NQ + NK + NV) in place). Output Y float [B, Sq, Hq * Dv]: ONNX Attention (opset 23) on these inputs (attention.h,
 // attention.cc, attention_bf16.cc). Where the CPU has no AVX-512 (or SPARSEC_KERNEL_ISA caps it), the
 // kernel invokes onnxruntime's own Attention instead (InvokeOp).
 //
@@ -555,8 +557,24 @@ struct AttentionKernel {
   float scale = 0.0f;  // 0: 1 / sqrt(D), known at the first call
   bool causal = false;
   bool bf16 = false;
+  int64_t packed[3] = {0, 0, 0};  // packed_qkv: the widths of Q, K and V in one input, or zeros
+  bool is_packed() const { return packed[0] != 0; }
   sparsec::Isa isa = sparsec::Isa::kScalar;
   std::unique_ptr<OrtAttention> native;  // set where the kernel delegates to onnxruntime
+};
+
+// Tensors the kernel makes for onnxruntime's own Attention: a packed node's Q, K and V, copied out of
+// their columns (CPUs without AVX-512 only).
+struct OwnedInputs {
+  std::vector<float> data[3];
+  OrtValue* values[3] = {nullptr, nullptr, nullptr};
+  OrtMemoryInfo* memory = nullptr;
+  ~OwnedInputs() {
+    for (OrtValue* v : values) {
+      if (v != nullptr) g_ort->ReleaseValue(v);
+    }
+    if (memory != nullptr) g_ort->ReleaseMemoryInfo(memory);
+  }
 };
 
 // The element type the model declares for input `index` (UNDEFINED where it declares none).
@@ -647,6 +665,20 @@ OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp*, const OrtApi*, cons
     float softcap = 0.0f;
     SPARSEC_RETURN_IF_ERROR(optional_attribute(info, "softcap", g_ort->KernelInfoGetAttribute_float, softcap));
     if (softcap != 0.0f) return fail("attribute softcap is not supported (only 0)");
+    SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "packed_qkv", 3, k->packed));
+    for (int64_t width : k->packed) {
+      if ((k->is_packed() && width < 1) || width < 0 || width > sparsec::kMaxDim) {
+        return fail("attribute packed_qkv must hold three positive widths, got [" + std::to_string(k->packed[0]) +
+                    ", " + std::to_string(k->packed[1]) + ", " + std::to_string(k->packed[2]) + "]");
+      }
+    }
+    SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "packed_qkv", 3, k->packed));
+    for (int64_t width : k->packed) {
+      if ((k->is_packed() && width < 1) || width < 0 || width > sparsec::kMaxDim) {
+        return fail("attribute packed_qkv must hold three positive widths, got [" + std::to_string(k->packed[0]) +
+                    ", " + std::to_string(k->packed[1]) + ", " + std::to_string(k->packed[2]) + "]");
+      }
+    }
     std::string compute_mode;
     SPARSEC_RETURN_IF_ERROR(string_attribute(info, "compute", "fp32", compute_mode));
     if (compute_mode != "fp32" && compute_mode != "bf16") {
@@ -715,13 +747,27 @@ OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context
   }
   sparsec::AttentionShape s;
   s.B = q.shape[0], s.Sq = q.shape[1], s.Skv = key.shape[1], s.Hq = k.Hq, s.Hkv = k.Hkv;
-  if (key.shape[0] != s.B || value.shape[0] != s.B || value.shape[1] != s.Skv || q.shape[2] % k.Hq != 0 ||
-      key.shape[2] % k.Hkv != 0 || value.shape[2] % k.Hkv != 0 || q.shape[2] / k.Hq != key.shape[2] / k.Hkv) {
-    return fail("Q " + shape_str(q.shape) + ", K " + shape_str(key.shape) + " and V " + shape_str(value.shape) +
-                " do not fit " + std::to_string(k.Hq) + " query and " + std::to_string(k.Hkv) + " key/value heads");
+  // the widths of Q, K and V: the inputs' own, or their columns named by packed_qkv
+  const int64_t nq = k.is_packed() ? k.packed[0] : q.shape[2];
+  const int64_t nk = k.is_packed() ? k.packed[1] : key.shape[2];
+  const int64_t nv = k.is_packed() ? k.packed[2] : value.shape[2];
+  if (k.is_packed()) {
+    const int64_t total = k.packed[0] + k.packed[1] + k.packed[2];
+    if (q.shape[2] != total || key.shape[2] != total || value.shape[2] != total) {
+      return fail("packed_qkv [" + std::to_string(nq) + ", " + std::to_string(nk) + ", " + std::to_string(nv) +
+                  "] needs Q, K and V of width " + std::to_string(total) + ", got Q " + shape_str(q.shape) + ", K " +
+                  shape_str(key.shape) + ", V " + shape_str(value.shape));
+    }
+    s.ldq = s.ldk = s.ldv = total;
   }
-  s.D = q.shape[2] / k.Hq;
-  s.Dv = value.shape[2] / k.Hkv;
+  if (key.shape[0] != s.B || value.shape[0] != s.B || value.shape[1] != s.Skv || nq % k.Hq != 0 ||
+      nk % k.Hkv != 0 || nv % k.Hkv != 0 || nq / k.Hq != nk / k.Hkv) {
+    return fail("Q " + shape_str(q.shape) + ", K " + shape_str(key.shape) + " and V " + shape_str(value.shape) +
+                (k.is_packed() ? " (packed_qkv)" : "") + " do not fit " + std::to_string(k.Hq) + " query and " +
+                std::to_string(k.Hkv) + " key/value heads");
+  }
+  s.D = nq / k.Hq;
+  s.Dv = nv / k.Hkv;
   s.scale = k.scale != 0.0f ? k.scale : 1.0f / std::sqrt(static_cast<float>(s.D));
   s.causal = k.causal;
   s.bf16 = k.bf16;
@@ -737,15 +783,35 @@ OrtStatus* compute_attention(const AttentionKernel& k, OrtKernelContext* context
   OrtValue* y_value = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &y_value));
   if (s.B * s.Sq * s.Hq * s.Dv == 0) return nullptr;
+  const float* q_data = static_cast<const float*>(q.data);
+  const float* k_data = static_cast<const float*>(key.data) + (k.is_packed() ? nq : 0);
+  const float* v_data = static_cast<const float*>(value.data) + (k.is_packed() ? nq + nk : 0);
   if (k.native != nullptr) {
     const size_t n = inputs[kMask] != nullptr ? kAttentionInputs : kMask;
+    OwnedInputs owned;
+    if (k.is_packed()) {  // onnxruntime's Attention reads dense Q, K, V: copy each one's columns out
+      SPARSEC_RETURN_IF_ERROR(g_ort->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &owned.memory));
+      const float* starts[3] = {q_data, k_data, v_data};
+      const int64_t widths[3] = {nq, nk, nv};
+      const int64_t rows[3] = {s.B * s.Sq, s.B * s.Skv, s.B * s.Skv};
+      for (int i = 0; i < 3; ++i) {
+        std::vector<float>& dense = owned.data[i];
+        dense.resize(static_cast<size_t>(rows[i] * widths[i]));
+        for (int64_t r = 0; r < rows[i]; ++r) {
+          std::copy(starts[i] + r * s.ldq, starts[i] + r * s.ldq + widths[i], dense.data() + r * widths[i]);
+        }
+        const int64_t shape[3] = {s.B, i == 0 ? s.Sq : s.Skv, widths[i]};
+        SPARSEC_RETURN_IF_ERROR(g_ort->CreateTensorWithDataAsOrtValue(
+            owned.memory, dense.data(), dense.size() * sizeof(float), shape, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            &owned.values[i]));
+        inputs[i] = owned.values[i];
+      }
+    }
     return g_ort->InvokeOp(context, k.native->op, inputs, static_cast<int>(n), &y_value, 1);
   }
   void* y = nullptr;
   SPARSEC_RETURN_IF_ERROR(g_ort->GetTensorMutableData(y_value, &y));
-  if (!sparsec::attention(s, static_cast<const float*>(q.data), static_cast<const float*>(key.data),
-                          static_cast<const float*>(value.data), mask, static_cast<float*>(y), k.isa,
-                          ort_parallel_for, context)) {
+  if (!sparsec::attention(s, q_data, k_data, v_data, mask, static_cast<float*>(y), k.isa, ort_parallel_for, context)) {
     return fail(std::string("no ") + sparsec::isa_name(k.isa) + " path (onnxruntime's Attention was not created)");
   }
   return nullptr;
