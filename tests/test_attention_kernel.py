@@ -286,6 +286,7 @@ BAD = [
     ({}, {"mask": np.ones((1, 1, 1, 1, 6), bool)}, "1 to 4 dimensions"),
     ({}, {"mask": np.ones((1, 1, 5, 6), np.int32)}, "bool or float"),
     ({"packed_qkv": [32, 32, -32]}, {}, "packed_qkv must hold three positive widths"),
+    ({"packed_qkv": [0, 48, 48]}, {}, "packed_qkv must hold three positive widths"),
     ({"packed_qkv": [32, 32]}, {}, "packed_qkv must have 3 values"),
     ({"packed_qkv": [32, 32, 32]}, {}, "needs Q, K and V of width 96"),
     ({"packed_qkv": [32, 30, 34]}, {"q": np.zeros((1, 5, 96), np.float32), "k": np.zeros((1, 6, 96), np.float32),
@@ -294,7 +295,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("attrs,change,message", BAD, ids=["heads", "softcap", "compute", "causal", "q-width", "v-rows", "k-rank", "mask-shape", "mask-rank",
-        "mask-type", "packed-negative", "packed-length", "packed-width", "packed-heads"])
+        "mask-type", "packed-negative", "packed-zero", "packed-length", "packed-width", "packed-heads"])
 def test_bad_nodes_and_inputs_are_refused_with_the_reason(lib, attrs, change, message):
     """Attributes at session creation, shapes and types at run time: an error naming the op."""
     with pytest.raises(Exception, match=message) as info:

@@ -121,7 +121,7 @@ def test_compile_writes_the_whole_output_folder(compiled):
     # the lowering passes' FX IR, the exported ONNX and the IR after every ONNX pass
     assert irs[6:10] == ["06_bake_masks.py.txt", "07_choose_sparse_layers.py.txt",
                          "08_lower_block_sparse.py.txt", "09_safe_views.py.txt"]
-    assert irs[10] == "10_exported.onnx.txt" and irs[-1] == "18_record_example_inputs.onnx.txt"
+    assert irs[10] == "10_exported.onnx.txt" and irs[-1] == "19_record_example_inputs.onnx.txt"
     assert "main_graph" in (compiled / "ir" / "15_fuse_epilogues.onnx.txt").read_text()
     assert not list(compiled.parent.glob(".tiny.*")), "no temporary folder left behind"
 
@@ -395,7 +395,8 @@ def test_onnx_passes_are_listed_printed_timed_and_explained(sparsec_cli, tmp_pat
     assert code == 0, err
     listing = out.split("pipeline:")[1]
     for name in ("[lower] lower_block_sparse", "[lower, onnx] attention_head_layout",
-                 "[lower, onnx] lower_attention", "[lower, onnx] fuse_epilogues", "[lower, onnx] compact_padding"):
+                 "[lower, onnx] lower_attention", "[lower, onnx] fuse_epilogues", "[lower, onnx] fuse_qkv",
+                 "[lower, onnx] compact_padding"):
         assert name in listing
     assert "# sparsec IR after lower_block_sparse" in out and "block_sparse_linear" in out
     assert "# sparsec ONNX IR after fuse_epilogues" in out and "sparsec.BlockSparseLinear" in out
@@ -403,7 +404,7 @@ def test_onnx_passes_are_listed_printed_timed_and_explained(sparsec_cli, tmp_pat
     assert "is not provably the output's" in out
     assert "torch.onnx export" in out and "attach_functions" in out.split("time per pass and stage:")[1]
     ir_files = sorted(p.name for p in (tmp_path / "out" / "ir").iterdir())
-    assert "16_attach_functions.onnx.txt" in ir_files
+    assert "17_attach_functions.onnx.txt" in ir_files
 
 
 def test_a_train_table_without_train_data_is_an_error_before_any_work(sparsec_cli, tmp_path):

@@ -666,15 +666,9 @@ OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp*, const OrtApi*, cons
     SPARSEC_RETURN_IF_ERROR(optional_attribute(info, "softcap", g_ort->KernelInfoGetAttribute_float, softcap));
     if (softcap != 0.0f) return fail("attribute softcap is not supported (only 0)");
     SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "packed_qkv", 3, k->packed));
+    const bool given = k->packed[0] != 0 || k->packed[1] != 0 || k->packed[2] != 0;  // absent: all zero
     for (int64_t width : k->packed) {
-      if ((k->is_packed() && width < 1) || width < 0 || width > sparsec::kMaxDim) {
-        return fail("attribute packed_qkv must hold three positive widths, got [" + std::to_string(k->packed[0]) +
-                    ", " + std::to_string(k->packed[1]) + ", " + std::to_string(k->packed[2]) + "]");
-      }
-    }
-    SPARSEC_RETURN_IF_ERROR(ints_attribute(info, "packed_qkv", 3, k->packed));
-    for (int64_t width : k->packed) {
-      if ((k->is_packed() && width < 1) || width < 0 || width > sparsec::kMaxDim) {
+      if (given && (width < 1 || width > sparsec::kMaxDim)) {
         return fail("attribute packed_qkv must hold three positive widths, got [" + std::to_string(k->packed[0]) +
                     ", " + std::to_string(k->packed[1]) + ", " + std::to_string(k->packed[2]) + "]");
       }
