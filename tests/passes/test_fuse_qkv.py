@@ -79,9 +79,13 @@ def _kernel(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return runtime.session(model.SerializeToString(), threads=2).run(None, feeds)[0]
 
 
+@pytest.mark.parametrize("block", [(4, 4), (8, 1), (1, 8), (2, 16)], ids=["4x4", "8x1", "1x8", "2x16"])
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int8dq"])
-def test_three_projections_become_one_node_read_packed(precision):
-    model, feeds = _graph(precision), _feeds()
+def test_three_projections_become_one_node_read_packed(precision, block):
+    """Every block shape: column vectors (V's 12 rows end in a partial block row of 8), row vectors
+    (INT8 compute packs them as windows), blocks wider than K's 24 columns allow (a partial block
+    column)."""
+    model, feeds = _graph(precision, block=block), _feeds()
     changed, fused, _ = _fuse(model)
     assert changed
     onnx.checker.check_model(fused, full_check=True)
