@@ -7,6 +7,7 @@
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --conv 64,64,3,56,1 [--block 32x32]
     .venv/bin/python bench/kernel_ab.py --a OLD.so --b NEW.so --model sparse.onnx --feeds feeds.npz
     .venv/bin/python bench/kernel_ab.py --a LIB.so --b LIB.so --model OLD.onnx --model-b NEW.onnx --feeds feeds.npz
+    .venv/bin/python bench/kernel_ab.py --stock --model OLD.onnx --model-b NEW.onnx --feeds feeds.npz
 
 For kernel changes on a shared or noisy machine: timing each build in its own process (as
 bench/peers.py does between engines) compares two different moments of the machine, while here
@@ -21,7 +22,7 @@ With `--model` a whole exported file is timed (e.g. the sparse.onnx and feeds.np
 `bench/peers.py --out DIR` leaves), which is where the weights come cold from memory: a BERT-base
 streams 35 MB of packed weights per inference, a single layer keeps its own in cache. With
 `--model-b`, build b runs that file instead: two exports of one model (a lowering change) on one
-build, timed the same way.
+build, timed the same way; with `--stock` as well, stock onnxruntime runs both (no build).
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ def pair(text: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a", required=True, type=Path, help="one build of libsparsec_ort.so")
-    parser.add_argument("--b", required=True, type=Path, help="the other build")
+    parser.add_argument("--a", type=Path, help="one build of libsparsec_ort.so")
+    parser.add_argument("--b", type=Path, help="the other build")
+    parser.add_argument("--stock", action="store_true",
+                        help="no build: stock onnxruntime runs both (with --model and --model-b: two exports)")
     parser.add_argument("--block", type=pair, default=(32, 32))
     parser.add_argument("--shape", type=pair, default=(3072, 768), help="N x K of the weight")
     parser.add_argument("--rows", type=int, default=128)
@@ -62,7 +65,11 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest difference between the builds' outputs, relative to the output scale")
     args = parser.parse_args()
-    for lib in (args.a, args.b):
+    if args.stock and (args.a or args.b or args.model_b is None):
+        parser.error("--stock compares two files (--model, --model-b) without a build (no --a, --b)")
+    if not args.stock and (args.a is None or args.b is None):
+        parser.error("--a and --b are required (or --stock)")
+    for lib in () if args.stock else (args.a, args.b):
         if not lib.is_file():
             parser.error(f"{lib}: no such library")
     if (args.model is None) != (args.feeds is None):
@@ -108,7 +115,8 @@ def main() -> None:
         options.intra_op_num_threads = args.threads
         if args.threads > 1:  # two spinning pools in one process would take each other's cores
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.register_custom_ops_library(str(lib))
+        if lib is not None:
+            options.register_custom_ops_library(str(lib))
         file = str(args.model_b) if name == "b" and args.model_b is not None else model
         sessions[name] = ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
     out_a, out_b = (sessions[s].run(None, feeds)[0] for s in ("a", "b"))

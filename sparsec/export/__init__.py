@@ -82,7 +82,7 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
         inst.record("exported", "onnx", lambda: _text(model, "torch.onnx export"))
         passes = build_onnx_pipeline(static=static_input_dims(module),
                                      inputs=example_input_records(args, kwargs),
-                                     attention=options.attention_lowering)
+                                     attention=options.attention_lowering, target=options.target)
         model = run_pipeline(model, passes, inst)
         sparse = sum(len(target.onnx_nodes(model)) for target in targets.all_targets())
         attention = len(attention_op.attention_nodes(model))

@@ -65,17 +65,19 @@ def build_lowering_pipeline(int8: bool = False, policy: str = "cost", min_speedu
     ]
 
 
-def build_onnx_pipeline(static: tuple = (), inputs: tuple = (), attention: dict | None = None) -> list[Pass]:
+def build_onnx_pipeline(static: tuple = (), inputs: tuple = (), attention: dict | None = None,
+                        target: str = "sparsec") -> list[Pass]:
     """The ONNX passes over the exported model: `static` input dims (pin_input_dims), the example
-    inputs' (shape, dtype) (record_example_inputs) and which Attention nodes run on sparsec's
-    kernel, how (lower_attention's `compute` and `max_head`; none by default)."""
+    inputs' (shape, dtype) (record_example_inputs), which Attention nodes run on sparsec's
+    kernel, how (lower_attention's `compute` and `max_head`; none by default), and the runtime the
+    file is for (`target`: on "stock", fuse_qkv also fuses before ONNX's own Attention)."""
     return [
         PinInputDims(static=static),
         DropSoftmaxNanGuards(),
         AttentionHeadLayout(),
         LowerAttention(**(attention or {})),
         FuseEpilogues(),
-        FuseQkvProjections(),
+        FuseQkvProjections(split=target == "stock"),
         AttachFunctions(),
         CompactPadding(),
         RecordExampleInputs(inputs=inputs),

@@ -19,7 +19,7 @@ B, S, K, HQ, HKV = 2, 5, 24, 4, 2
 
 
 def _graph(precision: str = "fp32", d: int = 4, dv: int = 6, block: tuple[int, int] = (4, 4),
-           q_activation: str = "", q_also_output: bool = False) -> onnx.ModelProto:
+           q_activation: str = "", q_also_output: bool = False, onnx_attention: bool = False) -> onnx.ModelProto:
     """x [B, S, K] -> Q (bias), K (no bias), V (bias) projections -> sparsec::Attention(q, k, v, mask)
     with HQ query and HKV key/value heads of d (values dv); precision "fp32", "int8" (int8 blocks
     with a scale each) or "int8dq" (INT8 compute, a scale per output row)."""
@@ -42,8 +42,9 @@ def _graph(precision: str = "fp32", d: int = 4, dv: int = 6, block: tuple[int, i
                                        scales=f"{name}.scales" if packed.scales is not None else None,
                                        activation=q_activation if name == "q" else "",
                                        int8_compute=precision == "int8dq", name=f"proj_{name}"))
-    nodes.append(helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], domain="sparsec", q_num_heads=HQ,
-                                  kv_num_heads=HKV, compute="fp32", name="attention"))
+    sparsec_attention = {} if onnx_attention else {"domain": "sparsec", "compute": "fp32"}
+    nodes.append(helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], q_num_heads=HQ, kv_num_heads=HKV,
+                                  name="attention", **sparsec_attention))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, HQ * dv])]
     if q_also_output:
         outputs.append(helper.make_tensor_value_info("q", TensorProto.FLOAT, [B, S, widths["q"]]))
@@ -65,11 +66,11 @@ def _feeds() -> dict:
     return {"x": rng.standard_normal((B, S, K)).astype(np.float32), "mask": mask}
 
 
-def _fuse(model: onnx.ModelProto) -> tuple[bool, onnx.ModelProto, list[str]]:
+def _fuse(model: onnx.ModelProto, split: bool = False) -> tuple[bool, onnx.ModelProto, list[str]]:
     """(whether fuse_qkv changed the model, the model with its functions attached, the reasons it gives)."""
     converted = ir.from_proto(model)
-    reasons = FuseQkvProjections().explain(converted)
-    changed = FuseQkvProjections().run(converted).modified
+    reasons = FuseQkvProjections(split=split).explain(converted)
+    changed = FuseQkvProjections(split=split).run(converted).modified
     out = ir.to_proto(converted)
     onnx_op.attach_functions(out)
     return changed, out, reasons
@@ -127,3 +128,22 @@ def test_cross_attention_keeps_its_projections():
             node.input[0] = "memory"
     changed, same, _ = _fuse(model)
     assert not changed and [n.op_type for n in same.graph.node].count("BlockSparseLinear") == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8dq"])
+def test_before_onnx_attention_the_stock_target_fuses_with_a_split(precision):
+    """`split` (the stock target): ONNX's own Attention reads the fused node's output split in
+    three; without it the three projections stay."""
+    model, feeds = _graph(precision, onnx_attention=True), _feeds()
+    assert not _fuse(model)[0]
+    changed, fused, _ = _fuse(model, split=True)
+    assert changed
+    onnx.checker.check_model(fused, full_check=True)
+    assert [n.op_type for n in fused.graph.node] == ["BlockSparseLinear", "Split", "Attention"]
+    split = fused.graph.node[1]
+    sizes = next(t for t in fused.graph.initializer if t.name == split.input[1])
+    assert list(numpy_helper.to_array(sizes)) == [HQ * 4, HKV * 4, HKV * 6]
+    assert fused.graph.node[2].domain == "" and list(fused.graph.node[2].input[:3]) == list(split.output)
+    np.testing.assert_allclose(run_ort(fused, feeds)[0], run_ort(model, feeds)[0], atol=2e-6, rtol=0)
+    if runtime.kernel_available():
+        np.testing.assert_array_equal(_kernel(fused, feeds), _kernel(model, feeds))
