@@ -42,10 +42,18 @@ class Layer:
     stored: float               # padded blocks / all blocks
     dtype: str
     bytes: int                  # values + indices + scales
+    weight: str = ""            # the weight it holds, from its tensors' names ("...query+key+value.weight": fused)
 
     def row(self) -> tuple[str, ...]:
-        return (self.node, f"{self.shape[0]}x{self.shape[1]}", f"{self.block[0]}x{self.block[1]}",
-                f"{self.block_density:.3f}", f"{self.stored:.3f}", self.dtype, _size(self.bytes))
+        return (self.weight or "?", f"{self.shape[0]}x{self.shape[1]}", f"{self.block[0]}x{self.block[1]}",
+                f"{self.block_density:.3f}", f"{self.stored:.3f}", self.dtype, _size(self.bytes), self.node)
+
+
+def _weight_name(values: str) -> str:
+    """The weight a sparse node's `values` tensor packs: 'fc1.weight_values' -> 'fc1.weight' (a
+    BatchNormalization folded in leaves '.bn' after it), '' when the name says nothing."""
+    head, found, _ = values.partition("_values")
+    return head if found else ""
 
 
 @dataclass
@@ -94,7 +102,8 @@ def sparse_layers(path: str | Path) -> list[Layer]:
         others = [v for v in node.inputs[2:6] if v is not None and v.is_initializer() and v.const_value is not None]
         size = values_bytes + sum(v.const_value.nbytes for v in others)  # type: ignore[union-attr]
         layers.append(Layer(node.name or "", (n, k), (br, bc), kept / grid, blocks / grid,
-                            "int8" if dtype == ir.DataType.INT8 else "fp32", size))
+                            "int8" if dtype == ir.DataType.INT8 else "fp32", size,
+                            _weight_name(node.inputs[1].name or "")))
     return layers
 
 
@@ -283,7 +292,7 @@ def format_bench(result: BenchResult) -> str:
         lines.append(f"kernel vs dense with the same session settings: {like:.2f}x")
     if result.layers:
         lines += ["", f"{len(result.layers)} block-sparse node{'s' * (len(result.layers) != 1)}:"]
-        lines += format_table(("node", "shape", "block", "density", "stored", "dtype", "bytes"),
+        lines += format_table(("weight", "shape", "block", "density", "stored", "dtype", "bytes", "node"),
                               [layer.row() for layer in result.layers], {3, 4, 6})
     else:
         lines += ["", "no block-sparse nodes: every layer is dense"]

@@ -43,7 +43,9 @@ def test_compile_writes_verified_onnx_files_and_bench_times_them(sparsec_cli, mo
                                        "--json", tmp_path / "bench.json")
     assert code == 0, stderr
     assert "speedup" in stdout and "2 block-sparse nodes:" in stdout and "16x16" in stdout
+    assert "fc1.weight " in stdout and "fc2.weight " in stdout   # each node named by the weight it holds
     result = json.loads((tmp_path / "bench.json").read_text())
+    assert [layer["weight"] for layer in result["layers"]] == ["fc1.weight", "fc2.weight"]
     assert "dense (onnxruntime)" in result["medians_ms"]
     assert result["sizes"]["dense"] > 0
 
