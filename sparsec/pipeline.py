@@ -90,15 +90,19 @@ class RulePass(OnnxPass):
 
     rules: ClassVar[tuple[Any, ...]] = ()
 
+    def active_rules(self) -> tuple[Any, ...]:
+        """The rules this instance applies (`rules`, unless its options choose among them)."""
+        return self.rules
+
     def run(self, model: Any) -> PassResult:
         from sparsec.lowering.onnx_graph import apply_rules
 
-        return PassResult(model, modified=apply_rules(model, self.rules) > 0)
+        return PassResult(model, modified=apply_rules(model, self.active_rules()) > 0)
 
     def explain(self, model: Any) -> list[str]:
         from sparsec.lowering.onnx_graph import explain_rules
 
-        return explain_rules(model, self.rules)
+        return explain_rules(model, self.active_rules())
 
 
 def _short(value: object) -> str:

@@ -206,19 +206,16 @@ class FuseQkvProjections(RulePass):
     name = "fuse_qkv"
     requires = ("attention_lowered",)
     ensures = ("qkv_fused",)
-    rules = (_PACKED_RULE,)
+    rules = (_PACKED_RULE, _SPLIT_RULE)
     split: bool = False   # also before ONNX's own Attention, with a Split (the stock target's files)
 
-    def _rules(self) -> tuple:
-        return (_PACKED_RULE, _SPLIT_RULE) if self.split else (_PACKED_RULE,)
-
-    def explain(self, model: ir.Model) -> list[str]:
-        return g.explain_rules(model, self._rules())
+    def active_rules(self) -> tuple:
+        return self.rules if self.split else (_PACKED_RULE,)
 
     def run(self, model: ir.Model) -> PassResult:
         if "functions_attached" in g.facts(model):
             raise self.error("runs before attach_functions: fusing changes the nodes' variants")
-        fused = g.apply_rules(model, self._rules())
+        fused = g.apply_rules(model, self.active_rules())
         if fused:   # the Attentions' new overloads; the bodies no node uses any more go
             attention_op.attach_functions(model)
             used = {(n.domain, n.op_type, n.overload) for n in model.graph}
