@@ -129,13 +129,14 @@ def test_every_instruction_set(kernel_library, monkeypatch, isa, n, k, block):
                                        (70, 2048, (16, 32)), (100, 70, (16, 1)), (70, 45, (32, 1)),
                                        (90, 101, (16, 2)), (70, 203, (32, 4)), (100, 70, (16, 8)),
                                        (64, 3072, (16, 1)), (40, 5, (16, 1)), (50, 16, (16, 4)),
-                                       (40, 3072, (32, 2))])
+                                       (40, 3072, (32, 2)), (70, 3072, (32, 32)), (40, 1024, (32, 16))])
 @pytest.mark.parametrize("order", ["resident", "streaming"])
 def test_packed_input_panel_row_counts(kernel_library, monkeypatch, order, n, k, block):
     """Both AVX-512 paths for 16/32-row blocks: X read in place (12- or 16-row tiles) and X copied
     into a packed panel of register-tile-high tiles (BR = 16, and every narrow block width 1, 2, 4,
     8, copied 16 inputs of a row at a time: K below, at and far above 16, the last block column cut
-    by K), the in-place path in both loop orders (SPARSEC_KERNEL_ORDER; by default it
+    by K; 32-row blocks whose 12-row tiles would crowd one L1 set, K = 1024 and 3072 on an 8-way
+    L1), the in-place path in both loop orders (SPARSEC_KERNEL_ORDER; by default it
     streams once the process's packed weights outgrow L2): row counts around the tile heights and the
     48-row task quantum, edge blocks cut by N and K, one and two threads."""
     monkeypatch.setenv("SPARSEC_KERNEL_ORDER", order)

@@ -9,9 +9,10 @@
 // (never beyond N). The input tile (MR rows) stays in L1, the group's weights in L2, and each task
 // writes one contiguous run per output row.
 //
-// AVX-512 with 16-row tiles and input rows a multiple of 4 KB apart first copies X into a packed
-// panel (XPanel below, panel_pays), so that a tile's rows do not share one L1 set and its broadcasts
-// use one base pointer; calls below kSerialMacs run on the calling thread.
+// AVX-512 with 16-row tiles, narrow blocks, or a tile's input rows more than the L1's ways to one
+// set first copies X into a packed panel (XPanel below, panel_pays), so that a tile's rows do not
+// share one L1 set and its broadcasts use one base pointer; calls below kSerialMacs run on the
+// calling thread.
 #include "block_sparse.h"
 
 #include <algorithm>
@@ -894,14 +895,43 @@ void layer_norm_task(void* data, size_t t) {
 }
 
 
+// The most rows of a register tile, `rows` input rows `stride` bytes apart, that fall into one set
+// of this CPU's L1 data cache; and its ways (glibc's sysconf; 32 KiB, 8 ways, 64-byte lines where
+// unknown).
+struct L1Geometry {
+  int64_t line = 64, sets = 64, ways = 8;
+  L1Geometry() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL1_DCACHE_ASSOC) && defined(_SC_LEVEL1_DCACHE_LINESIZE)
+    const long size = sysconf(_SC_LEVEL1_DCACHE_SIZE), assoc = sysconf(_SC_LEVEL1_DCACHE_ASSOC),
+               bytes = sysconf(_SC_LEVEL1_DCACHE_LINESIZE);
+    if (size > 0 && assoc > 0 && bytes > 0 && size % (assoc * bytes) == 0) {
+      line = bytes, ways = assoc, sets = size / (assoc * bytes);
+    }
+#endif
+  }
+  int64_t rows_per_set(int64_t rows, int64_t stride) const {
+    std::vector<int64_t> count(static_cast<size_t>(sets), 0);
+    int64_t most = 0;
+    for (int64_t m = 0; m < rows; ++m) most = std::max(most, ++count[static_cast<size_t>((m * stride / line) % sets)]);
+    return most;
+  }
+};
+
 // Whether copying X into the packed panel pays for itself (measured in one process, old and new
 // library alternating, 128 rows, density 0.1): for 16-row register tiles (BR = 16) always (16x16,
 // 3072 x 768: 0.87 vs 1.15 ms on 2 threads; 768 x 768: 0.29 vs 0.34; with K = 3072 the 16 rows a
 // tile reads in place even fall into one L1 set: 191 vs 268 us), and for narrow blocks (BC < 16:
 // [16, 1] column vectors and the like), which in place read one input per row per block from its
-// own cache line. For 32-row blocks reading X in place is as fast or faster (32x32, 768 x 3072,
-// one thread: 0.56 vs 0.67 ms).
-bool panel_pays(const PackedWeight& w) { return w.BC < 16 || w.BRp == 16; }
+// own cache line. For 32-row blocks (12-row tiles) reading X in place is as fast or faster while
+// the tile's rows fit the L1 sets they map to (Xeon Emerald Rapids, 12 ways: 32x32, 768 x 3072,
+// one thread, 0.56 vs 0.67 ms), and slower where they do not (AMD Zen 4, 8 ways, K = 3072: all 12
+// rows in one set; that layer 0.88-0.94x the time with the panel, BERT-base 0.95-0.98x).
+bool panel_pays(const PackedWeight& w) {
+  static const L1Geometry l1;
+  if (w.BC < 16 || w.BRp == 16) return true;
+  const int64_t H = tile_height_avx512(std::min<int64_t>(4, w.BRp / 16));
+  return l1.rows_per_set(H, w.K * static_cast<int64_t>(sizeof(float))) > l1.ways;
+}
 
 // The loop order of a call: kAuto streams when the process's packed weights outgrow one core's L2,
 // where they cannot still be cached from this node's last call. Measured on BERT-base (35 MB packed,
