@@ -909,10 +909,15 @@ struct L1Geometry {
     }
 #endif
   }
+  int64_t set(int64_t offset) const { return offset / line % sets; }
+  // (rows is a tile height, at most 16: no table, and nothing allocated on a call's path)
   int64_t rows_per_set(int64_t rows, int64_t stride) const {
-    std::vector<int64_t> count(static_cast<size_t>(sets), 0);
     int64_t most = 0;
-    for (int64_t m = 0; m < rows; ++m) most = std::max(most, ++count[static_cast<size_t>((m * stride / line) % sets)]);
+    for (int64_t a = 0; a < rows; ++a) {
+      int64_t same = 0;
+      for (int64_t b = 0; b < rows; ++b) same += set(a * stride) == set(b * stride);
+      most = std::max(most, same);
+    }
     return most;
   }
 };
