@@ -210,6 +210,38 @@ float activate_scalar(float v, Activation act) {
   }
 }
 
+namespace {
+
+// gelu512's table (block_sparse_internal.h): on interval i, h(0.25 (i + r)) as a quartic in r, the
+// polynomial through the five Chebyshev-Lobatto points r_j = (1 - cos(j pi / 4)) / 2 (Newton's
+// divided differences, then expanded into powers of r), all in double.
+GeluTable make_gelu_table() {
+  GeluTable table{};
+  constexpr int kPoints = 5;
+  for (int i = 0; i < 32; ++i) {
+    double r[kPoints], coef[kPoints];
+    for (int j = 0; j < kPoints; ++j) {
+      r[j] = 0.5 - 0.5 * std::cos(j * 3.14159265358979323846 / (kPoints - 1));
+      const double a = 0.25 * (i + r[j]);
+      coef[j] = -a * 0.5 * std::erfc(a * 0.70710678118654752440);
+    }
+    for (int k = 1; k < kPoints; ++k) {
+      for (int j = kPoints - 1; j >= k; --j) coef[j] = (coef[j] - coef[j - 1]) / (r[j] - r[j - k]);
+    }
+    double power[kPoints] = {coef[kPoints - 1]};  // Horner on the Newton form, from the top
+    for (int k = kPoints - 2; k >= 0; --k) {
+      for (int d = kPoints - 1; d >= 1; --d) power[d] = power[d - 1] - power[d] * r[k];
+      power[0] = coef[k] - power[0] * r[k];
+    }
+    for (int d = 0; d < kPoints; ++d) table.c[d][i] = static_cast<float>(power[d]);
+  }
+  return table;
+}
+
+}  // namespace
+
+const GeluTable kGeluTable = make_gelu_table();
+
 // Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).
 void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy) {
   if (ep.act == Activation::kNone && ep.residual == nullptr) return;

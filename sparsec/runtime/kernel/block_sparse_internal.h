@@ -167,29 +167,34 @@ SPARSEC_AVX512 SPARSEC_INLINE __m512 exp512(__m512 x) {
   return exp512_in_range(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)));
 }
 
-// gelu(v) = v * Phi(v) = max(v, 0) - |v| * erfc(z) / 2 with z = |v| / sqrt(2) (Phi(v) is
-// 1 - erfc(z) / 2 for v >= 0 and erfc(z) / 2 below; this form keeps the negative tail accurate, no
-// 1 - erf cancellation). erfc(z) ~ q(z)^-16, q a degree-6 polynomial (Abramowitz & Stegun 7.1.28,
-// absolute error <= 3e-7), for z clamped to 4 (erfc(4) < 2e-8); 1 / q^16 is a reciprocal estimate
-// r refined by one Newton step, r (2 - q r), folded into the last multiply-add.
+// gelu(v) = v Phi(v) = max(v, 0) + h(|v|), h(a) = -a Phi(-a) = -a erfc(a / sqrt(2)) / 2, an even
+// correction that falls to 0 at both ends (h(8) = -5e-15) and has no 1 - erf cancellation in the
+// negative tail. h on [0, 8] is a table of 32 quartics, one per interval of width 1/4 in the offset
+// r in [0, 1) (kGeluTable, built at load in double precision: interpolation at the interval's five
+// Chebyshev-Lobatto points, so the pieces meet and h(0) = 0 exactly); |v| >= 8 takes h(8). The
+// coefficients are picked per lane by vpermt2ps from two registers of 16: five permutes and four
+// multiply-adds against the 14 multiplies of a rational erfc, 0.65x the time, and a smaller error
+// (|error| <= 2.4e-7 over [-10, 10], relative <= 2.9e-6 where |gelu| > 1e-3).
+struct GeluTable {
+  alignas(64) float c[5][32];  // c[d][i]: the coefficient of r^d on interval i
+};
+extern const GeluTable kGeluTable;
+
+SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu_coef(int d, __m512i interval) {
+  return _mm512_permutex2var_ps(_mm512_load_ps(kGeluTable.c[d]), interval, _mm512_load_ps(kGeluTable.c[d] + 16));
+}
+
 SPARSEC_AVX512 SPARSEC_INLINE __m512 gelu512(__m512 v) {
-  const __m512 a = _mm512_abs_ps(v);
-  const __m512 z = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.70710678118654752f)), _mm512_set1_ps(4.0f));
-  __m512 q = _mm512_set1_ps(0.0000430638f);
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0092705272f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0422820123f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0705230784f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f));
-  q = _mm512_mul_ps(q, q);  // q^2
-  q = _mm512_mul_ps(q, q);  // q^4
-  q = _mm512_mul_ps(q, q);  // q^8
-  q = _mm512_mul_ps(q, q);  // q^16, at most ~6e7 (z <= 4)
-  const __m512 r = _mm512_rcp14_ps(q);
-  const __m512 newton = _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f));               // 2 - q r
-  const __m512 half_a_r = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(0.5f)), r);  // |v| r / 2
-  return _mm512_fnmadd_ps(half_a_r, newton, _mm512_max_ps(v, _mm512_setzero_ps()));
+  // min(C, 4 |v|) and not min(4 |v|, C): vminps returns its second operand when either is NaN.
+  const __m512 u = _mm512_min_ps(_mm512_set1_ps(31.999998f), _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(4.0f)));
+  const __m512i i = _mm512_cvttps_epi32(u);  // the interval; vpermt2ps reads its low 5 bits
+  const __m512 r = _mm512_sub_ps(u, _mm512_cvtepi32_ps(i));
+  __m512 p = gelu_coef(4, i);
+  p = _mm512_fmadd_ps(p, r, gelu_coef(3, i));
+  p = _mm512_fmadd_ps(p, r, gelu_coef(2, i));
+  p = _mm512_fmadd_ps(p, r, gelu_coef(1, i));
+  p = _mm512_fmadd_ps(p, r, gelu_coef(0, i));
+  return _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), p);  // a NaN v is NaN in p
 }
 
 // gelu_tanh(v) = v * (1 + tanh(u)) / 2 = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3).
