@@ -294,31 +294,36 @@ void block_rows_scalar(const PackedWeight& w, int64_t r0, int64_t r1, const floa
 #if SPARSEC_X86
 
 
+// A tile's activation A (a template argument) and residual (res, at the tile's first row, or null).
+// The intrinsic stores may alias anything, so nothing here is read through a reference: an
+// activation read from the Epilogue was reloaded and retested for every vector.
+template <int NV, int MR, Activation A>
+SPARSEC_AVX512 SPARSEC_INLINE void finish_tile_avx512(__m512 (&acc)[MR][NV], const __mmask16 (&mask)[NV], int64_t mr,
+                                                     const float* res, float* y, int64_t ldy) {
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    if (m >= mr) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      __m512 out = activate512(acc[m][v], A);
+      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * ldy + 16 * v));
+      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], out);
+    }
+  }
+}
+
 template <int NV, int MR>
 SPARSEC_AVX512 SPARSEC_INLINE void store_tile_avx512(__m512 (&acc)[MR][NV], int64_t mr, int64_t ncols,
                                                     const Epilogue& ep, float* y, int64_t ldy) {
   __mmask16 mask[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) mask[v] = lane_mask16(ncols - 16 * v);
-  if (ep.act == Activation::kNone && ep.residual == nullptr) {
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      if (m >= mr) break;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], acc[m][v]);
-    }
-    return;
-  }
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-    if (m >= mr) break;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      __m512 out = activate512(acc[m][v], ep.act);
-      if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask[v], res + m * ldy + 16 * v));
-      _mm512_mask_storeu_ps(y + m * ldy + 16 * v, mask[v], out);
-    }
+  switch (ep.act) {
+    case Activation::kGelu: finish_tile_avx512<NV, MR, Activation::kGelu>(acc, mask, mr, res, y, ldy); break;
+    case Activation::kGeluTanh: finish_tile_avx512<NV, MR, Activation::kGeluTanh>(acc, mask, mr, res, y, ldy); break;
+    case Activation::kRelu: finish_tile_avx512<NV, MR, Activation::kRelu>(acc, mask, mr, res, y, ldy); break;
+    default: finish_tile_avx512<NV, MR, Activation::kNone>(acc, mask, mr, res, y, ldy); break;
   }
 }
 

@@ -261,7 +261,10 @@ namespace detail {
 SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
                                        int64_t N, const Epilogue& ep, float* y) {
   const __mmask16 outs = lane_mask16(count);
+  // Locals, not reads through ep: the intrinsic stores may alias anything, and would make the
+  // compiler reload them for every vector.
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  const Activation act = ep.act;
   for (int64_t v = 0; v < nv; ++v) {
     __m512 r[16];
 #pragma GCC unroll 16
@@ -270,9 +273,11 @@ SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n
     }
     transpose16(r);  // r[l]: outputs n0.. of row 16 v + l
     const int64_t valid = std::min<int64_t>(16, rows - 16 * v);
-    for (int64_t l = 0; l < valid; ++l) {
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; ++l) {  // constant indices: r stays in registers
+      if (l >= valid) break;
       const int64_t at = (16 * v + l) * N + n0;
-      __m512 out = activate512(r[l], ep.act);
+      __m512 out = activate512(r[l], act);
       if (res != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(outs, res + at));
       _mm512_mask_storeu_ps(y + at, outs, out);
     }
