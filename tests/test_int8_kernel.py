@@ -249,19 +249,23 @@ TWO_THREADS = [(isa, block) for isa in ("avx512", "avx2") for block in ((1, 16),
               [(isa, block) for isa in ("amx", "avx512") for block in ((32, 32), (64, 64), (16, 16), (8, 32), (48, 16))]
 
 
+@pytest.mark.parametrize("k", [768, 3072])
 @pytest.mark.parametrize("isa,block", TWO_THREADS, ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
-def test_two_threads(lib, monkeypatch, isa, block):
+def test_two_threads(lib, monkeypatch, isa, block, k):
     """A layer large enough to be split over the pool, 200 rows through onnxruntime on two threads,
     against the integer reference: the row path (windows of X transposed by 16-row tasks, outputs in
     groups of equal window counts, 128-row passes) and the block path (AMX: 32-row passes, the last
-    one reading the zero rows after X)."""
+    one reading the zero rows after X; VNNI: X quantized tile by tile inside the tasks, which start at
+    different tiles, one range of rows at K = 768 and two at K = 3072, the last tile partial)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
-    packed = layer(768, 768, block, 0.1, seed=8)
+    packed = layer(768, k, block, 0.1, seed=8)
     bias = inputs((768,), seed=2)
-    x = inputs((200, 768), seed=3)
-    _, want = int8_reference(x, packed, bias)
-    got = kernel_session(int8_model(packed, bias), threads=2).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
+    session = kernel_session(int8_model(packed, bias), threads=2)
+    for seed in (3, 4):  # two inputs in turn: nothing of the first may be left in the second's result
+        x = inputs((200, k), seed=seed)
+        _, want = int8_reference(x, packed, bias)
+        got = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
 
 
 def test_amx_is_chosen_where_the_cpu_has_it(lib, monkeypatch):

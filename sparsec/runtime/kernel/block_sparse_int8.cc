@@ -17,6 +17,7 @@
 // Each path subtracts zx[m] * colsum[n] in int32, converts to float once, scales by sx[m] * sw[n],
 // adds the bias and runs the fp32 epilogue.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -292,6 +293,34 @@ void quantize_task(void* data, size_t t) {
   }
 }
 
+// Rows quantized on demand (the VNNI block path with threads): tile t, rows [t h, t h + h) with h
+// the job's rows_per_task, is quantized by the first task that reaches it, while the others go on
+// with other tiles (each task starts at its own tile: block_rows_vnni's `start`). No separate pass,
+// no barrier between quantizing and multiplying, and a thread's first reads of the rows it
+// quantized hit its own cache.
+struct LazyRows {
+  const QuantizeJob* job;
+  std::atomic<int>* state;  // per tile: 0 not quantized, 1 being quantized, 2 ready
+
+  void ensure(int64_t t) const {
+    std::atomic<int>& st = state[t];
+    if (st.load(std::memory_order_acquire) == 2) return;
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      quantize_task(const_cast<QuantizeJob*>(job), static_cast<size_t>(t));
+      st.store(2, std::memory_order_release);
+      return;
+    }
+    while (st.load(std::memory_order_acquire) != 2) {
+#if SPARSEC_X86
+      _mm_pause();
+#else
+      std::this_thread::yield();
+#endif
+    }
+  }
+};
+
 int64_t valid_cols(const PackedInt8& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
 
 // Row m's exact int32 sums for the output columns [col, col + width) (packed index pcol): copied
@@ -491,10 +520,16 @@ int64_t tile_height_vnni(int64_t nv) {
   }
 }
 
+// Tiles of `rows` rows from the task's first row m0, taken from tile `start` on (wrapping), each
+// quantized first when `lazy` (its tiles are this path's tile height, and m0 a multiple of it).
 void block_rows_vnni(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
-                     const Epilogue& ep, float* y, int32_t* raw) {
+                     const Epilogue& ep, float* y, int32_t* raw, const LazyRows* lazy = nullptr, int64_t m0 = 0,
+                     int64_t start = 0) {
   const int64_t height = tile_height_vnni(std::min<int64_t>(4, w.BRp / 16));
-  for (int64_t m = 0; m < rows; m += height) {
+  const int64_t tiles = ceil_div(rows, height);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t m = (i + start) % tiles * height;
+    if (lazy != nullptr) lazy->ensure((m0 + m) / height);
     const int64_t mr = std::min(height, rows - m);
     QuantizedX xt{xq.data + m * xq.ld, xq.ld, xq.scale + m, xq.zero + m};
     float* ym = y + m * w.N;
@@ -599,6 +634,7 @@ struct Job {
   int64_t M, rows_per_task;
   std::vector<int64_t> group_start;
   Isa isa;
+  const LazyRows* lazy;  // or null: X was quantized before the tasks
 };
 
 void run_task(void* data, size_t t) {
@@ -619,7 +655,14 @@ void run_task(void* data, size_t t) {
         block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw);
       }
       break;
-    case Isa::kAvx512: block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw); break;
+    case Isa::kAvx512: {
+      // Tasks of one row range start at different tiles, spread by their group.
+      const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
+      const int64_t g = static_cast<int64_t>(t) % groups;
+      const int64_t tiles = ceil_div(rows, tile_height_vnni(std::min<int64_t>(4, w.BRp / 16)));
+      block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw, job.lazy, m0, g * tiles / groups);
+      break;
+    }
     case Isa::kAvx2: block_rows_avx2(w, r0, r1, xq, rows, job.ep, y, raw); break;
 #endif
     default: block_rows_scalar(w, r0, r1, xq, rows, job.ep, y, raw); break;
@@ -656,14 +699,32 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
 #endif
   static const int64_t cores = std::max<int64_t>(2, std::thread::hardware_concurrency());
   static const int64_t target_tasks = kTasksPerCore * cores;
-  // Tasks of at most 64 KB of input, a multiple of the cores when threaded, and rows spread evenly:
-  // 128 rows of K = 768 once made tasks of 85 and 43 rows, one thread quantizing twice the other's.
+#if SPARSEC_X86
+  // The VNNI block path quantizes X tile by tile inside its tasks (LazyRows); the others first.
+  const bool lazy = threads && isa == Isa::kAvx512 && !w.windows;
+  const int64_t height = lazy ? tile_height_vnni(std::min<int64_t>(4, w.BRp / 16)) : 1;
+#else
+  const bool lazy = false;
+  const int64_t height = 1;
+#endif
+  // Otherwise: tasks of at most 64 KB of input, a multiple of the cores when threaded, and rows spread
+  // evenly: 128 rows of K = 768 once made tasks of 85 and 43 rows, one thread quantizing twice the other's.
   int64_t q_tasks = ceil_div(M, std::max<int64_t>(1, (64 * 1024) / w.K));
   if (threads) q_tasks = std::min(M, ceil_div(q_tasks, cores) * cores);
-  const int64_t q_rows = ceil_div(M, q_tasks);
+  const int64_t q_rows = lazy ? height : ceil_div(M, q_tasks);
   q_tasks = ceil_div(M, q_rows);
   QuantizeJob qjob{x, M, w.K, ld, q_rows, q_data, q_scale, q_zero, vector};
-  if (threads && q_tasks > 1) {
+  thread_local std::unique_ptr<std::atomic<int>[]> lazy_state;
+  thread_local int64_t lazy_state_size = 0;
+  LazyRows lazy_rows{&qjob, nullptr};
+  if (lazy) {
+    if (lazy_state_size < q_tasks) {
+      lazy_state.reset(new std::atomic<int>[static_cast<size_t>(q_tasks)]);
+      lazy_state_size = q_tasks;
+    }
+    for (int64_t t = 0; t < q_tasks; ++t) lazy_state[t].store(0, std::memory_order_relaxed);
+    lazy_rows.state = lazy_state.get();
+  } else if (threads && q_tasks > 1) {
     parallel_for(runner_state, quantize_task, static_cast<size_t>(q_tasks), &qjob);
   } else {
     for (size_t t = 0; t < static_cast<size_t>(q_tasks); ++t) quantize_task(&qjob, t);
@@ -693,7 +754,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Job job{&w, QuantizedX{q_data, ld, q_scale, q_zero}, ep, y, raw, M,
-          rows_per_task, balanced_groups(w.row_start, groups), isa};
+          rows_per_task, balanced_groups(w.row_start, groups), isa, lazy ? &lazy_rows : nullptr};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
