@@ -407,6 +407,30 @@ def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, act
         np.testing.assert_allclose(sess.run(None, {"x": x, "r": r})[0], want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_gelu_accuracy_against_float64(kernel_library, monkeypatch, isa):
+    """GELU (erf) alone, through an identity layer (exact in fp32), on a fine grid of [-12, 12] and
+    on the AVX-512 table's interval ends (multiples of 1/4, where neighbouring quartics meet), against
+    float64: within 5e-7 + 1e-5 |gelu| everywhere, gelu(0) = 0, and a NaN row stays NaN."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    n = 64
+    packed = pack(np.eye(n, dtype=np.float32), None, (16, 16))  # the 4 diagonal blocks
+    sess = kernel_session(onnx_op.single_layer_model(packed, None, activation="gelu"))
+    grid = np.concatenate([np.linspace(-12, 12, 48 * n), np.arange(-40, 41) / 4, np.arange(-40, 41) / 4 + 1e-6,
+                           [0.0, -0.0]]).astype(np.float32)
+    rows = -(-grid.size // n)
+    x = np.zeros(rows * n, dtype=np.float32)
+    x[:grid.size] = grid
+    y = sess.run(None, {"x": x.reshape(rows, n)})[0].reshape(-1)[:grid.size].astype(np.float64)
+    v = grid.astype(np.float64)
+    want = 0.5 * v * torch.special.erfc(torch.from_numpy(-v / np.sqrt(2.0))).numpy()
+    err = np.abs(y - want)
+    worst = int(np.argmax(err - 1e-5 * np.abs(want)))
+    assert err[worst] <= 5e-7 + 1e-5 * abs(want[worst]), (v[worst], y[worst], want[worst])
+    assert np.all(y[v == 0] == 0.0)
+    assert np.isnan(sess.run(None, {"x": np.full((1, n), np.nan, dtype=np.float32)})[0]).all()
+
+
 def test_epilogue_overloads_and_bad_inputs(kernel_library):
     packed, b = make_layer(64, 40, (16, 16), 0.5)
     model = onnx_op.single_layer_model(packed, b, activation="gelu_tanh", residual=True)
