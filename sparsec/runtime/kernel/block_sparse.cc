@@ -613,17 +613,7 @@ struct XPanel {
     }
   }
 
-  void ensure(int64_t t) const {
-    std::atomic<int>& st = state[t];
-    if (st.load(std::memory_order_acquire) == 2) return;
-    int expected = 0;
-    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      pack(t);
-      st.store(2, std::memory_order_release);
-      return;
-    }
-    while (st.load(std::memory_order_acquire) != 2) _mm_pause();
-  }
+  void ensure(int64_t t) const { do_once(state[t], [&] { pack(t); }); }
 };
 
 // Register tile of MR rows x NV zmm from a packed tile `xt`. Rows at or beyond `mr` read the zero

@@ -299,25 +299,11 @@ void quantize_task(void* data, size_t t) {
 // no barrier between quantizing and multiplying, and a thread's first reads of the rows it
 // quantized hit its own cache.
 struct LazyRows {
-  const QuantizeJob* job;
+  QuantizeJob* job;
   std::atomic<int>* state;  // per tile: 0 not quantized, 1 being quantized, 2 ready
 
   void ensure(int64_t t) const {
-    std::atomic<int>& st = state[t];
-    if (st.load(std::memory_order_acquire) == 2) return;
-    int expected = 0;
-    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      quantize_task(const_cast<QuantizeJob*>(job), static_cast<size_t>(t));
-      st.store(2, std::memory_order_release);
-      return;
-    }
-    while (st.load(std::memory_order_acquire) != 2) {
-#if SPARSEC_X86
-      _mm_pause();
-#else
-      std::this_thread::yield();
-#endif
-    }
+    do_once(state[t], [&] { quantize_task(job, static_cast<size_t>(t)); });
   }
 };
 

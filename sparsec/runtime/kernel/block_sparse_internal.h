@@ -3,10 +3,12 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <new>
 #include <vector>
@@ -25,6 +27,27 @@
 
 namespace sparsec {
 namespace detail {
+
+// Work on a shared item done exactly once by whichever thread claims it first: `state` goes 0 (not
+// started) -> 1 (claimed, `work` running) -> 2 (done); a thread that finds it claimed waits for 2.
+// The X panel's tiles (block_sparse.cc) and the INT8 path's quantized row tiles use it.
+template <typename Work>
+void do_once(std::atomic<int>& state, Work&& work) {
+  if (state.load(std::memory_order_acquire) == 2) return;
+  int expected = 0;
+  if (state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+    work();
+    state.store(2, std::memory_order_release);
+    return;
+  }
+  while (state.load(std::memory_order_acquire) != 2) {
+#if SPARSEC_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+}
 
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
