@@ -252,21 +252,42 @@ TWO_THREADS = [(isa, block) for isa in ("avx512", "avx2") for block in ((1, 16),
 @pytest.mark.parametrize("k", [768, 3072])
 @pytest.mark.parametrize("isa,block", TWO_THREADS, ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
 def test_two_threads(lib, monkeypatch, isa, block, k):
-    """A layer large enough to be split over the pool, 200 rows through onnxruntime on two threads,
-    against the integer reference: the row path (windows of X transposed by 16-row tasks, outputs in
-    groups of equal window counts, 128-row passes) and the block path (AMX: 32-row passes, the last
-    one reading the zero rows after X; VNNI: X quantized tile by tile inside the tasks, which start at
-    different tiles, one range of rows at K = 768 and two at K = 3072, the last tile partial)."""
+    """A layer large enough to be split over the pool, 200, 130 then 40 rows through onnxruntime on two
+    threads, against the integer reference: the row path (windows of X transposed by 16-row tasks,
+    outputs in groups of equal window counts, 128-row passes) and the block path (VNNI tiles or AMX
+    32-row passes, the last AMX pass reading the zero rows after X; X quantized tile by tile inside the
+    tasks, which start at different tiles; from 64 rows one range of rows per thread (kSplitRows),
+    ranges of whole tiles and the last tile partial; at 40 rows one range that both threads share)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     packed = layer(768, k, block, 0.1, seed=8)
     bias = inputs((768,), seed=2)
     session = kernel_session(int8_model(packed, bias), threads=2)
-    for seed in (3, 4):  # two inputs in turn: nothing of the first may be left in the second's result
-        x = inputs((200, k), seed=seed)
+    for seed, rows in ((3, 200), (4, 130), (5, 40)):  # in turn: nothing of one may be left in the next's result
+        x = inputs((rows, k), seed=seed)
         _, want = int8_reference(x, packed, bias)
         got = session.run(None, {"x": x})[0]
         np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()), rtol=0)
 
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2"])
+def test_two_threads_residual_layer_norm(lib, monkeypatch, isa):
+    """The epilogue with the pool: from 64 rows the VNNI and AMX paths give each thread one range of rows
+    with all its outputs and normalize those rows inside the task (no LayerNorm pass of its own); at 40
+    rows, and on AVX2, the layer's tasks share rows and a LayerNorm pass follows them."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    n, k = 768, 768
+    packed = layer(n, k, (32, 32), 0.1, seed=11)
+    bias = inputs((n,), seed=12)
+    ln = (inputs((n,), seed=13), inputs((n,), seed=14), 1e-5)
+    session = kernel_session(int8_model(packed, bias, residual=True, layer_norm=ln), threads=2)
+    for seed, rows in ((3, 200), (4, 130), (5, 40)):
+        x, r = inputs((rows, k), seed=seed), inputs((rows, n), seed=seed + 10)
+        _, z = int8_reference(x, packed, bias)
+        want = torch.nn.functional.layer_norm(torch.from_numpy(z) + torch.from_numpy(r), (n,),
+                                              torch.from_numpy(ln[0]), torch.from_numpy(ln[1]), 1e-5).numpy()
+        got = session.run(None, {"x": x, "r": r})[0]
+        np.testing.assert_allclose(got, want, atol=2e-5 * float(np.abs(want).max()), rtol=0)
 
 def test_amx_is_chosen_where_the_cpu_has_it(lib, monkeypatch):
     """Without a cap, INT8 compute takes AMX exactly when this CPU reports AMX-TILE and AMX-INT8

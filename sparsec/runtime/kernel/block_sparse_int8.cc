@@ -293,12 +293,14 @@ void quantize_task(void* data, size_t t) {
   }
 }
 
-// Rows quantized on demand (the VNNI block path with threads): tile t, rows [t h, t h + h) with h
-// the job's rows_per_task, is quantized by the first task that reaches it, while the others go on
-// with other tiles (each task starts at its own tile: block_rows_vnni's `start`). No separate pass,
-// no barrier between quantizing and multiplying, and a thread's first reads of the rows it
-// quantized hit its own cache.
-struct LazyRows {
+}  // namespace
+
+// Rows quantized on demand (the VNNI and AMX block paths with threads): tile t, rows [t h, t h + h)
+// with h the quantize job's rows_per_task (the path's tile height, or an AMX pass), is quantized by the
+// first task that reaches it, while the others go on with other tiles (each task starts at its own
+// tile: block_rows_vnni's and block_rows_amx's `start`). No separate pass, no barrier between
+// quantizing and multiplying, and a thread's first reads of the rows it quantized hit its own cache.
+struct detail::LazyRows {
   QuantizeJob* job;
   std::atomic<int>* state;  // per tile: 0 not quantized, 1 being quantized, 2 ready
 
@@ -306,6 +308,10 @@ struct LazyRows {
     do_once(state[t], [&] { quantize_task(job, static_cast<size_t>(t)); });
   }
 };
+
+void detail::ensure_tile(const LazyRows& lazy, int64_t t) { lazy.ensure(t); }
+
+namespace {
 
 int64_t valid_cols(const PackedInt8& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }
 
@@ -624,6 +630,7 @@ struct Job {
   std::vector<int64_t> group_start;
   Isa isa;
   const LazyRows* lazy;  // or null: X was quantized before the tasks
+  bool layer_norm;       // each task normalizes its rows: it computed all their outputs (one group)
 };
 
 void run_task(void* data, size_t t) {
@@ -635,27 +642,27 @@ void run_task(void* data, size_t t) {
   const QuantizedX xq{job.xq.data + m0 * job.xq.ld, job.xq.ld, job.xq.scale + m0, job.xq.zero + m0};
   float* y = job.y + m0 * w.N;
   int32_t* raw = job.raw ? job.raw + m0 * w.N : nullptr;
+  // With X quantized on demand, the tasks of one row range start at different tiles, spread by group.
+  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
+  const auto start = [&](int64_t height) { return static_cast<int64_t>(t) % groups * ceil_div(rows, height) / groups; };
   switch (job.isa) {
 #if SPARSEC_X86
     case Isa::kAmx:
       if (amx_takes(w)) {
-        block_rows_amx(w, r0, r1, xq, rows, job.ep, y, raw);
+        block_rows_amx(w, r0, r1, xq, rows, job.ep, y, raw, job.lazy, m0, start(kAmxPassRows));
       } else {
         block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw);
       }
       break;
-    case Isa::kAvx512: {
-      // Tasks of one row range start at different tiles, spread by their group.
-      const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
-      const int64_t g = static_cast<int64_t>(t) % groups;
-      const int64_t tiles = ceil_div(rows, tile_height_vnni(std::min<int64_t>(4, w.BRp / 16)));
-      block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw, job.lazy, m0, g * tiles / groups);
+    case Isa::kAvx512:
+      block_rows_vnni(w, r0, r1, xq, rows, job.ep, y, raw, job.lazy, m0,
+                      start(tile_height_vnni(std::min<int64_t>(4, w.BRp / 16))));
       break;
-    }
     case Isa::kAvx2: block_rows_avx2(w, r0, r1, xq, rows, job.ep, y, raw); break;
 #endif
     default: block_rows_scalar(w, r0, r1, xq, rows, job.ep, y, raw); break;
   }
+  if (job.layer_norm) layer_norm_rows(job.ep, y, rows, w.N, job.isa == Isa::kAmx ? Isa::kAvx512 : job.isa, nullptr, nullptr);
 }
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
@@ -689,9 +696,10 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   static const int64_t cores = std::max<int64_t>(2, std::thread::hardware_concurrency());
   static const int64_t target_tasks = kTasksPerCore * cores;
 #if SPARSEC_X86
-  // The VNNI block path quantizes X tile by tile inside its tasks (LazyRows); the others first.
-  const bool lazy = threads && isa == Isa::kAvx512 && !w.windows;
-  const int64_t height = lazy ? tile_height_vnni(std::min<int64_t>(4, w.BRp / 16)) : 1;
+  // The VNNI and AMX block paths quantize X tile by tile inside their tasks (LazyRows); the others first.
+  const bool amx_blocks = isa == Isa::kAmx && amx_takes(w);
+  const bool lazy = threads && !w.windows && (isa == Isa::kAvx512 || amx_blocks);
+  const int64_t height = !lazy ? 1 : amx_blocks ? kAmxPassRows : tile_height_vnni(std::min<int64_t>(4, w.BRp / 16));
 #else
   const bool lazy = false;
   const int64_t height = 1;
@@ -739,18 +747,28 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     return;
   }
   const int64_t input_rows = std::max<int64_t>(1, kTaskInputBytes / ld);
-  const int64_t rows_per_task = std::min(M, ceil_div(std::min(M, input_rows), kRowQuantum) * kRowQuantum);
+  int64_t rows_per_task = std::min(M, ceil_div(std::min(M, input_rows), kRowQuantum) * kRowQuantum);
+  // Tasks of whole tiles (only the last has a tail). From kSplitRows rows per core, one range of rows
+  // per core with all its outputs: the threads' work is equal without finer tasks, and each normalizes
+  // its own rows (no LayerNorm pass of its own after a barrier).
+  bool split = false;
+  if (lazy) {
+    rows_per_task = std::min(M, ceil_div(rows_per_task, height) * height);
+    split = M >= cores * kSplitRows;
+    if (split) rows_per_task = std::min(rows_per_task, ceil_div(ceil_div(M, cores), height) * height);
+  }
   const int64_t row_tasks = ceil_div(M, rows_per_task);
-  const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
+  const int64_t groups = split ? 1 : std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Job job{&w, QuantizedX{q_data, ld, q_scale, q_zero}, ep, y, raw, M,
-          rows_per_task, balanced_groups(w.row_start, groups), isa, lazy ? &lazy_rows : nullptr};
+          rows_per_task, balanced_groups(w.row_start, groups), isa, lazy ? &lazy_rows : nullptr,
+          groups == 1 && raw == nullptr && ep.ln_scale != nullptr};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
   } else {
     parallel_for(runner_state, run_task, total, &job);
   }
-  if (raw == nullptr && ep.ln_scale != nullptr) {
+  if (raw == nullptr && ep.ln_scale != nullptr && !job.layer_norm) {
     layer_norm_rows(ep, y, M, w.N, fp32_isa, threads ? parallel_for : nullptr, runner_state);
   }
 }

@@ -162,10 +162,14 @@ bool amx_takes(const PackedInt8& w) {
 }
 
 SPARSEC_AMX void block_rows_amx(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
-                                const Epilogue& ep, float* y, int32_t* raw) {
+                                const Epilogue& ep, float* y, int32_t* raw, const LazyRows* lazy, int64_t m0,
+                                int64_t start) {
   const TileConfig config = config_for(chunk_groups(w.BCq));
   _tile_loadconfig(&config);
-  for (int64_t m = 0; m < rows; m += 32) {
+  const int64_t passes = (rows + kAmxPassRows - 1) / kAmxPassRows;
+  for (int64_t i = 0; i < passes; ++i) {
+    const int64_t m = (i + start) % passes * kAmxPassRows;
+    if (lazy != nullptr) ensure_tile(*lazy, (m0 + m) / kAmxPassRows);
     const QuantizedX xt{xq.data + m * xq.ld, xq.ld, xq.scale + m, xq.zero + m};
     float* ym = y + m * w.N;
     int32_t* rm = raw ? raw + m * w.N : nullptr;
@@ -190,7 +194,7 @@ bool amx_ready(AmxKind) { return false; }
 bool amx_int8_ready() { return false; }
 bool amx_takes(const PackedInt8&) { return false; }
 void block_rows_amx(const PackedInt8&, int64_t, int64_t, const QuantizedX&, int64_t, const Epilogue&, float*,
-                    int32_t*) {}
+                    int32_t*, const LazyRows*, int64_t, int64_t) {}
 
 #endif
 

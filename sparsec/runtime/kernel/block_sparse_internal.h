@@ -125,6 +125,19 @@ void with_vectors(int64_t nv, Run&& run) {
 // enough to balance the pool, few enough for long runs per task.
 constexpr int64_t kTasksPerCore = 4;
 
+// The fewest rows per core for which the INT8 block paths (VNNI and AMX, both quantizing X inside
+// their tasks) give each core one range of rows (row tasks of about M / cores rows, all outputs)
+// instead of letting every thread work on every row tile: then the quantized rows a thread reads were
+// mostly written by itself, fewer cache lines travel between the cores, and each task normalizes its
+// own rows where a LayerNorm follows (no pass of its own after a barrier: 0.88-0.90x for BERT-base
+// INT8 with pools that sleep between calls, equal with spinning ones). BERT-base INT8 (docs/BENCHMARKS.md, "Rows
+// per core"): on Intel Emerald Rapids, where a cache line takes 120-190 ns from one vCPU to the other
+// and back, AMX 8.3 -> 6.95 ms in fresh processes (6.7 ms with X quantized inside the tasks), VNNI
+// 0.93x in one process; on AMD Zen 4, equal while the round trip was 65 ns, 17 -> 12-13 ms in the
+// periods when the host placed the vCPUs 330 ns apart. The fp32 path, whose packed X panel is shared
+// the same way, measured 1.02-1.04x slower split and keeps its tasks.
+constexpr int64_t kSplitRows = 32;
+
 // The row path (block_sparse_rows.cc): blocks one output high (unstructured, [1, BC] vectors) on
 // AVX-512 and AVX2, with the lanes over the rows of X. `row_path` says whether a weight takes it;
 // such a weight is packed without row padding (BRp = 1), so the scalar ISA uses the scalar path.
@@ -289,13 +302,22 @@ SPARSEC_AVX512 SPARSEC_INLINE void store_sums16(__m512i sums, __mmask16 mask, __
 }
 #endif  // SPARSEC_X86
 
+// Rows of X quantized on demand (block_sparse_int8.cc): ensure_tile makes tile t ready, quantizing it
+// unless another thread has (or is about to: then it waits).
+struct LazyRows;
+void ensure_tile(const LazyRows& lazy, int64_t t);
+
 // INT8 compute on AMX tiles (block_sparse_int8_amx.cc) for the block path: whether this CPU and OS
-// allow it (asks the OS for the tile state once), whether a weight's blocks suit it, and the pass
-// over block rows [r0, r1) for `rows` rows of xq, whose buffer holds 32 readable rows past them.
+// allow it (asks the OS for the tile state once), whether a weight's blocks suit it, and the passes
+// of kAmxPassRows rows over block rows [r0, r1) for `rows` rows of xq, whose buffer holds 32 readable
+// rows past them. With `lazy`, the passes start at pass `start` (wrapping) and each first makes its
+// rows ready: lazy tile (m0 + m) / kAmxPassRows, m0 the task's first row, a multiple of kAmxPassRows.
+constexpr int64_t kAmxPassRows = 32;  // two 16-row A tiles
 bool amx_int8_ready();
 bool amx_takes(const PackedInt8& w);
 void block_rows_amx(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,
-                    const Epilogue& ep, float* y, int32_t* raw);
+                    const Epilogue& ep, float* y, int32_t* raw, const LazyRows* lazy = nullptr, int64_t m0 = 0,
+                    int64_t start = 0);
 
 }  // namespace detail
 }  // namespace sparsec
