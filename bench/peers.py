@@ -33,7 +33,10 @@ machine hit every engine alike. The table gives the median over rounds and the s
 processes (min-max), which shows when one engine's time is bimodal between processes; a second
 table sets each process's median beside its fastest tenth of calls (p10), which tells a process
 slow for all its calls (both high: a mode of the process, or a slow period of the machine longer
-than its calls) from noise within processes (only the median high). Each
+than its calls) from noise within processes (only the median high); a third sets each process's
+median beside the round trip of a cache line between the two CPUs measured just before it
+(`bench/core_latency.cc`), which on a VM tells whether the host had placed the vCPUs near or far apart
+(docs/BENCHMARKS.md, "Rows per core"). Each
 engine's output on the timed input is compared with the PyTorch program (fp32 within 1e-4 of the
 output scale; INT8's error is reported).
 
@@ -55,7 +58,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import core_round_trip_ns, machine  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_peer_worker.py"
 # ResNet-50-shaped convolutions (batch 1): in, out, kernel, image side, stride
@@ -212,9 +215,13 @@ def main() -> None:
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
             file, runtime = engines[name]
+            trip = core_round_trip_ns()
             runs[name].append(measure(name, file, runtime, out, args, f"r{r}-{list(engines).index(name)}"))
+            runs[name][-1]["round_trip_ns"] = trip
             print(f"round {r + 1}/{args.rounds} {name}: "
-                  f"{runs[name][-1].get('median_ms', runs[name][-1].get('error'))}", flush=True)
+                  f"{runs[name][-1].get('median_ms', runs[name][-1].get('error'))}"
+                  + (f" (cache-line round trip between the CPUs before it: {trip:.0f} ns)" if trip else ""),
+                  flush=True)
     rows, summary, spread = [], {}, []
     dense_ms = statistics.median(x["median_ms"] for x in runs["dense onnxruntime fp32"] if "median_ms" in x)
     for name, results in runs.items():
@@ -231,9 +238,10 @@ def main() -> None:
         rows.append((name, f"{median:.2f}", f"{min(times):.2f}-{max(times):.2f}", f"{dense_ms / median:.2f}x",
                      f"{error:.1e}", ok[0].get("note", "")))
         fastest = [fast_decile(x["times_ms"]) for x in ok]
+        trips = [x.get("round_trip_ns") for x in ok]
         summary[name] = {"median_ms": median, "per_process_ms": times, "per_process_p10_ms": fastest,
-                         "speedup": dense_ms / median, "error_rel": error}
-        spread.append((name, times, fastest))
+                         "per_process_round_trip_ns": trips, "speedup": dense_ms / median, "error_rel": error}
+        spread.append((name, times, fastest, trips))
     print(f"\nmachine: {machine()}")
     print(f"model: {args.model}, density {args.density} in {block[0]}x{block[1]} blocks (local magnitude"
           f"{', balanced rows' if args.balanced else ''}; attention {args.attention}), "
@@ -248,9 +256,19 @@ def main() -> None:
           "within a process moves the medians only.\n")
     print("| engine | medians min-max | max / min | p10 min-max | max / min |")
     print("|---|---|---|---|---|")
-    for name, times, fastest in spread:
+    for name, times, fastest, _ in spread:
         print(f"| {name} | {min(times):.2f}-{max(times):.2f} | {max(times) / min(times):.2f} | "
               f"{min(fastest):.2f}-{max(fastest):.2f} | {max(fastest) / min(fastest):.2f} |")
+    if any(all(trips) for *_, trips in spread):
+        print("\nEach process's median (ms), slowest first, @ the round trip of a cache line between the two\n"
+              "CPUs measured just before it (ns; bench/core_latency.cc). On a VM the host may place the vCPUs\n"
+              "near or far apart from one moment to the next; multi-threaded engines slow down with it.\n")
+        print("| engine | medians @ round trips |")
+        print("|---|---|")
+        for name, times, _, trips in spread:
+            if all(trips):
+                pairs = sorted(zip(times, trips), reverse=True)
+                print(f"| {name} | " + " ".join(f"{t:.1f}@{n:.0f}" for t, n in pairs) + " |")
     profiles = {name: results[0]["profile"] for name, results in runs.items() if results and "profile" in results[0]}
     for name, table in profiles.items():
         total = sum(row["ms"] for row in table.values()) or 1.0
