@@ -268,7 +268,7 @@ def main() -> None:
         for name, times, _, trips in spread:
             if all(trips):
                 pairs = sorted(zip(times, trips), reverse=True)
-                print(f"| {name} | " + " ".join(f"{t:.1f}@{n:.0f}" for t, n in pairs) + " |")
+                print(f"| {name} | " + " ".join(f"{t:.3g}@{n:.0f}" for t, n in pairs) + " |")
     profiles = {name: results[0]["profile"] for name, results in runs.items() if results and "profile" in results[0]}
     for name, table in profiles.items():
         total = sum(row["ms"] for row in table.values()) or 1.0
