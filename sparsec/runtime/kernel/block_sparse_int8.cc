@@ -644,7 +644,9 @@ void run_task(void* data, size_t t) {
   int32_t* raw = job.raw ? job.raw + m0 * w.N : nullptr;
   // With X quantized on demand, the tasks of one row range start at different tiles, spread by group.
   const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
-  const auto start = [&](int64_t height) { return static_cast<int64_t>(t) % groups * ceil_div(rows, height) / groups; };
+  const auto start = [&](int64_t height) {
+    return static_cast<int64_t>(t) % groups * ceil_div(rows, height) / groups;
+  };
   switch (job.isa) {
 #if SPARSEC_X86
     case Isa::kAmx:
@@ -662,7 +664,9 @@ void run_task(void* data, size_t t) {
 #endif
     default: block_rows_scalar(w, r0, r1, xq, rows, job.ep, y, raw); break;
   }
-  if (job.layer_norm) layer_norm_rows(job.ep, y, rows, w.N, job.isa == Isa::kAmx ? Isa::kAvx512 : job.isa, nullptr, nullptr);
+  if (job.layer_norm) {
+    layer_norm_rows(job.ep, y, rows, w.N, job.isa == Isa::kAmx ? Isa::kAvx512 : job.isa, nullptr, nullptr);
+  }
 }
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
@@ -699,7 +703,8 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   // The VNNI and AMX block paths quantize X tile by tile inside their tasks (LazyRows); the others first.
   const bool amx_blocks = isa == Isa::kAmx && amx_takes(w);
   const bool lazy = threads && !w.windows && (isa == Isa::kAvx512 || amx_blocks);
-  const int64_t height = !lazy ? 1 : amx_blocks ? kAmxPassRows : tile_height_vnni(std::min<int64_t>(4, w.BRp / 16));
+  const int64_t height =
+      !lazy ? 1 : amx_blocks ? kAmxPassRows : tile_height_vnni(std::min<int64_t>(4, w.BRp / 16));
 #else
   const bool lazy = false;
   const int64_t height = 1;

@@ -127,15 +127,16 @@ constexpr int64_t kTasksPerCore = 4;
 
 // The fewest rows per core for which the INT8 block paths (VNNI and AMX, both quantizing X inside
 // their tasks) give each core one range of rows (row tasks of about M / cores rows, all outputs)
-// instead of letting every thread work on every row tile: then the quantized rows a thread reads were
-// mostly written by itself, fewer cache lines travel between the cores, and each task normalizes its
-// own rows where a LayerNorm follows (no pass of its own after a barrier: 0.88-0.90x for BERT-base
-// INT8 with pools that sleep between calls, equal with spinning ones). BERT-base INT8 (docs/BENCHMARKS.md, "Rows
-// per core"): on Intel Emerald Rapids, where a cache line takes 120-190 ns from one vCPU to the other
-// and back, AMX 8.3 -> 6.95 ms in fresh processes (6.7 ms with X quantized inside the tasks), VNNI
-// 0.93x in one process; on AMD Zen 4, equal while the round trip was 65 ns, 17 -> 12-13 ms in the
-// periods when the host placed the vCPUs 330 ns apart. The fp32 path, whose packed X panel is shared
-// the same way, measured 1.02-1.04x slower split and keeps its tasks.
+// instead of letting every thread work on every row tile. Then the quantized rows a thread reads
+// were mostly written by itself, fewer cache lines travel between the cores, and each task
+// normalizes its own rows where a LayerNorm follows, with no pass of its own after a barrier.
+// BERT-base INT8 (docs/BENCHMARKS.md, "Rows per core"): on Intel Emerald Rapids, where a cache line
+// takes 120-190 ns from one vCPU to the other and back, AMX 8.3 -> 6.95 ms in fresh processes (6.7
+// ms with X quantized inside the tasks), VNNI 0.93x in one process, the LayerNorm in the tasks
+// 0.88-0.90x with pools that sleep between calls (equal with spinning ones); on AMD Zen 4, equal
+// while the round trip was 65 ns, 17 -> 12-13 ms in the periods when the host placed the vCPUs
+// 330 ns apart. The fp32 path, whose packed X panel is shared the same way, measured 1.02-1.04x
+// slower split and keeps its tasks.
 constexpr int64_t kSplitRows = 32;
 
 // The row path (block_sparse_rows.cc): blocks one output high (unstructured, [1, BC] vectors) on
