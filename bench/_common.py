@@ -32,7 +32,8 @@ def core_round_trip_ns() -> float | None:
     """Nanoseconds for one cache line to go from the first CPU this process may use to the second and
     back (bench/core_latency.cc, compiled once into sparsec's cache). On a VM it tells where the host
     has placed the vCPUs at this moment, which the kernel's two-thread time follows (docs/BENCHMARKS.md,
-    "Rows per core"). None with fewer than two CPUs or no C++ compiler."""
+    "Rows per core"). None with fewer than two CPUs, no C++ compiler, or a probe that fails or takes
+    over a minute."""
     from sparsec.runtime.build import BuildError, cache_dir, find_compiler
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -45,12 +46,17 @@ def core_round_trip_ns() -> float | None:
         return None
     key = hashlib.sha256(source.read_bytes() + compiler.encode()).hexdigest()[:16]
     binary = cache_dir() / "bench" / f"core_latency-{key}"
-    if not binary.exists():
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
-        subprocess.run([compiler, "-O2", "-pthread", str(source), "-o", str(tmp)], check=True)
-        os.replace(tmp, binary)
-    proc = subprocess.run([str(binary), str(cpus[0]), str(cpus[1])], capture_output=True, text=True, timeout=60)
+    try:
+        if not binary.exists():
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
+            subprocess.run([compiler, "-O2", "-pthread", str(source), "-o", str(tmp)], check=True,
+                           capture_output=True)
+            os.replace(tmp, binary)
+        proc = subprocess.run([str(binary), str(cpus[0]), str(cpus[1])], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):  # no build, or a machine too loaded to answer in time
+        return None
     return float(proc.stdout) if proc.returncode == 0 else None
 
 

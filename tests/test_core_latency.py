@@ -48,3 +48,14 @@ def test_probe_refuses_bad_arguments(tmp_path):
         proc = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and proc.stdout == "" and message in proc.stderr, (args, proc)
 
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
+def test_a_probe_that_cannot_be_built_gives_none(monkeypatch, tmp_path):
+    """peers.py then prints no round trips instead of stopping."""
+    import sparsec.runtime.build as build
+
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "find_compiler", lambda: "/bin/false")
+    assert core_round_trip_ns() is None
+    assert not (tmp_path / "bench").exists() or not list((tmp_path / "bench").iterdir())
