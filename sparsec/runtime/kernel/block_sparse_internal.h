@@ -126,10 +126,10 @@ void with_vectors(int64_t nv, Run&& run) {
 constexpr int64_t kTasksPerCore = 4;
 
 // The fewest rows per core for which the INT8 block paths (VNNI and AMX, both quantizing X inside
-// their tasks) give each core one range of rows (row tasks of about M / cores rows, all outputs)
-// instead of letting every thread work on every row tile. Then the quantized rows a thread reads
-// were mostly written by itself, fewer cache lines travel between the cores, and each task
-// normalizes its own rows where a LayerNorm follows, with no pass of its own after a barrier.
+// their tasks) give each core one range of rows (row tasks of about M / cores rows) instead of
+// letting every thread work on every row tile. Then the quantized rows a thread reads were mostly
+// written by itself and fewer cache lines travel between the cores; where a LayerNorm follows, a
+// task takes all the outputs of its rows and normalizes them, with no pass of its own after a barrier.
 // BERT-base INT8 (docs/BENCHMARKS.md, "Rows per core"): on Intel Emerald Rapids, where a cache line
 // takes 120-190 ns from one vCPU to the other and back, AMX 8.3 -> 6.95 ms in fresh processes (6.7
 // ms with X quantized inside the tasks), VNNI 0.93x in one process, the LayerNorm in the tasks
