@@ -764,19 +764,19 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
     if (split) rows_per_task = std::min(rows_per_task, ceil_div(ceil_div(M, cores), height) * height);
   }
   const int64_t row_tasks = ceil_div(M, rows_per_task);
-  const bool whole_rows = split && raw == nullptr && ep.ln_scale != nullptr;
+  const bool normalize = raw == nullptr && ep.ln_scale != nullptr;
   const int64_t groups =
-      whole_rows ? 1 : std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
+      split && normalize ? 1 : std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Job job{&w, QuantizedX{q_data, ld, q_scale, q_zero}, ep, y, raw, M,
           rows_per_task, balanced_groups(w.row_start, groups), isa, lazy ? &lazy_rows : nullptr,
-          groups == 1 && raw == nullptr && ep.ln_scale != nullptr};
+          normalize && groups == 1};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) run_task(&job, t);
   } else {
     parallel_for(runner_state, run_task, total, &job);
   }
-  if (raw == nullptr && ep.ln_scale != nullptr && !job.layer_norm) {
+  if (normalize && !job.layer_norm) {
     layer_norm_rows(ep, y, M, w.N, fp32_isa, threads ? parallel_for : nullptr, runner_state);
   }
 }
