@@ -156,12 +156,15 @@ def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("n,k,block", [(3072, 768, (1, 1)), (70, 45, (1, 1)), (100, 770, (1, 16)),
-                                       (33, 200, (1, 8)), (40, 96, (1, 3))])
+                                       (33, 200, (1, 8)), (40, 96, (1, 3)), (40, 3000, (1, 1))])
 def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     """Blocks one output high take the row path (lanes over the rows of X, X transposed once per
-    call, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row counts around the
-    vectors and the 128- or 64-row task, outputs not a multiple of the lanes, K not a multiple of
-    the lanes or of the block width, one and two threads."""
+    call into slices of 16 rows, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row
+    counts around the slices and the passes (two slices for unstructured masks on AVX-512, so 17
+    and 33 rows end on a part-filled or a lone slice), X^T small enough for every pass to run
+    inside each task (K = 45, 768 up to 128 rows, 3000 up to 32) or not (768 from 129 rows, 3000
+    from 33), outputs not a multiple of the lanes, K not a multiple of the lanes or of the block
+    width, one and two threads."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))

@@ -16,6 +16,21 @@
 // taken in turn), so that the multiply-adds do not wait on each other. The sums of 16 consecutive
 // outputs are then transposed in registers into rows of Y, where the epilogue (activation,
 // residual) runs on them; LayerNorm follows over whole rows.
+//
+// Two choices measured on AMD Zen 5 (bench/kernel_ab.py, density 0.1):
+// - Unstructured masks on AVX-512 take two slices per pass of rows: each kept weight (its value and
+//   its column, 12 bytes) is read once for 32 rows, two multiply-adds for four loads where one
+//   slice had one for three (one thread: 768 x 3072 0.85x the time, 3072 x 768 0.92x). Three or
+//   four slices, or two sums per slice, were no better; [1, 16] vectors, whose inputs are
+//   contiguous already, measured 0.98-1.10x, so they keep one slice.
+// - Where all of X^T fits in half of a 1 MiB L2 (128 rows at K = 768: 393 KB), a task is one group
+//   of outputs over every pass, so that the group's weights come from memory once per call and
+//   from L2 for the other passes; otherwise a task is one pass and one group, and the pass's slices
+//   are shared by the groups. This pays where the weights come cold from memory, as in a whole
+//   model (BERT-base unstructured, about 100 MB of values and columns: 0.93-0.95x with 16 groups;
+//   [1, 16] 0.97-1.03x; AVX2 unstructured 0.95-0.99x), and not on a single layer, whose weights
+//   stay in L3 between calls (0.99-1.03x). Every pass inside the tasks at K = 3072 as well: 0.99x.
+// Both together, BERT-base unstructured on two threads: 0.87x.
 #include <algorithm>
 #include <thread>
 
@@ -36,6 +51,7 @@ namespace {
 using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.h
 
 constexpr int64_t kSerialMacs = 1 << 20;  // as the block path: below this, no threads
+constexpr int64_t kAllPassesBytes = 512 * 1024;  // X^T up to this: every pass inside each task
 
 struct RowJob {
   const PackedWeight* w;
@@ -43,6 +59,8 @@ struct RowJob {
   Epilogue ep;
   float* y;
   int64_t M;
+  int64_t slices;  // per pass of rows: 1 or 2
+  bool all_passes;  // a task runs its group over every pass (else over one)
   std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
 };
 
@@ -71,43 +89,61 @@ SPARSEC_AVX512 void transpose_task(void* data, size_t t) {
   }
 }
 
-// Outputs [n0, n0 + count) (count <= 16) on one slice xs: output i's 16 sums (bias included) at
-// strip + 16 i.
+// Sum a of every slice += weight * its input's 16 rows in that slice (xk: the input in the first).
+template <int S, int A>
+SPARSEC_AVX512 SPARSEC_INLINE void add_slices(__m512 (&acc)[S][A], int a, float weight, const float* xk,
+                                              int64_t slice) {
+  const __m512 wv = _mm512_set1_ps(weight);
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) acc[s][a] = _mm512_fmadd_ps(wv, _mm512_load_ps(xk + s * slice), acc[s][a]);
+}
+
+// Outputs [n0, n0 + count) (count <= 16) on S consecutive slices from xs (each K x 16 floats):
+// output i's 16 sums of slice s (bias included) at strip + 16 (S i + s), the layout that
+// store_strip_avx512 reads with nv = S. Each slice keeps four running sums.
+template <int S>
 SPARSEC_AVX512 void outputs_avx512(const PackedWeight& w, int64_t n0, int64_t count, const float* xs,
                                    const float* bias, float* strip) {
+  constexpr int A = 4;
   const int64_t K = w.K, BC = w.BC;
   const int64_t* cols = w.cols.data();
+  const int64_t slice = K * 16;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = n0 + i;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 acc[S][A];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[s][a] = _mm512_setzero_ps();
+    }
     int64_t b = w.row_start[n];
     const int64_t end = w.row_start[n + 1];
     if (BC == 1) {  // unstructured: block b is the single weight blocks[b]
       const float* v = w.blocks.get();
-      for (; b + 4 <= end; b += 4) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(v[b]), _mm512_load_ps(xs + cols[b] * 16), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(v[b + 1]), _mm512_load_ps(xs + cols[b + 1] * 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(v[b + 2]), _mm512_load_ps(xs + cols[b + 2] * 16), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(v[b + 3]), _mm512_load_ps(xs + cols[b + 3] * 16), a3);
+      for (; b + A <= end; b += A) {
+#pragma GCC unroll 4
+        for (int a = 0; a < A; ++a) add_slices(acc, a, v[b + a], xs + cols[b + a] * 16, slice);
       }
-      for (; b < end; ++b) a0 = _mm512_fmadd_ps(_mm512_set1_ps(v[b]), _mm512_load_ps(xs + cols[b] * 16), a0);
+      for (; b < end; ++b) add_slices(acc, 0, v[b], xs + cols[b] * 16, slice);
     } else {
       for (; b < end; ++b) {
         const float* wb = w.block(b);
         const float* xk = xs + cols[b] * 16;
         const int64_t jn = std::min(BC, K - cols[b]);
         int64_t j = 0;
-        for (; j + 4 <= jn; j += 4) {
-          a0 = _mm512_fmadd_ps(_mm512_set1_ps(wb[j]), _mm512_load_ps(xk + j * 16), a0);
-          a1 = _mm512_fmadd_ps(_mm512_set1_ps(wb[j + 1]), _mm512_load_ps(xk + j * 16 + 16), a1);
-          a2 = _mm512_fmadd_ps(_mm512_set1_ps(wb[j + 2]), _mm512_load_ps(xk + j * 16 + 32), a2);
-          a3 = _mm512_fmadd_ps(_mm512_set1_ps(wb[j + 3]), _mm512_load_ps(xk + j * 16 + 48), a3);
+        for (; j + A <= jn; j += A) {
+#pragma GCC unroll 4
+          for (int a = 0; a < A; ++a) add_slices(acc, a, wb[j + a], xk + (j + a) * 16, slice);
         }
-        for (; j < jn; ++j) a0 = _mm512_fmadd_ps(_mm512_set1_ps(wb[j]), _mm512_load_ps(xk + j * 16), a0);
+        for (; j < jn; ++j) add_slices(acc, 0, wb[j], xk + j * 16, slice);
       }
     }
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-    _mm512_store_ps(strip + 16 * i, _mm512_add_ps(sum, _mm512_set1_ps(bias ? bias[n] : 0.0f)));
+    const __m512 bv = _mm512_set1_ps(bias ? bias[n] : 0.0f);
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]), _mm512_add_ps(acc[s][2], acc[s][3]));
+      _mm512_store_ps(strip + 16 * (S * i + s), _mm512_add_ps(sum, bv));
+    }
   }
 }
 
@@ -209,46 +245,63 @@ SPARSEC_AVX2 void outputs_avx2(const PackedWeight& w, int64_t n0, int64_t count,
 // ------------------------------------------------------------------------------------------------
 // One task of either instruction set: one slice of rows, one group of outputs in strips of L.
 
+constexpr int64_t L = 16;  // rows of X per slice
+
+// The slices of one pass of rows: 2 for unstructured masks on AVX-512 (see the top), else 1.
+int64_t slices_per_pass(const PackedWeight& w, bool avx512) { return avx512 && w.BC == 1 ? 2 : 1; }
+
+// `slices`: the task's slices that hold rows (1 or 2), which is the strip's vector count.
 struct Avx512Rows {
   static void outputs(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
-                      float* strip) {
-    outputs_avx512(w, n0, count, xs, bias, strip);
+                      float* strip, int64_t slices) {
+    if (slices == 2) {
+      outputs_avx512<2>(w, n0, count, xs, bias, strip);
+    } else {
+      outputs_avx512<1>(w, n0, count, xs, bias, strip);
+    }
   }
   static void store(const float* strip, int64_t n0, int64_t count, int64_t rows, int64_t N, const Epilogue& ep,
-                    float* y) {
-    store_strip_avx512(strip, 1, n0, count, rows, N, ep, y);
+                    float* y, int64_t slices) {
+    store_strip_avx512(strip, slices, n0, count, rows, N, ep, y);
   }
 };
 
-struct Avx2Rows {
+struct Avx2Rows {  // one slice per task
   static void outputs(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
-                      float* strip) {
+                      float* strip, int64_t) {
     outputs_avx2(w, n0, count, xs, bias, strip);
   }
   static void store(const float* strip, int64_t n0, int64_t count, int64_t rows, int64_t N, const Epilogue& ep,
-                    float* y) {
+                    float* y, int64_t) {
     for (int64_t h = 0; h < count; h += 8) {  // 8 outputs at a time (8 x 8 transposes)
       store_strip_avx2(strip + h * 16, 2, n0 + h, std::min<int64_t>(8, count - h), rows, N, ep, y);
     }
   }
 };
 
-constexpr int64_t L = 16;  // rows of X per slice
-
-// Task t = slice * groups + group (TaskSpan with one slice of rows per task).
+// Task t: group t % groups, over every pass of job.slices slices of rows, or (all_passes false)
+// over pass t / groups only.
 template <class Path>
 void row_task(void* data, size_t t) {
   const RowJob& job = *static_cast<const RowJob*>(data);
-  const TaskSpan span(job.group_start, L, job.M, t);
-  if (span.empty()) return;
+  const int64_t groups = static_cast<int64_t>(job.group_start.size()) - 1;
+  const int64_t g = static_cast<int64_t>(t) % groups;
+  const int64_t r0 = job.group_start[g], r1 = job.group_start[g + 1];
+  const int64_t pass_rows = L * job.slices;
+  const int64_t first = job.all_passes ? 0 : (static_cast<int64_t>(t) / groups) * pass_rows;
+  const int64_t last = job.all_passes ? job.M : std::min(job.M, first + pass_rows);
   const PackedWeight& w = *job.w;
-  alignas(64) float strip[L * L];
-  const float* xs = job.xs + span.m0 * w.K;  // slice span.m0 / L
-  float* y = job.y + span.m0 * w.N;
-  for (int64_t n0 = span.r0; n0 < span.r1; n0 += L) {
-    const int64_t count = std::min(L, span.r1 - n0);
-    Path::outputs(w, n0, count, xs, job.ep.bias, strip);
-    Path::store(strip, n0, count, span.rows, w.N, job.ep, y);
+  alignas(64) float strip[L * L * 2];
+  for (int64_t m0 = first; m0 < last; m0 += pass_rows) {
+    const int64_t rows = std::min(pass_rows, job.M - m0);
+    const int64_t slices = ceil_div(rows, L);  // the last pass may hold one slice where two were asked
+    const float* xs = job.xs + m0 * w.K;  // slice m0 / L
+    float* y = job.y + m0 * w.N;
+    for (int64_t n0 = r0; n0 < r1; n0 += L) {
+      const int64_t count = std::min(L, r1 - n0);
+      Path::outputs(w, n0, count, xs, job.ep.bias, strip, slices);
+      Path::store(strip, n0, count, rows, w.N, job.ep, y, slices);
+    }
   }
 }
 
@@ -316,12 +369,17 @@ void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& ep
     for (int64_t t = 0; t < slices; ++t) transpose(&tjob, static_cast<size_t>(t));
   }
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
-  const int64_t groups = std::min(w.R, std::max<int64_t>(1, ceil_div(target_tasks, slices)));
+  const int64_t per_pass = slices_per_pass(w, avx512);
+  const int64_t passes = ceil_div(slices, per_pass);
+  const bool all_passes = slices * L * w.K * static_cast<int64_t>(sizeof(float)) <= kAllPassesBytes;
+  const int64_t groups =
+      std::min(w.R, std::max<int64_t>(1, all_passes ? 2 * target_tasks : ceil_div(target_tasks, passes)));
   Epilogue ep = epilogue;
   ep.y = y;
-  RowJob job{&w, xs, ep, y, M, balanced_groups(w.row_start, groups)};
+  RowJob job{&w, xs, ep, y, M, per_pass, all_passes, balanced_groups(w.row_start, groups)};
   void (*task)(void*, size_t) = avx512 ? row_task<Avx512Rows> : row_task<Avx2Rows>;
-  const size_t total = static_cast<size_t>(slices * (static_cast<int64_t>(job.group_start.size()) - 1));
+  const size_t total =
+      static_cast<size_t>((all_passes ? 1 : passes) * (static_cast<int64_t>(job.group_start.size()) - 1));
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) task(&job, t);
   } else {
