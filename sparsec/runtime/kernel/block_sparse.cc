@@ -170,6 +170,7 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
   out.counted = PackedBytes(floats * static_cast<int64_t>(sizeof(float)));
   out.order = select_order();
   out.cols.assign(static_cast<size_t>(kept), 0);
+  if (in.BR == 1 && in.BC == 1 && 16 * K <= INT32_MAX) out.slice_at.assign(static_cast<size_t>(kept), 0);
 
   const float* vf = static_cast<const float*>(in.values);
   const int8_t* vq = static_cast<const int8_t*>(in.values);
@@ -178,6 +179,7 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
       const int64_t rs = r * in.S + s;
       const int64_t b = out.row_start[r] + s;
       out.cols[b] = in.block_cols[rs] * in.BC;
+      if (!out.slice_at.empty()) out.slice_at[b] = static_cast<int32_t>(16 * out.cols[b]);
       const float scale = in.int8 ? in.scales[rs] : 1.0f;
       float* dst = out.blocks.get() + b * in.BC * out.BRp;
       const int64_t src0 = rs * in.BR * in.BC;

@@ -68,6 +68,8 @@ struct PackedWeight {
   int64_t NBc = 0;         // block columns, ceil(K / BC)
   FloatBuffer blocks;      // [kept][BC][BRp], 64-byte aligned, zero padded
   std::vector<int64_t> cols;       // [kept] first input column of each kept block (c * BC)
+  std::vector<int32_t> slice_at;   // unstructured (BR = BC = 1) with K < 2^27: [kept] 16 * cols, the
+                                   // input's offset in a slice of the row path (block_sparse_rows.cc)
   std::vector<int64_t> row_start;  // [R + 1] kept blocks of block row r are [row_start[r], row_start[r+1])
   LoopOrder order = LoopOrder::kAuto;
   PackedBytes counted;             // this weight's share of packed_bytes_alive()

@@ -30,7 +30,11 @@
 //   model (BERT-base unstructured, about 100 MB of values and columns: 0.93-0.95x with 16 groups;
 //   [1, 16] 0.97-1.03x; AVX2 unstructured 0.95-0.99x), and not on a single layer, whose weights
 //   stay in L3 between calls (0.99-1.03x). Every pass inside the tasks at K = 3072 as well: 0.99x.
-// Both together, BERT-base unstructured on two threads: 0.87x.
+// - Unstructured weights give each weight's input as a 32-bit offset into the slice (16 * k,
+//   PackedWeight::slice_at) instead of the 64-bit column: 8 bytes a weight instead of 12, and no
+//   shift (BERT-base unstructured 0.88x; single layers 0.94-0.96x; 16-bit columns, 6 bytes a
+//   weight with a shift back, no better: 0.98-1.04x).
+// The first two together, BERT-base unstructured on two threads: 0.87x; all three: about 0.77x.
 #include <algorithm>
 #include <thread>
 
@@ -40,7 +44,8 @@ namespace sparsec {
 namespace detail {
 
 bool row_path(const PackedWeight& w, Isa isa) {
-  return w.BR == 1 && (isa == Isa::kAvx512 || isa == Isa::kAvx2);
+  // Unstructured weights need their inputs' offsets in 32 bits (K < 2^27); beyond, the scalar path.
+  return w.BR == 1 && (w.BC > 1 || !w.slice_at.empty()) && (isa == Isa::kAvx512 || isa == Isa::kAvx2);
 }
 
 }  // namespace detail
@@ -108,6 +113,7 @@ SPARSEC_AVX512 void outputs_avx512(const PackedWeight& w, int64_t n0, int64_t co
   const int64_t K = w.K, BC = w.BC;
   const int64_t* cols = w.cols.data();
   const int64_t slice = K * 16;
+  const int32_t* at = w.slice_at.data();
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = n0 + i;
     __m512 acc[S][A];
@@ -118,13 +124,13 @@ SPARSEC_AVX512 void outputs_avx512(const PackedWeight& w, int64_t n0, int64_t co
     }
     int64_t b = w.row_start[n];
     const int64_t end = w.row_start[n + 1];
-    if (BC == 1) {  // unstructured: block b is the single weight blocks[b]
+    if (BC == 1) {  // unstructured: block b is the single weight blocks[b], its input at xs + at[b]
       const float* v = w.blocks.get();
       for (; b + A <= end; b += A) {
 #pragma GCC unroll 4
-        for (int a = 0; a < A; ++a) add_slices(acc, a, v[b + a], xs + cols[b + a] * 16, slice);
+        for (int a = 0; a < A; ++a) add_slices(acc, a, v[b + a], xs + at[b + a], slice);
       }
-      for (; b < end; ++b) add_slices(acc, 0, v[b], xs + cols[b] * 16, slice);
+      for (; b < end; ++b) add_slices(acc, 0, v[b], xs + at[b], slice);
     } else {
       for (; b < end; ++b) {
         const float* wb = w.block(b);
@@ -218,11 +224,12 @@ SPARSEC_AVX2 void outputs_avx2(const PackedWeight& w, int64_t n0, int64_t count,
     const int64_t end = w.row_start[n + 1];
     if (BC == 1) {
       const float* v = w.blocks.get();
+      const int32_t* at = w.slice_at.data();
       for (; b + 2 <= end; b += 2) {
-        add(v + b, xs + cols[b] * 16, lo0, hi0);
-        add(v + b + 1, xs + cols[b + 1] * 16, lo1, hi1);
+        add(v + b, xs + at[b], lo0, hi0);
+        add(v + b + 1, xs + at[b + 1], lo1, hi1);
       }
-      if (b < end) add(v + b, xs + cols[b] * 16, lo0, hi0);
+      if (b < end) add(v + b, xs + at[b], lo0, hi0);
     } else {
       for (; b < end; ++b) {
         const float* wb = w.block(b);
