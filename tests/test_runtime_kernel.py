@@ -170,6 +170,15 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_row_path_with_nothing_kept(kernel_library, monkeypatch, isa):
+    """An unstructured weight with no kept weight at all (no offsets to read): the bias alone."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    packed, b = make_layer(40, 96, (1, 1), 0.0, empty_row=True, dense_row=False)
+    assert not packed.row_nnz.any()
+    check_row_counts((packed, b), 96, (1, 17, 40))
+
+
 def test_large_layer_both_paths_and_threads(kernel_library):
     packed, b = make_layer(3072, 768, (32, 32), 0.1, balanced=True)
     model = onnx_op.single_layer_model(packed, b)

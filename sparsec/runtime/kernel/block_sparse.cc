@@ -170,7 +170,7 @@ std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeigh
   out.counted = PackedBytes(floats * static_cast<int64_t>(sizeof(float)));
   out.order = select_order();
   out.cols.assign(static_cast<size_t>(kept), 0);
-  if (in.BR == 1 && in.BC == 1 && 16 * K <= INT32_MAX) out.slice_at.assign(static_cast<size_t>(kept), 0);
+  if (in.BR == 1 && in.BC == 1 && slice_offsets_fit(K)) out.slice_at.assign(static_cast<size_t>(kept), 0);
 
   const float* vf = static_cast<const float*>(in.values);
   const int8_t* vq = static_cast<const int8_t*>(in.values);

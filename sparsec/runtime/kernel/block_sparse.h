@@ -60,6 +60,9 @@ LoopOrder select_order();
 
 // Kept blocks only (no padding slots), block row after block row, so that the weights of
 // consecutive block rows are one sequential stream for the hardware prefetcher.
+// Whether the row path's 32-bit offsets (16 * column, PackedWeight::slice_at) reach every input.
+inline bool slice_offsets_fit(int64_t K) { return K <= INT32_MAX / 16; }
+
 struct PackedWeight {
   int64_t N = 0, K = 0;    // logical weight shape
   int64_t R = 0;           // block rows
@@ -68,8 +71,9 @@ struct PackedWeight {
   int64_t NBc = 0;         // block columns, ceil(K / BC)
   FloatBuffer blocks;      // [kept][BC][BRp], 64-byte aligned, zero padded
   std::vector<int64_t> cols;       // [kept] first input column of each kept block (c * BC)
-  std::vector<int32_t> slice_at;   // unstructured (BR = BC = 1) with K < 2^27: [kept] 16 * cols, the
-                                   // input's offset in a slice of the row path (block_sparse_rows.cc)
+  std::vector<int32_t> slice_at;   // unstructured (BR = BC = 1) where slice_offsets_fit(K): [kept]
+                                   // 16 * cols, the input's offset in a slice of the row path
+                                   // (block_sparse_rows.cc)
   std::vector<int64_t> row_start;  // [R + 1] kept blocks of block row r are [row_start[r], row_start[r+1])
   LoopOrder order = LoopOrder::kAuto;
   PackedBytes counted;             // this weight's share of packed_bytes_alive()

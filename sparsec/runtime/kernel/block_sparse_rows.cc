@@ -17,7 +17,7 @@
 // outputs are then transposed in registers into rows of Y, where the epilogue (activation,
 // residual) runs on them; LayerNorm follows over whole rows.
 //
-// Two choices measured on AMD Zen 5 (bench/kernel_ab.py, density 0.1):
+// Three choices measured on AMD Zen 5 (bench/kernel_ab.py, density 0.1):
 // - Unstructured masks on AVX-512 take two slices per pass of rows: each kept weight (its value and
 //   its column, 12 bytes) is read once for 32 rows, two multiply-adds for four loads where one
 //   slice had one for three (one thread: 768 x 3072 0.85x the time, 3072 x 768 0.92x). Three or
@@ -45,7 +45,7 @@ namespace detail {
 
 bool row_path(const PackedWeight& w, Isa isa) {
   // Unstructured weights need their inputs' offsets in 32 bits (K < 2^27); beyond, the scalar path.
-  return w.BR == 1 && (w.BC > 1 || !w.slice_at.empty()) && (isa == Isa::kAvx512 || isa == Isa::kAvx2);
+  return w.BR == 1 && (w.BC > 1 || slice_offsets_fit(w.K)) && (isa == Isa::kAvx512 || isa == Isa::kAvx2);
 }
 
 }  // namespace detail
@@ -250,7 +250,8 @@ SPARSEC_AVX2 void outputs_avx2(const PackedWeight& w, int64_t n0, int64_t count,
 }
 
 // ------------------------------------------------------------------------------------------------
-// One task of either instruction set: one slice of rows, one group of outputs in strips of L.
+// One task of either instruction set: one group of outputs, in strips of L, over one pass of rows
+// or over every pass.
 
 constexpr int64_t L = 16;  // rows of X per slice
 
