@@ -162,7 +162,7 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     call into slices of 16 rows, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row
     counts around the slices and the passes (two slices for unstructured masks on AVX-512, so 17
     and 33 rows end on a part-filled or a lone slice), X^T small enough for every pass to run
-    inside each task (K = 45, 768 up to 128 rows, 3000 up to 32) or not (768 from 129 rows, 3000
+    inside each task (K = 45, 768 up to 160 rows, 3000 up to 32) or not (768 at 200 rows, 3000
     from 33), outputs not a multiple of the lanes, K not a multiple of the lanes or of the block
     width, one and two threads."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
