@@ -156,7 +156,8 @@ def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("n,k,block", [(3072, 768, (1, 1)), (70, 45, (1, 1)), (100, 770, (1, 16)),
-                                       (33, 200, (1, 8)), (40, 96, (1, 3)), (40, 3000, (1, 1))])
+                                       (33, 200, (1, 8)), (40, 96, (1, 3)), (40, 3000, (1, 1)),
+                                       (40, 3000, (1, 4)), (30, 99, (1, 12)), (40, 300, (1, 32))])
 def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     """Blocks one output high take the row path (lanes over the rows of X, X transposed once per
     call into slices of 16 rows, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row
@@ -164,7 +165,8 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     and 33 rows end on a part-filled or a lone slice), X^T small enough for every pass to run
     inside each task (K = 45, 768 up to 160 rows, 3000 up to 32) or not (768 at 200 rows, 3000
     from 33), outputs not a multiple of the lanes, K not a multiple of the lanes or of the block
-    width, one and two threads."""
+    width, vectors 1 to 32 wide (a vector's weights in rounds of four running sums, whole and part),
+    one and two threads."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))
@@ -401,7 +403,7 @@ def test_epilogue_function_body_and_kernel(kernel_library, n, k, block, int8, ac
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-@pytest.mark.parametrize("block", [(32, 32), (1, 1), (16, 16)], ids=["32x32", "unstructured", "16x16"])
+@pytest.mark.parametrize("block", [(32, 32), (1, 1), (16, 16), (1, 16)], ids=["32x32", "unstructured", "16x16", "1x16"])
 @pytest.mark.parametrize("order", ["resident", "streaming"])
 def test_epilogue_on_every_instruction_set(kernel_library, monkeypatch, isa, activation, block, order):
     """Each micro-kernel family (and the row path) applies the same epilogue, in both loop orders,
@@ -465,8 +467,8 @@ def test_epilogue_overloads_and_bad_inputs(kernel_library):
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("n,k,block", [(96, 128, (32, 32)), (70, 45, (16, 16)), (768, 96, (32, 32)),
-                                       (70, 45, (1, 1))],
-                         ids=["32x32", "16x16-ragged", "wide", "unstructured"])
+                                       (70, 45, (1, 1)), (70, 45, (1, 8))],
+                         ids=["32x32", "16x16-ragged", "wide", "unstructured", "1x8-ragged"])
 @pytest.mark.parametrize("order", ["resident", "streaming"])
 def test_layer_norm_epilogue(kernel_library, monkeypatch, isa, n, k, block, order):
     """LayerNorm(X W^T + b + residual) * scale + shift over each output row, on stock onnxruntime
