@@ -26,6 +26,12 @@ DENSE = "dense (onnxruntime)"
 DENSE_TUNED = "dense (sparsec.runtime session)"
 SPARSE_STOCK = "sparse (onnxruntime, function body)"
 SPARSE_KERNEL = "sparse (sparsec kernel)"
+# A file with no sparse node (every layer stayed dense: policy `never`, or the stock target shipped
+# the dense graph) is timed under this name, with no speedup: it is the dense graph, so its ratio to
+# the dense file would be the timing noise read as a speedup.
+NO_SPARSE_NODES = "model, no sparse nodes (onnxruntime)"
+NO_SPARSE_NOTE = ("the model has no block-sparse nodes (every layer is dense): its time is the dense "
+                  "graph's, so no speedup is given")
 
 _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64,
           "int32": np.int32, "bool": np.bool_}
@@ -70,7 +76,7 @@ class BenchResult:
     protocol: str = ""
 
     def ratio(self, variant: str) -> float | None:
-        if DENSE not in self.medians_ms or variant not in self.medians_ms:
+        if DENSE not in self.medians_ms or variant not in self.medians_ms or variant == NO_SPARSE_NODES:
             return None
         return self.medians_ms[DENSE] / self.medians_ms[variant]
 
@@ -244,7 +250,10 @@ def _bench(model: Path, dense: str | Path | None, threads: int | None, repeats: 
     result = BenchResult(str(model), str(dense) if dense else None, threads, repeats)
     result.layers = sparse_layers(model)
     result.sizes = {"model": model.stat().st_size}
-    sessions = {SPARSE_STOCK: stock_session(model, threads)}
+    own = SPARSE_STOCK if result.layers else NO_SPARSE_NODES
+    sessions = {own: stock_session(model, threads)}
+    if not result.layers:
+        result.notes.append(NO_SPARSE_NOTE)
     if dense is not None:
         result.sizes["dense"] = Path(dense).stat().st_size
         sessions = {DENSE: stock_session(dense, threads), **sessions}
@@ -259,7 +268,7 @@ def _bench(model: Path, dense: str | Path | None, threads: int | None, repeats: 
             result.notes.append(f"kernel not measured: {why}")
         else:
             sessions[SPARSE_KERNEL] = session
-    feeds = example_feeds(model, sessions[SPARSE_STOCK], batch)
+    feeds = example_feeds(model, sessions[own], batch)
     result.inputs = {name: list(value.shape) for name, value in feeds.items()}
     fns = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
     times = interleaved(fns, repeats, settle=SETTLE_S)

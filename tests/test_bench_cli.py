@@ -75,3 +75,26 @@ def test_bench_batch_on_a_fixed_batch_file_is_a_user_error(sparsec_cli, tmp_path
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     code, _, stderr = sparsec_cli("bench", path, "--batch", "8", "--repeats", "1")
     assert code == 2 and "input 'x' has a fixed first dimension of 1" in stderr and "Traceback" not in stderr
+
+
+def test_a_file_with_no_sparse_node_gets_no_speedup(sparsec_cli, models_dir, tmp_path):
+    """Every layer dense (policy never; the stock target can ship the dense graph too): model.onnx is
+    the dense graph, so its ratio to model.dense.onnx is noise, and neither the report nor `sparsec
+    bench` may show it as a speedup of a sparse file."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.replace('policy = "always"', 'policy = "never"'))
+    out = tmp_path / "out"
+    code, stdout, stderr = sparsec_cli("compile", models_dir / "tiny_mlp.py", "--spec", spec, "-o", out,
+                                       "--no-progress")
+    assert code == 0, stderr
+    assert not sparse_nodes(onnx.load(out / "model.onnx"))
+    bench = json.loads((out / "report.json").read_text())["lowering"]["bench"]
+    assert "sparse (onnxruntime, function body)" not in bench["medians_ms"]
+    assert bench["speedup"]["model, no sparse nodes (onnxruntime)"] is None
+    assert any("no block-sparse nodes" in note for note in bench["notes"])
+    line = next(line for line in stdout.splitlines() if "model, no sparse nodes (onnxruntime)" in line)
+    assert line.rstrip().endswith("ms")   # no ratio after the time
+    code, stdout, stderr = sparsec_cli("bench", out / "model.onnx", "--repeats", "2", "--threads", "1")
+    assert code == 0, stderr
+    row = next(line for line in stdout.splitlines() if "model, no sparse nodes" in line)
+    assert row.split()[-1] == "-" and "no block-sparse nodes: every layer is dense" in stdout
