@@ -33,15 +33,15 @@ using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.
 
 void FreeDeleter::operator()(float* p) const { std::free(p); }
 
-namespace {
-
-FloatBuffer zeroed_floats(size_t n) {
+FloatBuffer detail::zeroed_floats(size_t n) {
   size_t bytes = (std::max<size_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes);
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, bytes);
   return FloatBuffer(static_cast<float*>(p));
 }
+
+namespace {
 
 // Columns of block row r that exist in Y (the last block row may be cut by N).
 int64_t valid_cols(const PackedWeight& w, int64_t r) { return std::min(w.BR, w.N - r * w.BR); }

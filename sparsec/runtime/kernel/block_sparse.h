@@ -63,6 +63,20 @@ LoopOrder select_order();
 // Whether the row path's 32-bit offsets (16 * column, PackedWeight::slice_at) reach every input.
 inline bool slice_offsets_fit(int64_t K) { return K <= INT32_MAX / 16; }
 
+// Row vectors ([1, BC] with BC = 8 or a multiple of 16) by columns of W inputs (W = 8 or 16) for
+// AVX-512 (block_sparse_columns.cc): the outputs split into bands; for each band and column, the
+// outputs with a vector there, each with its W weights (zero past K).
+struct ColumnPack {
+  int64_t W = 0;                    // inputs per column (0: no column pack)
+  int64_t ncols = 0;                // ceil(K / W)
+  std::vector<int64_t> band_start;  // [bands + 1] output boundaries
+  std::vector<int64_t> col_start;   // [bands * ncols + 1]: band b, column c holds entries
+                                    // [col_start[b * ncols + c], col_start[b * ncols + c + 1])
+  std::vector<int32_t> out;         // [entries] the output of each entry
+  FloatBuffer values;               // [entries][W], 64-byte aligned
+  int64_t bands() const { return static_cast<int64_t>(band_start.size()) - 1; }
+};
+
 struct PackedWeight {
   int64_t N = 0, K = 0;    // logical weight shape
   int64_t R = 0;           // block rows
@@ -76,6 +90,7 @@ struct PackedWeight {
                                    // (block_sparse_rows.cc)
   std::vector<int64_t> row_start;  // [R + 1] kept blocks of block row r are [row_start[r], row_start[r+1])
   LoopOrder order = LoopOrder::kAuto;
+  ColumnPack columns;              // where pack_columns made it (then `blocks` is released)
   PackedBytes counted;             // this weight's share of packed_bytes_alive()
 
   const float* block(int64_t b) const { return blocks.get() + b * BC * BRp; }
@@ -103,6 +118,12 @@ std::string check_block_inputs(const BlockInputs& in, int64_t N, int64_t K);
 
 // Validates the inputs against N and K and fills `out`. Returns an error message, empty on success.
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
+
+// Whether a weight packed for the fp32 path runs faster by columns on `isa` (AVX-512, row vectors
+// [1, 8] or [1, 16 j]); pack_columns then repacks it so (block_sparse_columns.cc) and releases its
+// blocks: from then on it runs on AVX-512 only.
+bool columns_pay(const PackedWeight& w, Isa isa);
+void pack_columns(PackedWeight& w);
 
 // Runs `fn(data, i)` for i in [0, total), possibly in parallel. Provided by the caller (ORT glue).
 using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size_t total, void* data);

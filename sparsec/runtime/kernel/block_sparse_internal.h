@@ -49,6 +49,9 @@ void do_once(std::atomic<int>& state, Work&& work) {
   }
 }
 
+// n floats, zeroed, 64-byte aligned.
+FloatBuffer zeroed_floats(size_t n);
+
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
@@ -143,6 +146,13 @@ constexpr int64_t kSplitRows = 32;
 // AVX-512 and AVX2, with the lanes over the rows of X. `row_path` says whether a weight takes it;
 // such a weight is packed without row padding (BRp = 1), so the scalar ISA uses the scalar path.
 bool row_path(const PackedWeight& w, Isa isa);
+// X^T by slices of 16 rows of X (zeros past M), each [Kp][16] (rows K..Kp zero), into a buffer of the
+// calling thread (valid until its next call), on the pool when `threads`. AVX-512 or AVX2.
+const float* transpose_slices(const float* x, int64_t M, int64_t K, int64_t Kp, bool avx512, bool threads,
+                              ParallelFor parallel_for, void* runner_state);
+// The column path (block_sparse_columns.cc): weights that pack_columns repacked, AVX-512.
+void block_sparse_columns(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
+                          ParallelFor parallel_for, void* runner_state);
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                        Isa isa, ParallelFor parallel_for, void* runner_state);
 

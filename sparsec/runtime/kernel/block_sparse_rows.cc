@@ -1,5 +1,6 @@
 // The row path: block rows one output high (BR == 1), i.e. unstructured masks ([1, 1]) and row
-// vectors ([1, 8], [1, 16], ...). The block path vectorises over the BR outputs of a block row, so
+// vectors ([1, 8], [1, 16], ...; on AVX-512 those 8 or 16 j wide were repacked for the column path,
+// block_sparse_columns.cc, which block_sparse_rows hands them to). The block path vectorises over the BR outputs of a block row, so
 // one output would fill 1 of 16 lanes. Here the lanes run over the rows m of X instead, 16 rows at
 // a time, a "slice" of X (AVX2 takes each slice as two halves of 8 lanes):
 //
@@ -71,16 +72,22 @@ struct RowJob {
 
 struct TransposeJob {
   const float* x;
-  int64_t M, K;
+  int64_t M, K, Kp;
   float* xs;
 };
 
-// Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [K][16].
+// Rows [K, Kp) of a slice: zeros.
+void zero_tail(const TransposeJob& job, float* xs) {
+  std::fill(xs + job.K * 16, xs + job.Kp * 16, 0.0f);
+}
+
+// Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [Kp][16].
 SPARSEC_AVX512 void transpose_task(void* data, size_t t) {
   const TransposeJob& job = *static_cast<const TransposeJob*>(data);
   const int64_t m0 = static_cast<int64_t>(t) * 16;
   const int64_t rows = std::min<int64_t>(16, job.M - m0);
-  float* xs = job.xs + static_cast<int64_t>(t) * job.K * 16;
+  float* xs = job.xs + static_cast<int64_t>(t) * job.Kp * 16;
+  zero_tail(job, xs);
   for (int64_t k0 = 0; k0 < job.K; k0 += 16) {
     const __mmask16 cols = lane_mask16(job.K - k0);
     __m512 r[16];
@@ -184,10 +191,11 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256i lanes8(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [K][16], by 8 x 8 transposes.
+// Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [Kp][16], by 8 x 8 transposes.
 SPARSEC_AVX2 void transpose_task_avx2(void* data, size_t t) {
   const TransposeJob& job = *static_cast<const TransposeJob*>(data);
-  float* xs = job.xs + static_cast<int64_t>(t) * job.K * 16;
+  float* xs = job.xs + static_cast<int64_t>(t) * job.Kp * 16;
+  zero_tail(job, xs);
   for (int64_t h = 0; h < 2; ++h) {
     const int64_t m0 = static_cast<int64_t>(t) * 16 + 8 * h;
     const int64_t rows = std::min<int64_t>(8, job.M - m0);
@@ -318,6 +326,27 @@ void row_task(void* data, size_t t) {
 
 namespace detail {
 
+const float* transpose_slices(const float* x, int64_t M, int64_t K, int64_t Kp, bool avx512, bool threads,
+                              ParallelFor parallel_for, void* runner_state) {
+#if SPARSEC_X86
+  const int64_t slices = ceil_div(M, L);
+  // X^T lives in a buffer of the calling thread, reused across calls; pool threads only read it.
+  thread_local AlignedScratch<float> xs_buffer;
+  float* xs = xs_buffer.reserve(static_cast<size_t>(slices * L * Kp));
+  TransposeJob job{x, M, K, Kp, xs};
+  void (*transpose)(void*, size_t) = avx512 ? transpose_task : transpose_task_avx2;
+  if (threads && slices > 1) {
+    parallel_for(runner_state, transpose, static_cast<size_t>(slices), &job);
+  } else {
+    for (int64_t t = 0; t < slices; ++t) transpose(&job, static_cast<size_t>(t));
+  }
+  return xs;
+#else
+  (void)x, (void)M, (void)K, (void)Kp, (void)avx512, (void)threads, (void)parallel_for, (void)runner_state;
+  return nullptr;
+#endif
+}
+
 #if SPARSEC_X86
 SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
                                        int64_t N, const Epilogue& ep, float* y) {
@@ -362,20 +391,15 @@ SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, i
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                        Isa isa, ParallelFor parallel_for, void* runner_state) {
 #if SPARSEC_X86
+  if (!w.columns.band_start.empty()) {
+    block_sparse_columns(w, x, epilogue, y, M, parallel_for, runner_state);
+    return;
+  }
   const bool avx512 = isa == Isa::kAvx512;
   const int64_t slices = ceil_div(M, L);
-  // X^T lives in a buffer of the calling thread, reused across calls; pool threads only read it.
-  thread_local AlignedScratch<float> xs_buffer;
-  float* xs = xs_buffer.reserve(static_cast<size_t>(slices * L * w.K));
-  TransposeJob tjob{x, M, w.K, xs};
   const int64_t macs = M * w.row_start[w.R] * w.BC;
   const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
-  void (*transpose)(void*, size_t) = avx512 ? transpose_task : transpose_task_avx2;
-  if (threads && slices > 1) {
-    parallel_for(runner_state, transpose, static_cast<size_t>(slices), &tjob);
-  } else {
-    for (int64_t t = 0; t < slices; ++t) transpose(&tjob, static_cast<size_t>(t));
-  }
+  const float* xs = transpose_slices(x, M, w.K, w.K, avx512, threads, parallel_for, runner_state);
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t per_pass = slices_per_pass(w, avx512);
   const int64_t passes = ceil_div(slices, per_pass);

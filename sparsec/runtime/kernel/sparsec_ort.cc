@@ -146,8 +146,10 @@ struct Weight {
   sparsec::PackedInt8 int8;
 };
 
-// `inputs` holds one OrtValue per op input (null where absent). Packs the weight into `out`.
-OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, bool int8_compute, Weight& out) {
+// `inputs` holds one OrtValue per op input (null where absent). Packs the weight into `out`, for the
+// fp32 path by columns where that pays on `isa` (a linear's row vectors on AVX-512).
+OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, bool int8_compute, bool conv,
+                            sparsec::Isa isa, Weight& out) {
   TensorView values, cols, nnz, scales;
   SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kValues], values));
   SPARSEC_RETURN_IF_ERROR(view_tensor(inputs[kBlockCols], cols));
@@ -158,7 +160,9 @@ OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K,
   SPARSEC_RETURN_IF_ERROR(describe_blocks(values, cols, nnz, has_scales ? &scales : nullptr, N, int8_compute, in));
   const std::string error = int8_compute ? sparsec::pack_weight_int8(in, N, K, out.int8)
                                          : sparsec::pack_weight(in, N, K, out.fp32);
-  return error.empty() ? nullptr : fail(error);
+  if (!error.empty()) return fail(error);
+  if (!int8_compute && !conv && sparsec::columns_pay(out.fp32, isa)) sparsec::pack_columns(out.fp32);
+  return nullptr;
 }
 
 struct Kernel {
@@ -325,7 +329,7 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     const OrtValue* inputs[kNumInputs] = {};
     if (constant_weight_inputs(info, inputs)) {
       k->constant = std::make_unique<Weight>();
-      SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k->N, k->K, k->int8_compute, *k->constant));
+      SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k->N, k->K, k->int8_compute, k->conv, k->isa, *k->constant));
     }
     *kernel = k.release();
     return nullptr;
@@ -364,7 +368,7 @@ OrtStatus* call_weight(const Kernel& k, const OrtValue* const* inputs, const Wei
   weight = k.constant.get();
   if (weight == nullptr) {
     per_call = std::make_unique<Weight>();
-    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, k.int8_compute, *per_call));
+    SPARSEC_RETURN_IF_ERROR(pack_from_values(inputs, k.N, k.K, k.int8_compute, k.conv, k.isa, *per_call));
     weight = per_call.get();
   }
   return nullptr;
