@@ -158,7 +158,7 @@ def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("n,k,block", [(3072, 768, (1, 1)), (70, 45, (1, 1)), (100, 770, (1, 16)),
                                        (33, 200, (1, 8)), (40, 96, (1, 3)), (40, 3000, (1, 1)),
                                        (40, 3000, (1, 4)), (30, 99, (1, 12)), (40, 300, (1, 32)),
-                                       (1600, 70, (1, 16)), (800, 1000, (1, 8))])
+                                       (1600, 70, (1, 16)), (800, 1000, (1, 8)), (50, 203, (1, 4))])
 def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     """Blocks one output high take the row path (lanes over the rows of X, X transposed once per
     call into slices of 16 rows, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row
@@ -169,10 +169,11 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     width, vectors 1 to 32 wide (a vector's weights in rounds of four running sums, whole and part),
     one and two threads.
 
-    On AVX-512, vectors 8 or 16 j wide take the column path (block_sparse_columns.cc): 16-input
-    columns (8 for [1, 8]), the last one cut by K (770, 70, 300, whose [1, 32] vectors end in a
-    sub-column wholly past K), one band of outputs or several (1600 and 800 outputs: 4 and 2 bands),
-    a column's outputs by eights, fours and ones."""
+    On AVX-512, vectors a multiple of 4 wide take the column path (block_sparse_columns.cc): columns
+    of 16, 12, 8 or 4 inputs (the widest that divides the vector: [1, 32] two of 16, [1, 12] one of
+    12), the last one cut by K (770, 70, 99, 203, and 300, whose [1, 32] vectors end in a column
+    wholly past K), one band of outputs or several (1600 and 800 outputs: 4 and 2 bands), a column's
+    outputs by eights, fours and ones."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))

@@ -63,8 +63,8 @@ LoopOrder select_order();
 // Whether the row path's 32-bit offsets (16 * column, PackedWeight::slice_at) reach every input.
 inline bool slice_offsets_fit(int64_t K) { return K <= INT32_MAX / 16; }
 
-// Row vectors ([1, BC] with BC = 8 or a multiple of 16) by columns of W inputs (W = 8 or 16) for
-// AVX-512 (block_sparse_columns.cc): the outputs split into bands; for each band and column, the
+// Row vectors ([1, BC] with BC a multiple of 4) by columns of W inputs (W = 16, 12, 8 or 4, the
+// widest that divides BC) for AVX-512 (block_sparse_columns.cc): the outputs split into bands; for each band and column, the
 // outputs with a vector there, each with its W weights (zero past K).
 struct ColumnPack {
   int64_t W = 0;                    // inputs per column (0: no column pack)
@@ -120,7 +120,7 @@ std::string check_block_inputs(const BlockInputs& in, int64_t N, int64_t K);
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
 
 // Whether a weight packed for the fp32 path runs faster by columns on `isa` (AVX-512, row vectors
-// [1, 8] or [1, 16 j]); pack_columns then repacks it so (block_sparse_columns.cc) and releases its
+// [1, 4 j]); pack_columns then repacks it so (block_sparse_columns.cc) and releases its
 // blocks: from then on it runs on AVX-512 only.
 bool columns_pay(const PackedWeight& w, Isa isa);
 void pack_columns(PackedWeight& w);

@@ -1,4 +1,4 @@
-// The column path (AVX-512): row vectors [1, 8] and [1, 16 j] taken column by column.
+// The column path (AVX-512): row vectors [1, 4 j] taken column by column.
 //
 // The row path (block_sparse_rows.cc) multiplies each kept weight, broadcast, by a 64-byte vector of
 // X^T (16 rows of X at the weight's input): every multiply-add also loads a full vector, and on AMD
@@ -6,8 +6,9 @@
 // X^T coming from L2), against 1.1-1.2 for a loop whose FMAs take one register operand and a
 // broadcast scalar, as the block path's [16, 1] tiles do.
 //
-// A vector's W inputs (W = 8 or 16) are contiguous, so the W vectors of X^T it needs can stay in
-// registers while every output that keeps a vector at those inputs is done:
+// A vector's inputs are contiguous, so the vectors of X^T it needs can stay in registers while every
+// output that keeps a vector at those inputs is done. With columns of W inputs (16, 12, 8 or 4: the
+// widest that divides the vector's width):
 //
 //   for each slice of 16 rows of X, each band of outputs, each column c (inputs [W c, W c + W)):
 //     x[j] = X^T[W c + j] (16 rows), j < W                                   W loads
@@ -15,9 +16,10 @@
 //       acc[n] (16 rows, in L1) += sum over j of weight[n, W c + j] * x[j]    W FMAs, W broadcasts
 //
 // so each FMA reads one broadcast weight and a register, and each output's 16 sums are loaded and
-// stored once per column it keeps. Eight outputs at a time give eight independent chains of W FMAs.
+// stored once per column it keeps (Zen 4, 10% density, 2 threads: [1, 16] layers 0.52-0.63x the row
+// path's time, [1, 4] 0.61, [1, 12] 0.57-0.60; W = 4 for [1, 12] was 0.71-0.73). Eight outputs at a time give eight independent chains of W FMAs.
 // The weights are repacked once (pack_columns) into that order: per band and column, the outputs'
-// indices and their W weights; a [1, 16 j] vector is j such entries. The bands split the outputs by
+// indices and their W weights; a [1, 32] vector is two such entries. The bands split the outputs by
 // kept weights, so that a task (one slice, one band) keeps its band's sums in L1 (384 outputs x 64
 // bytes = 24 KB at N = 3072) and the tasks are many enough for the pool.
 #include <algorithm>
@@ -36,7 +38,13 @@ constexpr int64_t kSerialMacs = 1 << 20;  // as the other paths: below this, no 
 constexpr int64_t kBandOutputs = 384;     // outputs per band, about (24 KB of sums in L1)
 constexpr int64_t kMaxBands = 64;
 
-int64_t column_width(const PackedWeight& w) { return w.BC % 16 == 0 ? 16 : w.BC == 8 ? 8 : 0; }
+// The widest column of 16, 12, 8 or 4 inputs that a vector splits into whole (0: none).
+int64_t column_width(const PackedWeight& w) {
+  for (const int64_t width : {16, 12, 8, 4}) {
+    if (w.BC % width == 0) return width;
+  }
+  return 0;
+}
 
 }  // namespace
 
@@ -172,7 +180,10 @@ void block_sparse_columns(const PackedWeight& w, const float* x, const Epilogue&
   Epilogue ep = epilogue;
   ep.y = y;
   ColumnJob job{&w, xs, ep, y, M};
-  void (*task)(void*, size_t) = cp.W == 16 ? column_task<16> : column_task<8>;
+  void (*task)(void*, size_t) = cp.W == 16 ? column_task<16>
+                                : cp.W == 12 ? column_task<12>
+                                : cp.W == 8  ? column_task<8>
+                                             : column_task<4>;
   const size_t total = static_cast<size_t>(ceil_div(M, 16) * cp.bands());
   if (total == 1 || !threads) {
     for (size_t t = 0; t < total; ++t) task(&job, t);

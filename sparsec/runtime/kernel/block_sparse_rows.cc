@@ -1,5 +1,5 @@
 // The row path: block rows one output high (BR == 1), i.e. unstructured masks ([1, 1]) and row
-// vectors ([1, 8], [1, 16], ...; on AVX-512 those 8 or 16 j wide were repacked for the column path,
+// vectors ([1, 8], [1, 16], ...; on AVX-512 those 4 j wide were repacked for the column path,
 // block_sparse_columns.cc, which block_sparse_rows hands them to). The block path vectorises over the BR outputs of a block row, so
 // one output would fill 1 of 16 lanes. Here the lanes run over the rows m of X instead, 16 rows at
 // a time, a "slice" of X (AVX2 takes each slice as two halves of 8 lanes):
