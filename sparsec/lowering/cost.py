@@ -21,9 +21,18 @@ weight costs about the same whatever the pattern, so
     efficiency(1, BC) = ROW_EFFICIENCY
 
 measured on the same layer at density 0.1, one thread: [1, 1] 2.9x, [1, 8] 3.1x, [1, 16] 2.6x
-(0.26-0.31); AVX2 has its own row path (8 lanes, [1, 1] 2.3 ms against 1.4-1.8 on AVX-512). On
-a CPU with neither it is the scalar loop; the measurement at export (below) sees that and keeps
-such layers dense.
+(0.26-0.31; [1, 1] 3.7x after later changes, AMD Zen 4); AVX2 has its own row path (8 lanes,
+[1, 1] 2.3 ms against 1.4-1.8 on AVX-512). On a CPU with neither it is the scalar loop; the
+measurement at export (below) sees that and keeps such layers dense.
+
+Row vectors whose width is a multiple of 4 take the column path on AVX-512 instead
+(block_sparse_columns.cc: X^T's vectors of a column of inputs stay in registers while the outputs
+that keep a vector there are done), measured the same way on AMD Zen 4 (`bench/peers.py --model
+linear --block B --threads 1`): [1, 16] 7.3x (0.73), [1, 4] 6.3x (0.63):
+
+    efficiency(1, BC) = COLUMN_EFFICIENCY[BC % 8 == 0]    (BC a multiple of 4)
+
+On AVX2 those vectors keep the row path, which the measurement at export sees.
 
 INT8 compute has a row path too (AVX-512 VNNI): each output row's weights as 4-byte windows, one
 vpdpbusd per window and 16 rows of X, so a window of 4 kept weights costs what one fp32 weight
@@ -78,6 +87,7 @@ import torch
 
 PEAK_EFFICIENCY = 0.93   # calibrated: see the module docstring
 ROW_EFFICIENCY = 0.3     # the row path (BR = 1), likewise
+COLUMN_EFFICIENCY = {True: 0.73, False: 0.63}  # the column path ([1, 4 j]) by BC % 8 == 0, likewise
 NARROW_EFFICIENCY = 0.5  # BR 16 or 32 with BC < 16 (packed panel), likewise
 DEFAULT_MIN_SPEEDUP = 1.5
 STOCK_EFFICIENCY = 0.4         # the function body's multiply-adds per dense one (calibrated above)
@@ -136,7 +146,9 @@ def efficiency(block: tuple[int, int], int8: bool = False) -> float:
     """Useful work per kept weight of the kernel relative to a dense MatMul (see the docstring)."""
     br, bc = block
     if br == 1:
-        return row_efficiency_int8(bc) if int8 else ROW_EFFICIENCY
+        if int8:
+            return row_efficiency_int8(bc)
+        return COLUMN_EFFICIENCY[bc % 8 == 0] if bc % 4 == 0 else ROW_EFFICIENCY
     if br in (16, 32) and bc in (1, 2, 4, 8) and not int8:
         return NARROW_EFFICIENCY
     return PEAK_EFFICIENCY * min(1.0, br / 16) * bc / (bc + 4)
