@@ -855,7 +855,6 @@ void run_task(void* data, size_t t) {
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height: only the last task has a tail
 constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay within a quarter of L2
 constexpr int64_t kMaxPanelFloats = 4 << 20;  // 16 MB: larger inputs read X in place
-constexpr int64_t kSerialMacs = 1 << 20;     // below ~1M multiply-adds (~5 us on one core), no threads
 
 // ------------------------------------------------------------------------------------------------
 // LayerNorm epilogue: each row of Y normalised in place, once every task has written it (a task

@@ -64,10 +64,10 @@ LoopOrder select_order();
 inline bool slice_offsets_fit(int64_t K) { return K <= INT32_MAX / 16; }
 
 // Row vectors ([1, BC] with BC a multiple of 4) by columns of W inputs (W = 16, 12, 8 or 4, the
-// widest that divides BC) for AVX-512 (block_sparse_columns.cc): the outputs split into bands; for each band and column, the
-// outputs with a vector there, each with its W weights (zero past K).
+// widest that divides BC) for AVX-512 (block_sparse_columns.cc): the outputs split into bands; for
+// each band and column, the outputs with a vector there, each with its W weights (zero past K).
 struct ColumnPack {
-  int64_t W = 0;                    // inputs per column (0: no column pack)
+  int64_t W = 0;                    // inputs per column (0: no column pack, see active())
   int64_t ncols = 0;                // ceil(K / W)
   std::vector<int64_t> band_start;  // [bands + 1] output boundaries
   std::vector<int64_t> col_start;   // [bands * ncols + 1]: band b, column c holds entries
@@ -75,6 +75,7 @@ struct ColumnPack {
   std::vector<int32_t> out;         // [entries] the output of each entry
   FloatBuffer values;               // [entries][W], 64-byte aligned
   int64_t bands() const { return static_cast<int64_t>(band_start.size()) - 1; }
+  bool active() const { return W > 0; }
 };
 
 struct PackedWeight {

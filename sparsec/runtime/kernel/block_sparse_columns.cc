@@ -16,8 +16,9 @@
 //       acc[n] (16 rows, in L1) += sum over j of weight[n, W c + j] * x[j]    W FMAs, W broadcasts
 //
 // so each FMA reads one broadcast weight and a register, and each output's 16 sums are loaded and
-// stored once per column it keeps (Zen 4, 10% density, 2 threads: [1, 16] layers 0.52-0.63x the row
-// path's time, [1, 4] 0.61, [1, 12] 0.57-0.60; W = 4 for [1, 12] was 0.71-0.73). Eight outputs at a time give eight independent chains of W FMAs.
+// stored once per column it keeps. Eight outputs at a time give eight independent chains of W FMAs.
+// Zen 4, 10% density, 2 threads: [1, 16] layers 0.52-0.63x the row path's time, [1, 4] 0.61,
+// [1, 12] 0.57-0.60 (with columns of 4 instead: 0.71-0.73).
 // The weights are repacked once (pack_columns) into that order: per band and column, the outputs'
 // indices and their W weights; a [1, 32] vector is two such entries. The bands split the outputs by
 // kept weights, so that a task (one slice, one band) keeps its band's sums in L1 (384 outputs x 64
@@ -34,7 +35,6 @@ using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.
 
 namespace {
 
-constexpr int64_t kSerialMacs = 1 << 20;  // as the other paths: below this, no threads
 constexpr int64_t kBandOutputs = 384;     // outputs per band, about (24 KB of sums in L1)
 constexpr int64_t kMaxBands = 64;
 
@@ -59,39 +59,35 @@ void pack_columns(PackedWeight& w) {
   cp.ncols = ceil_div(w.K, W);
   const int64_t bands = std::clamp<int64_t>(w.N / kBandOutputs, 1, kMaxBands);
   cp.band_start = balanced_groups(w.row_start, bands);  // one output per block row
-  const int64_t nb = cp.bands(), ncols = cp.ncols, per_block = w.BC / W;
-  // Count the entries of each (band, column), then place them, outputs ascending within each.
-  cp.col_start.assign(static_cast<size_t>(nb * ncols + 1), 0);
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t n = cp.band_start[b]; n < cp.band_start[b + 1]; ++n) {
-      for (int64_t k = w.row_start[n]; k < w.row_start[n + 1]; ++k) {
-        for (int64_t s = 0; s < per_block; ++s) {
-          const int64_t c = w.cols[k] / W + s;
-          if (c < ncols) ++cp.col_start[b * ncols + c + 1];  // sub-columns wholly past K hold nothing
+  const int64_t ncols = cp.ncols, per_block = w.BC / W;
+  // visit(slot, n, weights): each W-wide part of each kept vector, band by band and output by output,
+  // with slot = band * ncols + its column; parts wholly past K hold nothing and are skipped.
+  auto each_part = [&](auto&& visit) {
+    for (int64_t b = 0; b < cp.bands(); ++b) {
+      for (int64_t n = cp.band_start[b]; n < cp.band_start[b + 1]; ++n) {
+        for (int64_t k = w.row_start[n]; k < w.row_start[n + 1]; ++k) {
+          for (int64_t s = 0; s < per_block && w.cols[k] / W + s < ncols; ++s) {
+            visit(b * ncols + w.cols[k] / W + s, n, w.block(k) + s * W);
+          }
         }
       }
     }
-  }
+  };
+  // Count the entries of each (band, column), then place them: outputs ascend within each.
+  cp.col_start.assign(static_cast<size_t>(cp.bands() * ncols + 1), 0);
+  each_part([&](int64_t slot, int64_t, const float*) { ++cp.col_start[slot + 1]; });
   for (size_t i = 1; i < cp.col_start.size(); ++i) cp.col_start[i] += cp.col_start[i - 1];
   const int64_t entries = cp.col_start.back();
   cp.out.assign(static_cast<size_t>(entries), 0);
   cp.values = zeroed_floats(static_cast<size_t>(entries * W));
   std::vector<int64_t> next(cp.col_start.begin(), cp.col_start.end() - 1);
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int64_t n = cp.band_start[b]; n < cp.band_start[b + 1]; ++n) {
-      for (int64_t k = w.row_start[n]; k < w.row_start[n + 1]; ++k) {
-        const float* block = w.block(k);
-        for (int64_t s = 0; s < per_block; ++s) {
-          const int64_t c = w.cols[k] / W + s;
-          if (c >= ncols) continue;
-          const int64_t e = next[b * ncols + c]++;
-          cp.out[e] = static_cast<int32_t>(n);
-          // Past K the vector holds no weight: zeros, whatever the file says (X^T is zero there too).
-          for (int64_t j = 0; j < W && c * W + j < w.K; ++j) cp.values[e * W + j] = block[s * W + j];
-        }
-      }
-    }
-  }
+  each_part([&](int64_t slot, int64_t n, const float* part) {
+    const int64_t e = next[slot]++;
+    cp.out[e] = static_cast<int32_t>(n);
+    // Past K the vector holds no weight: zeros, whatever the file says (X^T is zero there too).
+    const int64_t valid = std::min(W, w.K - (slot % ncols) * W);
+    std::copy(part, part + valid, cp.values.get() + e * W);
+  });
   w.counted = PackedBytes(entries * W * static_cast<int64_t>(sizeof(float)));
   w.blocks.reset();  // the column pack replaces them
 }

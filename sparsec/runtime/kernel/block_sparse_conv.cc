@@ -77,7 +77,6 @@ namespace {
 
 constexpr int64_t kTile = 64;        // grid pixels per tile (4 zmm, 8 ymm)
 constexpr int kMaxMR = 6;            // output channels per tile (AVX-512: 6 x 4 accumulators)
-constexpr int64_t kSerialMacs = 1 << 20;
 
 struct ConvJob {
   const PackedWeight* w;
@@ -452,7 +451,7 @@ void block_sparse_conv2d(const PackedWeight& w, const ConvGeometry& g, const flo
   const int64_t Wq = direct ? W : ceil_div(W + g.pl + g.pr, g.sw);
   const int64_t plane = Hq * Wq;
   const int64_t image_stride = direct ? C * H * W : C * na * nb * plane;
-  const bool threads = parallel_for != nullptr && checked_mul(B * Ho * Wo, w.row_start[w.R] * w.BC * w.BR) >= kSerialMacs;
+  const bool threads = parallel_for != nullptr && checked_mul(B * Ho * Wo, w.row_start[w.R] * w.BC * w.BR) >= detail::kSerialMacs;
 
   thread_local detail::AlignedScratch<float> plane_buffer;
   const float* planes = x;

@@ -671,7 +671,7 @@ void run_task(void* data, size_t t) {
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height
 constexpr int64_t kTaskInputBytes = 256 * 1024;
-constexpr int64_t kSerialMacs = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32
+constexpr int64_t kSerialMacsInt8 = 1 << 21;     // int8 work is ~2-4x cheaper per MAC than fp32
 
 }  // namespace
 
@@ -691,7 +691,7 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   float* q_scale = q_scale_buffer.reserve(static_cast<size_t>(M));
   int32_t* q_zero = q_zero_buffer.reserve(static_cast<size_t>(M));
   const int64_t macs = M * w.row_start[w.R] * w.BR * w.BC;
-  const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
+  const bool threads = parallel_for != nullptr && macs >= kSerialMacsInt8;
 #if SPARSEC_X86
   const bool vector = isa == Isa::kAvx512 || isa == Isa::kAmx;
 #else

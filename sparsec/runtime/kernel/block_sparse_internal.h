@@ -124,6 +124,10 @@ void with_vectors(int64_t nv, Run&& run) {
   }
 }
 
+// Below about 1M multiply-adds (~5 us on one core) an fp32 call runs on the calling thread: waking
+// the pool costs more than the work (every fp32 path: block, row, column, convolution).
+constexpr int64_t kSerialMacs = 1 << 20;
+
 // Tasks per call: 4 per core (BERT-base on 2 cores: 8 tasks 8.69 ms, 16 8.85, 24 8.90, 2 9.07),
 // enough to balance the pool, few enough for long runs per task.
 constexpr int64_t kTasksPerCore = 4;

@@ -56,7 +56,6 @@ namespace {
 
 using namespace detail;  // NOLINT: the shared helpers of block_sparse_internal.h
 
-constexpr int64_t kSerialMacs = 1 << 20;  // as the block path: below this, no threads
 constexpr int64_t kAllPassesBytes = 512 * 1024;  // X^T up to this: every pass inside each task
 
 struct RowJob {
@@ -391,7 +390,7 @@ SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, i
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                        Isa isa, ParallelFor parallel_for, void* runner_state) {
 #if SPARSEC_X86
-  if (!w.columns.band_start.empty()) {
+  if (w.columns.active()) {
     block_sparse_columns(w, x, epilogue, y, M, parallel_for, runner_state);
     return;
   }
