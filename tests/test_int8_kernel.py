@@ -18,6 +18,7 @@ from tests.test_runtime_kernel import inputs, kernel_session, stock_session
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 BLOCKS = [(32, 32), (16, 16), (8, 32), (32, 8), (1, 4), (4, 1), (64, 64), (3, 5), (16, 1), (1, 16),
           (1, 1), (1, 3), (1, 8),  # one output high: the row path's 4-byte windows
+          (1, 12), (1, 32),        # and on VNNI by columns of 12 and 16 inputs (with 1x4, 1x8, 1x16)
           (16, 2), (32, 3),        # narrower than 4 (and [16, 1], [4, 1]): merged into 4-column windows
           (16, 128), (48, 16)]     # AMX: two 16-group chunks per block; a 16-output slice after a 32-output one
 
@@ -83,6 +84,17 @@ def test_every_path_matches_the_integer_reference(lib, isa, block, rows):
     x[0, :5] = [0.0, 1e-30, -3.0, 3.0, 0.5]
     bias = inputs((n,), seed=3)
     check_exact(lib, packed, x, isa, bias)
+
+
+@pytest.mark.parametrize("block", [(1, 16), (1, 12), (1, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("rows", [1, 33])
+def test_column_path_bands(lib, block, rows):
+    """VNNI takes row vectors [1, 4 j] by columns: 900 outputs make two bands of outputs (about 384
+    each), rows 1 and 33 one and three slices of 16 rows (the last partial); K = 203 cuts the last
+    column of inputs, and a block row with no vector leaves a band's outputs at the bias."""
+    packed = layer(900, 203, block, 0.2, seed=rows)
+    x = inputs((rows, 203), seed=rows + 1)
+    check_exact(lib, packed, x, "avx512", inputs((900,), seed=4))
 
 
 @pytest.mark.parametrize("isa", list(ISAS))

@@ -45,6 +45,15 @@ figures, and the measurement at export has the last word. On AVX2 the windows co
 weights do ([1, 16] 1.94 ms against 1.69 ms), on older CPUs they run a scalar loop; the
 measurement at export sees either.
 
+On VNNI, INT8 row vectors whose width is a multiple of 4 take the column path instead
+(block_sparse_int8_columns.cc), whose gain grows with the windows a column holds (W / 4 for columns
+of W = 16, 12, 8 or 4 inputs, the widest dividing BC). Measured on AMD Zen 4, one thread, against
+dense onnxruntime (`bench/peers.py --model linear --block B --threads 1 --engines kernel`): [1, 16]
+17.6x (12.6x in a noisier run), [1, 12] 11.5x, [1, 8] 12.3x, [1, 4] 7.2x; the estimates take about
+85% of those:
+
+    efficiency_int8(1, BC) = COLUMN_EFFICIENCY_INT8[W]    (BC a multiple of 4)
+
 Narrow blocks 16 or 32 outputs high ([16, 1], [32, 1], [16, 4], ...: BC < 16) read X from a packed
 panel where the inputs of one column for 16 rows are one cache line, so the per-block cost is small:
 
@@ -88,6 +97,7 @@ import torch
 PEAK_EFFICIENCY = 0.93   # calibrated: see the module docstring
 ROW_EFFICIENCY = 0.3     # the row path (BR = 1), likewise
 COLUMN_EFFICIENCY = {True: 0.73, False: 0.63}  # the column path ([1, 4 j]) by BC % 8 == 0, likewise
+COLUMN_EFFICIENCY_INT8 = {16: 1.5, 12: 1.0, 8: 1.0, 4: 0.65}  # INT8's column path by column width
 NARROW_EFFICIENCY = 0.5  # BR 16 or 32 with BC < 16 (packed panel), likewise
 DEFAULT_MIN_SPEEDUP = 1.5
 STOCK_EFFICIENCY = 0.4         # the function body's multiply-adds per dense one (calibrated above)
@@ -138,8 +148,13 @@ def block_stats(weight: torch.Tensor, block: tuple[int, int]) -> BlockStats:
 
 
 def row_efficiency_int8(bc: int) -> float:
-    """INT8 compute's row path (BR = 1) by block width: full 4-byte windows from BC = 8 on."""
-    return 0.6 if bc >= 8 else 0.45 if bc >= 4 else 0.22
+    """INT8 compute for blocks one output high by block width: the column path for row vectors
+    [1, 4 j] (its columns of 16, 12, 8 or 4 inputs, the widest dividing BC), else the row path's
+    4-byte windows."""
+    for width in (16, 12, 8, 4):
+        if bc % width == 0:
+            return COLUMN_EFFICIENCY_INT8[width]
+    return 0.45 if bc >= 4 else 0.22
 
 
 def efficiency(block: tuple[int, int], int8: bool = False) -> float:

@@ -64,18 +64,22 @@ LoopOrder select_order();
 inline bool slice_offsets_fit(int64_t K) { return K <= INT32_MAX / 16; }
 
 // Row vectors ([1, BC] with BC a multiple of 4) by columns of W inputs (W = 16, 12, 8 or 4, the
-// widest that divides BC) for AVX-512 (block_sparse_columns.cc): the outputs split into bands; for
-// each band and column, the outputs with a vector there, each with its W weights (zero past K).
-struct ColumnPack {
+// widest that divides BC) for AVX-512 (block_sparse_columns.cc, block_sparse_int8_columns.cc): the
+// outputs split into bands; for each band and column, the entries: the outputs with a vector there,
+// each with its W weights (zero past K). The index, shared by the fp32 and INT8 packs:
+struct ColumnIndex {
   int64_t W = 0;                    // inputs per column (0: no column pack, see active())
   int64_t ncols = 0;                // ceil(K / W)
   std::vector<int64_t> band_start;  // [bands + 1] output boundaries
   std::vector<int64_t> col_start;   // [bands * ncols + 1]: band b, column c holds entries
                                     // [col_start[b * ncols + c], col_start[b * ncols + c + 1])
   std::vector<int32_t> out;         // [entries] the output of each entry
-  FloatBuffer values;               // [entries][W], 64-byte aligned
   int64_t bands() const { return static_cast<int64_t>(band_start.size()) - 1; }
   bool active() const { return W > 0; }
+};
+
+struct ColumnPack : ColumnIndex {
+  FloatBuffer values;  // [entries][W] weights, 64-byte aligned
 };
 
 struct PackedWeight {
@@ -182,10 +186,19 @@ struct PackedInt8 {
   // Per output row, indexed r * BRp + i (padded rows are zero), 64 entries of slack for vector loads.
   std::vector<float> scales;
   std::vector<int32_t> colsum;
+  // Row vectors [1, 4 j] on VNNI, where pack_columns_int8 made it: then `blocks` holds each entry's
+  // W / 4 windows ([entries][W / 4] int32) in place of the row path's, and `cols` is released.
+  ColumnIndex columns;
   PackedBytes counted;  // this weight's share of packed_bytes_alive()
 
   const int8_t* block(int64_t b) const { return blocks.get() + b * BCq * BRp * 4; }
 };
+
+// Whether an INT8-compute weight runs faster by columns on `isa` (VNNI or AMX: row vectors
+// [1, 4 j]); pack_columns_int8 then repacks its windows so (block_sparse_int8_columns.cc) and
+// releases them: from then on it runs on VNNI only.
+bool columns_pay_int8(const PackedInt8& w, Isa isa);
+void pack_columns_int8(PackedInt8& w);
 
 // Best instruction set for INT8 compute: kAvx512 needs AVX-512 VNNI (and BW), kAvx2 AVX2; capped
 // like select_isa (SPARSEC_KERNEL_ISA).

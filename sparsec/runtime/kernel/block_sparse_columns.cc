@@ -38,30 +38,35 @@ namespace {
 constexpr int64_t kBandOutputs = 384;     // outputs per band, about (24 KB of sums in L1)
 constexpr int64_t kMaxBands = 64;
 
-// The widest column of 16, 12, 8 or 4 inputs that a vector splits into whole (0: none).
-int64_t column_width(const PackedWeight& w) {
+}  // namespace
+
+namespace detail {
+
+int64_t column_width(int64_t BC) {
   for (const int64_t width : {16, 12, 8, 4}) {
-    if (w.BC % width == 0) return width;
+    if (BC % width == 0) return width;
   }
   return 0;
 }
 
-}  // namespace
+void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int64_t>& row_start) {
+  ci.W = W;
+  ci.ncols = ceil_div(K, W);
+  const int64_t outputs = static_cast<int64_t>(row_start.size()) - 1;
+  ci.band_start = balanced_groups(row_start, std::clamp<int64_t>(outputs / kBandOutputs, 1, kMaxBands));
+}
+
+}  // namespace detail
 
 bool columns_pay(const PackedWeight& w, Isa isa) {
-  return isa == Isa::kAvx512 && w.BR == 1 && column_width(w) > 0 && w.N <= INT32_MAX && w.blocks != nullptr;
+  return isa == Isa::kAvx512 && w.BR == 1 && column_width(w.BC) > 0 && w.N <= INT32_MAX && w.blocks != nullptr;
 }
 
 void pack_columns(PackedWeight& w) {
   ColumnPack& cp = w.columns;
-  const int64_t W = column_width(w);
-  cp.W = W;
-  cp.ncols = ceil_div(w.K, W);
-  const int64_t bands = std::clamp<int64_t>(w.N / kBandOutputs, 1, kMaxBands);
-  cp.band_start = balanced_groups(w.row_start, bands);  // one output per block row
-  const int64_t ncols = cp.ncols, per_block = w.BC / W;
-  // visit(slot, n, weights): each W-wide part of each kept vector, band by band and output by output,
-  // with slot = band * ncols + its column; parts wholly past K hold nothing and are skipped.
+  begin_columns(cp, column_width(w.BC), w.K, w.row_start);  // one output per block row
+  const int64_t W = cp.W, ncols = cp.ncols, per_block = w.BC / W;
+  // Each W-wide part of each kept vector is an entry; parts wholly past K hold nothing and are skipped.
   auto each_part = [&](auto&& visit) {
     for (int64_t b = 0; b < cp.bands(); ++b) {
       for (int64_t n = cp.band_start[b]; n < cp.band_start[b + 1]; ++n) {
@@ -73,22 +78,14 @@ void pack_columns(PackedWeight& w) {
       }
     }
   };
-  // Count the entries of each (band, column), then place them: outputs ascend within each.
-  cp.col_start.assign(static_cast<size_t>(cp.bands() * ncols + 1), 0);
-  each_part([&](int64_t slot, int64_t, const float*) { ++cp.col_start[slot + 1]; });
-  for (size_t i = 1; i < cp.col_start.size(); ++i) cp.col_start[i] += cp.col_start[i - 1];
-  const int64_t entries = cp.col_start.back();
-  cp.out.assign(static_cast<size_t>(entries), 0);
-  cp.values = zeroed_floats(static_cast<size_t>(entries * W));
-  std::vector<int64_t> next(cp.col_start.begin(), cp.col_start.end() - 1);
-  each_part([&](int64_t slot, int64_t n, const float* part) {
-    const int64_t e = next[slot]++;
-    cp.out[e] = static_cast<int32_t>(n);
+  const auto allocate = [&](int64_t entries) { cp.values = zeroed_floats(static_cast<size_t>(entries * W)); };
+  const auto place = [&](int64_t e, int64_t slot, const float* part) {
     // Past K the vector holds no weight: zeros, whatever the file says (X^T is zero there too).
     const int64_t valid = std::min(W, w.K - (slot % ncols) * W);
     std::copy(part, part + valid, cp.values.get() + e * W);
-  });
-  w.counted = PackedBytes(entries * W * static_cast<int64_t>(sizeof(float)));
+  };
+  lay_out_columns(cp, each_part, allocate, place);
+  w.counted = PackedBytes(static_cast<int64_t>(cp.out.size()) * W * static_cast<int64_t>(sizeof(float)));
   w.blocks.reset();  // the column pack replaces them
 }
 

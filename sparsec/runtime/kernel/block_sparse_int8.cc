@@ -27,10 +27,6 @@
 #include "block_sparse.h"
 #include "block_sparse_internal.h"
 
-#if SPARSEC_X86
-#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
-#endif
-
 namespace sparsec {
 
 using namespace detail;  // NOLINT
@@ -738,7 +734,9 @@ void block_sparse_linear_int8(const PackedInt8& w, const float* x, const Epilogu
   if (w.windows) {
     const QuantizedX xq{q_data, ld, q_scale, q_zero};
 #if SPARSEC_X86
-    if (fp32_isa == Isa::kAvx512 || fp32_isa == Isa::kAvx2) {
+    if (w.columns.active()) {  // packed for VNNI (columns_pay_int8), the call's isa too
+      windows_columns(w, xq, M, ep, y, raw, threads, parallel_for, runner_state);
+    } else if (fp32_isa == Isa::kAvx512 || fp32_isa == Isa::kAvx2) {
       windows_simd(w, xq, M, ep, y, raw, fp32_isa, threads, parallel_for, runner_state);
     } else {
       windows_scalar(w, xq, M, ep, y, raw);

@@ -1,5 +1,6 @@
 // INT8 compute for blocks one output high (BR == 1: unstructured masks, [1, BC] row vectors): the
-// row path of block_sparse_rows.cc with VNNI. The block path vectorises over 16 outputs of a block
+// row path of block_sparse_rows.cc with VNNI. (On VNNI, row vectors [1, 4 j] are repacked for the
+// column path, block_sparse_int8_columns.cc, which reuses this file's windows and XW.) The block path vectorises over 16 outputs of a block
 // row, so one output would fill 1 of 16 lanes (a [1, 16] BERT-base ran at 1.1x dense). Here:
 //
 // Weights as windows. Each output row n keeps its weights as 4-byte windows: a window is a group of
@@ -34,10 +35,6 @@
 
 #include "block_sparse.h"
 #include "block_sparse_internal.h"
-
-#if SPARSEC_X86
-#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-#endif
 
 namespace sparsec {
 namespace detail {
@@ -119,9 +116,11 @@ namespace {
 constexpr int kMaxVectors = 8;  // vectors of 16 rows of X per pass: 128 rows
 
 struct WindowJob {
-  const uint8_t* q;  // quantized X, rows ld bytes apart, 64 bytes of slack after the last
-  int64_t M, Mp, K, ld;
-  int32_t* xw;       // [ceil(K / 4)][Mp]
+  const uint8_t* q;  // quantized X, rows ld bytes apart, zero past K, 64 bytes of slack after the last
+  int64_t M, ld;
+  int64_t J;         // windows per row of XW
+  int64_t js, ss;    // int32 between windows j and j + 1 of a row, between slices of 16 rows
+  int32_t* xw;
 };
 
 // Task t: rows [16 t, 16 t + 16) of the quantized X into XW. One 64-byte load of a row at column k0
@@ -131,15 +130,16 @@ SPARSEC_VNNI void windows_task(void* data, size_t t) {
   const WindowJob& job = *static_cast<const WindowJob*>(data);
   const int64_t m0 = static_cast<int64_t>(t) * 16;
   const int64_t rows = std::min<int64_t>(16, job.M - m0);
-  for (int64_t k0 = 0; k0 < job.K; k0 += 64) {
+  int32_t* xw = job.xw + static_cast<int64_t>(t) * job.ss;
+  for (int64_t k0 = 0; k0 < 4 * job.J; k0 += 64) {
     __m512 r[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
       r[i] = i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(job.q + (m0 + i) * job.ld + k0)) : _mm512_setzero_ps();
     }
     transpose16(r);  // r[i]: the window at k0 + 4 i of the 16 rows
-    for (int64_t i = 0; i < 16 && k0 + 4 * i < job.K; ++i) {
-      _mm512_store_si512(job.xw + (k0 / 4 + i) * job.Mp + m0, _mm512_castps_si512(r[i]));
+    for (int64_t i = 0; i < 16 && k0 / 4 + i < job.J; ++i) {
+      _mm512_store_si512(xw + (k0 / 4 + i) * job.js, _mm512_castps_si512(r[i]));
     }
   }
 }
@@ -148,11 +148,11 @@ SPARSEC_VNNI void windows_task(void* data, size_t t) {
 void windows_task_scalar(void* data, size_t t) {
   const WindowJob& job = *static_cast<const WindowJob*>(data);
   const int64_t m0 = static_cast<int64_t>(t) * 16;
-  for (int64_t k = 0; k < job.K; k += 4) {
-    int32_t* out = job.xw + k / 4 * job.Mp + m0;
+  for (int64_t j = 0; j < job.J; ++j) {
+    int32_t* out = job.xw + static_cast<int64_t>(t) * job.ss + j * job.js;
     for (int64_t i = 0; i < 16; ++i) {
       int32_t v = 0;
-      if (m0 + i < job.M) std::memcpy(&v, job.q + (m0 + i) * job.ld + k, 4);
+      if (m0 + i < job.M) std::memcpy(&v, job.q + (m0 + i) * job.ld + 4 * j, 4);
       out[i] = v;
     }
   }
@@ -300,36 +300,45 @@ void row_task(void* data, size_t t) {
 
 }  // namespace
 
-void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y, int32_t* raw,
-                  Isa isa, bool threads, ParallelFor parallel_for, void* runner_state) {
-  const bool vnni = isa == Isa::kAvx512;
-  const int64_t Mp = ceil_div(M, 16) * 16;
-  // XW and the padded row parameters live in buffers of the calling thread, reused across calls.
-  thread_local AlignedScratch<int32_t> xw_buffer;
-  thread_local AlignedScratch<float> scale_buffer;
+const int32_t* transpose_windows(const QuantizedX& xq, int64_t M, int64_t Mp, int64_t J, bool slices, bool vnni,
+                                 bool threads, ParallelFor parallel_for, void* runner_state) {
+  thread_local AlignedScratch<int32_t> xw_buffer;  // reused across calls
+  int32_t* xw = xw_buffer.reserve(static_cast<size_t>(J * Mp));
+  WindowJob job{xq.data, M, xq.ld, J, slices ? 16 : Mp, slices ? 16 * J : 16, xw};
+  const size_t transposes = static_cast<size_t>(Mp / 16);
+  void (*build)(void*, size_t) = vnni ? windows_task : windows_task_scalar;
+  if (threads && transposes > 1) {
+    parallel_for(runner_state, build, transposes, &job);
+  } else {
+    for (size_t t = 0; t < transposes; ++t) build(&job, t);
+  }
+  return xw;
+}
+
+QuantizedX padded_row_parameters(const QuantizedX& xq, int64_t M, int64_t Mp) {
+  thread_local AlignedScratch<float> scale_buffer;  // reused across calls
   thread_local AlignedScratch<int32_t> zero_buffer;
-  int32_t* xw = xw_buffer.reserve(static_cast<size_t>(ceil_div(w.K, 4) * Mp));
   float* scale = scale_buffer.reserve(static_cast<size_t>(Mp));
   int32_t* zero = zero_buffer.reserve(static_cast<size_t>(Mp));
   std::copy(xq.scale, xq.scale + M, scale);
   std::copy(xq.zero, xq.zero + M, zero);
   std::fill(scale + M, scale + Mp, 0.0f);
   std::fill(zero + M, zero + Mp, 0);
-  WindowJob wjob{xq.data, M, Mp, w.K, xq.ld, xw};
-  const size_t transposes = static_cast<size_t>(Mp / 16);
-  void (*build)(void*, size_t) = vnni ? windows_task : windows_task_scalar;
-  if (threads && transposes > 1) {
-    parallel_for(runner_state, build, transposes, &wjob);
-  } else {
-    for (size_t t = 0; t < transposes; ++t) build(&wjob, t);
-  }
+  return QuantizedX{xq.data, xq.ld, scale, zero};
+}
+
+void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y, int32_t* raw,
+                  Isa isa, bool threads, ParallelFor parallel_for, void* runner_state) {
+  const bool vnni = isa == Isa::kAvx512;
+  const int64_t Mp = ceil_div(M, 16) * 16;
+  const int32_t* xw = transpose_windows(xq, M, Mp, ceil_div(w.K, 4), false, vnni, threads, parallel_for, runner_state);
   const int64_t rows_per_task = (vnni ? 16 : 8) * kMaxVectors;
   const int64_t row_tasks = ceil_div(M, rows_per_task);
   static const int64_t target_tasks = kTasksPerCore * std::max<int64_t>(2, std::thread::hardware_concurrency());
   const int64_t groups = std::min(w.N, std::max<int64_t>(1, ceil_div(target_tasks, row_tasks)));
   Epilogue e = ep;
   e.y = y;
-  RowJob job{&w, xw, Mp, QuantizedX{xq.data, xq.ld, scale, zero}, e, y, raw, M, rows_per_task,
+  RowJob job{&w, xw, Mp, padded_row_parameters(xq, M, Mp), e, y, raw, M, rows_per_task,
              balanced_groups(w.row_start, groups)};
   const size_t total = static_cast<size_t>(row_tasks * (static_cast<int64_t>(job.group_start.size()) - 1));
   void (*task)(void*, size_t) = vnni ? row_task<true> : row_task<false>;

@@ -20,6 +20,7 @@
 #define SPARSEC_X86 1
 #define SPARSEC_AVX512 __attribute__((target("avx512f,fma")))
 #define SPARSEC_AVX2 __attribute__((target("avx2,fma")))
+#define SPARSEC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define SPARSEC_INLINE inline __attribute__((always_inline))
 #else
 #define SPARSEC_X86 0
@@ -154,6 +155,30 @@ bool row_path(const PackedWeight& w, Isa isa);
 // calling thread (valid until its next call), on the pool when `threads`. AVX-512 or AVX2.
 const float* transpose_slices(const float* x, int64_t M, int64_t K, int64_t Kp, bool avx512, bool threads,
                               ParallelFor parallel_for, void* runner_state);
+// The column packs (block_sparse_columns.cc, block_sparse_int8_columns.cc). W: inputs per column,
+// the widest of 16, 12, 8 and 4 that divides a row vector's width BC (0: none).
+int64_t column_width(int64_t BC);
+// Sets W, ncols = ceil(K / W) and the bands (the outputs split by the cost of `row_start`, about
+// kBandOutputs each) of `ci`.
+void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int64_t>& row_start);
+// Lays out the entries that each_entry(visit) reports by visit(slot, n, source), band by band and
+// output by output (slot = band * ncols + column): counts them, calls allocate(entries), then
+// place(e, slot, source) for each, entry e of output ci.out[e]. Outputs ascend within a slot.
+template <class EachEntry, class Allocate, class Place>
+void lay_out_columns(ColumnIndex& ci, EachEntry&& each_entry, Allocate&& allocate, Place&& place) {
+  ci.col_start.assign(static_cast<size_t>(ci.bands() * ci.ncols + 1), 0);
+  each_entry([&](int64_t slot, int64_t, const auto&) { ++ci.col_start[static_cast<size_t>(slot + 1)]; });
+  for (size_t i = 1; i < ci.col_start.size(); ++i) ci.col_start[i] += ci.col_start[i - 1];
+  const int64_t entries = ci.col_start.back();
+  ci.out.assign(static_cast<size_t>(entries), 0);
+  allocate(entries);
+  std::vector<int64_t> next(ci.col_start.begin(), ci.col_start.end() - 1);
+  each_entry([&](int64_t slot, int64_t n, const auto& source) {
+    const int64_t e = next[static_cast<size_t>(slot)]++;
+    ci.out[static_cast<size_t>(e)] = static_cast<int32_t>(n);
+    place(e, slot, source);
+  });
+}
 // The column path (block_sparse_columns.cc): weights that pack_columns repacked, AVX-512.
 void block_sparse_columns(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                           ParallelFor parallel_for, void* runner_state);
@@ -175,9 +200,21 @@ std::string pack_windows_int8(const BlockInputs& in, int64_t N, int64_t K, Packe
 void windows_scalar(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
                     int32_t* raw);
 #if SPARSEC_X86
+// The quantized X as windows XW, int32, XW[j][m] = the bytes xq[m, 4 j .. 4 j + 3] for j < J (zero
+// past K), in a buffer of the calling thread (valid until its next call), on the pool when `threads`:
+// window-major ([J][Mp], the row path) or by slices of 16 rows ([Mp / 16][J][16], the column path).
+// Mp >= M, a multiple of 16; rows past M are zero. VNNI transposes 16 x 16, else one load per window.
+const int32_t* transpose_windows(const QuantizedX& xq, int64_t M, int64_t Mp, int64_t J, bool slices, bool vnni,
+                                 bool threads, ParallelFor parallel_for, void* runner_state);
+// The rows' scales and zero points copied into buffers of the calling thread padded to Mp (scale 0,
+// zero 0 past M), for vector loads; `data` and `ld` as in xq.
+QuantizedX padded_row_parameters(const QuantizedX& xq, int64_t M, int64_t Mp);
 // isa: kAvx512 (VNNI) or kAvx2.
 void windows_simd(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y, int32_t* raw,
                   Isa isa, bool threads, ParallelFor parallel_for, void* runner_state);
+// The INT8 column path (block_sparse_int8_columns.cc), VNNI: weights that pack_columns_int8 repacked.
+void windows_columns(const PackedInt8& w, const QuantizedX& xq, int64_t M, const Epilogue& ep, float* y,
+                     int32_t* raw, bool threads, ParallelFor parallel_for, void* runner_state);
 #endif
 
 float activate_scalar(float v, Activation act);

@@ -147,7 +147,7 @@ struct Weight {
 };
 
 // `inputs` holds one OrtValue per op input (null where absent). Packs the weight into `out`, for the
-// fp32 path by columns where that pays on `isa` (a linear's row vectors on AVX-512).
+// fp32 path or INT8 compute by columns where that pays on `isa` (a linear's row vectors on AVX-512).
 OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K, bool int8_compute, bool conv,
                             sparsec::Isa isa, Weight& out) {
   TensorView values, cols, nnz, scales;
@@ -162,6 +162,7 @@ OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K,
                                          : sparsec::pack_weight(in, N, K, out.fp32);
   if (!error.empty()) return fail(error);
   if (!int8_compute && !conv && sparsec::columns_pay(out.fp32, isa)) sparsec::pack_columns(out.fp32);
+  if (int8_compute && sparsec::columns_pay_int8(out.int8, isa)) sparsec::pack_columns_int8(out.int8);
   return nullptr;
 }
 
@@ -907,6 +908,7 @@ SPARSEC_EXPORT int SparsecInt8Linear(const int8_t* values, const float* scales, 
     sparsec::PackedInt8 w;
     std::string message = sparsec::pack_weight_int8(in, dims[4], dims[5], w);
     if (message.empty()) {
+      if (sparsec::columns_pay_int8(w, isa_value)) sparsec::pack_columns_int8(w);  // as a node packs it
       sparsec::Epilogue ep;
       ep.bias = bias;
       sparsec::block_sparse_linear_int8(w, x, ep, y, M, isa_value, nullptr, nullptr, raw);
