@@ -1,7 +1,8 @@
 // INT8 compute for blocks one output high (BR == 1: unstructured masks, [1, BC] row vectors): the
 // row path of block_sparse_rows.cc with VNNI. (On VNNI, row vectors [1, 4 j] are repacked for the
-// column path, block_sparse_int8_columns.cc, which reuses this file's windows and XW.) The block path vectorises over 16 outputs of a block
-// row, so one output would fill 1 of 16 lanes (a [1, 16] BERT-base ran at 1.1x dense). Here:
+// column path, block_sparse_int8_columns.cc, which reuses this file's windows and XW.) The block
+// path vectorises over 16 outputs of a block row, so one output would fill 1 of 16 lanes (a [1, 16]
+// BERT-base ran at 1.1x dense). Here:
 //
 // Weights as windows. Each output row n keeps its weights as 4-byte windows: a window is a group of
 // 4 columns k..k+3 with k a multiple of 4 that holds a kept weight, W[n, k..k+3] (zero where not
