@@ -73,7 +73,7 @@ struct ColumnIndex {
   std::vector<int64_t> band_start;  // [bands + 1] output boundaries
   std::vector<int64_t> col_start;   // [bands * ncols + 1]: band b, column c holds entries
                                     // [col_start[b * ncols + c], col_start[b * ncols + c + 1])
-  std::vector<int32_t> out;         // [entries] the output of each entry
+  std::vector<int32_t> out;         // [entries] 16 x (each entry's output - its band's first)
   int64_t bands() const { return static_cast<int64_t>(band_start.size()) - 1; }
   bool active() const { return W > 0; }
 };

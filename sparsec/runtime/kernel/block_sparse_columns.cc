@@ -59,7 +59,7 @@ void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int6
 }  // namespace detail
 
 bool columns_pay(const PackedWeight& w, Isa isa) {
-  return isa == Isa::kAvx512 && w.BR == 1 && column_width(w.BC) > 0 && w.N <= INT32_MAX && w.blocks != nullptr;
+  return isa == Isa::kAvx512 && w.BR == 1 && column_width(w.BC) > 0 && w.N <= INT32_MAX / 16 && w.blocks != nullptr;
 }
 
 void pack_columns(PackedWeight& w) {
@@ -100,23 +100,22 @@ struct ColumnJob {
   int64_t M;
 };
 
-// acc[i] += sum over j < W of weight[i][j] * x[j] for G entries from e (their sums at sums + 16 *
-// (output - first)).
+// acc[i] += sum over j < W of weight[i][j] * x[j] for G entries from e (their sums at sums + out[i]:
+// band-local offsets, one sub and shift fewer per entry than output indices, 0.97-1.0x the time).
 template <int W, int G>
-SPARSEC_AVX512 SPARSEC_INLINE void add_entries(const ColumnPack& cp, int64_t e, const __m512 (&x)[W], float* sums,
-                                               int64_t first) {
+SPARSEC_AVX512 SPARSEC_INLINE void add_entries(const ColumnPack& cp, int64_t e, const __m512 (&x)[W], float* sums) {
   const float* v = cp.values.get() + e * W;
   const int32_t* out = cp.out.data() + e;
   __m512 acc[G];
 #pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) acc[i] = _mm512_load_ps(sums + 16 * (out[i] - first));
+  for (int i = 0; i < G; ++i) acc[i] = _mm512_load_ps(sums + out[i]);
 #pragma GCC unroll 16
   for (int j = 0; j < W; ++j) {
 #pragma GCC unroll 8
     for (int i = 0; i < G; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(v[i * W + j]), x[j], acc[i]);
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < G; ++i) _mm512_store_ps(sums + 16 * (out[i] - first), acc[i]);
+  for (int i = 0; i < G; ++i) _mm512_store_ps(sums + out[i], acc[i]);
 }
 
 // Task t: slice t / bands (16 rows of X), band t % bands.
@@ -144,12 +143,12 @@ SPARSEC_AVX512 void column_task(void* data, size_t t) {
     __m512 x[W];
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) x[j] = _mm512_load_ps(xs + (c * W + j) * 16);
-    for (; e + 8 <= end; e += 8) add_entries<W, 8>(cp, e, x, sums, first);
+    for (; e + 8 <= end; e += 8) add_entries<W, 8>(cp, e, x, sums);
     if (e + 4 <= end) {
-      add_entries<W, 4>(cp, e, x, sums, first);
+      add_entries<W, 4>(cp, e, x, sums);
       e += 4;
     }
-    for (; e < end; ++e) add_entries<W, 1>(cp, e, x, sums, first);
+    for (; e < end; ++e) add_entries<W, 1>(cp, e, x, sums);
   }
   const int64_t rows = std::min<int64_t>(16, job.M - m0);
   float* y = job.y + m0 * w.N;

@@ -163,7 +163,8 @@ int64_t column_width(int64_t BC);
 void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int64_t>& row_start);
 // Lays out the entries that each_entry(visit) reports by visit(slot, n, source), band by band and
 // output by output (slot = band * ncols + column): counts them, calls allocate(entries), then
-// place(e, slot, source) for each, entry e of output ci.out[e]. Outputs ascend within a slot.
+// place(e, slot, source) for each. ci.out[e] is where entry e's output n keeps its sums in its band's
+// buffer of 16 rows per output: 16 (n - the band's first output). Outputs ascend within a slot.
 template <class EachEntry, class Allocate, class Place>
 void lay_out_columns(ColumnIndex& ci, EachEntry&& each_entry, Allocate&& allocate, Place&& place) {
   ci.col_start.assign(static_cast<size_t>(ci.bands() * ci.ncols + 1), 0);
@@ -175,7 +176,7 @@ void lay_out_columns(ColumnIndex& ci, EachEntry&& each_entry, Allocate&& allocat
   std::vector<int64_t> next(ci.col_start.begin(), ci.col_start.end() - 1);
   each_entry([&](int64_t slot, int64_t n, const auto& source) {
     const int64_t e = next[static_cast<size_t>(slot)]++;
-    ci.out[static_cast<size_t>(e)] = static_cast<int32_t>(n);
+    ci.out[static_cast<size_t>(e)] = static_cast<int32_t>((n - ci.band_start[slot / ci.ncols]) * 16);
     place(e, slot, source);
   });
 }
