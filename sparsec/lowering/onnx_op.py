@@ -40,8 +40,9 @@ reduction="add" is wrong with 2 threads in onnxruntime 1.32).
 INT8 compute (overloads "int8dq_...", attribute compute="int8") does in standard ops what the kernel
 does (sparsec/runtime/kernel/block_sparse.h): X [M, K] quantized per row to uint8 with a zero
 point (the formula of DynamicQuantizeLinear, per row: ReduceMin/ReduceMax, Round, Clip, Cast),
-the same gather, MatMulInteger(uint8, int8) -> int32 [R, M, BR], minus zero point x the weights'
-column sums (ReduceSum of the int8 values) in int32, then Cast and the two scales in float32.
+the same gather, MatMulInteger(uint8, uint8: the int8 weights shifted by 128, zero point 128, as
+onnxruntime's uint8 x int8 GEMM saturates on x86 without VNNI) -> int32 [R, M, BR], minus zero
+point x the weights' column sums (ReduceSum of the int8 values) in int32, then Cast and the two scales in float32.
 """
 from __future__ import annotations
 
@@ -231,7 +232,14 @@ def function_proto(variant: Variant, opset: int = ONNX_OPSET) -> onnx.FunctionPr
     wt = b.op("Transpose", weight, perm=[0, 1, 3, 2])                               # [R, S, BC, BR]
     wt = b.op("Reshape", wt, b.op("Concat", rows, minus_one, br, axis=0))           # [R, S*BC, BR]
     if variant.int8_compute:
-        yr = b.op("MatMulInteger", xg, wt)                                          # int32 [R, M, BR]
+        # uint8 x uint8: the weights shifted by 128 with zero point 128. onnxruntime's uint8 x int8
+        # GEMM on x86 without VNNI (AVX2, AVX-512 BW) adds pairs of products in int16 with
+        # saturation (vpmaddubsw) and answers wrongly when they pass 32767; its uint8 x uint8 GEMM
+        # widens first and is exact everywhere. The shift is on constants: folded at load.
+        shift = b.op("Constant", value=helper.make_tensor("shift", TensorProto.INT32, [], [128]))
+        wu = b.op("Cast", b.op("Add", b.op("Cast", wt, to=TensorProto.INT32), shift), to=TensorProto.UINT8)
+        w_zero = b.op("Constant", value=helper.make_tensor("w_zero", TensorProto.UINT8, [], [128]))
+        yr = b.op("MatMulInteger", xg, wu, "", w_zero)                              # int32 [R, M, BR]
         colsum = b.op("ReduceSum", b.op("Cast", "values", to=TensorProto.INT32), b.ints([1, 3]), keepdims=0)
         zp = b.op("Unsqueeze", b.op("Cast", x_zero, to=TensorProto.INT32), b.ints([0]))  # [1, M, 1]
         yr = b.op("Sub", yr, b.op("Mul", zp, b.op("Unsqueeze", colsum, b.ints([1]))))  # exact, int32
