@@ -257,6 +257,21 @@ void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncol
   }
 }
 
+#if SPARSEC_X86
+SPARSEC_AVX2 void finish_tile_avx2(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy) {
+  if (ep.act == Activation::kNone && ep.residual == nullptr) return;
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t i = 0; i < ncols; i += 8) {
+      const __m256i mask = lane_mask8(ncols - i);
+      __m256 v = activate256(_mm256_maskload_ps(y + m * ldy + i, mask), ep.act);
+      if (res != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(res + m * ldy + i, mask));
+      _mm256_maskstore_ps(y + m * ldy + i, mask, v);
+    }
+  }
+}
+#endif
+
 }  // namespace detail
 
 namespace {
@@ -690,11 +705,6 @@ void block_rows_packed_avx512(const PackedWeight& w, int64_t r0, int64_t r1, con
 // ------------------------------------------------------------------------------------------------
 // AVX2: a tile is MR rows x 16 columns (two ymm); 16 ymm registers hold 12 accumulators + 2 weights.
 
-SPARSEC_AVX2 SPARSEC_INLINE __m256i lane_mask8(int64_t n) {
-  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 template <int MR>
 SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t mr, int64_t ncols,
                                                  const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
@@ -704,12 +714,16 @@ SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t m
     mask[v] = lane_mask8(ncols - 8 * v);
     b[v] = ep.bias ? _mm256_maskload_ps(ep.bias + col + 8 * v, mask[v]) : _mm256_setzero_ps();
   }
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
-    for (int v = 0; v < 2; ++v) _mm256_maskstore_ps(y + m * ldy + 8 * v, mask[v], _mm256_add_ps(acc[m][v], b[v]));
+    for (int v = 0; v < 2; ++v) {
+      __m256 out = activate256(_mm256_add_ps(acc[m][v], b[v]), ep.act);
+      if (res != nullptr) out = _mm256_add_ps(out, _mm256_maskload_ps(res + m * ldy + 8 * v, mask[v]));
+      _mm256_maskstore_ps(y + m * ldy + 8 * v, mask[v], out);
+    }
   }
-  finish_tile_scalar(ep, y, std::min<int64_t>(mr, MR), std::min<int64_t>(ncols, 16), ldy);
 }
 
 template <int MR>
@@ -898,6 +912,33 @@ SPARSEC_AVX512 void layer_norm_row_avx512(float* row, int64_t n, const Epilogue&
     _mm512_mask_storeu_ps(row + i, m, _mm512_fmadd_ps(d, scale, shift));
   }
 }
+
+SPARSEC_AVX2 SPARSEC_INLINE float sum8(__m256 v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+SPARSEC_AVX2 void layer_norm_row_avx2(float* row, int64_t n, const Epilogue& ep) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_maskload_ps(row + i, lane_mask8(n - i)));
+  const __m256 mean = _mm256_set1_ps(sum8(acc) / static_cast<float>(n));
+  acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 keep = _mm256_castsi256_ps(lane_mask8(n - i));
+    const __m256 d = _mm256_and_ps(keep, _mm256_sub_ps(_mm256_maskload_ps(row + i, lane_mask8(n - i)), mean));
+    acc = _mm256_fmadd_ps(d, d, acc);
+  }
+  const float var = sum8(acc) / static_cast<float>(n);
+  const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + ep.ln_epsilon));
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i m = lane_mask8(n - i);
+    const __m256 scale = _mm256_mul_ps(rstd, _mm256_maskload_ps(ep.ln_scale + i, m));
+    const __m256 shift = ep.ln_bias ? _mm256_maskload_ps(ep.ln_bias + i, m) : _mm256_setzero_ps();
+    const __m256 d = _mm256_sub_ps(_mm256_maskload_ps(row + i, m), mean);
+    _mm256_maskstore_ps(row + i, m, _mm256_fmadd_ps(d, scale, shift));
+  }
+}
 #endif
 
 struct LayerNormJob {
@@ -915,6 +956,10 @@ void layer_norm_task(void* data, size_t t) {
 #if SPARSEC_X86
     if (job.isa == Isa::kAvx512) {
       layer_norm_row_avx512(job.y + m * job.N, job.N, *job.ep);
+      continue;
+    }
+    if (job.isa == Isa::kAvx2) {
+      layer_norm_row_avx2(job.y + m * job.N, job.N, *job.ep);
       continue;
     }
 #endif

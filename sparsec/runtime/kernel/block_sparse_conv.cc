@@ -230,11 +230,6 @@ SPARSEC_AVX512 void tile_avx512(const ConvJob& job, int64_t r, int64_t i0, const
   }
 }
 
-SPARSEC_AVX2 SPARSEC_INLINE __m256i lanes8(int64_t n) {
-  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // AVX2 (16 ymm registers): MR <= 2 output channels x 4 vectors of 8 pixels, the tile in two halves.
 template <int MR>
 SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, const float* xb, int64_t npx,
@@ -244,7 +239,7 @@ SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, cons
   __m256i mask[NV];
   __m256 acc[MR][NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) mask[v] = lanes8(npx - 8 * v);
+  for (int v = 0; v < NV; ++v) mask[v] = detail::lane_mask8(npx - 8 * v);
 #pragma GCC unroll 2
   for (int i = 0; i < MR; ++i) {
     const __m256 b = _mm256_set1_ps(job.bias ? job.bias[r * w.BR + i0 + i] : 0.0f);

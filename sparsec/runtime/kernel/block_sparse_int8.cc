@@ -587,7 +587,7 @@ SPARSEC_AVX2 void tile_avx2(const PackedInt8& w, int64_t r, int64_t o0, int64_t 
     }
     store_sums(exact, width, m, col, pcol, xq, w, ep, y, raw);
   }
-  if (raw == nullptr) finish_tile_scalar(ep, y + col, std::min<int64_t>(mr, MR), width, w.N);
+  if (raw == nullptr) finish_tile_avx2(ep, y + col, std::min<int64_t>(mr, MR), width, w.N);
 }
 
 void block_rows_avx2(const PackedInt8& w, int64_t r0, int64_t r1, const QuantizedX& xq, int64_t rows,

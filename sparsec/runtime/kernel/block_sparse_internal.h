@@ -353,6 +353,70 @@ SPARSEC_AVX512 SPARSEC_INLINE void store_sums16(__m512i sums, __mmask16 mask, __
   if (ep.residual != nullptr) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, ep.residual + (y_at - ep.y)));
   _mm512_mask_storeu_ps(y_at, mask, out);
 }
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: the same epilogue on 8 lanes.
+
+// Lanes [0, n) of 8 (n clamped to [0, 8]), for vmaskmovps.
+SPARSEC_AVX2 SPARSEC_INLINE __m256i lane_mask8(int64_t n) {
+  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// exp(x) as exp512, with 2^n put into the exponent bits (AVX2 has no vscalefps): x clamped to
+// [-87, 88] keeps n in [-126, 127], a normal float.
+SPARSEC_AVX2 SPARSEC_INLINE __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// gelu(v) = max(v, 0) + h(|v|), h(a) = -a erfc(a / sqrt(2)) / 2 as in gelu512, without its table
+// (AVX2 permutes 8 floats, not 32): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), P of degree 9
+// (the Chebyshev fit of Press et al., Numerical Recipes, 6.2 "erfcc": relative error below 1.2e-7).
+// |v| above 10 takes h(10) = -8e-23. Measured in float over [0, 10]: |error of h| <= 7.8e-8.
+SPARSEC_AVX2 SPARSEC_INLINE __m256 gelu256(__m256 v) {
+  // min(C, |v|): vminps returns its second operand when either is NaN, so a NaN stays NaN.
+  const __m256 a = _mm256_min_ps(_mm256_set1_ps(10.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+  const __m256 z = _mm256_mul_ps(a, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  static constexpr float kP[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
+                                   0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+  __m256 p = _mm256_set1_ps(kP[9]);
+#pragma GCC unroll 9
+  for (int d = 8; d >= 0; --d) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kP[d]));
+  const __m256 e = exp256(_mm256_fnmadd_ps(z, z, p));
+  const __m256 h = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(a, _mm256_set1_ps(-0.5f)), t), e);
+  return _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), h);  // a NaN v is NaN in h
+}
+
+// gelu_tanh(v) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3), as gelu_tanh512.
+SPARSEC_AVX2 SPARSEC_INLINE __m256 gelu_tanh256(__m256 v) {
+  const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+  const __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(v3, _mm256_set1_ps(0.044715f), v), _mm256_set1_ps(-1.5957691216057308f));
+  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(u)));
+}
+
+SPARSEC_AVX2 SPARSEC_INLINE __m256 activate256(__m256 v, Activation act) {
+  if (act == Activation::kGelu) return gelu256(v);
+  if (act == Activation::kGeluTanh) return gelu_tanh256(v);
+  if (act == Activation::kRelu) return _mm256_max_ps(_mm256_setzero_ps(), v);  // max(0, NaN) = NaN
+  return v;
+}
+
+// finish_tile_scalar on 8 lanes: the activation, then the residual, over a stored tile.
+void finish_tile_avx2(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy);
 #endif  // SPARSEC_X86
 
 // Rows of X quantized on demand (block_sparse_int8.cc): ensure_tile makes tile t ready, quantizing it

@@ -185,11 +185,6 @@ SPARSEC_AVX2 SPARSEC_INLINE void transpose8(__m256 (&r)[8]) {
   }
 }
 
-SPARSEC_AVX2 SPARSEC_INLINE __m256i lanes8(int64_t n) {
-  const int32_t k = static_cast<int32_t>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [Kp][16], by 8 x 8 transposes.
 SPARSEC_AVX2 void transpose_task_avx2(void* data, size_t t) {
   const TransposeJob& job = *static_cast<const TransposeJob*>(data);
@@ -199,7 +194,7 @@ SPARSEC_AVX2 void transpose_task_avx2(void* data, size_t t) {
     const int64_t m0 = static_cast<int64_t>(t) * 16 + 8 * h;
     const int64_t rows = std::min<int64_t>(8, job.M - m0);
     for (int64_t k0 = 0; k0 < job.K; k0 += 8) {
-      const __m256i cols = lanes8(job.K - k0);
+      const __m256i cols = lane_mask8(job.K - k0);
       __m256 r[8];
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
@@ -374,7 +369,7 @@ SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n
 }
 SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
                                    int64_t N, const Epilogue& ep, float* y) {
-  const __m256i outs = lanes8(count);
+  const __m256i outs = lane_mask8(count);
   for (int64_t v = 0; v < nv; ++v) {
     __m256 r[8];
 #pragma GCC unroll 8
@@ -382,7 +377,7 @@ SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, i
     transpose8(r);
     const int64_t valid = std::min<int64_t>(8, rows - 8 * v);
     for (int64_t l = 0; l < valid; ++l) _mm256_maskstore_ps(y + (8 * v + l) * N + n0, outs, r[l]);
-    if (valid > 0) finish_tile_scalar(ep, y + 8 * v * N + n0, valid, count, N);
+    if (valid > 0) finish_tile_avx2(ep, y + 8 * v * N + n0, valid, count, N);
   }
 }
 #endif
