@@ -114,6 +114,27 @@ def test_int8_compute_with_per_row_scales(tmp_path):
     assert 0 < result.error_vs_dense < 2e-2                  # the quantization's cost vs fp32
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_int8_without_vnni_says_it_is_slower(tmp_path, monkeypatch, isa):
+    """On a CPU whose kernel computes INT8 on AVX2 (no VNNI: AMD Zen 3, Intel before Ice Lake) the
+    report says INT8 buys size, not speed there; with VNNI (SPARSEC_KERNEL_ISA caps it) nothing."""
+    from sparsec import runtime
+
+    if runtime.kernel_path() is None:
+        pytest.skip("native kernel not available")
+    from sparsec.runtime.build import library_isa
+
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
+    if isa == "avx512" and library_isa(runtime.kernel_path(), int8=True) != "avx512":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    result = _prog(block=(16, 16)).export_onnx(tmp_path / "m8.onnx", policy="always", int8=True)
+    said = [n for n in result.notes if "no AVX-512 VNNI" in n]
+    if isa == "avx2":
+        assert len(said) == 1 and "kernel's avx2 path" in said[0] and "not speed" in said[0]
+    else:
+        assert said == []
+
+
 def test_mismatch_is_a_clear_user_error(tmp_path):
     prog = _prog()
     with pytest.raises(ExportError, match=r"differs from .* by .*allowed 1e-12"):

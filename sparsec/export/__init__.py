@@ -99,6 +99,8 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
                          f"({options.attention_lowering['compute']}{'; ' + '; '.join(found) if found else ''}; "
                          f"stock onnxruntime runs its own Attention in fp32)"
                          + (f"; {packed} of them read Q, K and V from one fused projection node" if packed else ""))
+        if options.int8 and sparse and options.target == "sparsec":
+            notes += _int8_speed_notes()
         os.chmod(tmp, file_mode())  # temporary files are private; the file is an ordinary one
         os.replace(tmp, path)
     except ExportError:
@@ -111,6 +113,25 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
             tmp.unlink()
     return ExportResult(path=path, sparse_nodes=sparse, checks=checks, error_vs_dense=error_vs_dense,
                         seconds=time.perf_counter() - start, notes=notes)
+
+
+# INT8 without VNNI, measured (docs/BENCHMARKS.md, "AMD Zen 3: AVX2 only"): the kernel's AVX2 path
+# widens to int16 to stay exact, and runs slower than fp32 blocks.
+INT8_WITHOUT_VNNI = ("INT8 compute runs the kernel's {isa} path on this CPU (no AVX-512 VNNI): exact, but slower "
+                     "than fp32 blocks (BERT-base, 32x32 blocks at density 0.1, AMD Zen 3: 45.9 vs 30.0 ms); "
+                     "here int8 buys a smaller file, not speed")
+
+
+def _int8_speed_notes() -> list[str]:
+    """A note when this machine's kernel computes INT8 without VNNI (or AMX)."""
+    from sparsec import runtime
+    from sparsec.runtime.build import library_isa
+
+    library = runtime.kernel_path()
+    if library is None:
+        return []
+    isa = library_isa(library, int8=True)
+    return [] if isa in ("avx512", "amx") else [INT8_WITHOUT_VNNI.format(isa=isa)]
 
 
 def _text(model: ir.Model, title: str) -> str:
