@@ -1,5 +1,5 @@
-"""sparsec::Attention: the kernel (fp32 on AVX-512, bf16 on AMX tiles or AVX512-BF16; below AVX-512 it invokes
-onnxruntime's own Attention) against onnxruntime's Attention and a float64 reference, NaN / inf /
+"""sparsec::Attention: the kernel (fp32 on AVX-512 and AVX2, bf16 on AMX tiles or AVX512-BF16; below AVX2 it
+invokes onnxruntime's own Attention) against onnxruntime's Attention and a float64 reference, NaN / inf /
 masked-row semantics included; its function body on stock onnxruntime; bad nodes and inputs; and the
 lower_attention choices in an export."""
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_fp32_kernel_matches_onnxruntime(lib, monkeypatch, isa, shape, mshape, k
     assert_same_specials(want, got)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
     np.testing.assert_allclose(got, reference(f, shape, mask, causal), atol=2e-6, rtol=0)
-    if isa != "avx512":   # onnxruntime's own Attention, invoked by the kernel: the same bits
+    if isa == "scalar":   # onnxruntime's own Attention, invoked by the kernel: the same bits
         np.testing.assert_array_equal(got, want)
 
 
@@ -148,10 +148,11 @@ def test_bf16_kernel_is_the_bf16_computation(lib, monkeypatch, cap, shape, mshap
     assert 1e-4 < np.abs(got - want).max() < 3e-2   # bf16 products, not fp32 ones
 
 
-@pytest.mark.parametrize("cap", ["avx512", "avx2"])
+@pytest.mark.parametrize("cap", ["avx512", "avx2", "scalar"])
 def test_bf16_follows_the_isa_cap(lib, monkeypatch, cap):
     """SPARSEC_KERNEL_ISA=avx512 keeps bf16 attention off the AMX tiles (AVX512-BF16's dot products
-    where the CPU has them, else fp32 results); avx2 runs onnxruntime's own Attention, bit for bit."""
+    where the CPU has them, else fp32 results); avx2 computes in fp32 on its own path, scalar runs
+    onnxruntime's own Attention, bit for bit."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", cap)
     path = library_isa(lib, bf16_attention=True)
     assert path != "amx"
@@ -162,9 +163,10 @@ def test_bf16_follows_the_isa_cap(lib, monkeypatch, cap):
         assert cap == "avx512"
         np.testing.assert_allclose(got, reference(f, shape, None, False, bf16_products=True), atol=1e-3, rtol=0)
         assert np.abs(got - want).max() > 1e-4
-    elif path == "avx512":   # no AVX512-BF16: the fp32 computation
+    elif path in ("avx512", "avx2"):   # no AVX512-BF16: the fp32 computation
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
-    else:                    # below AVX-512: onnxruntime's own Attention
+    else:                              # below AVX2: onnxruntime's own Attention
+        assert path == "scalar"
         np.testing.assert_array_equal(got, want)
 
 
@@ -245,7 +247,7 @@ PACKED_CASES = [((1, 128, 128, 12, 12, 64, 64), (1, 1, 128, 128), float, 0),
 @pytest.mark.parametrize("shape,mshape,kind,causal", PACKED_CASES, ids=["bert", "gqa", "causal", "one-row"])
 def test_packed_qkv_reads_its_columns_in_place(lib, monkeypatch, compute, isa, shape, mshape, kind, causal):
     """packed_qkv: Q, K and V as columns of one tensor (what fuse_qkv makes) give the bits of the
-    same node on separate inputs, on every path (the kernel's row strides; below AVX-512 the copies
+    same node on separate inputs, on every path (the kernel's row strides; below AVX2 the copies
     it hands onnxruntime's Attention), and the function body gives onnxruntime's Attention's bits."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     f, mask = case_inputs(shape, mshape, kind)

@@ -2,7 +2,8 @@
 // head's keys once into 64-key panels, then takes its rows 6 at a time: scores for 64 keys per pass
 // (6 x 4 zmm accumulators, one broadcast query value times 4 panel loads per step), the softmax in
 // place, and the weighted sum of values (6 x up to 4 zmm per 64 value columns). Scores of a row
-// tile live in a per-thread buffer (6 x Skv floats); nothing is written but Y.
+// tile live in a per-thread buffer (6 x Skv floats); nothing is written but Y. AVX2 takes the same
+// tiles in ymm registers of 8: 16 keys of a panel per pass (6 x 2 accumulators), 16 value columns.
 #include "attention.h"
 
 #include <cmath>
@@ -251,6 +252,215 @@ SPARSEC_AVX512 void rows_avx512(const Job& job, int64_t b, int64_t h, int64_t i0
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// AVX2 (16 ymm registers): the same tiles of kRows query rows and 64-key panels, in vectors of 8;
+// scores 16 keys of a panel at a time (6 x 2 ymm accumulators), the weighted values 16 columns at a
+// time.
+
+using detail::lane_mask8;
+
+// lanes [0, n) of 8 as all-ones floats (for blends)
+SPARSEC_AVX2 SPARSEC_INLINE __m256 lanes_below(int64_t n) { return _mm256_castsi256_ps(lane_mask8(n)); }
+
+SPARSEC_AVX2 SPARSEC_INLINE float reduce_add8(__m256 v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+SPARSEC_AVX2 SPARSEC_INLINE float reduce_max8(__m256 v) {
+  const __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_max_ss(d, _mm_movehdup_ps(d)));
+}
+
+// exp_weight512 on 8 lanes: exactly 0 below -87.
+SPARSEC_AVX2 SPARSEC_INLINE __m256 exp_weight256(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  return _mm256_and_ps(live, detail::exp256(x));
+}
+
+// pack_keys_avx512 by 8 x 8 transposes.
+SPARSEC_AVX2 void pack_keys_avx2(const Job& job, int64_t b, int64_t kvh, float* kt) {
+  const AttentionShape& s = *job.s;
+  const int64_t panels = ceil_div(s.Skv, kPanel);
+  for (int64_t c = 0; c < panels; ++c) {
+    float* panel = kt + c * s.D * kPanel;
+    for (int64_t g = 0; g < kPanel / 8; ++g) {
+      const int64_t j0 = c * kPanel + g * 8;
+      for (int64_t d0 = 0; d0 < s.D; d0 += 8) {
+        const __m256i dm = lane_mask8(s.D - d0);
+        __m256 r[8];
+        for (int t = 0; t < 8; ++t) {
+          r[t] = j0 + t < s.Skv ? _mm256_maskload_ps(k_row(job, b, j0 + t, kvh) + d0, dm) : _mm256_setzero_ps();
+        }
+        detail::transpose8(r);
+        const int64_t dn = std::min<int64_t>(8, s.D - d0);
+        for (int64_t t = 0; t < dn; ++t) _mm256_store_ps(panel + (d0 + t) * kPanel + g * 8, r[t]);
+      }
+    }
+  }
+}
+
+// scores_avx512, 16 keys of the panel at a time.
+SPARSEC_AVX2 void scores_avx2(const float* const* qs, int64_t D, int64_t c, const float* kt, float* p, int64_t ldp) {
+  const float* panel = kt + c * D * kPanel;
+  for (int64_t k0 = 0; k0 < kPanel; k0 += 16) {
+    __m256 acc[kRows][2];
+    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kd = panel + d * kPanel + k0;
+      const __m256 b0 = _mm256_load_ps(kd), b1 = _mm256_load_ps(kd + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 a = _mm256_broadcast_ss(qs[r] + d);
+        acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      _mm256_store_ps(p + r * ldp + c * kPanel + k0, acc[r][0]);
+      _mm256_store_ps(p + r * ldp + c * kPanel + k0 + 8, acc[r][1]);
+    }
+  }
+}
+
+// softmax_avx512 on 8 lanes (the same rules for masks, causality, NaN and rows with every key masked).
+SPARSEC_AVX2 float softmax_avx2(const Job& job, int64_t b, int64_t h, int64_t i, float* p) {
+  const AttentionShape& s = *job.s;
+  const AttentionMask& m = *job.mask;
+  const int64_t n = s.Skv;
+  const int64_t limit = s.causal ? std::min(n, i + 1) : n;
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 vscale = _mm256_set1_ps(s.scale);
+  const int64_t base = b * m.sb + h * m.sh + i * m.si;
+  __m256 vmax = neg_inf, nan = zero;
+  const int64_t padded = ceil_div(n, kPanel) * kPanel;
+  for (int64_t j = 0; j < padded; j += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_load_ps(p + j), vscale);
+    if (j < n && (m.add != nullptr || m.keep != nullptr)) {
+      if (m.add != nullptr) {
+        const __m256 a = m.sj == 1 ? _mm256_maskload_ps(m.add + base + j, lane_mask8(n - j))
+                                   : _mm256_set1_ps(m.add[base + j * m.sj]);
+        x = _mm256_add_ps(x, a);
+      } else {
+        __m256 keep;
+        if (m.sj == 1) {
+          alignas(8) uint8_t bytes[8] = {};
+          std::memcpy(bytes, m.keep + base + j, static_cast<size_t>(std::min<int64_t>(8, n - j)));
+          const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+          keep = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(wide, _mm256_setzero_si256()),
+                                                      _mm256_set1_epi32(-1)));
+        } else {
+          keep = m.keep[base + j * m.sj] != 0 ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : zero;
+        }
+        x = _mm256_add_ps(x, _mm256_blendv_ps(neg_inf, zero, keep));  // + -inf, as ONNX: inf - inf is NaN
+      }
+    }
+    if (limit < n) x = _mm256_add_ps(x, _mm256_blendv_ps(neg_inf, zero, lanes_below(limit - j)));
+    x = _mm256_blendv_ps(neg_inf, x, lanes_below(n - j));  // lanes past Skv weigh nothing
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(x, vmax);  // vmaxps returns its second operand where x is NaN
+    _mm256_store_ps(p + j, x);
+  }
+  const float mx = reduce_max8(vmax);
+  const bool nan_row = _mm256_movemask_ps(nan) != 0 || mx == std::numeric_limits<float>::infinity();
+  if (nan_row || mx == -std::numeric_limits<float>::infinity()) {
+    for (int64_t j = 0; j < padded; j += 8) _mm256_store_ps(p + j, zero);
+    return nan_row ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+  }
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 sum = zero;
+  for (int64_t j = 0; j < padded; j += 8) {
+    const __m256 e = exp_weight256(_mm256_sub_ps(_mm256_load_ps(p + j), vm));
+    sum = _mm256_add_ps(sum, e);
+    _mm256_store_ps(p + j, e);
+  }
+  return 1.0f / reduce_add8(sum);
+}
+
+// weighted_values_avx512 for V's columns [c0, c0 + 8 NV), NV <= 2 (FULL: all 8 NV exist, and the
+// loop holds no mask: 12 accumulators, 2 values and a broadcast fill the 16 registers).
+template <int NV, bool FULL>
+SPARSEC_AVX2 void weighted_values_avx2(const Job& job, int64_t b, int64_t kvh, const float* p, int64_t ldp,
+                                       int64_t c0, const float* inv, float* const* ys, int rows) {
+  const AttentionShape& s = *job.s;
+  __m256i cm[NV];
+  for (int v = 0; v < NV; ++v) cm[v] = lane_mask8(s.Dv - c0 - 8 * v);
+  __m256 acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  const int64_t ldv = s.v_stride();
+  const float* vj = v_row(job, b, 0, kvh) + c0;
+  for (int64_t j = 0; j < s.Skv; ++j, vj += ldv) {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = FULL ? _mm256_loadu_ps(vj + 8 * v) : _mm256_maskload_ps(vj + 8 * v, cm[v]);
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 a = _mm256_broadcast_ss(p + r * ldp + j);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, bv[v], acc[r][v]);
+    }
+  }
+  // (constant indices into acc, so that it lives in registers: a loop to `rows` would spill it)
+#pragma GCC unroll 6
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= rows) break;
+    const __m256 scale = _mm256_set1_ps(inv[r]);
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const __m256 out = _mm256_mul_ps(acc[r][v], scale);
+      if (FULL) {
+        _mm256_storeu_ps(ys[r] + c0 + 8 * v, out);
+      } else {
+        _mm256_maskstore_ps(ys[r] + c0 + 8 * v, lane_mask8(s.Dv - c0 - 8 * v), out);
+      }
+    }
+  }
+}
+
+// rows_avx512 on AVX2.
+SPARSEC_AVX2 void rows_avx2(const Job& job, int64_t b, int64_t h, int64_t i0, int64_t i1, float* kt, float* p) {
+  const AttentionShape& s = *job.s;
+  const int64_t kvh = h / (s.Hq / s.Hkv);
+  const int64_t panels = ceil_div(s.Skv, kPanel);
+  const int64_t ldp = panels * kPanel;
+  pack_keys_avx2(job, b, kvh, kt);
+  for (int64_t t0 = i0; t0 < i1; t0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, i1 - t0));
+    const float* qs[kRows];
+    float* ys[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = t0 + std::min(r, rows - 1);
+      qs[r] = q_row(job, b, i, h);
+      ys[r] = y_row(job, b, i, h);
+    }
+    for (int64_t c = 0; c < panels; ++c) scores_avx2(qs, s.D, c, kt, p, ldp);
+    float w[kRows] = {};
+    for (int r = 0; r < kRows; ++r) {
+      if (r < rows) {
+        w[r] = softmax_avx2(job, b, h, t0 + r, p + r * ldp);
+      } else {
+        for (int64_t j = 0; j < ldp; j += 8) _mm256_store_ps(p + r * ldp + j, _mm256_setzero_ps());
+      }
+    }
+    for (int64_t c0 = 0; c0 < s.Dv; c0 += 16) {
+      const int64_t width = std::min<int64_t>(16, s.Dv - c0);
+      if (width == 16) {
+        weighted_values_avx2<2, true>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      } else if (width > 8) {
+        weighted_values_avx2<2, false>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      } else if (width == 8) {
+        weighted_values_avx2<1, true>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      } else {
+        weighted_values_avx2<1, false>(job, b, kvh, p, ldp, c0, w, ys, rows);
+      }
+    }
+  }
+}
+
 // The bf16 paths' row softmax: the fp32 path's, for one (batch, head).
 struct SoftmaxContext {
   const Job* job;
@@ -293,7 +503,7 @@ void run_task(void* data, size_t t) {
     rows_bf16(job, b, h, i0, i1, detail::head_rows_amx_bf16);
     return;
   }
-  if (s.bf16 && detail::avx512_bf16_ready()) {
+  if (s.bf16 && job.isa != Isa::kAvx2 && detail::avx512_bf16_ready()) {
     rows_bf16(job, b, h, i0, i1, detail::head_rows_avx512_bf16);
     return;
   }
@@ -302,7 +512,11 @@ void run_task(void* data, size_t t) {
   const int64_t ldp = ceil_div(s.Skv, kPanel) * kPanel;
   float* kt = kt_buffer.reserve(static_cast<size_t>(ldp * s.D));
   float* p = p_buffer.reserve(static_cast<size_t>(kRows * ldp));
-  rows_avx512(job, b, h, i0, i1, kt, p);
+  if (job.isa == Isa::kAvx2) {
+    rows_avx2(job, b, h, i0, i1, kt, p);
+  } else {
+    rows_avx512(job, b, h, i0, i1, kt, p);
+  }
 }
 #endif
 
@@ -352,7 +566,7 @@ std::string check_attention(const AttentionShape& s) {
 bool attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
                float* y, Isa isa, ParallelFor parallel_for, void* runner_state) {
 #if SPARSEC_X86
-  if (isa != Isa::kAvx512 && isa != Isa::kAmx) return false;
+  if (isa != Isa::kAvx512 && isa != Isa::kAmx && isa != Isa::kAvx2) return false;
   const int64_t units = s.B * s.Hq;
   if (units == 0 || s.Sq == 0) return true;
   if (s.Skv == 0) {  // no key: every row is fully masked, weights of nothing

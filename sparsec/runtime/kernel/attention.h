@@ -54,17 +54,19 @@ std::string check_attention(const AttentionShape& s);
 
 // The instruction set for attention: kAmx for bf16 compute where the CPU and OS allow AMX-BF16 and
 // SPARSEC_KERNEL_ISA does not cap it below amx, else select_isa() (with kAvx512, bf16 computes with
-// AVX512-BF16 where the CPU has it, else in fp32; below AVX-512, attention() declines).
+// AVX512-BF16 where the CPU has it, else in fp32; kAvx2 computes in fp32; below AVX2, attention()
+// declines).
 Isa select_isa_attention(bool bf16);
 // What bf16 compute runs on here now: "amx", "avx512_bf16", "avx512" (fp32 products: no AVX512-BF16),
-// or below AVX-512 the name of select_isa() (the caller runs onnxruntime's Attention there).
+// or below AVX-512 the name of select_isa() ("avx2": fp32 products; "scalar": the caller runs
+// onnxruntime's Attention).
 const char* attention_bf16_path();
 
 // q [B, Sq, Hq * D], k [B, Skv, Hkv * D], v [B, Skv, Hkv * Dv] (rows s.ldq, s.ldk, s.ldv floats
 // apart where set) -> y [B, Sq, Hq * Dv]. The shape must
 // pass check_attention. With `s.bf16`: AMX tiles when `isa` is kAmx, else AVX512-BF16 where the CPU
-// has it; otherwise AVX-512 fp32. Returns false
-// (and computes nothing) for any other `isa`: the caller runs onnxruntime's own Attention there.
+// has it; otherwise fp32 on AVX-512 or AVX2 (8-lane vectors, the same tiles). Returns false
+// (and computes nothing) for kScalar: the caller runs onnxruntime's own Attention there.
 bool attention(const AttentionShape& s, const float* q, const float* k, const float* v, const AttentionMask& mask,
                float* y, Isa isa, ParallelFor parallel_for, void* runner_state);
 

@@ -162,29 +162,6 @@ SPARSEC_AVX512 void outputs_avx512(const PackedWeight& w, int64_t n0, int64_t co
 // ------------------------------------------------------------------------------------------------
 // AVX2: the same slices, each as two halves of 8 lanes.
 
-// r[i] (8 lanes each) becomes its transpose.
-SPARSEC_AVX2 SPARSEC_INLINE void transpose8(__m256 (&r)[8]) {
-  __m256 t[8];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  __m256 u[8];
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) {  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c
-    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
-    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
-  }
-}
-
 // Task t: slice t (rows [16 t, 16 t + 16) of X, zeros past M) as [Kp][16], by 8 x 8 transposes.
 SPARSEC_AVX2 void transpose_task_avx2(void* data, size_t t) {
   const TransposeJob& job = *static_cast<const TransposeJob*>(data);

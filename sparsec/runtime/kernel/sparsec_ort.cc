@@ -594,7 +594,7 @@ OrtStatus* declared_input_type(const OrtKernelInfo* info, size_t index, ONNXTens
   return status;
 }
 
-// onnxruntime's Attention with the node's attributes, for CPUs without AVX-512.
+// onnxruntime's Attention with the node's attributes, for CPUs without AVX2.
 OrtStatus* create_native_attention(const OrtKernelInfo* info, const AttentionKernel& k, size_t inputs,
                                    std::unique_ptr<OrtAttention>& out) {
   ONNXTensorElementDataType mask_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -685,7 +685,7 @@ OrtStatus* ORT_API_CALL create_attention(const OrtCustomOp*, const OrtApi*, cons
     }
     k->bf16 = compute_mode == "bf16";
     k->isa = sparsec::select_isa_attention(k->bf16);
-    if (k->isa != sparsec::Isa::kAvx512 && k->isa != sparsec::Isa::kAmx) {
+    if (k->isa == sparsec::Isa::kScalar) {
       size_t inputs = 0;
       SPARSEC_RETURN_IF_ERROR(g_ort->KernelInfo_GetInputCount(info, &inputs));
       SPARSEC_RETURN_IF_ERROR(create_native_attention(info, *k, std::min<size_t>(inputs, kAttentionInputs), k->native));
