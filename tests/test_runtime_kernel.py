@@ -169,11 +169,12 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     width, vectors 1 to 32 wide (a vector's weights in rounds of four running sums, whole and part),
     one and two threads.
 
-    On AVX-512, vectors a multiple of 4 wide take the column path (block_sparse_columns.cc): columns
-    of 16, 12, 8 or 4 inputs (the widest that divides the vector: [1, 32] two of 16, [1, 12] one of
-    12), the last one cut by K (770, 70, 99, 203, and 300, whose [1, 32] vectors end in a column
-    wholly past K), one band of outputs or several (1600 and 800 outputs: 4 and 2 bands), a column's
-    outputs by eights, fours and ones."""
+    On AVX-512 and AVX2, vectors a multiple of 4 wide take the column path (block_sparse_columns.cc):
+    columns of 16, 12, 8 or 4 inputs (the widest that divides the vector: [1, 32] two of 16, [1, 12]
+    one of 12; AVX2 8 or 4: [1, 12] three of 4), the last one cut by K (770, 70, 99, 203, and 300,
+    whose [1, 32] vectors end in a column wholly past K), one band of outputs or several (1600 and
+    800 outputs: 4 and 2 bands), a column's outputs by eights, fours and ones (AVX2: sixes, threes
+    and ones; rows past 8 of a slice in a second half)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
                      (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))

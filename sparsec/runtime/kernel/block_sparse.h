@@ -79,7 +79,8 @@ struct ColumnIndex {
 };
 
 struct ColumnPack : ColumnIndex {
-  FloatBuffer values;  // [entries][W] weights, 64-byte aligned
+  FloatBuffer values;       // [entries][W] weights, 64-byte aligned
+  Isa isa = Isa::kAvx512;   // what it was packed for: kAvx512 (W up to 16) or kAvx2 (W 8 or 4)
 };
 
 struct PackedWeight {
@@ -124,11 +125,11 @@ std::string check_block_inputs(const BlockInputs& in, int64_t N, int64_t K);
 // Validates the inputs against N and K and fills `out`. Returns an error message, empty on success.
 std::string pack_weight(const BlockInputs& in, int64_t N, int64_t K, PackedWeight& out);
 
-// Whether a weight packed for the fp32 path runs faster by columns on `isa` (AVX-512, row vectors
-// [1, 4 j]); pack_columns then repacks it so (block_sparse_columns.cc) and releases its
-// blocks: from then on it runs on AVX-512 only.
+// Whether a weight packed for the fp32 path runs faster by columns on `isa` (AVX-512 or AVX2, row
+// vectors [1, 4 j]); pack_columns then repacks it so for `isa` (block_sparse_columns.cc) and
+// releases its blocks: from then on it runs on that instruction set only.
 bool columns_pay(const PackedWeight& w, Isa isa);
-void pack_columns(PackedWeight& w);
+void pack_columns(PackedWeight& w, Isa isa);
 
 // Runs `fn(data, i)` for i in [0, total), possibly in parallel. Provided by the caller (ORT glue).
 using ParallelFor = void (*)(void* runner_state, void (*fn)(void*, size_t), size_t total, void* data);

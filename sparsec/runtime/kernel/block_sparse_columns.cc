@@ -1,4 +1,4 @@
-// The column path (AVX-512): row vectors [1, 4 j] taken column by column.
+// The column path (AVX-512, and AVX2 below): row vectors [1, 4 j] taken column by column.
 //
 // The row path (block_sparse_rows.cc) multiplies each kept weight, broadcast, by a 64-byte vector of
 // X^T (16 rows of X at the weight's input): every multiply-add also loads a full vector, and on AMD
@@ -42,8 +42,9 @@ constexpr int64_t kMaxBands = 64;
 
 namespace detail {
 
-int64_t column_width(int64_t BC) {
+int64_t column_width(int64_t BC, Isa isa) {
   for (const int64_t width : {16, 12, 8, 4}) {
+    if (isa == Isa::kAvx2 && width > 8) continue;
     if (BC % width == 0) return width;
   }
   return 0;
@@ -59,12 +60,14 @@ void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int6
 }  // namespace detail
 
 bool columns_pay(const PackedWeight& w, Isa isa) {
-  return isa == Isa::kAvx512 && w.BR == 1 && column_width(w.BC) > 0 && w.N <= INT32_MAX / 16 && w.blocks != nullptr;
+  return (isa == Isa::kAvx512 || isa == Isa::kAvx2) && w.BR == 1 && column_width(w.BC, isa) > 0 &&
+         w.N <= INT32_MAX / 16 && w.blocks != nullptr;
 }
 
-void pack_columns(PackedWeight& w) {
+void pack_columns(PackedWeight& w, Isa isa) {
   ColumnPack& cp = w.columns;
-  begin_columns(cp, column_width(w.BC), w.K, w.row_start);  // one output per block row
+  cp.isa = isa == Isa::kAvx2 ? Isa::kAvx2 : Isa::kAvx512;
+  begin_columns(cp, column_width(w.BC, cp.isa), w.K, w.row_start);  // one output per block row
   const int64_t W = cp.W, ncols = cp.ncols, per_block = w.BC / W;
   // Each W-wide part of each kept vector is an entry; parts wholly past K hold nothing and are skipped.
   auto each_part = [&](auto&& visit) {
@@ -157,6 +160,69 @@ SPARSEC_AVX512 void column_task(void* data, size_t t) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// AVX2: columns of W = 8 or 4 inputs, each slice of 16 rows as two halves of 8 (one ymm per input);
+// six entries at a time (W + 6 + 1 of the 16 ymm registers), their sums at sums + out[i] + 8 half.
+
+template <int W, int G>
+SPARSEC_AVX2 SPARSEC_INLINE void add_entries_avx2(const ColumnPack& cp, int64_t e, const __m256 (&x)[W],
+                                                  float* sums) {
+  const float* v = cp.values.get() + e * W;
+  const int32_t* out = cp.out.data() + e;
+  __m256 acc[G];
+#pragma GCC unroll 6
+  for (int i = 0; i < G; ++i) acc[i] = _mm256_load_ps(sums + out[i]);
+#pragma GCC unroll 8
+  for (int j = 0; j < W; ++j) {
+#pragma GCC unroll 6
+    for (int i = 0; i < G; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + i * W + j), x[j], acc[i]);
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < G; ++i) _mm256_store_ps(sums + out[i], acc[i]);
+}
+
+template <int W>
+SPARSEC_AVX2 void column_task_avx2(void* data, size_t t) {
+  const ColumnJob& job = *static_cast<const ColumnJob*>(data);
+  const PackedWeight& w = *job.w;
+  const ColumnPack& cp = w.columns;
+  const int64_t bands = cp.bands(), ncols = cp.ncols;
+  const int64_t band = static_cast<int64_t>(t) % bands, m0 = static_cast<int64_t>(t) / bands * 16;
+  const int64_t first = cp.band_start[band], last = cp.band_start[band + 1];
+  if (first == last) return;
+  const float* xs = job.xs + m0 * ncols * W;
+  thread_local AlignedScratch<float> sums_buffer;
+  float* sums = sums_buffer.reserve(static_cast<size_t>((last - first) * 16));
+  for (int64_t n = first; n < last; ++n) {
+    const __m256 b = _mm256_set1_ps(job.ep.bias != nullptr ? job.ep.bias[n] : 0.0f);
+    _mm256_store_ps(sums + 16 * (n - first), b);
+    _mm256_store_ps(sums + 16 * (n - first) + 8, b);
+  }
+  const int64_t rows = std::min<int64_t>(16, job.M - m0);
+  const int64_t* col_start = cp.col_start.data() + band * ncols;
+  for (int64_t h = 0; h < (rows > 8 ? 2 : 1); ++h) {
+    float* half = sums + 8 * h;
+    for (int64_t c = 0; c < ncols; ++c) {
+      int64_t e = col_start[c];
+      const int64_t end = col_start[c + 1];
+      if (e == end) continue;
+      __m256 x[W];
+#pragma GCC unroll 8
+      for (int j = 0; j < W; ++j) x[j] = _mm256_load_ps(xs + (c * W + j) * 16 + 8 * h);
+      for (; e + 6 <= end; e += 6) add_entries_avx2<W, 6>(cp, e, x, half);
+      if (e + 3 <= end) {
+        add_entries_avx2<W, 3>(cp, e, x, half);
+        e += 3;
+      }
+      for (; e < end; ++e) add_entries_avx2<W, 1>(cp, e, x, half);
+    }
+  }
+  float* y = job.y + m0 * w.N;
+  for (int64_t n0 = first; n0 < last; n0 += 8) {
+    store_strip_avx2(sums + 16 * (n0 - first), 2, n0, std::min<int64_t>(8, last - n0), rows, w.N, job.ep, y);
+  }
+}
+
 }  // namespace
 #endif  // SPARSEC_X86
 
@@ -168,11 +234,13 @@ void block_sparse_columns(const PackedWeight& w, const float* x, const Epilogue&
   const ColumnPack& cp = w.columns;
   const int64_t macs = M * w.row_start[w.R] * w.BC;
   const bool threads = parallel_for != nullptr && macs >= kSerialMacs;
-  const float* xs = transpose_slices(x, M, w.K, cp.ncols * cp.W, true, threads, parallel_for, runner_state);
+  const bool avx512 = cp.isa == Isa::kAvx512;
+  const float* xs = transpose_slices(x, M, w.K, cp.ncols * cp.W, avx512, threads, parallel_for, runner_state);
   Epilogue ep = epilogue;
   ep.y = y;
   ColumnJob job{&w, xs, ep, y, M};
-  void (*task)(void*, size_t) = cp.W == 16 ? column_task<16>
+  void (*task)(void*, size_t) = !avx512      ? (cp.W == 8 ? column_task_avx2<8> : column_task_avx2<4>)
+                                : cp.W == 16 ? column_task<16>
                                 : cp.W == 12 ? column_task<12>
                                 : cp.W == 8  ? column_task<8>
                                              : column_task<4>;

@@ -156,8 +156,9 @@ bool row_path(const PackedWeight& w, Isa isa);
 const float* transpose_slices(const float* x, int64_t M, int64_t K, int64_t Kp, bool avx512, bool threads,
                               ParallelFor parallel_for, void* runner_state);
 // The column packs (block_sparse_columns.cc, block_sparse_int8_columns.cc). W: inputs per column,
-// the widest of 16, 12, 8 and 4 that divides a row vector's width BC (0: none).
-int64_t column_width(int64_t BC);
+// the widest of 16, 12, 8 and 4 that divides a row vector's width BC (0: none); on AVX2 (16 ymm
+// registers: W of X^T's vectors and the accumulators) of 8 and 4.
+int64_t column_width(int64_t BC, Isa isa = Isa::kAvx512);
 // Sets W, ncols = ceil(K / W) and the bands (the outputs split by the cost of `row_start`, about
 // kBandOutputs each) of `ci`.
 void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int64_t>& row_start);
@@ -180,7 +181,8 @@ void lay_out_columns(ColumnIndex& ci, EachEntry&& each_entry, Allocate&& allocat
     place(e, slot, source);
   });
 }
-// The column path (block_sparse_columns.cc): weights that pack_columns repacked, AVX-512.
+// The column path (block_sparse_columns.cc): weights that pack_columns repacked, on the
+// instruction set they were packed for (w.columns.isa).
 void block_sparse_columns(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,
                           ParallelFor parallel_for, void* runner_state);
 void block_sparse_rows(const PackedWeight& w, const float* x, const Epilogue& epilogue, float* y, int64_t M,

@@ -161,7 +161,7 @@ OrtStatus* pack_from_values(const OrtValue* const* inputs, int64_t N, int64_t K,
   const std::string error = int8_compute ? sparsec::pack_weight_int8(in, N, K, out.int8)
                                          : sparsec::pack_weight(in, N, K, out.fp32);
   if (!error.empty()) return fail(error);
-  if (!int8_compute && !conv && sparsec::columns_pay(out.fp32, isa)) sparsec::pack_columns(out.fp32);
+  if (!int8_compute && !conv && sparsec::columns_pay(out.fp32, isa)) sparsec::pack_columns(out.fp32, isa);
   if (int8_compute && sparsec::columns_pay_int8(out.int8, isa)) sparsec::pack_columns_int8(out.int8);
   return nullptr;
 }
