@@ -32,7 +32,8 @@ linear --block B --threads 1`): [1, 16] 7.3x (0.73), [1, 4] 6.3x (0.63):
 
     efficiency(1, BC) = COLUMN_EFFICIENCY[BC % 8 == 0]    (BC a multiple of 4)
 
-On AVX2 those vectors keep the row path, which the measurement at export sees.
+On AVX2 they take a column path too (columns of 8 or 4 inputs; AMD Zen 3, 2 threads: [1, 16] layers
+0.65-0.71x the AVX2 row path's time, [1, 4] 0.79x), which the measurement at export sees.
 
 INT8 compute has a row path too (AVX-512 VNNI): each output row's weights as 4-byte windows, one
 vpdpbusd per window and 16 rows of X, so a window of 4 kept weights costs what one fp32 weight
