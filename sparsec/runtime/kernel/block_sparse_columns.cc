@@ -127,9 +127,8 @@ SPARSEC_AVX512 void column_task(void* data, size_t t) {
   const ColumnJob& job = *static_cast<const ColumnJob*>(data);
   const PackedWeight& w = *job.w;
   const ColumnPack& cp = w.columns;
-  const int64_t bands = cp.bands(), ncols = cp.ncols;
-  const int64_t band = static_cast<int64_t>(t) % bands, m0 = static_cast<int64_t>(t) / bands * 16;
-  const int64_t first = cp.band_start[band], last = cp.band_start[band + 1];
+  const int64_t ncols = cp.ncols;
+  const auto [band, m0, first, last] = column_slot(cp, t);
   if (first == last) return;
   const float* xs = job.xs + m0 * ncols * W;  // slice m0 / 16
   // The band's sums, [output][16 rows], in a buffer of the thread running the task.
@@ -186,9 +185,8 @@ SPARSEC_AVX2 void column_task_avx2(void* data, size_t t) {
   const ColumnJob& job = *static_cast<const ColumnJob*>(data);
   const PackedWeight& w = *job.w;
   const ColumnPack& cp = w.columns;
-  const int64_t bands = cp.bands(), ncols = cp.ncols;
-  const int64_t band = static_cast<int64_t>(t) % bands, m0 = static_cast<int64_t>(t) / bands * 16;
-  const int64_t first = cp.band_start[band], last = cp.band_start[band + 1];
+  const int64_t ncols = cp.ncols;
+  const auto [band, m0, first, last] = column_slot(cp, t);
   if (first == last) return;
   const float* xs = job.xs + m0 * ncols * W;
   thread_local AlignedScratch<float> sums_buffer;

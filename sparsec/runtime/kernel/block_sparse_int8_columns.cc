@@ -120,9 +120,8 @@ SPARSEC_VNNI void column_task(void* data, size_t t) {
   const ColumnJob& job = *static_cast<const ColumnJob*>(data);
   const PackedInt8& w = *job.w;
   const ColumnIndex& ci = w.columns;
-  const int64_t bands = ci.bands(), ncols = ci.ncols;
-  const int64_t band = static_cast<int64_t>(t) % bands, m0 = static_cast<int64_t>(t) / bands * 16;
-  const int64_t first = ci.band_start[band], last = ci.band_start[band + 1];
+  const int64_t ncols = ci.ncols;
+  const auto [band, m0, first, last] = column_slot(ci, t);
   if (first == last) return;
   const int32_t* xs = job.xw + m0 * job.J;  // slice m0 / 16
   const int32_t* windows = reinterpret_cast<const int32_t*>(w.blocks.get());

@@ -162,6 +162,15 @@ int64_t column_width(int64_t BC, Isa isa = Isa::kAvx512);
 // Sets W, ncols = ceil(K / W) and the bands (the outputs split by the cost of `row_start`, about
 // kBandOutputs each) of `ci`.
 void begin_columns(ColumnIndex& ci, int64_t W, int64_t K, const std::vector<int64_t>& row_start);
+// Task t of a column path: the slice of 16 rows of X from m0 = 16 (t / bands), band t % bands
+// (outputs [first, last)).
+struct ColumnSlot {
+  int64_t band, m0, first, last;
+};
+inline ColumnSlot column_slot(const ColumnIndex& ci, size_t t) {
+  const int64_t bands = ci.bands(), band = static_cast<int64_t>(t) % bands;
+  return {band, static_cast<int64_t>(t) / bands * 16, ci.band_start[band], ci.band_start[band + 1]};
+}
 // Lays out the entries that each_entry(visit) reports by visit(slot, n, source), band by band and
 // output by output (slot = band * ncols + column): counts them, calls allocate(entries), then
 // place(e, slot, source) for each. ci.out[e] is where entry e's output n keeps its sums in its band's
