@@ -37,7 +37,11 @@ def test_bert_int8_compute_accuracy_vs_fp32(tmp_path):
     compute = {(n.op_type, a.s.decode()) for n in graph.node if n.domain == "sparsec" for a in n.attribute
                if a.name == "compute"}
     assert compute == {("BlockSparseLinear", "int8"), ("Attention", "bf16")}   # attention: [export] auto
-    assert sum(n.op_type == "BlockSparseLinear" and n.domain == "sparsec" for n in graph.node) == 12
+    # per layer: Q, K and V as one node (fuse_qkv; the Attention reads it packed), the attention
+    # output, FFN in and FFN out
+    assert sum(n.op_type == "BlockSparseLinear" and n.domain == "sparsec" for n in graph.node) == 8
+    attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "sparsec"]
+    assert len(attentions) == 2 and all("packed_qkv" in {a.name for a in n.attribute} for n in attentions)
     assert len({c.runtime for c in int8.checks}) == 2  # stock onnxruntime and the kernel
     assert max(c.error for c in int8.checks) < 1e-2     # vs the INT8 PyTorch program (int8_tolerance)
 
