@@ -346,6 +346,9 @@ def test_export_lowers_attention_where_asked(tmp_path):
                    for n in nodes for a in n.attribute if a.name == "compute")
         assert len(result.checks) == 4 and any(c.runtime.endswith("kernel") for c in result.checks), name
         assert (f"{count} Attention node(s)" in " ".join(result.notes)) == bool(count)
+        if compute == "bf16":  # said where this CPU computes bf16 attention in fp32
+            in_fp32 = library_isa(runtime.kernel_path(), bf16_attention=True) not in BF16_PATHS
+            assert ("computed in fp32 on this CPU" in " ".join(result.notes)) == in_fp32, name
         # each layer's Q, K and V are one sparse node (fuse_qkv): 4 sparse nodes per layer instead of 6,
         # read packed by the kernel's Attention, split for ONNX's on the stock target; `onnx` keeps 6
         assert all(any(a.name == attention_op.PACKED for a in n.attribute) for n in nodes), name

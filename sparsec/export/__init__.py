@@ -95,8 +95,11 @@ def write_onnx(module: torch.nn.Module, path: str | os.PathLike, args: tuple, kw
 
             found = sorted({n.metadata_props.get(MEASURED, "") for n in attention_op.attention_nodes(model)} - {""})
             packed = sum(attention_op.PACKED in n.attributes for n in attention_op.attention_nodes(model))
+            compute = options.attention_lowering["compute"]
+            if compute == "bf16" and not _bf16_attention_here():
+                compute = "bf16, computed in fp32 on this CPU: no AMX-BF16 or AVX512-BF16"
             notes.append(f"{attention} Attention node(s) run sparsec's attention kernel "
-                         f"({options.attention_lowering['compute']}{'; ' + '; '.join(found) if found else ''}; "
+                         f"({compute}{'; ' + '; '.join(found) if found else ''}; "
                          f"stock onnxruntime runs its own Attention in fp32)"
                          + (f"; {packed} of them read Q, K and V from one fused projection node" if packed else ""))
         if options.int8 and sparse and options.target == "sparsec":
@@ -132,6 +135,16 @@ def _int8_speed_notes() -> list[str]:
         return []
     isa = library_isa(library, int8=True)
     return [] if isa in ("avx512", "amx") else [INT8_WITHOUT_VNNI.format(isa=isa)]
+
+
+def _bf16_attention_here() -> bool:
+    """Whether this machine's kernel rounds bf16 attention to bf16 (AMX or AVX512-BF16; elsewhere it
+    computes in fp32). True where no kernel is built: then nothing is claimed about this CPU."""
+    from sparsec import runtime
+    from sparsec.runtime.build import library_isa
+
+    library = runtime.kernel_path()
+    return library is None or library_isa(library, bf16_attention=True) in ("amx", "avx512_bf16")
 
 
 def _text(model: ir.Model, title: str) -> str:
