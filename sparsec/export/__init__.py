@@ -125,26 +125,26 @@ INT8_WITHOUT_VNNI = ("INT8 compute runs the kernel's {isa} path on this CPU (no 
                      "here int8 buys a smaller file, not speed")
 
 
-def _int8_speed_notes() -> list[str]:
-    """A note when this machine's kernel computes INT8 without VNNI (or AMX)."""
+def _kernel_isa(**kind: bool) -> str | None:
+    """The instruction set this machine's kernel takes for `kind` (library_isa's int8 or
+    bf16_attention), None where no kernel is built."""
     from sparsec import runtime
     from sparsec.runtime.build import library_isa
 
     library = runtime.kernel_path()
-    if library is None:
-        return []
-    isa = library_isa(library, int8=True)
-    return [] if isa in ("avx512", "amx") else [INT8_WITHOUT_VNNI.format(isa=isa)]
+    return None if library is None else library_isa(library, **kind)
+
+
+def _int8_speed_notes() -> list[str]:
+    """A note when this machine's kernel computes INT8 without VNNI (or AMX)."""
+    isa = _kernel_isa(int8=True)
+    return [] if isa in (None, "avx512", "amx") else [INT8_WITHOUT_VNNI.format(isa=isa)]
 
 
 def _bf16_attention_here() -> bool:
     """Whether this machine's kernel rounds bf16 attention to bf16 (AMX or AVX512-BF16; elsewhere it
     computes in fp32). True where no kernel is built: then nothing is claimed about this CPU."""
-    from sparsec import runtime
-    from sparsec.runtime.build import library_isa
-
-    library = runtime.kernel_path()
-    return library is None or library_isa(library, bf16_attention=True) in ("amx", "avx512_bf16")
+    return _kernel_isa(bf16_attention=True) in (None, "amx", "avx512_bf16")
 
 
 def _text(model: ir.Model, title: str) -> str:

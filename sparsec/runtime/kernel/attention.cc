@@ -258,21 +258,11 @@ SPARSEC_AVX512 void rows_avx512(const Job& job, int64_t b, int64_t h, int64_t i0
 // time.
 
 using detail::lane_mask8;
+using detail::reduce_add8;
+using detail::reduce_max8;
 
 // lanes [0, n) of 8 as all-ones floats (for blends)
 SPARSEC_AVX2 SPARSEC_INLINE __m256 lanes_below(int64_t n) { return _mm256_castsi256_ps(lane_mask8(n)); }
-
-SPARSEC_AVX2 SPARSEC_INLINE float reduce_add8(__m256 v) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-}
-
-SPARSEC_AVX2 SPARSEC_INLINE float reduce_max8(__m256 v) {
-  const __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 d = _mm_max_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_max_ss(d, _mm_movehdup_ps(d)));
-}
 
 // exp_weight512 on 8 lanes: exactly 0 below -87.
 SPARSEC_AVX2 SPARSEC_INLINE __m256 exp_weight256(__m256 x) {

@@ -913,23 +913,17 @@ SPARSEC_AVX512 void layer_norm_row_avx512(float* row, int64_t n, const Epilogue&
   }
 }
 
-SPARSEC_AVX2 SPARSEC_INLINE float sum8(__m256 v) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-}
-
 SPARSEC_AVX2 void layer_norm_row_avx2(float* row, int64_t n, const Epilogue& ep) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_maskload_ps(row + i, lane_mask8(n - i)));
-  const __m256 mean = _mm256_set1_ps(sum8(acc) / static_cast<float>(n));
+  const __m256 mean = _mm256_set1_ps(reduce_add8(acc) / static_cast<float>(n));
   acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 keep = _mm256_castsi256_ps(lane_mask8(n - i));
     const __m256 d = _mm256_and_ps(keep, _mm256_sub_ps(_mm256_maskload_ps(row + i, lane_mask8(n - i)), mean));
     acc = _mm256_fmadd_ps(d, d, acc);
   }
-  const float var = sum8(acc) / static_cast<float>(n);
+  const float var = reduce_add8(acc) / static_cast<float>(n);
   const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + ep.ln_epsilon));
   for (int64_t i = 0; i < n; i += 8) {
     const __m256i m = lane_mask8(n - i);

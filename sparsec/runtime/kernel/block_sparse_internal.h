@@ -397,6 +397,18 @@ SPARSEC_AVX2 SPARSEC_INLINE void transpose8(__m256 (&r)[8]) {
   }
 }
 
+// The sum and the maximum of the 8 lanes.
+SPARSEC_AVX2 SPARSEC_INLINE float reduce_add8(__m256 v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+SPARSEC_AVX2 SPARSEC_INLINE float reduce_max8(__m256 v) {
+  const __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_max_ss(d, _mm_movehdup_ps(d)));
+}
+
 // exp(x) as exp512, with 2^n put into the exponent bits (AVX2 has no vscalefps): x clamped to
 // [-87, 88] keeps n in [-126, 127], a normal float.
 SPARSEC_AVX2 SPARSEC_INLINE __m256 exp256(__m256 x) {
