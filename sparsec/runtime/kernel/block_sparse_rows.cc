@@ -23,7 +23,10 @@
 //   its column, 12 bytes) is read once for 32 rows, two multiply-adds for four loads where one
 //   slice had one for three (one thread: 768 x 3072 0.85x the time, 3072 x 768 0.92x). Three or
 //   four slices, or two sums per slice, were no better; [1, 16] vectors, whose inputs are
-//   contiguous already, measured 0.98-1.10x, so they keep one slice.
+//   contiguous already, measured 0.98-1.10x, so they keep one slice. AVX2 (AMD Zen 3) takes two
+//   slices where both fit in 256 KiB (K <= 2048), with two sums per half slice, 8 accumulators:
+//   one thread 3072 x 768 0.94x, BERT-base unstructured on two threads 0.91-0.95x; at K = 3072
+//   (two slices 384 KiB of a 512 KiB L2) 1.00-1.05x, so one slice there.
 // - Where all of X^T fits in half of a 1 MiB L2 (128 rows at K = 768: 393 KB), a task is one group
 //   of outputs over every pass, so that the group's weights come from memory once per call and
 //   from L2 for the other passes; otherwise a task is one pass and one group, and the pass's slices
@@ -191,36 +194,76 @@ SPARSEC_AVX2 SPARSEC_INLINE void add(const float* wv, const float* xk, __m256& l
   hi = _mm256_fmadd_ps(v, _mm256_load_ps(xk + 8), hi);
 }
 
-// As outputs_avx512, each slice row of 16 as two halves of 8: two running sums per half.
-SPARSEC_AVX2 void outputs_avx2(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
+// Unstructured weights on S consecutive slices, each slice's 16 rows as two halves of 8 with A
+// running sums per half (2 S A accumulators): output i's sums of slice s at strip + 16 (S i + s).
+template <int S, int A>
+SPARSEC_AVX2 void unstructured_avx2(const PackedWeight& w, int64_t n0, int64_t count, const float* xs,
+                                    const float* bias, float* strip) {
+  const int64_t slice = w.K * 16;
+  const float* v = w.blocks.get();
+  const int32_t* at = w.slice_at.data();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = n0 + i;
+    __m256 lo[S][A], hi[S][A];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) lo[s][a] = hi[s][a] = _mm256_setzero_ps();
+    }
+    int64_t b = w.row_start[n];
+    const int64_t end = w.row_start[n + 1];
+    for (; b + A <= end; b += A) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) {
+        const __m256 wv = _mm256_broadcast_ss(v + b + a);
+        const float* xk = xs + at[b + a];
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) {
+          lo[s][a] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice), lo[s][a]);
+          hi[s][a] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice + 8), hi[s][a]);
+        }
+      }
+    }
+    for (; b < end; ++b) {
+      const __m256 wv = _mm256_broadcast_ss(v + b);
+      const float* xk = xs + at[b];
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        lo[s][0] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice), lo[s][0]);
+        hi[s][0] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice + 8), hi[s][0]);
+      }
+    }
+    const __m256 bv = _mm256_set1_ps(bias ? bias[n] : 0.0f);
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      __m256 l = bv, h = bv;
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) l = _mm256_add_ps(l, lo[s][a]), h = _mm256_add_ps(h, hi[s][a]);
+      _mm256_store_ps(strip + 16 * (S * i + s), l);
+      _mm256_store_ps(strip + 16 * (S * i + s) + 8, h);
+    }
+  }
+}
+
+// Blocks of a row vector [1, BC] (those not repacked for the column path) on one slice, each slice
+// row of 16 as two halves of 8: two running sums per half.
+SPARSEC_AVX2 void vectors_avx2(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
                                float* strip) {
   const int64_t K = w.K, BC = w.BC;
   const int64_t* cols = w.cols.data();
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = n0 + i;
     __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-    int64_t b = w.row_start[n];
-    const int64_t end = w.row_start[n + 1];
-    if (BC == 1) {
-      const float* v = w.blocks.get();
-      const int32_t* at = w.slice_at.data();
-      for (; b + 2 <= end; b += 2) {
-        add(v + b, xs + at[b], lo0, hi0);
-        add(v + b + 1, xs + at[b + 1], lo1, hi1);
+    for (int64_t b = w.row_start[n]; b < w.row_start[n + 1]; ++b) {
+      const float* wb = w.block(b);
+      const float* xk = xs + cols[b] * 16;
+      const int64_t jn = std::min(BC, K - cols[b]);
+      int64_t j = 0;
+      for (; j + 2 <= jn; j += 2) {
+        add(wb + j, xk + j * 16, lo0, hi0);
+        add(wb + j + 1, xk + j * 16 + 16, lo1, hi1);
       }
-      if (b < end) add(v + b, xs + at[b], lo0, hi0);
-    } else {
-      for (; b < end; ++b) {
-        const float* wb = w.block(b);
-        const float* xk = xs + cols[b] * 16;
-        const int64_t jn = std::min(BC, K - cols[b]);
-        int64_t j = 0;
-        for (; j + 2 <= jn; j += 2) {
-          add(wb + j, xk + j * 16, lo0, hi0);
-          add(wb + j + 1, xk + j * 16 + 16, lo1, hi1);
-        }
-        if (j < jn) add(wb + j, xk + j * 16, lo0, hi0);
-      }
+      if (j < jn) add(wb + j, xk + j * 16, lo0, hi0);
     }
     const __m256 bv = _mm256_set1_ps(bias ? bias[n] : 0.0f);
     _mm256_store_ps(strip + 16 * i, _mm256_add_ps(_mm256_add_ps(lo0, lo1), bv));
@@ -234,8 +277,13 @@ SPARSEC_AVX2 void outputs_avx2(const PackedWeight& w, int64_t n0, int64_t count,
 
 constexpr int64_t L = 16;  // rows of X per slice
 
-// The slices of one pass of rows: 2 for unstructured masks on AVX-512 (see the top), else 1.
-int64_t slices_per_pass(const PackedWeight& w, bool avx512) { return avx512 && w.BC == 1 ? 2 : 1; }
+// The slices of one pass of rows: 2 for unstructured masks on AVX-512, and on AVX2 where the two
+// slices fit in 256 KiB (K <= 2048; see the top), else 1.
+constexpr int64_t kAvx2SlicePairBytes = 256 * 1024;
+int64_t slices_per_pass(const PackedWeight& w, bool avx512) {
+  if (w.BC > 1) return 1;
+  return avx512 || 2 * w.K * L * static_cast<int64_t>(sizeof(float)) <= kAvx2SlicePairBytes ? 2 : 1;
+}
 
 // `slices`: the task's slices that hold rows (1 or 2), which is the strip's vector count.
 struct Avx512Rows {
@@ -253,15 +301,21 @@ struct Avx512Rows {
   }
 };
 
-struct Avx2Rows {  // one slice per task
+struct Avx2Rows {
   static void outputs(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
-                      float* strip, int64_t) {
-    outputs_avx2(w, n0, count, xs, bias, strip);
+                      float* strip, int64_t slices) {
+    if (w.BC > 1) {
+      vectors_avx2(w, n0, count, xs, bias, strip);
+    } else if (slices == 2) {
+      unstructured_avx2<2, 2>(w, n0, count, xs, bias, strip);
+    } else {
+      unstructured_avx2<1, 2>(w, n0, count, xs, bias, strip);
+    }
   }
   static void store(const float* strip, int64_t n0, int64_t count, int64_t rows, int64_t N, const Epilogue& ep,
-                    float* y, int64_t) {
+                    float* y, int64_t slices) {
     for (int64_t h = 0; h < count; h += 8) {  // 8 outputs at a time (8 x 8 transposes)
-      store_strip_avx2(strip + h * 16, 2, n0 + h, std::min<int64_t>(8, count - h), rows, N, ep, y);
+      store_strip_avx2(strip + h * 16 * slices, 2 * slices, n0 + h, std::min<int64_t>(8, count - h), rows, N, ep, y);
     }
   }
 };
