@@ -263,10 +263,9 @@ SPARSEC_AVX2 void finish_tile_avx2(const Epilogue& ep, float* y, int64_t rows, i
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t i = 0; i < ncols; i += 8) {
-      const __m256i mask = lane_mask8(ncols - i);
-      __m256 v = activate256(_mm256_maskload_ps(y + m * ldy + i, mask), ep.act);
-      if (res != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(res + m * ldy + i, mask));
-      _mm256_maskstore_ps(y + m * ldy + i, mask, v);
+      __m256 v = activate256(load8(y + m * ldy + i, ncols - i), ep.act);
+      if (res != nullptr) v = _mm256_add_ps(v, load8(res + m * ldy + i, ncols - i));
+      store8(y + m * ldy + i, ncols - i, v);
     }
   }
 }
@@ -708,20 +707,16 @@ void block_rows_packed_avx512(const PackedWeight& w, int64_t r0, int64_t r1, con
 template <int MR>
 SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t mr, int64_t ncols,
                                                  const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
-  __m256i mask[2];
   __m256 b[2];
-  for (int v = 0; v < 2; ++v) {
-    mask[v] = lane_mask8(ncols - 8 * v);
-    b[v] = ep.bias ? _mm256_maskload_ps(ep.bias + col + 8 * v, mask[v]) : _mm256_setzero_ps();
-  }
+  for (int v = 0; v < 2; ++v) b[v] = ep.bias ? load8(ep.bias + col + 8 * v, ncols - 8 * v) : _mm256_setzero_ps();
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
     for (int v = 0; v < 2; ++v) {
       __m256 out = activate256(_mm256_add_ps(acc[m][v], b[v]), ep.act);
-      if (res != nullptr) out = _mm256_add_ps(out, _mm256_maskload_ps(res + m * ldy + 8 * v, mask[v]));
-      _mm256_maskstore_ps(y + m * ldy + 8 * v, mask[v], out);
+      if (res != nullptr) out = _mm256_add_ps(out, load8(res + m * ldy + 8 * v, ncols - 8 * v));
+      store8(y + m * ldy + 8 * v, ncols - 8 * v, out);
     }
   }
 }
@@ -915,22 +910,21 @@ SPARSEC_AVX512 void layer_norm_row_avx512(float* row, int64_t n, const Epilogue&
 
 SPARSEC_AVX2 void layer_norm_row_avx2(float* row, int64_t n, const Epilogue& ep) {
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_maskload_ps(row + i, lane_mask8(n - i)));
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, load8(row + i, n - i));
   const __m256 mean = _mm256_set1_ps(reduce_add8(acc) / static_cast<float>(n));
   acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 keep = _mm256_castsi256_ps(lane_mask8(n - i));
-    const __m256 d = _mm256_and_ps(keep, _mm256_sub_ps(_mm256_maskload_ps(row + i, lane_mask8(n - i)), mean));
+    const __m256 d = _mm256_and_ps(keep, _mm256_sub_ps(load8(row + i, n - i), mean));
     acc = _mm256_fmadd_ps(d, d, acc);
   }
   const float var = reduce_add8(acc) / static_cast<float>(n);
   const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + ep.ln_epsilon));
   for (int64_t i = 0; i < n; i += 8) {
-    const __m256i m = lane_mask8(n - i);
-    const __m256 scale = _mm256_mul_ps(rstd, _mm256_maskload_ps(ep.ln_scale + i, m));
-    const __m256 shift = ep.ln_bias ? _mm256_maskload_ps(ep.ln_bias + i, m) : _mm256_setzero_ps();
-    const __m256 d = _mm256_sub_ps(_mm256_maskload_ps(row + i, m), mean);
-    _mm256_maskstore_ps(row + i, m, _mm256_fmadd_ps(d, scale, shift));
+    const __m256 scale = _mm256_mul_ps(rstd, load8(ep.ln_scale + i, n - i));
+    const __m256 shift = ep.ln_bias ? load8(ep.ln_bias + i, n - i) : _mm256_setzero_ps();
+    const __m256 d = _mm256_sub_ps(load8(row + i, n - i), mean);
+    store8(row + i, n - i, _mm256_fmadd_ps(d, scale, shift));
   }
 }
 #endif

@@ -230,8 +230,9 @@ SPARSEC_AVX512 void tile_avx512(const ConvJob& job, int64_t r, int64_t i0, const
   }
 }
 
-// AVX2 (16 ymm registers): MR <= 2 output channels x 4 vectors of 8 pixels, the tile in two halves.
-template <int MR>
+// AVX2 (16 ymm registers): MR <= 2 output channels x 4 vectors of 8 pixels, the tile in two halves;
+// FULL: all 32 pixels of the half exist (plain loads of X).
+template <int MR, bool FULL>
 SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, const float* xb, int64_t npx,
                                  const Seg* seg, float* out, const float* res, bool finish, int64_t ldo) {
   constexpr int NV = 4;
@@ -255,7 +256,7 @@ SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, cons
       const float* xp = xb + ob[j];
       __m256 xv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) xv[v] = _mm256_maskload_ps(xp + 8 * v, mask[v]);
+      for (int v = 0; v < NV; ++v) xv[v] = FULL ? _mm256_loadu_ps(xp + 8 * v) : _mm256_maskload_ps(xp + 8 * v, mask[v]);
 #pragma GCC unroll 2
       for (int i = 0; i < MR; ++i) {
         const __m256 wv = _mm256_broadcast_ss(wb + j * BRp + i);
@@ -271,10 +272,16 @@ SPARSEC_AVX2 void half_tile_avx2(const ConvJob& job, int64_t r, int64_t i0, cons
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       for (int t = 0; t < seg[v].n; ++t) {
-        const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(seg[v].bits[t]));
-        const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane_bits), lane_bits);
         const int64_t at = i * ldo + seg[v].off[t];
         __m256 o = acc[i][v];
+        if (seg[v].bits[t] == 0xFFu) {  // all 8 lanes: plain loads and stores (masked ones cost more)
+          if (res != nullptr) o = _mm256_add_ps(o, _mm256_loadu_ps(res + at));
+          if (relu) o = _mm256_max_ps(_mm256_setzero_ps(), o);  // NaN stays NaN
+          _mm256_storeu_ps(out + at, o);
+          continue;
+        }
+        const __m256i bits = _mm256_set1_epi32(static_cast<int32_t>(seg[v].bits[t]));
+        const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(bits, lane_bits), lane_bits);
         if (res != nullptr) o = _mm256_add_ps(o, _mm256_maskload_ps(res + at, m));
         if (relu) o = _mm256_max_ps(_mm256_setzero_ps(), o);  // NaN stays NaN
         _mm256_maskstore_ps(out + at, m, o);
@@ -288,11 +295,10 @@ void tile_avx2(const ConvJob& job, int64_t r, int64_t i0, int64_t mr, const floa
   for (int64_t h = 0; h < kTile && h < npx; h += 32) {
     for (int64_t i = 0; i < mr; i += 2) {
       const float* res_i = res != nullptr ? res + i * ldo : nullptr;
-      if (mr - i >= 2) {
-        half_tile_avx2<2>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, res_i, finish, ldo);
-      } else {
-        half_tile_avx2<1>(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, res_i, finish, ldo);
-      }
+      const bool full = npx - h >= 32;
+      const auto half = mr - i >= 2 ? (full ? half_tile_avx2<2, true> : half_tile_avx2<2, false>)
+                                    : (full ? half_tile_avx2<1, true> : half_tile_avx2<1, false>);
+      half(job, r, i0 + i, xb + h, npx - h, seg + h / 8, out + i * ldo, res_i, finish, ldo);
     }
   }
 }
