@@ -163,7 +163,7 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     """Blocks one output high take the row path (lanes over the rows of X, X transposed once per
     call into slices of 16 rows, 16 (AVX-512) or 8 (AVX2) outputs transposed back at a time): row
     counts around the slices and the passes (two slices for unstructured masks on AVX-512, and on
-    AVX2 where K <= 2048, so 17 and 33 rows end on a part-filled or a lone slice), X^T small enough for every pass to run
+    AVX2 four where K <= 1024 and two where K <= 2048, so 17 and 33 rows end on a part-filled or a lone slice), X^T small enough for every pass to run
     inside each task (K = 45, 768 up to 160 rows, 3000 up to 32) or not (768 at 200 rows, 3000
     from 33), outputs not a multiple of the lanes, K not a multiple of the lanes or of the block
     width, vectors 1 to 32 wide (a vector's weights in rounds of four running sums, whole and part),

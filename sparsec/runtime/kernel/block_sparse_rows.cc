@@ -26,7 +26,9 @@
 //   contiguous already, measured 0.98-1.10x, so they keep one slice. AVX2 (AMD Zen 3) takes two
 //   slices where both fit in 256 KiB (K <= 2048), with two sums per half slice, 8 accumulators:
 //   one thread 3072 x 768 0.94x, BERT-base unstructured on two threads 0.91-0.95x; at K = 3072
-//   (two slices 384 KiB of a 512 KiB L2) 1.00-1.05x, so one slice there.
+//   (two slices 384 KiB of a 512 KiB L2) 1.00-1.05x, so one slice there. Four slices (one sum
+//   per half) where they fit in 256 KiB (K <= 1024): 0.97-0.98x more. Narrow slices of 8 rows
+//   ([K][8], 24 KiB at K = 768, in L1) ran 1.2-1.34x slower: the weights are read twice as often.
 // - Where all of X^T fits in half of a 1 MiB L2 (128 rows at K = 768: 393 KB), a task is one group
 //   of outputs over every pass, so that the group's weights come from memory once per call and
 //   from L2 for the other passes; otherwise a task is one pass and one group, and the pass's slices
@@ -277,12 +279,14 @@ SPARSEC_AVX2 void vectors_avx2(const PackedWeight& w, int64_t n0, int64_t count,
 
 constexpr int64_t L = 16;  // rows of X per slice
 
-// The slices of one pass of rows: 2 for unstructured masks on AVX-512, and on AVX2 where the two
-// slices fit in 256 KiB (K <= 2048; see the top), else 1.
-constexpr int64_t kAvx2SlicePairBytes = 256 * 1024;
+// The slices of one pass of rows: 2 for unstructured masks on AVX-512; on AVX2 as many of 4, 2 or
+// 1 as fit in 256 KiB (4 up to K = 1024, 2 up to 2048; see the top). Vectors: 1.
+constexpr int64_t kAvx2PassBytes = 256 * 1024;
 int64_t slices_per_pass(const PackedWeight& w, bool avx512) {
   if (w.BC > 1) return 1;
-  return avx512 || 2 * w.K * L * static_cast<int64_t>(sizeof(float)) <= kAvx2SlicePairBytes ? 2 : 1;
+  if (avx512) return 2;
+  const int64_t slice_bytes = w.K * L * static_cast<int64_t>(sizeof(float));
+  return 4 * slice_bytes <= kAvx2PassBytes ? 4 : 2 * slice_bytes <= kAvx2PassBytes ? 2 : 1;
 }
 
 // `slices`: the task's slices that hold rows (1 or 2), which is the strip's vector count.
@@ -306,6 +310,10 @@ struct Avx2Rows {
                       float* strip, int64_t slices) {
     if (w.BC > 1) {
       vectors_avx2(w, n0, count, xs, bias, strip);
+    } else if (slices == 4) {
+      unstructured_avx2<4, 1>(w, n0, count, xs, bias, strip);
+    } else if (slices == 3) {
+      unstructured_avx2<3, 1>(w, n0, count, xs, bias, strip);
     } else if (slices == 2) {
       unstructured_avx2<2, 2>(w, n0, count, xs, bias, strip);
     } else {
@@ -332,7 +340,7 @@ void row_task(void* data, size_t t) {
   const int64_t first = job.all_passes ? 0 : (static_cast<int64_t>(t) / groups) * pass_rows;
   const int64_t last = job.all_passes ? job.M : std::min(job.M, first + pass_rows);
   const PackedWeight& w = *job.w;
-  alignas(64) float strip[L * L * 2];
+  alignas(64) float strip[L * L * 4];
   for (int64_t m0 = first; m0 < last; m0 += pass_rows) {
     const int64_t rows = std::min(pass_rows, job.M - m0);
     const int64_t slices = ceil_div(rows, L);  // the last pass may hold one slice where two were asked
