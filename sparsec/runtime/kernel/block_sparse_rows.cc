@@ -408,14 +408,22 @@ SPARSEC_AVX512 void store_strip_avx512(const float* strip, int64_t nv, int64_t n
 }
 SPARSEC_AVX2 void store_strip_avx2(const float* strip, int64_t nv, int64_t n0, int64_t count, int64_t rows,
                                    int64_t N, const Epilogue& ep, float* y) {
+  const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;  // locals: see store_strip_avx512
+  const Activation act = ep.act;
   for (int64_t v = 0; v < nv; ++v) {
     __m256 r[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) r[i] = i < count ? _mm256_load_ps(strip + i * 8 * nv + 8 * v) : _mm256_setzero_ps();
-    transpose8(r);
+    transpose8(r);  // r[l]: outputs n0.. of row 8 v + l
     const int64_t valid = std::min<int64_t>(8, rows - 8 * v);
-    for (int64_t l = 0; l < valid; ++l) store8(y + (8 * v + l) * N + n0, count, r[l]);
-    if (valid > 0) finish_tile_avx2(ep, y + 8 * v * N + n0, valid, count, N);
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) {  // constant indices: r stays in registers
+      if (l >= valid) break;
+      const int64_t at = (8 * v + l) * N + n0;
+      __m256 out = activate256(r[l], act);
+      if (res != nullptr) out = _mm256_add_ps(out, load8(res + at, count));
+      store8(y + at, count, out);
+    }
   }
 }
 #endif
