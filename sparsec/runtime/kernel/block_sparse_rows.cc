@@ -69,7 +69,7 @@ struct RowJob {
   Epilogue ep;
   float* y;
   int64_t M;
-  int64_t slices;  // per pass of rows: 1 or 2
+  int64_t slices;  // per pass of rows: slices_per_pass
   bool all_passes;  // a task runs its group over every pass (else over one)
   std::vector<int64_t> group_start;  // [groups + 1] output boundaries (one output per block row)
 };
@@ -196,6 +196,19 @@ SPARSEC_AVX2 SPARSEC_INLINE void add(const float* wv, const float* xk, __m256& l
   hi = _mm256_fmadd_ps(v, _mm256_load_ps(xk + 8), hi);
 }
 
+// Sums a of every slice's two halves += the weight at wv times its input's 16 rows in that slice
+// (xk: the input in the first).
+template <int S, int A>
+SPARSEC_AVX2 SPARSEC_INLINE void add_slices_avx2(__m256 (&lo)[S][A], __m256 (&hi)[S][A], int a, const float* wv,
+                                                 const float* xk, int64_t slice) {
+  const __m256 v = _mm256_broadcast_ss(wv);
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s) {
+    lo[s][a] = _mm256_fmadd_ps(v, _mm256_load_ps(xk + s * slice), lo[s][a]);
+    hi[s][a] = _mm256_fmadd_ps(v, _mm256_load_ps(xk + s * slice + 8), hi[s][a]);
+  }
+}
+
 // Unstructured weights on S consecutive slices, each slice's 16 rows as two halves of 8 with A
 // running sums per half (2 S A accumulators): output i's sums of slice s at strip + 16 (S i + s).
 template <int S, int A>
@@ -216,25 +229,9 @@ SPARSEC_AVX2 void unstructured_avx2(const PackedWeight& w, int64_t n0, int64_t c
     const int64_t end = w.row_start[n + 1];
     for (; b + A <= end; b += A) {
 #pragma GCC unroll 4
-      for (int a = 0; a < A; ++a) {
-        const __m256 wv = _mm256_broadcast_ss(v + b + a);
-        const float* xk = xs + at[b + a];
-#pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) {
-          lo[s][a] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice), lo[s][a]);
-          hi[s][a] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice + 8), hi[s][a]);
-        }
-      }
+      for (int a = 0; a < A; ++a) add_slices_avx2(lo, hi, a, v + b + a, xs + at[b + a], slice);
     }
-    for (; b < end; ++b) {
-      const __m256 wv = _mm256_broadcast_ss(v + b);
-      const float* xk = xs + at[b];
-#pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) {
-        lo[s][0] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice), lo[s][0]);
-        hi[s][0] = _mm256_fmadd_ps(wv, _mm256_load_ps(xk + s * slice + 8), hi[s][0]);
-      }
-    }
+    for (; b < end; ++b) add_slices_avx2(lo, hi, 0, v + b, xs + at[b], slice);
     const __m256 bv = _mm256_set1_ps(bias ? bias[n] : 0.0f);
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s) {
@@ -289,7 +286,7 @@ int64_t slices_per_pass(const PackedWeight& w, bool avx512) {
   return 4 * slice_bytes <= kAvx2PassBytes ? 4 : 2 * slice_bytes <= kAvx2PassBytes ? 2 : 1;
 }
 
-// `slices`: the task's slices that hold rows (1 or 2), which is the strip's vector count.
+// `slices`: the task's slices that hold rows (1 or 2 on AVX-512), which is the strip's vector count.
 struct Avx512Rows {
   static void outputs(const PackedWeight& w, int64_t n0, int64_t count, const float* xs, const float* bias,
                       float* strip, int64_t slices) {
