@@ -214,28 +214,44 @@ float activate_scalar(float v, Activation act) {
 
 namespace {
 
-// gelu512's table (block_sparse_internal.h): on interval i, h(0.25 (i + r)) as a quartic in r, the
-// polynomial through the five Chebyshev-Lobatto points r_j = (1 - cos(j pi / 4)) / 2 (Newton's
-// divided differences, then expanded into powers of r), all in double.
-GeluTable make_gelu_table() {
-  GeluTable table{};
-  constexpr int kPoints = 5;
-  for (int i = 0; i < 32; ++i) {
-    double r[kPoints], coef[kPoints];
-    for (int j = 0; j < kPoints; ++j) {
-      r[j] = 0.5 - 0.5 * std::cos(j * 3.14159265358979323846 / (kPoints - 1));
-      const double a = 0.25 * (i + r[j]);
+// The tables of gelu512 and gelu256 (block_sparse_internal.h). h(a) = -a erfc(a / sqrt(2)) / 2 on `intervals` intervals of width `width` from 0, a polynomial
+// of degree points - 1 in the offset r in [0, 1) on each, written to c[d * intervals + i] (the
+// coefficient of r^d on interval i): interpolation in double precision at the interval's Chebyshev-
+// Lobatto points (so the pieces meet, and h(0) = 0 exactly), Newton's divided differences turned
+// into powers of r.
+void fill_gelu_pieces(int intervals, int points, double width, float* c) {
+  constexpr int kMaxPoints = 10;
+  for (int i = 0; i < intervals; ++i) {
+    double r[kMaxPoints], coef[kMaxPoints];
+    for (int j = 0; j < points; ++j) {
+      r[j] = 0.5 - 0.5 * std::cos(j * 3.14159265358979323846 / (points - 1));
+      const double a = width * (i + r[j]);
       coef[j] = -a * 0.5 * std::erfc(a * 0.70710678118654752440);
     }
-    for (int k = 1; k < kPoints; ++k) {
-      for (int j = kPoints - 1; j >= k; --j) coef[j] = (coef[j] - coef[j - 1]) / (r[j] - r[j - k]);
+    for (int k = 1; k < points; ++k) {
+      for (int j = points - 1; j >= k; --j) coef[j] = (coef[j] - coef[j - 1]) / (r[j] - r[j - k]);
     }
-    double power[kPoints] = {coef[kPoints - 1]};  // Horner on the Newton form, from the top
-    for (int k = kPoints - 2; k >= 0; --k) {
-      for (int d = kPoints - 1; d >= 1; --d) power[d] = power[d - 1] - power[d] * r[k];
+    double power[kMaxPoints] = {coef[points - 1]};  // Horner on the Newton form, from the top
+    for (int k = points - 2; k >= 0; --k) {
+      for (int d = points - 1; d >= 1; --d) power[d] = power[d - 1] - power[d] * r[k];
       power[0] = coef[k] - power[0] * r[k];
     }
-    for (int d = 0; d < kPoints; ++d) table.c[d][i] = static_cast<float>(power[d]);
+    for (int d = 0; d < points; ++d) c[d * intervals + i] = static_cast<float>(power[d]);
+  }
+}
+
+GeluTable make_gelu_table() {
+  GeluTable table{};
+  fill_gelu_pieces(32, 5, 0.25, &table.c[0][0]);
+  return table;
+}
+
+GeluTable4 make_gelu_table4() {
+  float c[10][4];
+  fill_gelu_pieces(4, 10, 1.5, &c[0][0]);
+  GeluTable4 table{};
+  for (int d = 0; d < 10; ++d) {
+    for (int i = 0; i < 8; ++i) table.c[d][i] = c[d][i % 4];
   }
   return table;
 }
@@ -243,6 +259,7 @@ GeluTable make_gelu_table() {
 }  // namespace
 
 const GeluTable kGeluTable = make_gelu_table();
+const GeluTable4 kGeluTable4 = make_gelu_table4();
 
 // Activation and residual over a stored tile of `rows` x `ncols` at y (row stride ldy).
 void finish_tile_scalar(const Epilogue& ep, float* y, int64_t rows, int64_t ncols, int64_t ldy) {
@@ -709,12 +726,14 @@ SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t m
                                                  const Epilogue& ep, int64_t col, float* y, int64_t ldy) {
   __m256 b[2];
   for (int v = 0; v < 2; ++v) b[v] = ep.bias ? load8(ep.bias + col + 8 * v, ncols - 8 * v) : _mm256_setzero_ps();
+  // Locals: the stores below may alias the Epilogue, whose fields would be reloaded for every vector.
   const float* res = ep.residual ? ep.residual + (y - ep.y) : nullptr;
+  const Activation act = ep.act;
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     if (m >= mr) break;
     for (int v = 0; v < 2; ++v) {
-      __m256 out = activate256(_mm256_add_ps(acc[m][v], b[v]), ep.act);
+      __m256 out = activate256(_mm256_add_ps(acc[m][v], b[v]), act);
       if (res != nullptr) out = _mm256_add_ps(out, load8(res + m * ldy + 8 * v, ncols - 8 * v));
       store8(y + m * ldy + 8 * v, ncols - 8 * v, out);
     }

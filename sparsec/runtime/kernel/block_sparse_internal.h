@@ -442,23 +442,28 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-// gelu(v) = max(v, 0) + h(|v|), h(a) = -a erfc(a / sqrt(2)) / 2 as in gelu512, without its table
-// (AVX2 permutes 8 floats, not 32): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), P of degree 9
-// (the Chebyshev fit of Press et al., Numerical Recipes, 6.2 "erfcc": relative error below 1.2e-7).
-// |v| above 10 takes h(10) = -8e-23. Measured in float over [0, 10]: |error of h| <= 7.8e-8.
+// gelu(v) = max(v, 0) + h(|v|), h(a) = -a erfc(a / sqrt(2)) / 2 as in gelu512, with a table that
+// an in-lane vpermilps reads (4 floats per 128-bit half; gelu512's vpermt2ps reads 32): h on [0, 6]
+// is 4 polynomials of degree 9, one per interval of width 3/2 (kGeluTable4, built at load like
+// kGeluTable); |v| >= 6 takes h(6) = -5.9e-9. Ten in-lane permutes and nine multiply-adds, no
+// division. Measured on Zen 3, 3072 x 768 at density 0.1: GELU adds 25-30% to the layer; the
+// rational erfc with exp it replaces (Numerical Recipes' erfcc) added 75-84%, and 8 intervals of
+// degree 6 picked by the cross-lane vpermps (2 cycles each there) 30-40%.
+struct GeluTable4 {
+  alignas(32) float c[10][8];  // c[d][i] = c[d][4 + i]: the coefficient of r^d on interval i
+};
+extern const GeluTable4 kGeluTable4;
+
 SPARSEC_AVX2 SPARSEC_INLINE __m256 gelu256(__m256 v) {
-  // min(C, |v|): vminps returns its second operand when either is NaN, so a NaN stays NaN.
-  const __m256 a = _mm256_min_ps(_mm256_set1_ps(10.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
-  const __m256 z = _mm256_mul_ps(a, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
-  static constexpr float kP[10] = {-1.26551223f, 1.00002368f, 0.37409196f,  0.09678418f, -0.18628806f,
-                                   0.27886807f,  -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
-  __m256 p = _mm256_set1_ps(kP[9]);
+  // min(C, u) and not min(u, C): vminps returns its second operand when either is NaN.
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+  const __m256 u = _mm256_min_ps(_mm256_set1_ps(3.9999998f), _mm256_mul_ps(a, _mm256_set1_ps(2.0f / 3.0f)));
+  const __m256i i = _mm256_cvttps_epi32(u);  // the interval; vpermilps reads its low 2 bits
+  const __m256 r = _mm256_sub_ps(u, _mm256_cvtepi32_ps(i));
+  __m256 p = _mm256_permutevar_ps(_mm256_load_ps(kGeluTable4.c[9]), i);
 #pragma GCC unroll 9
-  for (int d = 8; d >= 0; --d) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kP[d]));
-  const __m256 e = exp256(_mm256_fnmadd_ps(z, z, p));
-  const __m256 h = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(a, _mm256_set1_ps(-0.5f)), t), e);
-  return _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), h);  // a NaN v is NaN in h
+  for (int d = 8; d >= 0; --d) p = _mm256_fmadd_ps(p, r, _mm256_permutevar_ps(_mm256_load_ps(kGeluTable4.c[d]), i));
+  return _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), p);  // a NaN v is NaN in p
 }
 
 // gelu_tanh(v) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3), as gelu_tanh512.
