@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--int8", action="store_true", help="INT8 compute (int8 weights, one scale per row)")
+    parser.add_argument("--activation", default="", choices=("", "gelu", "gelu_tanh", "relu"),
+                        help="the layer's epilogue activation (a convolution takes relu only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--conv", default="", help="IN,OUT,KERNEL,SIZE,STRIDE: time a convolution instead")
@@ -105,10 +107,10 @@ def main() -> None:
         if args.conv:
             geometry = [kernel, kernel, stride, stride, pad, pad, pad, pad, 1, 1]
             model = conv_op.single_layer_model(pack(weight, keep, args.block), geometry, list(x.shape),
-                                               bias).SerializeToString()
+                                               bias, activation=args.activation).SerializeToString()
         else:
             packed = pack(weight, keep, args.block, int8=True, per_row=True) if args.int8 else pack(weight, keep, args.block)
-            model = onnx_op.single_layer_model(packed, bias).SerializeToString()
+            model = onnx_op.single_layer_model(packed, bias, activation=args.activation).SerializeToString()
     sessions = {}
     for name, lib in (("a", args.a), ("b", args.b)):
         options = ort.SessionOptions()
@@ -133,6 +135,7 @@ def main() -> None:
     a, b = (statistics.median(times[s]) * 1e3 for s in ("a", "b"))
     layer = "" if args.model is not None else f"{args.block[0]}x{args.block[1]} blocks, density {args.density}, "
     layer += "INT8, " if args.int8 else ""
+    layer += f"{args.activation}, " if args.activation and args.model is None else ""
     print(f"{what}, {layer}{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
           f"(outputs agree to {error:.1e})")
 
