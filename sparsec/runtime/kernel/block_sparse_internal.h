@@ -446,9 +446,9 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256 exp256(__m256 x) {
 // an in-lane vpermilps reads (4 floats per 128-bit half; gelu512's vpermt2ps reads 32): h on [0, 6]
 // is 4 polynomials of degree 9, one per interval of width 3/2 (kGeluTable4, built at load like
 // kGeluTable); |v| >= 6 takes h(6) = -5.9e-9. Ten in-lane permutes and nine multiply-adds, no
-// division. Measured on Zen 3, 3072 x 768 at density 0.1: GELU adds 25-30% to the layer; the
-// rational erfc with exp it replaces (Numerical Recipes' erfcc) added 75-84%, and 8 intervals of
-// degree 6 picked by the cross-lane vpermps (2 cycles each there) 30-40%.
+// division. Measured on Zen 3, 3072 x 768 at density 0.1: GELU adds 25-37% to the layer; the
+// rational erfc with exp it replaces (Numerical Recipes' erfcc) added 73-84%, and 8 intervals of
+// degree 6 picked by the cross-lane vpermps 27-40%.
 struct GeluTable4 {
   alignas(32) float c[10][8];  // c[d][i] = c[d][4 + i]: the coefficient of r^d on interval i
 };
