@@ -741,6 +741,19 @@ SPARSEC_AVX2 SPARSEC_INLINE void store_tile_avx2(__m256 (&acc)[MR][2], int64_t m
 }
 
 template <int MR>
+SPARSEC_AVX2 SPARSEC_INLINE void tile_step_avx2(__m256 (&acc)[MR][2], const float* wb, const float* xb,
+                                                const int64_t (&row_off)[MR], int64_t j, int64_t BRp) {
+  const __m256 w0 = _mm256_load_ps(wb + j * BRp);
+  const __m256 w1 = _mm256_load_ps(wb + j * BRp + 8);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    const __m256 xv = _mm256_broadcast_ss(xb + row_off[m] + j);
+    acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+    acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+  }
+}
+
+template <int MR>
 SPARSEC_AVX2 void tile_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* x,
                             int64_t mr, const Epilogue& ep, float* y) {
   const int64_t K = w.K;
@@ -757,15 +770,16 @@ SPARSEC_AVX2 void tile_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_
     const int64_t jn = std::min(w.BC, K - k0);
     const float* wb = w.block(b) + o0;
     const float* xb = x + k0;
-    for (int64_t j = 0; j < jn; ++j) {
-      const __m256 w0 = _mm256_load_ps(wb + j * BRp);
-      const __m256 w1 = _mm256_load_ps(wb + j * BRp + 8);
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m256 xv = _mm256_broadcast_ss(xb + row_off[m] + j);
-        acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
-      }
+    // Whole 32- and 16-wide blocks with a constant trip count (unrolled without a remainder test):
+    // 3072 x 768 at density 0.1 0.97-0.98x the time, 768 x 3072 0.93x, BERT-base 0.91-0.94x.
+    if (jn == 32) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 32; ++j) tile_step_avx2<MR>(acc, wb, xb, row_off, j, BRp);
+    } else if (jn == 16) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 16; ++j) tile_step_avx2<MR>(acc, wb, xb, row_off, j, BRp);
+    } else {
+      for (int64_t j = 0; j < jn; ++j) tile_step_avx2<MR>(acc, wb, xb, row_off, j, BRp);
     }
   }
   store_tile_avx2<MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
