@@ -214,11 +214,11 @@ float activate_scalar(float v, Activation act) {
 
 namespace {
 
-// The tables of gelu512 and gelu256 (block_sparse_internal.h). h(a) = -a erfc(a / sqrt(2)) / 2 on `intervals` intervals of width `width` from 0, a polynomial
-// of degree points - 1 in the offset r in [0, 1) on each, written to c[d * intervals + i] (the
-// coefficient of r^d on interval i): interpolation in double precision at the interval's Chebyshev-
-// Lobatto points (so the pieces meet, and h(0) = 0 exactly), Newton's divided differences turned
-// into powers of r.
+// The tables of gelu512 and gelu256 (block_sparse_internal.h): h(a) = -a erfc(a / sqrt(2)) / 2 on
+// `intervals` intervals of width `width` from 0, a polynomial of degree points - 1 (points <= 10) in
+// the offset r in [0, 1) on each, written to c[d * intervals + i] (the coefficient of r^d on
+// interval i): interpolation in double precision at the interval's Chebyshev-Lobatto points (so the
+// pieces meet, and h(0) = 0 exactly), Newton's divided differences turned into powers of r.
 void fill_gelu_pieces(int intervals, int points, double width, float* c) {
   constexpr int kMaxPoints = 10;
   for (int i = 0; i < intervals; ++i) {

@@ -462,7 +462,9 @@ SPARSEC_AVX2 SPARSEC_INLINE __m256 gelu256(__m256 v) {
   const __m256 r = _mm256_sub_ps(u, _mm256_cvtepi32_ps(i));
   __m256 p = _mm256_permutevar_ps(_mm256_load_ps(kGeluTable4.c[9]), i);
 #pragma GCC unroll 9
-  for (int d = 8; d >= 0; --d) p = _mm256_fmadd_ps(p, r, _mm256_permutevar_ps(_mm256_load_ps(kGeluTable4.c[d]), i));
+  for (int d = 8; d >= 0; --d) {
+    p = _mm256_fmadd_ps(p, r, _mm256_permutevar_ps(_mm256_load_ps(kGeluTable4.c[d]), i));
+  }
   return _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), p);  // a NaN v is NaN in p
 }
 
