@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--int8", action="store_true", help="INT8 compute (int8 weights, one scale per row)")
     parser.add_argument("--activation", default="", choices=("", "gelu", "gelu_tanh", "relu"),
-                        help="the layer's epilogue activation (a convolution takes relu only)")
+                        help="the epilogue activation of the layer built here (a convolution: relu only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--conv", default="", help="IN,OUT,KERNEL,SIZE,STRIDE: time a convolution instead")
@@ -78,6 +78,10 @@ def main() -> None:
         parser.error("--model and --feeds go together")
     if args.model_b is not None and args.model is None:
         parser.error("--model-b needs --model")
+    if args.activation and args.model is not None:
+        parser.error("--activation applies to the layer built here, not to --model")
+    if args.activation not in ("", "relu") and args.conv:
+        parser.error(f"--activation {args.activation}: a convolution takes relu only")
 
     import onnxruntime as ort
 
@@ -135,7 +139,7 @@ def main() -> None:
     a, b = (statistics.median(times[s]) * 1e3 for s in ("a", "b"))
     layer = "" if args.model is not None else f"{args.block[0]}x{args.block[1]} blocks, density {args.density}, "
     layer += "INT8, " if args.int8 else ""
-    layer += f"{args.activation}, " if args.activation and args.model is None else ""
+    layer += f"{args.activation}, " if args.activation else ""
     print(f"{what}, {layer}{args.threads} thread(s), {args.calls} calls each: a {a:.3f} ms, b {b:.3f} ms, b/a {b / a:.3f} "
           f"(outputs agree to {error:.1e})")
 
