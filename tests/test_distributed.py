@@ -103,7 +103,8 @@ def runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# One method in the default run (about 30 s each on 2 cores); the others with `bin/test --slow`.
+@pytest.mark.parametrize("method", [m if m == "movement" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_two_processes_keep_identical_masks_and_write_out_once(method, runs):
     out = runs(method, "ddp")
     report = json.loads((out / "report.json").read_text())
@@ -112,8 +113,7 @@ def test_two_processes_keep_identical_masks_and_write_out_once(method, runs):
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
 
 
-@pytest.mark.parametrize("method", ["movement", "dynsparse", pytest.param("pins", marks=pytest.mark.slow),
-                                    pytest.param("lm", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["movement", *(pytest.param(m, marks=pytest.mark.slow) for m in ("dynsparse", "pins", "lm"))])
 def test_fsdp_trains_exactly_as_ddp(method, runs):
     """FSDP2 shards parameters, gradients and optimizer state; sparsec gathers them whole for
     prog.step() (mask updates, pins' optimizer update, dynsparse's moment resets, lm's estimates)
@@ -192,7 +192,7 @@ def _gradients(rank: int, world: int, store: str, result: str, method: str) -> N
         distributed.shutdown()
 
 
-@pytest.mark.parametrize("method", ["movement", "soft_movement"])
+@pytest.mark.parametrize("method", ["movement", pytest.param("soft_movement", marks=pytest.mark.slow)])
 def test_ddp_all_reduces_g_once_for_movement(method, tmp_path):
     """Movement's two gradients are both linear in G = dL/dW_eff (Eq 2): DistributedBackend has DDP
     all-reduce G alone in the weight's gradient (half the bytes) and applies the formulas after.

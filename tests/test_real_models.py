@@ -134,7 +134,11 @@ def model_file(name: str, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", NAMES)
+# T5 (about 60 s on 2 cores) and DistilBERT (BERT's layers again) run with `bin/test --slow`
+SLOW_NAMES = {"t5", "distilbert"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NAMES else n for n in NAMES])
 def test_compile_lower_and_run_at_other_sizes(name, tmp_path, sparsec_cli):
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC)

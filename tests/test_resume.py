@@ -117,7 +117,8 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert (a / "train.jsonl").read_text() == (b / "train.jsonl").read_text()
 
 
-@pytest.mark.parametrize("method", list(SPECS))
+# movement in the default run; the others (about 35 s each on 2 cores) with `bin/test --slow`
+@pytest.mark.parametrize("method", [m if m == "movement" else pytest.param(m, marks=pytest.mark.slow) for m in SPECS])
 def test_killed_twice_and_resumed_is_bit_identical(method, tmp_path, sparsec_cli):
     model, spec = write_case(tmp_path / "plain", method, 0.0)
     code, _, err = sparsec_cli("compile", model, "--spec", spec, "-o", tmp_path / "a", "--no-progress")
