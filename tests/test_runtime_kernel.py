@@ -173,11 +173,12 @@ def test_row_path_row_counts(kernel_library, monkeypatch, isa, n, k, block):
     columns of 16, 12, 8 or 4 inputs (the widest that divides the vector: [1, 32] two of 16, [1, 12]
     one of 12; AVX2 8 or 4: [1, 12] three of 4), the last one cut by K (770, 70, 99, 203, and 300,
     whose [1, 32] vectors end in a column wholly past K), one band of outputs or several (1600 and
-    800 outputs: 4 and 2 bands), a column's outputs by eights, fours and ones (AVX2: sixes, threes
-    and ones; rows past 8 of a slice in a second half)."""
+    800 outputs: 4 and 2 bands), a column's outputs by eights, fours and ones (AVX2: both halves of
+    8 rows at once by threes and ones, the 8 inputs of a column of 8 in two steps of 4; a slice of
+    at most 8 rows, as 1, 2, 17, 33 and 200 rows end, by sixes, threes and ones; 25 rows end on 9)."""
     monkeypatch.setenv("SPARSEC_KERNEL_ISA", isa)
     check_row_counts(make_layer(n, k, block, 0.1 if n > 1000 else 0.3, seed=3), k,
-                     (1, 2, 15, 16, 17, 33, 127, 128, 129, 200))
+                     (1, 2, 15, 16, 17, 25, 33, 127, 128, 129, 200))
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
