@@ -187,58 +187,45 @@ SPARSEC_AVX2 SPARSEC_INLINE void add_entries_avx2(const ColumnPack& cp, int64_t 
 }
 
 // Both halves of the slice at once, four inputs at a time: x[h][j] = X^T[W c + 4 s + j], rows 8 h to
-// 8 h + 8 (8 registers), G entries with two sums each; every broadcast weight feeds two FMAs. With
-// W = 8 the sums stay in registers over both steps and x is loaded again for each G entries (L1).
-template <int G>
-SPARSEC_AVX2 SPARSEC_INLINE void add_entries_avx2_both(const float* __restrict v, const int32_t* __restrict out,
-                                                       const __m256 (&x)[2][4], float* __restrict sums) {
-  __m256 acc[G][2];
-#pragma GCC unroll 3
-  for (int i = 0; i < G; ++i) {
-    acc[i][0] = _mm256_load_ps(sums + out[i]);
-    acc[i][1] = _mm256_load_ps(sums + out[i] + 8);
-  }
+// 8 h + 8 (8 registers), G entries with two sums each (acc); every broadcast weight feeds two FMAs.
+// v: the entries' weights for these four inputs, entry i's at v + i * W.
+template <int W, int G>
+SPARSEC_AVX2 SPARSEC_INLINE void step_both_avx2(__m256 (&acc)[G][2], const float* v, const __m256 (&x)[2][4]) {
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
 #pragma GCC unroll 3
     for (int i = 0; i < G; ++i) {
-      const __m256 b = _mm256_broadcast_ss(v + i * 4 + j);
+      const __m256 b = _mm256_broadcast_ss(v + i * W + j);
       acc[i][0] = _mm256_fmadd_ps(b, x[0][j], acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(b, x[1][j], acc[i][1]);
     }
   }
-#pragma GCC unroll 3
-  for (int i = 0; i < G; ++i) {
-    _mm256_store_ps(sums + out[i], acc[i][0]);
-    _mm256_store_ps(sums + out[i] + 8, acc[i][1]);
-  }
 }
 
-template <int G>
-SPARSEC_AVX2 SPARSEC_INLINE void add_entries8_avx2_both(const float* __restrict v, const int32_t* __restrict out,
-                                                        const float* __restrict xc, float* __restrict sums) {
+// G entries from e: their sums loaded, W / 4 steps (x given for W = 4; for W = 8 loaded from the
+// column's X^T xc at each step, from L1, the sums staying in registers), the sums stored.
+template <int W, int G>
+SPARSEC_AVX2 SPARSEC_INLINE void add_entries_avx2_both(const float* __restrict v, const int32_t* __restrict out,
+                                                       const __m256 (&x4)[2][4], const float* __restrict xc,
+                                                       float* __restrict sums) {
   __m256 acc[G][2];
 #pragma GCC unroll 3
   for (int i = 0; i < G; ++i) {
     acc[i][0] = _mm256_load_ps(sums + out[i]);
     acc[i][1] = _mm256_load_ps(sums + out[i] + 8);
   }
+  if (W == 4) {
+    step_both_avx2<W, G>(acc, v, x4);
+  } else {
 #pragma GCC unroll 2
-  for (int s = 0; s < 2; ++s) {
-    __m256 x[2][4];
+    for (int s = 0; s < W / 4; ++s) {
+      __m256 x[2][4];
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      x[0][j] = _mm256_load_ps(xc + (4 * s + j) * 16);
-      x[1][j] = _mm256_load_ps(xc + (4 * s + j) * 16 + 8);
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-#pragma GCC unroll 3
-      for (int i = 0; i < G; ++i) {
-        const __m256 b = _mm256_broadcast_ss(v + i * 8 + 4 * s + j);
-        acc[i][0] = _mm256_fmadd_ps(b, x[0][j], acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(b, x[1][j], acc[i][1]);
+      for (int j = 0; j < 4; ++j) {
+        x[0][j] = _mm256_load_ps(xc + (4 * s + j) * 16);
+        x[1][j] = _mm256_load_ps(xc + (4 * s + j) * 16 + 8);
       }
+      step_both_avx2<W, G>(acc, v + 4 * s, x);
     }
   }
 #pragma GCC unroll 3
@@ -273,18 +260,15 @@ SPARSEC_AVX2 void column_task_avx2(void* data, size_t t) {
     const int64_t end = col_start[c + 1];
     if (e == end) continue;
     const float* xc = xs + c * W * 16;
-    if (rows > 8 && W == 8) {
-      for (; e + 3 <= end; e += 3) add_entries8_avx2_both<3>(values + e * 8, out + e, xc, sums);
-      for (; e < end; ++e) add_entries8_avx2_both<1>(values + e * 8, out + e, xc, sums);
-    } else if (rows > 8) {
-      __m256 x[2][4];
+    if (rows > 8) {
+      __m256 x[2][4];  // columns of 4: their X^T, loaded once for the column
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        x[0][j] = _mm256_load_ps(xc + j * 16);
-        x[1][j] = _mm256_load_ps(xc + j * 16 + 8);
+        x[0][j] = W == 4 ? _mm256_load_ps(xc + j * 16) : _mm256_setzero_ps();
+        x[1][j] = W == 4 ? _mm256_load_ps(xc + j * 16 + 8) : _mm256_setzero_ps();
       }
-      for (; e + 3 <= end; e += 3) add_entries_avx2_both<3>(values + e * 4, out + e, x, sums);
-      for (; e < end; ++e) add_entries_avx2_both<1>(values + e * 4, out + e, x, sums);
+      for (; e + 3 <= end; e += 3) add_entries_avx2_both<W, 3>(values + e * W, out + e, x, xc, sums);
+      for (; e < end; ++e) add_entries_avx2_both<W, 1>(values + e * W, out + e, x, xc, sums);
     } else {
       __m256 x[W];
 #pragma GCC unroll 8
