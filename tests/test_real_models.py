@@ -134,8 +134,9 @@ def model_file(name: str, folder: Path) -> Path:
     return path
 
 
-# T5 (about 60 s on 2 cores) and DistilBERT (BERT's layers again) run with `bin/test --slow`
-SLOW_NAMES = {"t5", "distilbert"}
+# T5 (about 60 s on 2 cores), DistilBERT (BERT's layers again), BERT with dict batches (BERT with a
+# Dataset of dict samples stays) and nn.TransformerEncoder run with `bin/test --slow`
+SLOW_NAMES = {"t5", "distilbert", "bert", "transformer_encoder"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_NAMES else n for n in NAMES])
