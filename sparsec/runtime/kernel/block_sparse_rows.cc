@@ -26,7 +26,9 @@
 //   contiguous already, measured 0.98-1.10x, so they keep one slice. AVX2 (AMD Zen 3) takes two
 //   slices where both fit in 256 KiB (K <= 2048), with two sums per half slice, 8 accumulators:
 //   one thread 3072 x 768 0.94x, BERT-base unstructured on two threads 0.91-0.95x; at K = 3072
-//   (two slices 384 KiB of a 512 KiB L2) 1.00-1.05x, so one slice there. Four slices (one sum
+//   (two slices 384 KiB of a 512 KiB L2) 1.00-1.05x, so one slice there, with four sums per half
+//   (8 accumulators, as every AVX2 choice here; two sums: 4 chains of FMAs at 4 cycles of latency,
+//   768 x 3072 on 2 threads 0.96-0.99x, BERT-base 0.98-0.99x). Four slices (one sum
 //   per half) where they fit in 256 KiB (K <= 1024): 0.97-0.98x more. Narrow slices of 8 rows
 //   ([K][8], 24 KiB at K = 768, in L1) ran 1.2-1.34x slower: the weights are read twice as often.
 // - Where all of X^T fits in half of a 1 MiB L2 (128 rows at K = 768: 393 KB), a task is one group
@@ -314,7 +316,7 @@ struct Avx2Rows {
     } else if (slices == 2) {
       unstructured_avx2<2, 2>(w, n0, count, xs, bias, strip);
     } else {
-      unstructured_avx2<1, 2>(w, n0, count, xs, bias, strip);
+      unstructured_avx2<1, 4>(w, n0, count, xs, bias, strip);
     }
   }
   static void store(const float* strip, int64_t n0, int64_t count, int64_t rows, int64_t N, const Epilogue& ep,
