@@ -143,6 +143,18 @@ def test_packed_input_panel_row_counts(kernel_library, monkeypatch, order, n, k,
     check_row_counts(make_layer(n, k, block, 0.3, seed=3), k, (2, 11, 12, 13, 16, 17, 47, 49, 97, 130))
 
 
+@pytest.mark.parametrize("n,k,block", [(100, 70, (16, 1)), (70, 45, (32, 1)), (64, 3072, (16, 1)),
+                                       (40, 5, (16, 1)), (50, 203, (4, 1)), (33, 17, (24, 1))])
+def test_avx2_column_vectors_panel(kernel_library, monkeypatch, n, k, block):
+    """AVX2 runs column vectors ([BR, 1] blocks) from a panel of 6-row tiles, each input's 6 rows in
+    8 floats (pack_columns_tile_avx2, by 8 x 8 transposes): K below and not a multiple of 8, K = 3072
+    (48-row tasks, so tiles packed by whichever task comes first), block rows of 4, 16, 24 and 32
+    outputs (16 at a time, the last cut by N), and row counts that end a tile on 1 to 6 rows (the
+    2-, 4- and 6-row register tiles) around the task quantum, on one and two threads."""
+    monkeypatch.setenv("SPARSEC_KERNEL_ISA", "avx2")
+    check_row_counts(make_layer(n, k, block, 0.3, seed=5), k, (2, 3, 5, 6, 7, 11, 13, 47, 48, 49, 97, 130))
+
+
 def check_row_counts(layer, k: int, row_counts: tuple[int, ...]) -> None:
     """The kernel on one and two threads against the reference, for each row count."""
     packed, b = layer
