@@ -842,7 +842,7 @@ SPARSEC_AVX2 void row1_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_
 // its 12 multiply-adds). AMD Zen 3, density 0.1, 2 threads, against X in place (bench/kernel_ab.py):
 // 3072 x 768 0.77-0.84x the time, 768 x 3072 0.88-0.91x, BERT-base with [16, 1] vectors 0.90-0.93x.
 // The panel's line for the block 16 ahead is prefetched into L1 (at K = 3072 a tile's panel, 96 KiB,
-// lives in L2): BERT-base [16, 1] 0.90-0.92x again; 8 ahead about 1-3% slower than 16, 4 ahead 3-10%.
+// lives in L2): BERT-base [16, 1] 0.90-0.92x again; 16 ahead against 8 0.97-1.00x, 4 ahead 3-12% slower than 8.
 constexpr int64_t kColumnsPrefetch = 16;
 template <int MR>
 SPARSEC_AVX2 void tile_columns_avx2(const PackedWeight& w, int64_t r, int64_t o0, int64_t ncols, const float* xt,
