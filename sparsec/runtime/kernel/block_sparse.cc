@@ -623,7 +623,9 @@ SPARSEC_AVX2 void pack_columns_tile_avx2(const float* x, int64_t M, int64_t K, i
   for (int64_t k0 = 0; k0 < K; k0 += 8) {
     __m256 r[8];
 #pragma GCC unroll 8
-    for (int m = 0; m < 8; ++m) r[m] = m < 6 && row0 + m < M ? load8(x + (row0 + m) * K + k0, K - k0) : _mm256_setzero_ps();
+    for (int m = 0; m < 8; ++m) {
+      r[m] = m < 6 && row0 + m < M ? load8(x + (row0 + m) * K + k0, K - k0) : _mm256_setzero_ps();
+    }
     transpose8(r);  // r[j]: input k0 + j of the rows
     const int64_t kn = std::min<int64_t>(8, K - k0);
     for (int64_t j = 0; j < kn; ++j) _mm256_store_ps(dst + (k0 + j) * 8, r[j]);
