@@ -853,58 +853,46 @@ SPARSEC_AVX2 void tile_columns_avx2(const PackedWeight& w, int64_t r, int64_t o0
   __m256 acc[MR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  int64_t row_off[MR];  // a panel column's rows are consecutive floats
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) row_off[m] = m;
   const int64_t* cols = w.cols.data();
   const int64_t last = w.row_start[w.R] - 1;  // the prefetch's index stays inside cols
   const float* wb = w.block(w.row_start[r]) + o0;
   for (int64_t b = w.row_start[r]; b < w.row_start[r + 1]; ++b, wb += BRp) {
-    const float* xc = xt + cols[b] * 8;
     _mm_prefetch(reinterpret_cast<const char*>(xt + cols[std::min(b + kColumnsPrefetch, last)] * 8), _MM_HINT_T0);
-    const __m256 w0 = _mm256_load_ps(wb), w1 = _mm256_load_ps(wb + 8);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_broadcast_ss(xc + m);
-      acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
-    }
+    tile_step_avx2<MR>(acc, wb, xt + cols[b] * 8, row_off, 0, BRp);
   }
   store_tile_avx2<MR>(acc, mr, ncols, ep, r * w.BR + o0, y + r * w.BR + o0, w.N);
 }
 
-void block_rows_columns_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const XPanel& xp, int64_t m0,
-                             int64_t rows, const Epilogue& ep, float* y) {
-  for (int64_t m = 0; m < rows; m += 6) {
-    const int64_t t = (m0 + m) / 6;
-    xp.ensure(t);
-    const float* xt = xp.tile(t);
-    const int64_t mr = std::min<int64_t>(6, rows - m);
-    float* ym = y + m * w.N;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t ncols_row = valid_cols(w, r);
-      for (int64_t o0 = 0; o0 < ncols_row; o0 += 16) {
-        const int64_t ncols = std::min<int64_t>(16, ncols_row - o0);
-        if (mr <= 2) {
-          tile_columns_avx2<2>(w, r, o0, ncols, xt, mr, ep, ym);
-        } else if (mr <= 4) {
-          tile_columns_avx2<4>(w, r, o0, ncols, xt, mr, ep, ym);
-        } else {
-          tile_columns_avx2<6>(w, r, o0, ncols, xt, mr, ep, ym);
-        }
-      }
-    }
-  }
-}
-
-void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, int64_t rows,
-                     const Epilogue& ep, float* y) {
+// Rows [0, rows) of the task from row m0 of X: X in place, or (panel, column vectors) from its
+// tile of 6 rows.
+void block_rows_avx2(const PackedWeight& w, int64_t r0, int64_t r1, const float* x, const XPanel* panel, int64_t m0,
+                     int64_t rows, const Epilogue& ep, float* y) {
   for (int64_t m = 0; m < rows; m += 6) {
     const int64_t mr = std::min<int64_t>(6, rows - m);
     const float* xm = x + m * w.K;
     float* ym = y + m * w.N;
+    const float* xt = nullptr;
+    if (panel != nullptr) {
+      const int64_t t = (m0 + m) / 6;
+      panel->ensure(t);
+      xt = panel->tile(t);
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t ncols_row = valid_cols(w, r);
       for (int64_t o0 = 0; o0 < ncols_row; o0 += 16) {
         const int64_t ncols = std::min<int64_t>(16, ncols_row - o0);
-        if (mr == 1) {
+        if (xt != nullptr) {
+          if (mr <= 2) {
+            tile_columns_avx2<2>(w, r, o0, ncols, xt, mr, ep, ym);
+          } else if (mr <= 4) {
+            tile_columns_avx2<4>(w, r, o0, ncols, xt, mr, ep, ym);
+          } else {
+            tile_columns_avx2<6>(w, r, o0, ncols, xt, mr, ep, ym);
+          }
+        } else if (mr == 1) {
           row1_avx2(w, r, o0, ncols, xm, ep, ym);
         } else if (mr <= 2) {
           tile_avx2<2>(w, r, o0, ncols, xm, mr, ep, ym);
@@ -964,19 +952,14 @@ void run_task(void* data, size_t t) {
         default: block_rows_packed_avx512<1>(w, r0, r1, *job.panel, m0, rows, job.ep, y); break;
       }
       break;
-    case Isa::kAvx2:
-      if (job.panel != nullptr) {
-        block_rows_columns_avx2(w, r0, r1, *job.panel, m0, rows, job.ep, y);
-      } else {
-        block_rows_avx2(w, r0, r1, x, rows, job.ep, y);
-      }
-      break;
+    case Isa::kAvx2: block_rows_avx2(w, r0, r1, x, job.panel, m0, rows, job.ep, y); break;
 #endif
     default: block_rows_scalar(w, r0, r1, x, rows, job.ep, y); break;
   }
 }
 
 constexpr int64_t kRowQuantum = 48;          // a multiple of every tile height: only the last task has a tail
+static_assert(kRowQuantum % 6 == 0, "AVX2's 6-row panel tiles must not span two tasks");
 constexpr int64_t kPanelBytes = 512 * 1024;  // input rows of one task stay within a quarter of L2
 constexpr int64_t kMaxPanelFloats = 4 << 20;  // 16 MB: larger inputs read X in place
 
